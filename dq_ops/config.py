@@ -1,0 +1,160 @@
+"""One configuration model for a quantization run.
+
+The same object is loaded from YAML by the CLI, validated here, and passed unchanged as the
+Prefect flow's parameter (the Prefect UI renders it as a form). Defaults run the bundled real
+Fashion-MNIST on a CPU laptop in minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dq_ops.errors import DQInputError
+
+DatasetFormat = Literal["fashion-mnist", "idx", "image-folder", "npz", "zarr", "jsonl", "json"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetConfig(_Section):
+    """Where the data comes from and how to read it."""
+
+    format: DatasetFormat = Field("fashion-mnist", description="Source format.")
+    url: str = Field(
+        "/usr/share/datasets/fashion-mnist",
+        description="Path or fsspec URL of the source (a folder for idx/fashion-mnist/image-folder, a file for npz/jsonl/json, a group for zarr).",
+    )
+    name: str = Field("fashion-mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Dataset name in the store.")
+    limit: int | None = Field(None, ge=1, description="Ingest at most this many samples per split (quick runs).")
+    resize: int | None = Field(None, ge=1, description="Resize images to this square size; required when image sizes differ.")
+    on_error: Literal["raise", "skip"] = Field("raise", description="Bad items: fail naming the item, or skip and report it.")
+    text_fields: list[str] = Field(
+        default_factory=lambda: ["instruction", "input", "output"],
+        description="JSON fields joined into one text per record (Alpaca layout by default).",
+    )
+    label_field: str | None = Field("label", description="JSON field holding an optional label.")
+
+    @property
+    def is_text(self) -> bool:
+        return self.format in ("jsonl", "json")
+
+
+class EmbeddingConfig(_Section):
+    """Stage 1: features."""
+
+    backbone: str = Field("efficientnet-lite0", description="Registered backbone, or 'timm:<arch>' / 'torchvision:<arch>'.")
+    weights: str | None = Field(None, description="Local path or fsspec URL of backbone weights (safetensors or a state dict).")
+    image_size: int = Field(32, ge=8, description="Images are resized to this square size before the backbone.")
+    batch_size: int = Field(256, ge=1)
+    mode: Literal["embedding", "gradient"] = Field(
+        "embedding", description="'embedding': penultimate features; 'gradient': the reference's last-layer gradient embedding."
+    )
+    text_model: str = Field("all-MiniLM-L6-v2", description="Sentence-embedding model for text datasets.")
+
+
+class BinsConfig(_Section):
+    """Stage 2: GraphCut bins."""
+
+    num_bins: int = Field(10, ge=1)
+    kernel: Literal["cosine", "dot"] = Field("cosine", description="'cosine': 0.5 + 0.5·cos (images); 'dot': raw dot product (reference text path).")
+    memory_budget_mb: int = Field(256, ge=1, description="Largest per-class Gram matrix kept in memory.")
+
+
+class SamplingConfig(_Section):
+    """Stage 3: draw the subset from the bins."""
+
+    ratios: list[float] = Field(default_factory=lambda: [0.1], min_length=1, description="Keep ratios in (0, 1]; bins are reused for each.")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_in_range(cls, ratios: list[float]) -> list[float]:
+        bad = [r for r in ratios if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"keep ratios must lie in (0, 1]; got {bad}")
+        return sorted(set(ratios))
+
+
+class PatchConfig(_Section):
+    """Stages 4-5: patch dropping and MAE reconstruction (image datasets only)."""
+
+    enabled: bool = True
+    patch_size: int = Field(4, ge=1, description="Square patch side in pixels of the stored image.")
+    drop_ratio: float = Field(0.2, ge=0, lt=1, description="θ: fraction of patches dropped per image.")
+    mae_checkpoint: str | None = Field(None, description="Use this MAE checkpoint instead of training one.")
+    mae_epochs: int = Field(3, ge=1, description="Epochs when the pipeline trains its own MAE.")
+
+
+class EvaluationConfig(_Section):
+    """Stage 6: train from scratch on each arm's subset and compare."""
+
+    enabled: bool = True
+    arms: list[Literal["dq", "random", "kcenter", "herding", "full"]] = Field(default_factory=lambda: ["dq", "random"])
+    architecture: str = Field("small-cnn")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    use_reconstructed: bool = Field(True, description="Train the DQ arm on MAE-reconstructed images when patches were dropped.")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite database inside a local store.")
+    experiment: str = "dq"
+
+
+class ClusterConfig(_Section):
+    """Where dask work runs: the executor, apart from what it does."""
+
+    kind: Literal["local", "local-cuda", "address", "auto"] = Field(
+        "auto", description="'auto': local CUDA cluster when GPUs and dask-cuda exist, else a local CPU cluster."
+    )
+    address: str | None = Field(None, description="Scheduler address for kind='address'.")
+    n_workers: int | None = Field(None, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _address_given(self) -> ClusterConfig:
+        if self.kind == "address" and not self.address:
+            raise ValueError("cluster.kind='address' needs cluster.address (e.g. tcp://scheduler:8786)")
+        return self
+
+
+class DQConfig(_Section):
+    """A whole quantization run."""
+
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    store_url: str = Field("./dq-store", description="Root of the Zarr store (path or fsspec URL).")
+    seed: int = Field(0, description="Seeds every random choice (heads, sampling, training).")
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    bins: BinsConfig = Field(default_factory=BinsConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    patches: PatchConfig = Field(default_factory=PatchConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DQConfig:
+        """Load and validate a YAML file; errors name the file and each bad field."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise DQInputError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise DQInputError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise DQInputError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in exc.errors()
+            )
+            raise DQInputError(f"{path}: invalid config: {problems}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

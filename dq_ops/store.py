@@ -1,0 +1,325 @@
+"""The storage layer: Zarr v3 groups behind fsspec URLs, one documented layout, fingerprints.
+
+Layout under one store root (a plain path, ``file://``, ``memory://``, ``s3://`` with s3fs, ...)::
+
+    <root>/
+      datasets/<name>/          one ingested dataset
+          <split>/images        (n, H, W, C) uint8       image datasets
+          <split>/texts         (n,) str                  text datasets
+          <split>/labels        (n,) int64, -1 = no label
+          <split>/ids           (n,) str, stable sample ids ("<source position or path>:<content hash>")
+      embeddings/<key>/features (n, d) float32            + ids, the row order of the dataset split
+      bins/<key>/bin_of_sample  (n,) int32                 + per-bin/per-class sizes in attrs
+      subsets/<key>/indices     (k,) int64 into the split  + ids
+      patches/<key>/...         kept patches + masks + grid geometry (``dq_ops.patch_store``)
+      models/<key>/...          checkpoints (the MAE)
+      reconstructions/<key>/... reconstructed images
+      mlflow.db                 the default MLflow tracking database
+
+Every artifact is a Zarr group ``<kind>/<name>``; its attributes hold a ``dq`` record with the
+parameters that made it, the fingerprints of its inputs, a digest of its stored content and its
+own ``fingerprint = sha256(kind, content digest, parameters, input fingerprints)``.
+
+Writes never leave a half-written artifact visible: an artifact is written under
+``<kind>/.staging/`` and only moved to ``<kind>/<name>`` once complete (an atomic directory rename
+on local disks; copy-then-delete with the group metadata copied last elsewhere). Readers refuse a
+group whose ``dq`` record is not marked complete. A resumable write (chunked work done by dask
+workers) keeps a stable staging name so that a restarted run finds the chunks already written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+from dq_ops import __version__
+from dq_ops.errors import DQInputError
+
+ARTIFACT_KINDS = ("datasets", "embeddings", "bins", "subsets", "patches", "models", "reconstructions")
+STAGING = ".staging"
+# Rows hashed per read when digesting an array: bounds memory for arrays of any size.
+_DIGEST_BLOCK_BYTES = 64 * 2**20
+
+
+class DQStoreError(DQInputError):
+    """An artifact is missing, incomplete or malformed; the message names its URL."""
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace, the form every fingerprint hashes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def derive_key(stage: str, params: Mapping[str, Any], inputs: Sequence[str] = ()) -> str:
+    """Name of a derived artifact: 16 hex digits of sha256(stage, parameters, input fingerprints).
+
+    Stages that consume other artifacts name their output by this key, so the same inputs and
+    parameters always address the same artifact (and a Prefect cache key can be the same value).
+    """
+    payload = canonical_json({"stage": stage, "params": params, "inputs": list(inputs)})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def array_digest(array: zarr.Array) -> str:
+    """sha256 over an array's dtype, shape and values, read in bounded row blocks."""
+    digest = hashlib.sha256(f"{array.dtype}|{array.shape}".encode())
+    if array.size == 0:
+        return digest.hexdigest()
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * max(array.dtype.itemsize, 8))
+    step = max(1, _DIGEST_BLOCK_BYTES // row_bytes)
+    for start in range(0, array.shape[0], step):
+        block = np.asarray(array[start:start + step])
+        if block.dtype.kind in "OTU":  # strings: hash their UTF-8 bytes with separators
+            digest.update("\x1f".join(map(str, block.ravel())).encode())
+        else:
+            digest.update(np.ascontiguousarray(block).tobytes())
+    return digest.hexdigest()
+
+
+def group_digest(group: zarr.Group) -> str:
+    """sha256 over every array below ``group`` (sorted by path) and its non-``dq`` attributes."""
+    digest = hashlib.sha256()
+    for path, array in sorted(group.arrays(), key=lambda item: item[0]):
+        digest.update(f"{path}={array_digest(array)};".encode())
+    for path, sub in sorted(group.groups(), key=lambda item: item[0]):
+        digest.update(f"{path}/{group_digest(sub)};".encode())
+    digest.update(canonical_json({k: v for k, v in group.attrs.asdict().items() if k != "dq"}).encode())
+    return digest.hexdigest()
+
+
+def default_compressor() -> zarr.codecs.BloscCodec:
+    """Blosc-zstd with byte shuffle: fast, and strong on images and float features."""
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+def write_array(
+    group: zarr.Group,
+    name: str,
+    data: np.ndarray | None = None,
+    *,
+    shape: tuple[int, ...] | None = None,
+    dtype: Any = None,
+    chunk_rows: int | None = None,
+) -> zarr.Array:
+    """Create ``group/name`` chunked along rows (whole rows per chunk) and optionally fill it.
+
+    ``chunk_rows`` defaults to about 8 MB of rows per chunk: large enough for fast reads, small
+    enough that a dask worker holds a few chunks at once.
+    """
+    if data is not None:
+        data = np.asarray(data)
+        shape, dtype = data.shape, data.dtype
+    if shape is None or dtype is None:
+        raise ValueError("write_array needs data, or shape and dtype")
+    is_text = np.dtype(dtype).kind in "OTU"
+    if chunk_rows is None:
+        row_bytes = 64 if is_text else max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
+        chunk_rows = max(1, min(max(shape[0], 1), (8 * 2**20) // row_bytes))
+    array = group.create_array(
+        name,
+        shape=shape,
+        dtype=str if is_text else dtype,
+        chunks=(chunk_rows, *shape[1:]),
+        compressors=None if is_text else default_compressor(),
+        overwrite=True,
+    )
+    if data is not None and data.size:
+        array[...] = data
+    return array
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def open_zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = False):
+    """A Zarr store for ``url``: a ``LocalStore`` for paths and ``file://``, an ``FsspecStore`` otherwise."""
+    if _is_local(url):
+        path = _local_path(url)
+        if not read_only:
+            os.makedirs(path, exist_ok=True)
+        return LocalStore(path, read_only=read_only)
+    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A complete artifact: its group (read-only), where it lives and how it was made."""
+
+    kind: str
+    name: str
+    url: str
+    group: zarr.Group
+    record: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.record["fingerprint"]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.record.get("params", {})
+
+    def __getitem__(self, path: str) -> zarr.Array | zarr.Group:
+        try:
+            return self.group[path]
+        except KeyError:
+            raise DQStoreError(f"{self.url}: no array or group {path!r}") from None
+
+
+class Store:
+    """One store root: create, commit, open and list artifacts of the documented layout."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def artifact_url(self, kind: str, name: str) -> str:
+        _check_kind(kind)
+        return f"{self.url}/{kind}/{name}"
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self._root.rstrip("/"), *parts])
+
+    def _open_group(self, url: str, mode: str) -> zarr.Group:
+        store = open_zarr_store(url, self.storage_options, read_only=mode == "r")
+        return zarr.open_group(store=store, mode=mode)
+
+    # -- reading -----------------------------------------------------------------------------
+    def exists(self, kind: str, name: str) -> bool:
+        """Whether ``kind/name`` holds a complete artifact."""
+        try:
+            self.open(kind, name)
+        except DQStoreError:
+            return False
+        return True
+
+    def open(self, kind: str, name: str) -> Artifact:
+        """Open a complete artifact read-only, or raise :class:`DQStoreError` naming its URL."""
+        url = self.artifact_url(kind, name)
+        if not self.fs.exists(self._path(kind, name, "zarr.json")):
+            raise DQStoreError(f"{url}: no such artifact")
+        group = self._open_group(url, "r")
+        record = group.attrs.get("dq")
+        if not isinstance(record, dict) or not record.get("complete"):
+            raise DQStoreError(f"{url}: artifact is incomplete (an interrupted write?)")
+        return Artifact(kind, name, url, group, record)
+
+    def list(self, kind: str) -> list[str]:
+        """Names of the complete artifacts of one kind."""
+        _check_kind(kind)
+        base = self._path(kind)
+        if not self.fs.exists(base):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+        return sorted(n for n in names if not n.startswith(".") and self.exists(kind, n))
+
+    # -- writing -----------------------------------------------------------------------------
+    @contextmanager
+    def write(
+        self, kind: str, name: str, params: Mapping[str, Any], inputs: Sequence[str] = ()
+    ) -> Iterator[zarr.Group]:
+        """Write an artifact into a fresh staging group; commit it only if the block succeeds.
+
+        On an exception the staging group is removed and whatever ``kind/name`` held before
+        (if anything) is untouched.
+        """
+        staging = f"{name}-{uuid.uuid4().hex[:12]}"
+        group = self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w")
+        try:
+            yield group
+        except BaseException:
+            self._remove(kind, STAGING, staging)
+            raise
+        self._commit(kind, name, staging, group, params, inputs)
+
+    def resumable(self, kind: str, name: str) -> tuple[zarr.Group, str]:
+        """A staging group with a stable name (created once, reopened on a rerun) and its URL.
+
+        Chunked writers (dask workers) write into it through the URL; :meth:`commit_resumable`
+        publishes it once every chunk is written.
+        """
+        url = self.artifact_url(kind, f"{STAGING}/{name}")
+        exists = self.fs.exists(self._path(kind, STAGING, name, "zarr.json"))
+        return self._open_group(url, "r+" if exists else "w"), url
+
+    def commit_resumable(
+        self, kind: str, name: str, params: Mapping[str, Any], inputs: Sequence[str] = ()
+    ) -> Artifact:
+        group, _ = self.resumable(kind, name)
+        return self._commit(kind, name, name, group, params, inputs)
+
+    def discard_resumable(self, kind: str, name: str) -> None:
+        self._remove(kind, STAGING, name)
+
+    def _commit(
+        self, kind: str, name: str, staging: str, group: zarr.Group,
+        params: Mapping[str, Any], inputs: Sequence[str],
+    ) -> Artifact:
+        content = group_digest(group)
+        record = {
+            "kind": kind,
+            "name": name,
+            "params": json.loads(canonical_json(params)),
+            "inputs": list(inputs),
+            "content_digest": content,
+            "fingerprint": hashlib.sha256(
+                canonical_json({"kind": kind, "content": content, "params": params, "inputs": list(inputs)}).encode()
+            ).hexdigest(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dq_version": __version__,
+            "complete": True,
+        }
+        group.attrs["dq"] = record
+        self._publish(kind, staging, name)
+        return self.open(kind, name)
+
+    def _publish(self, kind: str, staging: str, name: str) -> None:
+        """Move a finished staging group to ``kind/name``, replacing any previous artifact."""
+        src, dst = self._path(kind, STAGING, staging), self._path(kind, name)
+        old = self._path(kind, STAGING, f"{name}-replaced-{uuid.uuid4().hex[:8]}")
+        if _is_local(self.url):
+            if os.path.exists(dst):
+                os.rename(dst, old)
+            os.rename(src, dst)  # atomic: the artifact appears whole or not at all
+        else:
+            if self.fs.exists(dst):
+                self.fs.mv(dst, old, recursive=True)
+            # The root zarr.json carries the completion record: copy it last.
+            marker = f"{src}/zarr.json"
+            for path in sorted(p for p in self.fs.find(src) if p != marker):
+                self.fs.copy(path, dst + path[len(src):])
+            self.fs.copy(marker, f"{dst}/zarr.json")
+            self.fs.rm(src, recursive=True)
+        if self.fs.exists(old):
+            self.fs.rm(old, recursive=True)
+
+    def _remove(self, *parts: str) -> None:
+        path = self._path(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ARTIFACT_KINDS:
+        raise DQInputError(f"unknown artifact kind {kind!r}; expected one of {', '.join(ARTIFACT_KINDS)}")
