@@ -1,0 +1,131 @@
+"""Ingest: read a dataset source and write it into the store as ``datasets/<name>``.
+
+Each split becomes ``<split>/{images|texts, labels, ids}`` (see ``dq_ops.store``), written in
+whole chunks as batches stream in, inside one ``Store.write``: a failed ingest leaves whatever
+``datasets/<name>`` held before untouched. The dataset group's attributes hold ``modality``
+("images" or "texts"), ``class_names`` (or null) and ``source_format``.
+
+The artifact's parameters are the dataset settings that shape its content (format, limit, resize,
+error policy, text fields, label field). The source URL and the dataset name are left out, so the
+same data ingested from another place has the same fingerprint and downstream caches still hit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from dq_ops.config import DatasetConfig
+from dq_ops.errors import DQInputError
+from dq_ops.readers import Batch, SkippedItem, open_reader
+from dq_ops.store import Store, write_array
+
+Progress = Callable[[int, int], None]
+# Samples per reader batch: small enough for large images (256 × 224² RGB ≈ 38 MB).
+BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What an ingest stored: where, its fingerprint, per-split counts, skipped items, class names."""
+
+    name: str
+    url: str
+    fingerprint: str
+    source: str
+    modality: str
+    counts: dict[str, int]
+    class_names: list[str] | None
+    skipped: list[SkippedItem]
+
+
+def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = None) -> IngestResult:
+    """Read ``config``'s source and store it as ``datasets/<config.name>``.
+
+    ``progress(done, total)`` is called after every batch; ``total`` counts the samples the
+    source announces (after ``limit``), so with skipped items ``done`` may end below it.
+    Raises :class:`DQInputError` naming the file or record at fault.
+    """
+    reader = open_reader(config)
+    splits = reader.splits()
+    capacity = {split: reader.num_samples(split) for split in splits}
+    total, done = sum(capacity.values()), 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    params = config.model_dump(mode="json", exclude={"url", "name"})
+    counts: dict[str, int] = {}
+    with store.write("datasets", config.name, params) as group:
+        for split in splits:
+            counts[split] = _write_split(
+                group.create_group(split), reader.modality, reader.iter_batches(split, BATCH_SIZE), capacity[split], tick
+            )
+            if counts[split] == 0:
+                skipped = f" ({len(reader.skipped)} bad items skipped)" if reader.skipped else ""
+                raise DQInputError(f"{reader.source}: split {split!r} has no samples (empty dataset){skipped}")
+        group.attrs.update(
+            {"modality": reader.modality, "class_names": reader.class_names(), "source_format": config.format}
+        )
+    artifact = store.open("datasets", config.name)
+    return IngestResult(
+        name=config.name,
+        url=artifact.url,
+        fingerprint=artifact.fingerprint,
+        source=reader.source,
+        modality=reader.modality,
+        counts=counts,
+        class_names=reader.class_names(),
+        skipped=list(reader.skipped),
+    )
+
+
+def _write_split(
+    group: zarr.Group, modality: str, batches: Iterator[Batch], capacity: int, tick: Callable[[int], None]
+) -> int:
+    """Write batches into ``samples/labels/ids`` arrays sized ``capacity``; return the rows written.
+
+    Rows are buffered to whole chunks (one chunk size for all three arrays, so rows line up for
+    dask), which avoids rewriting compressed chunks. Arrays shrink to the rows written when
+    items were skipped.
+    """
+    sample_name = "images" if modality == "images" else "texts"
+    arrays: dict[str, zarr.Array] = {}
+    pending: list[Batch] = []
+    written = 0
+
+    def flush(rows: int) -> None:
+        nonlocal pending, written
+        merged = {key: np.concatenate([getattr(b, key) for b in pending]) for key in ("samples", "labels", "ids")}
+        for key, name in (("samples", sample_name), ("labels", "labels"), ("ids", "ids")):
+            arrays[name][written:written + rows] = merged[key][:rows]
+        rest = len(merged["labels"]) - rows
+        pending = [Batch(merged["samples"][rows:], merged["labels"][rows:], merged["ids"][rows:])] if rest else []
+        written += rows
+
+    for batch in batches:
+        if not arrays:
+            samples = write_array(group, sample_name, shape=(capacity, *batch.samples.shape[1:]), dtype=batch.samples.dtype)
+            chunk_rows = samples.chunks[0]
+            arrays = {
+                sample_name: samples,
+                "labels": write_array(group, "labels", shape=(capacity,), dtype=np.int64, chunk_rows=chunk_rows),
+                "ids": write_array(group, "ids", shape=(capacity,), dtype=str, chunk_rows=chunk_rows),
+            }
+        pending.append(batch)
+        buffered = sum(len(b) for b in pending)
+        if buffered >= chunk_rows:
+            flush(buffered - buffered % chunk_rows)
+        tick(len(batch))
+    if pending:
+        flush(sum(len(b) for b in pending))
+    if arrays and written < capacity:
+        for array in arrays.values():
+            array.resize((written, *array.shape[1:]))
+    return written

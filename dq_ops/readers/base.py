@@ -1,0 +1,169 @@
+"""What every reader shares: the ``Reader`` protocol, the ``Batch`` it yields, sample ids and
+image-batch normalisation.
+
+A reader is built from one source (a path or fsspec URL) and knows its splits. It streams each
+split as batches so that a dataset of any size passes through bounded memory; ``dq_ops.ingest``
+writes the batches into a store. Readers never write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from dq_ops.errors import DQInputError
+
+Modality = Literal["images", "texts"]
+OnError = Literal["raise", "skip"]
+NO_LABEL = -1
+# The conventional order of split names; other names follow alphabetically.
+SPLIT_ORDER = ("train", "val", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Consecutive samples of one split.
+
+    ``samples`` is ``(b, H, W, C) uint8`` for images (C = 1 gray, 3 RGB) or ``(b,)`` str for
+    texts; ``labels`` is ``(b,) int64`` with ``-1`` for "no label"; ``ids`` is ``(b,)`` str.
+    """
+
+    samples: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    """An item left out under ``on_error="skip"``: its name (file, ``file:line``, record) and why."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+class Reader(Protocol):
+    """A dataset source split into named splits, read in batches.
+
+    ``num_samples(split)`` is exact up to items that turn out bad while reading (skipped under
+    ``on_error="skip"``), so it is an upper bound a writer can allocate for; it already honours
+    the reader's ``limit``. ``class_names()`` is ``None`` when labels are bare integers or absent.
+    ``skipped`` collects the items left out so far.
+    """
+
+    source: str
+    modality: Modality
+    skipped: list[SkippedItem]
+
+    def splits(self) -> list[str]: ...
+
+    def num_samples(self, split: str) -> int: ...
+
+    def class_names(self) -> list[str] | None: ...
+
+    def iter_batches(self, split: str, batch_size: int) -> Iterator[Batch]: ...
+
+
+@dataclass
+class ItemErrors:
+    """Applies ``on_error`` to bad items: raise a :class:`DQInputError` naming the item, or record it."""
+
+    on_error: OnError = "raise"
+    skipped: list[SkippedItem] = field(default_factory=list)
+
+    def bad(self, name: str, reason: str) -> None:
+        if self.on_error == "raise":
+            raise DQInputError(f"{name}: {reason}")
+        self.skipped.append(SkippedItem(name, reason))
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and root path of a source URL (a plain path is a local file)."""
+    return fsspec.core.url_to_fs(url)
+
+
+def order_splits(names: list[str] | set[str]) -> list[str]:
+    """Split names in the conventional order: train, val, test, then the rest alphabetically."""
+    rank = {name: k for k, name in enumerate(SPLIT_ORDER)}
+    return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+def content_hash(data: bytes) -> str:
+    """The short content hash in a sample id: 12 hex digits of sha256."""
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def sample_ids(positions: Sequence[int | str], samples: np.ndarray | list[str]) -> np.ndarray:
+    """Stable ids ``"<position>:<content hash>"``; images hash their stored pixel bytes, texts their UTF-8."""
+    ids = []
+    for position, sample in zip(positions, samples, strict=True):
+        data = sample.encode() if isinstance(sample, str) else np.ascontiguousarray(sample).tobytes()
+        ids.append(f"{position}:{content_hash(data)}")
+    return np.array(ids, dtype=str)
+
+
+def resize_image(image: Image.Image, size: int) -> Image.Image:
+    """Resize to ``size × size`` (bicubic, with Pillow's antialiasing when shrinking)."""
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def image_batch(
+    images: np.ndarray, labels: np.ndarray, start: int, *, resize: int | None, where: str
+) -> Batch:
+    """Normalise rows ``start, start + 1, ...`` of an array source into a :class:`Batch`.
+
+    Accepts ``(b, H, W)`` or ``(b, H, W, C)`` with C in {1, 3} and integer pixels in 0..255;
+    ``where`` names the source in errors.
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DQInputError(
+            f"{where}: images must be (n, H, W) or (n, H, W, C) with C = 1 or 3; got shape {images.shape[1:]} per sample"
+        )
+    if images.dtype != np.uint8:
+        if images.dtype.kind not in "iu" or (images.size and (images.min() < 0 or images.max() > 255)):
+            raise DQInputError(f"{where}: images must hold integer pixels in 0..255 (uint8); got {images.dtype}")
+        images = images.astype(np.uint8)
+    if resize is not None and images.shape[1:3] != (resize, resize):
+        channels = images.shape[-1]
+        images = np.stack([
+            np.asarray(resize_image(Image.fromarray(image[..., 0] if channels == 1 else image), resize))
+            .reshape(resize, resize, channels)
+            for image in images
+        ])
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DQInputError(
+            f"{where}: labels must be one integer per sample; got {labels.dtype} of shape {labels.shape[1:]} per sample"
+        )
+    return Batch(images, labels.astype(np.int64), sample_ids(range(start, start + len(images)), images))
+
+
+def array_batches(
+    images, labels: np.ndarray, total: int, batch_size: int, *, resize: int | None, where: str
+) -> Iterator[Batch]:
+    """Slice the first ``total`` rows of an array-like (numpy, Zarr) image source into batches."""
+    for start in range(0, total, batch_size):
+        stop = min(start + batch_size, total)
+        yield image_batch(images[start:stop], labels[start:stop], start, resize=resize, where=where)
+
+
+def check_counts(where: str, split: str, num_images: int, num_labels: int) -> None:
+    """Images and labels must pair up one to one."""
+    if num_images != num_labels:
+        raise DQInputError(
+            f"{where}: label count differs from image count in split {split!r}: {num_images} images, {num_labels} labels"
+        )

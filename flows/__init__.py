@@ -1,0 +1,1 @@
+"""The Prefect flows that run the pipeline, and the ``dq`` command line (``flows.cli``)."""

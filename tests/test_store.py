@@ -1,0 +1,171 @@
+"""The storage layer on real stores: a local path, a file:// URL and fsspec's memory://."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import fsspec
+import numpy as np
+import pytest
+import zarr
+
+from dq_ops.errors import DQInputError
+from dq_ops.store import STAGING, DQStoreError, Store, derive_key, open_zarr_store, write_array
+
+
+@pytest.fixture(params=["path", "file-url", "memory"])
+def store(request, tmp_path) -> Iterator[Store]:
+    if request.param == "path":
+        yield Store(str(tmp_path / "store"))
+    elif request.param == "file-url":
+        yield Store(f"file://{tmp_path}/store")
+    else:  # memory:// is one filesystem per process: give each test its own root
+        root = f"dq-test-{uuid.uuid4().hex}"
+        yield Store(f"memory://{root}")
+        fsspec.filesystem("memory").rm(f"/{root}", recursive=True)
+
+
+def _write(store: Store, name: str = "toy", *, values=None, params=None, inputs=(), attrs=None, chunk_rows=None):
+    values = np.arange(12, dtype=np.float32).reshape(6, 2) if values is None else values
+    with store.write("embeddings", name, params or {"k": 1}, inputs) as group:
+        write_array(group, "features", values, chunk_rows=chunk_rows)
+        write_array(group, "ids", np.array([f"s{i}" for i in range(len(values))]))
+        group.attrs.update(attrs or {})
+    return store.open("embeddings", name)
+
+
+def _staging(store: Store, kind: str) -> list[str]:
+    path = f"{store._root}/{kind}/{STAGING}"
+    return store.fs.ls(path, detail=False) if store.fs.exists(path) else []
+
+
+def test_write_commit_open_roundtrip(store: Store):
+    values = np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32)
+    artifact = _write(store, values=values, params={"backbone": "x", "size": 32}, inputs=["abc"])
+
+    assert artifact.url == store.artifact_url("embeddings", "toy") == f"{store.url}/embeddings/toy"
+    np.testing.assert_array_equal(artifact["features"][:], values)
+    assert list(artifact["ids"][:]) == [f"s{i}" for i in range(100)]
+    assert artifact.record["complete"] is True
+    assert artifact.record["kind"] == "embeddings" and artifact.record["name"] == "toy"
+    assert artifact.params == {"backbone": "x", "size": 32}
+    assert artifact.record["inputs"] == ["abc"]
+    assert len(artifact.fingerprint) == 64
+    assert store.exists("embeddings", "toy") and store.list("embeddings") == ["toy"]
+    assert _staging(store, "embeddings") == []
+    # A second Store object on the same URL (a new process, say) sees the same artifact.
+    assert Store(store.url).open("embeddings", "toy").fingerprint == artifact.fingerprint
+
+
+def test_plain_path_and_file_url_address_the_same_store(tmp_path):
+    written = _write(Store(f"file://{tmp_path}/s"))
+    opened = Store(str(tmp_path / "s")).open("embeddings", "toy")
+    assert opened.fingerprint == written.fingerprint
+
+
+def test_artifact_invisible_until_commit(store: Store):
+    with store.write("bins", "b", {}) as group:
+        write_array(group, "bin_of_sample", np.zeros(10, np.int32))
+        assert not store.exists("bins", "b")
+        assert store.list("bins") == []
+        assert len(_staging(store, "bins")) == 1
+    assert store.list("bins") == ["b"]
+    assert _staging(store, "bins") == []
+
+
+def test_failed_write_leaves_old_artifact_intact(store: Store):
+    old = _write(store)
+    old_values = old["features"][:]
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with store.write("embeddings", "toy", {"k": 2}) as group:
+            write_array(group, "features", np.ones((6, 2), np.float32))
+            raise RuntimeError("disk on fire")
+    again = store.open("embeddings", "toy")
+    assert again.fingerprint == old.fingerprint and again.params == {"k": 1}
+    np.testing.assert_array_equal(again["features"][:], old_values)
+    assert _staging(store, "embeddings") == []
+
+
+def test_rewrite_replaces_artifact_without_leftovers(store: Store):
+    first = _write(store)
+    second = _write(store, values=np.zeros((3, 2), np.float32))
+    assert second.fingerprint != first.fingerprint
+    assert store.open("embeddings", "toy")["features"].shape == (3, 2)
+    assert store.list("embeddings") == ["toy"]
+    assert _staging(store, "embeddings") == []
+
+
+def test_fingerprint_changes_exactly_with_content_or_parameters(store: Store):
+    base = _write(store, name="a").fingerprint
+    # Same content and parameters: same fingerprint, whatever the name, chunking or write time.
+    assert _write(store, name="a").fingerprint == base
+    assert _write(store, name="b").fingerprint == base
+    assert _write(store, name="c", chunk_rows=1).fingerprint == base
+    # Any change of values, dtype, shape, parameters, inputs or attributes: a new fingerprint.
+    values = np.arange(12, dtype=np.float32).reshape(6, 2)
+    changed = values.copy()
+    changed[5, 1] += 1
+    variants = [
+        _write(store, name="d", values=changed),
+        _write(store, name="e", values=values.astype(np.float64)),
+        _write(store, name="f", values=values.reshape(12, 1)),
+        _write(store, name="g", params={"k": 2}),
+        _write(store, name="h", inputs=["upstream"]),
+        _write(store, name="i", attrs={"note": "x"}),
+    ]
+    fingerprints = [artifact.fingerprint for artifact in variants]
+    assert base not in fingerprints and len(set(fingerprints)) == len(fingerprints)
+
+
+def test_incomplete_artifacts_are_refused(store: Store):
+    # A group at the artifact's place without a completion record (an interrupted copy, say).
+    group = zarr.open_group(store=open_zarr_store(store.artifact_url("models", "half")), mode="w")
+    write_array(group, "weights", np.zeros(4, np.float32))
+    with pytest.raises(DQStoreError, match=r"models/half: artifact is incomplete"):
+        store.open("models", "half")
+    # A record not marked complete is refused too.
+    group.attrs["dq"] = {"fingerprint": "0" * 64, "complete": False}
+    with pytest.raises(DQStoreError, match="incomplete"):
+        store.open("models", "half")
+    assert not store.exists("models", "half")
+    _write(store, name="whole")
+    assert store.list("models") == [] and store.list("embeddings") == ["whole"]
+
+
+def test_missing_artifacts_and_paths_name_their_url(store: Store):
+    with pytest.raises(DQStoreError, match=r"datasets/nope: no such artifact"):
+        store.open("datasets", "nope")
+    assert store.list("datasets") == []
+    artifact = _write(store)
+    with pytest.raises(DQStoreError, match=r"embeddings/toy: no array or group 'missing'"):
+        artifact["missing"]
+    with pytest.raises(DQInputError, match="unknown artifact kind 'tables'"):
+        store.artifact_url("tables", "x")
+
+
+def test_resumable_write_survives_a_restart(store: Store):
+    group, url = store.resumable("patches", "p")
+    write_array(group, "kept", shape=(4, 2), dtype=np.uint8)[:2] = 1
+    assert not store.exists("patches", "p")
+    # A restarted run reopens the same staging group and finds the rows already written.
+    group, _ = store.resumable("patches", "p")
+    group["kept"][2:] = 2
+    artifact = store.commit_resumable("patches", "p", {"theta": 0.2})
+    np.testing.assert_array_equal(artifact["kept"][:, 0], [1, 1, 2, 2])
+    assert _staging(store, "patches") == []
+    store.resumable("patches", "q")
+    store.discard_resumable("patches", "q")
+    assert _staging(store, "patches") == []
+
+
+def test_derive_key_is_a_stable_function_of_stage_params_and_inputs():
+    key = derive_key("bins", {"num_bins": 10, "kernel": "cosine"}, ["f1"])
+    assert key == derive_key("bins", {"kernel": "cosine", "num_bins": 10}, ["f1"])
+    assert len(key) == 16
+    assert len({
+        key,
+        derive_key("bins", {"num_bins": 11, "kernel": "cosine"}, ["f1"]),
+        derive_key("bins", {"num_bins": 10, "kernel": "cosine"}, ["f2"]),
+        derive_key("subsets", {"num_bins": 10, "kernel": "cosine"}, ["f1"]),
+    }) == 4
