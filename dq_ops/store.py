@@ -248,10 +248,10 @@ class Store:
         group = self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w")
         try:
             yield group
+            self._commit(kind, name, staging, group, params, inputs)
         except BaseException:
             self._remove(kind, STAGING, staging)
             raise
-        self._commit(kind, name, staging, group, params, inputs)
 
     def resumable(self, kind: str, name: str) -> tuple[zarr.Group, str]:
         """A staging group with a stable name (created once, reopened on a rerun) and its URL.
@@ -295,24 +295,38 @@ class Store:
         return self.open(kind, name)
 
     def _publish(self, kind: str, staging: str, name: str) -> None:
-        """Move a finished staging group to ``kind/name``, replacing any previous artifact."""
+        """Move a finished staging group to ``kind/name``, replacing any previous artifact.
+
+        The previous artifact is moved aside first and put back if the move fails, so a failed
+        publish never loses what was stored.
+        """
         src, dst = self._path(kind, STAGING, staging), self._path(kind, name)
         old = self._path(kind, STAGING, f"{name}-replaced-{uuid.uuid4().hex[:8]}")
-        if _is_local(self.url):
-            if os.path.exists(dst):
-                os.rename(dst, old)
-            os.rename(src, dst)  # atomic: the artifact appears whole or not at all
-        else:
-            if self.fs.exists(dst):
-                self.fs.mv(dst, old, recursive=True)
-            # The root zarr.json carries the completion record: copy it last.
-            marker = f"{src}/zarr.json"
-            for path in sorted(p for p in self.fs.find(src) if p != marker):
-                self.fs.copy(path, dst + path[len(src):])
-            self.fs.copy(marker, f"{dst}/zarr.json")
-            self.fs.rm(src, recursive=True)
-        if self.fs.exists(old):
+        had_old = self.fs.exists(dst)
+        if had_old:
+            self._move(dst, old)
+        try:
+            self._move(src, dst)
+        except BaseException:
+            if had_old:
+                if self.fs.exists(dst):
+                    self.fs.rm(dst, recursive=True)
+                self._move(old, dst)
+            raise
+        if had_old:
             self.fs.rm(old, recursive=True)
+
+    def _move(self, src: str, dst: str) -> None:
+        """Rename a group folder: atomic on local disks; elsewhere copy with the root
+        ``zarr.json`` (which carries the completion record) copied last, then delete."""
+        if _is_local(self.url):
+            os.rename(src, dst)
+            return
+        marker = f"{src}/zarr.json"
+        for path in sorted(p for p in self.fs.find(src) if p != marker):
+            self.fs.copy(path, dst + path[len(src):])
+        self.fs.copy(marker, f"{dst}/zarr.json")
+        self.fs.rm(src, recursive=True)
 
     def _remove(self, *parts: str) -> None:
         path = self._path(*parts)
