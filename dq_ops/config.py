@@ -34,6 +34,10 @@ class DatasetConfig(_Section):
     limit: int | None = Field(None, ge=1, description="Ingest at most this many samples per split (quick runs).")
     resize: int | None = Field(None, ge=1, description="Resize images to this square size; required when image sizes differ.")
     on_error: Literal["raise", "skip"] = Field("raise", description="Bad items: fail naming the item, or skip and report it.")
+    test_fraction: float | None = Field(
+        None, gt=0, lt=1,
+        description="For a source with only a 'train' split: hold out this fraction as 'test', chosen by a hash of each sample id (stable when the source is refreshed).",
+    )
     text_fields: list[str] = Field(
         default_factory=lambda: ["instruction", "input", "output"],
         description="JSON fields joined into one text per record (Alpaca layout by default).",
@@ -95,8 +99,11 @@ class EvaluationConfig(_Section):
 
     enabled: bool = True
     arms: list[Literal["dq", "random", "kcenter", "herding", "full"]] = Field(default_factory=lambda: ["dq", "random"])
-    architecture: str = Field("small-cnn")
+    architecture: str = Field("small_cnn", description="Registered evaluation network (dq_ops.models).")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    epochs: float = Field(30.0, gt=0, description="Passes over the training part (see dq_ops.train).")
+    min_steps: int = Field(500, ge=1, description="At least this many SGD steps, so tiny subsets still converge.")
+    max_steps: int | None = Field(None, ge=1, description="Cap on SGD steps (keeps the full-data arm affordable).")
     use_reconstructed: bool = Field(True, description="Train the DQ arm on MAE-reconstructed images when patches were dropped.")
 
 

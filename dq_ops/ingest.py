@@ -12,6 +12,7 @@ same data ingested from another place has the same fingerprint and downstream ca
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -50,9 +51,13 @@ def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = N
     Raises :class:`DQInputError` naming the file or record at fault.
     """
     reader = open_reader(config)
-    splits = reader.splits()
-    capacity = {split: reader.num_samples(split) for split in splits}
-    total, done = sum(capacity.values()), 0
+    # (output split, reader split, keep-test flag or None): a hold-out reads "train" twice.
+    if config.test_fraction is not None and reader.splits() == ["train"]:
+        plan = [("train", "train", False), ("test", "train", True)]
+    else:
+        plan = [(split, split, None) for split in reader.splits()]
+    capacity = {out: reader.num_samples(source) for out, source, _ in plan}
+    total, done = sum(reader.num_samples(source) for source in {source for _, source, _ in plan}), 0
 
     def tick(n: int) -> None:
         nonlocal done
@@ -63,10 +68,11 @@ def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = N
     params = config.model_dump(mode="json", exclude={"url", "name"})
     counts: dict[str, int] = {}
     with store.write("datasets", config.name, params) as group:
-        for split in splits:
-            counts[split] = _write_split(
-                group.create_group(split), reader.modality, reader.iter_batches(split, BATCH_SIZE), capacity[split], tick
-            )
+        for split, source, test_side in plan:
+            batches = reader.iter_batches(source, BATCH_SIZE)
+            if test_side is not None:
+                batches = _hold_out(batches, config.test_fraction, test_side)
+            counts[split] = _write_split(group.create_group(split), reader.modality, batches, capacity[split], tick)
             if counts[split] == 0:
                 skipped = f" ({len(reader.skipped)} bad items skipped)" if reader.skipped else ""
                 raise DQInputError(f"{reader.source}: split {split!r} has no samples (empty dataset){skipped}")
@@ -84,6 +90,21 @@ def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = N
         class_names=reader.class_names(),
         skipped=list(reader.skipped),
     )
+
+
+def held_out(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Which samples belong to the hold-out: the first 8 bytes of sha256(id) read as a fraction
+    of 2⁶⁴ fall below ``fraction``. Depends on the id alone, so a refreshed source keeps every
+    old sample on its side of the split."""
+    digests = [hashlib.sha256(str(i).encode()).digest()[:8] for i in ids]
+    return np.array([int.from_bytes(d, "big") / 2**64 < fraction for d in digests], dtype=bool)
+
+
+def _hold_out(batches: Iterator[Batch], fraction: float, test_side: bool) -> Iterator[Batch]:
+    for batch in batches:
+        rows = held_out(batch.ids, fraction) == test_side
+        if rows.any():
+            yield Batch(batch.samples[rows], batch.labels[rows], batch.ids[rows])
 
 
 def _write_split(

@@ -502,3 +502,25 @@ def test_cli_reports_skipped_items(tmp_path, fm_test):
     assert done.returncode == 0, done.stderr
     assert "10 samples" in done.stdout and "2 bad items" in done.stdout
     assert "garbage.png: corrupt image" in done.stdout and "truncated.png: corrupt image" in done.stdout
+
+
+def test_hold_out_split_is_stable_when_the_source_grows(tmp_path):
+    from dq_ops.ingest import held_out
+
+    records = [{"instruction": text, "label": topic} for topic in ("art", "science") for text in _fortunes(topic, 150)]
+    source = tmp_path / "records.jsonl"
+    config = DatasetConfig(format="jsonl", url=str(source), name="t", test_fraction=0.25, text_fields=["instruction"])
+
+    def ingest_records(rows: list[dict]) -> tuple[set[str], set[str]]:
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ingest(config, _store(tmp_path))
+        stored = _store(tmp_path).open("datasets", "t")
+        return set(stored["train/ids"][:]), set(stored["test/ids"][:])
+
+    train, test = ingest_records(records[:200])
+    assert not train & test and len(train) + len(test) == 200
+    assert 20 < len(test) < 80  # about a quarter
+    assert all(held_out(np.array([i]), 0.25)[0] for i in test)
+    # Refreshed source: 100 more records. Every old sample stays on its side.
+    more_train, more_test = ingest_records(records)
+    assert train <= more_train and test <= more_test and len(more_train) + len(more_test) == 300
