@@ -55,7 +55,7 @@ class EmbeddingConfig(_Section):
     backbone: str = Field("efficientnet-lite0", description="Registered backbone, or 'timm:<arch>' / 'torchvision:<arch>'.")
     weights: str | None = Field(None, description="Local path or fsspec URL of backbone weights (safetensors or a state dict).")
     image_size: int = Field(32, ge=8, description="Images are resized to this square size before the backbone.")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="Images per forward pass on a worker.")
     mode: Literal["embedding", "gradient"] = Field(
         "embedding", description="'embedding': penultimate features; 'gradient': the reference's last-layer gradient embedding."
     )
@@ -65,7 +65,7 @@ class EmbeddingConfig(_Section):
 class BinsConfig(_Section):
     """Stage 2: GraphCut bins."""
 
-    num_bins: int = Field(10, ge=1)
+    num_bins: int = Field(10, ge=1, description="K: bins per class (the last is the remainder).")
     kernel: Literal["cosine", "dot"] = Field("cosine", description="'cosine': 0.5 + 0.5·cos (images); 'dot': raw dot product (reference text path).")
     memory_budget_mb: int = Field(256, ge=1, description="Largest per-class Gram matrix kept in memory.")
 
@@ -87,20 +87,28 @@ class SamplingConfig(_Section):
 class PatchConfig(_Section):
     """Stages 4-5: patch dropping and MAE reconstruction (image datasets only)."""
 
-    enabled: bool = True
-    patch_size: int = Field(4, ge=1, description="Square patch side in pixels of the stored image.")
+    enabled: bool = Field(True, description="Drop patches and reconstruct them (image datasets only).")
+    patch_size: int = Field(4, ge=1, description="Square patch side in pixels of the stored image (must divide it).")
     drop_ratio: float = Field(0.2, ge=0, lt=1, description="θ: fraction of patches dropped per image.")
-    mae_checkpoint: str | None = Field(None, description="Use this MAE checkpoint instead of training one.")
+    cam_image_size: int = Field(112, ge=32, description="Images are resized to this size for the backbone's Grad-CAM++.")
+    mae_checkpoint: str | None = Field(None, description="Path/URL of an MAE checkpoint (dq safetensors) to use instead of training one.")
     mae_epochs: int = Field(3, ge=1, description="Epochs when the pipeline trains its own MAE.")
+    mae_mask_ratio: float = Field(
+        0.4, gt=0, lt=1,
+        description="Random masking ratio in MAE training; 0.4 restored Grad-CAM++ drop patterns better than MAE's usual 0.75 (bench/patches.py).",
+    )
+    mae_train_samples: int = Field(6000, ge=1, description="Images of the split (seeded sample) the MAE trains on.")
 
 
 class EvaluationConfig(_Section):
     """Stage 6: train from scratch on each arm's subset and compare."""
 
-    enabled: bool = True
-    arms: list[Literal["dq", "random", "kcenter", "herding", "full"]] = Field(default_factory=lambda: ["dq", "random"])
+    enabled: bool = Field(True, description="Train/evaluate the arms below (text datasets: held-out topic accuracy).")
+    arms: list[Literal["dq", "random", "kcenter", "herding", "full"]] = Field(
+        default_factory=lambda: ["dq", "random"], description="Subsets to compare; all but 'full' have the DQ subset's per-class sizes."
+    )
     architecture: str = Field("small_cnn", description="Registered evaluation network (dq_ops.models).")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Training seeds per arm (mean ± std).")
     epochs: float = Field(30.0, gt=0, description="Passes over the training part (see dq_ops.train).")
     min_steps: int = Field(500, ge=1, description="At least this many SGD steps, so tiny subsets still converge.")
     max_steps: int | None = Field(None, ge=1, description="Cap on SGD steps (keeps the full-data arm affordable).")
@@ -109,7 +117,7 @@ class EvaluationConfig(_Section):
 
 class TrackingConfig(_Section):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite database inside a local store.")
-    experiment: str = "dq"
+    experiment: str = Field("dq", description="MLflow experiment name.")
 
 
 class ClusterConfig(_Section):
@@ -119,8 +127,8 @@ class ClusterConfig(_Section):
         "auto", description="'auto': local CUDA cluster when GPUs and dask-cuda exist, else a local CPU cluster."
     )
     address: str | None = Field(None, description="Scheduler address for kind='address'.")
-    n_workers: int | None = Field(None, ge=1)
-    threads_per_worker: int | None = Field(None, ge=1)
+    n_workers: int | None = Field(None, ge=1, description="Local cluster workers (default: dask's choice).")
+    threads_per_worker: int | None = Field(None, ge=1, description="Threads per local worker.")
 
     @model_validator(mode="after")
     def _address_given(self) -> ClusterConfig:

@@ -14,7 +14,9 @@ Layout under one store root (a plain path, ``file://``, ``memory://``, ``s3://``
       patches/<key>/...         kept patches + masks + grid geometry (``dq_ops.patch_store``)
       models/<key>/...          checkpoints (the MAE)
       reconstructions/<key>/... reconstructed images
-      mlflow.db                 the default MLflow tracking database
+      evaluations/<key>/        one training run (arm × seed): its results in the attributes
+      reports/<run>.md          each flow run's report
+      mlflow.db, mlartifacts/   the default MLflow tracking database and its artifacts
 
 Every artifact is a Zarr group ``<kind>/<name>``; its attributes hold a ``dq`` record with the
 parameters that made it, the fingerprints of its inputs, a digest of its stored content and its
@@ -47,7 +49,7 @@ from zarr.storage import FsspecStore, LocalStore
 from dq_ops import __version__
 from dq_ops.errors import DQInputError
 
-ARTIFACT_KINDS = ("datasets", "embeddings", "bins", "subsets", "patches", "models", "reconstructions")
+ARTIFACT_KINDS = ("datasets", "embeddings", "bins", "subsets", "patches", "models", "reconstructions", "evaluations")
 STAGING = ".staging"
 # Rows hashed per read when digesting an array: bounds memory for arrays of any size.
 _DIGEST_BLOCK_BYTES = 64 * 2**20

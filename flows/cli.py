@@ -154,6 +154,33 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dq export ----------------------------------------------------------------------------------
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("subset", metavar="SUBSET", help="subset name (the last part of its URL, as `dq run` prints it)")
+    parser.add_argument("out", metavar="OUT", help="output folder (path or fsspec URL)")
+    parser.add_argument("--format", required=True, choices=("image-folder", "npz", "jsonl"),
+                        help="image-folder / npz for image datasets, jsonl for text datasets")
+    parser.add_argument("--store", metavar="URL", default="./dq-store", help="store root (default ./dq-store)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dq_ops.export import export_subset
+    from dq_ops.store import Store
+
+    with tqdm(desc=f"export {args.subset}", unit="sample", disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = export_subset(Store(args.store), args.subset.rstrip("/").rsplit("/", 1)[-1], args.out, args.format,
+                               progress=progress)
+    print(f"exported {result.samples:,} samples as {result.format} to {result.out_url}")
+    print(f"manifest {result.manifest_url}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command(
         "ingest",
@@ -178,6 +205,17 @@ COMMANDS: list[Command] = [
         ),
         add_arguments=_run_arguments,
         run=_run,
+    ),
+    Command(
+        "export",
+        help="write a subset as an image folder, .npz or JSONL with a manifest of sample ids",
+        description=(
+            "Export a subset from the store. Image datasets: one PNG per sample under a folder per "
+            "class (image-folder) or one compressed .npz; text datasets: JSONL records. A "
+            "manifest.jsonl beside it lists every sample's stable id, row and label."
+        ),
+        add_arguments=_export_arguments,
+        run=_export,
     ),
 ]
 

@@ -1,0 +1,231 @@
+"""The quantization flow: ingest → embeddings → bins → sampling (→ pixel stages → evaluation).
+
+Every stage is a cached task that takes and returns store URLs + fingerprints. A second run with
+nothing changed is served from the cache; a new keep ratio re-runs only sampling and what follows.
+Entrypoint for ``prefect.yaml``: ``flows/quantize.py:quantize``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import fsspec
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from dq_ops.cluster import resolve_kind
+from dq_ops.config import DQConfig
+from dq_ops.stages import QUANTIZED_SPLIT
+from dq_ops.store import Store
+from dq_ops.train import summarize_accuracies
+from tasks.bins import generate_bins_task
+from tasks.cluster import close_dask_clients
+from tasks.common import StageResult, set_offline_env
+from tasks.embeddings import compute_embeddings
+from tasks.evaluation import evaluate_arm, evaluate_text_arm
+from tasks.ingest import ingest_dataset
+from tasks.patches import drop_patches, prepare_mae, reconstruct_patches
+from tasks.report import bin_size_plot, bin_size_rows, render_report
+from tasks.sampling import baseline_subset, sample_subset
+from tasks.tracking import Tracker
+
+
+def _run_name() -> str:
+    return f"dq-{flow_run.parameters['config'].dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@flow(name="dataset-quantization", flow_run_name=_run_name, log_prints=True)
+def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
+    """Quantize ``config.dataset`` into bins and draw a subset at every keep ratio.
+
+    Returns a summary (artifact URLs, fingerprints, sizes, timings) that the CLI prints.
+    """
+    set_offline_env()
+    logger = get_run_logger()
+    store_url = config.store_url
+    tracker = Tracker(
+        config, run_name=flow_run.get_name() or "dq",
+        tags={"prefect.flow_run_id": str(flow_run.get_id()), "dq_role": "flow"},
+    )
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, call):
+        start = time.perf_counter()
+        result = call()
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+        return result
+
+    accelerator = resolve_kind(config.cluster)
+    try:
+        dataset = timed("ingest", lambda: ingest_dataset(config.dataset, store_url))
+        embeddings = timed("embeddings", lambda: compute_embeddings(
+            store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, config.cluster, accelerator
+        ))
+        bins = timed("bins", lambda: generate_bins_task(
+            store_url, dataset, embeddings, config.bins, config.cluster
+        ))
+        evaluate = config.evaluation.enabled
+        pixels = config.patches.enabled and dataset.summary["modality"] == "images"
+        mae = None
+        test_embeddings = None
+        if evaluate and dataset.summary["modality"] == "texts":
+            test_embeddings = timed("embeddings", lambda: compute_embeddings(
+                store_url, dataset, "test", config.embedding, config.seed, config.cluster, accelerator
+            ))
+        subsets: list[dict[str, Any]] = []
+        for ratio in config.sampling.ratios:
+            subset = timed("sampling", lambda: sample_subset(store_url, dataset, bins, ratio, config.seed))
+            entry: dict[str, Any] = {"ratio": ratio, "dq": subset, "evaluation": [], "patches": None}
+            images = None
+            if pixels:
+                mae = mae or timed("mae", lambda: prepare_mae(store_url, dataset, config.patches, config.seed))
+                patches = timed("patches", lambda: drop_patches(store_url, dataset, subset, config.patches, config.embedding))
+                reconstruction = timed("reconstruction", lambda: reconstruct_patches(store_url, dataset, patches, mae))
+                entry["patches"] = patches.summary | {
+                    "url": patches.url, "reconstruction_url": reconstruction.url,
+                    "psnr_mae_db": reconstruction.summary["psnr_mae_db"],
+                    "psnr_mean_fill_db": reconstruction.summary["psnr_mean_fill_db"],
+                    "psnr_zero_fill_db": reconstruction.summary["psnr_zero_fill_db"],
+                    "mae_final_loss": mae.summary["final_loss"],
+                }
+                images = reconstruction if config.evaluation.use_reconstructed else None
+            if evaluate:
+                arms = {"dq": subset} | {
+                    method: timed("sampling", lambda: baseline_subset(
+                        store_url, dataset, embeddings, bins, method, ratio, config.seed
+                    ))
+                    for method in config.evaluation.arms if method in ("random", "kcenter", "herding")
+                }
+                entry["evaluation"] = [
+                    timed("evaluation", lambda: _evaluate(
+                        config, tracker, dataset, arm, ratio, arm_subset,
+                        images=images if arm == "dq" else None, embeddings=(embeddings, test_embeddings),
+                    ))
+                    for arm, arm_subset in arms.items() if arm in config.evaluation.arms
+                ]
+            subsets.append(entry)
+        full = (
+            [timed("evaluation", lambda: _evaluate(
+                config, tracker, dataset, "full", 1.0, None, embeddings=(embeddings, test_embeddings)
+            ))]
+            if evaluate and "full" in config.evaluation.arms else []
+        )
+        summary = _summarise(config, dataset, embeddings, bins, subsets, timings)
+        summary["full"] = full
+        summary |= {"tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id}
+        summary["report_path"] = _publish(config, tracker, summary)
+        logger.info("Quantized %s: %s", config.dataset.name, ", ".join(
+            f"{s['ratio']:.0%} → {s['size']} samples" for s in summary["subsets"]
+        ))
+        tracker.finish()
+        return summary
+    except BaseException:
+        tracker.finish(status="FAILED")
+        raise
+    finally:
+        close_dask_clients()
+
+
+def _evaluate(
+    config: DQConfig, tracker: Tracker, dataset: StageResult, arm: str, ratio: float,
+    subset: StageResult | None, images: StageResult | None = None,
+    embeddings: tuple[StageResult, StageResult | None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate one arm (every seed; text: one deterministic fit); log it as a nested MLflow run."""
+    label = arm if subset is None else f"{arm}@{ratio:.0%}"
+    if dataset.summary["modality"] == "texts":
+        runs = [evaluate_text_arm(config.store_url, dataset, label, subset, *embeddings)]
+    else:
+        runs = [
+            evaluate_arm(config.store_url, dataset, label, subset, config.evaluation, seed, images)
+            for seed in config.evaluation.seeds
+        ]
+    accuracies = [run.summary["test_accuracy"] for run in runs]
+    stats = summarize_accuracies({arm: accuracies})[arm]
+    row = {
+        "arm": arm, "ratio": ratio, "size": runs[0].summary["n_train"] + runs[0].summary["n_val"],
+        "accuracies": accuracies, "mean": stats.mean, "std": stats.std,
+        "train_seconds": sum(run.summary["train_seconds"] for run in runs) / len(runs),
+    }
+    run_id = tracker.nested_run(label, {
+        "arm": arm, "ratio": ratio, "architecture": config.evaluation.architecture,
+        "seeds": config.evaluation.seeds, "subset": subset.url if subset else "full split",
+        "reconstructed_images": images is not None,
+    })
+    for step, run in enumerate(runs):
+        tracker.log_metrics({"test_accuracy": run.summary["test_accuracy"],
+                             "val_accuracy": run.summary["val_accuracy"]}, run_id=run_id, step=step)
+    tracker.log_metrics({"test_accuracy_mean": stats.mean, "test_accuracy_std": stats.std,
+                         "train_seconds_mean": row["train_seconds"], "samples": row["size"]}, run_id=run_id)
+    tracker.finish(run_id)
+    tracker.log_metrics({f"accuracy_{arm}_r{ratio}_mean": stats.mean, f"accuracy_{arm}_r{ratio}_std": stats.std})
+    return row
+
+
+def _summarise(
+    config: DQConfig, dataset: StageResult, embeddings: StageResult, bins: StageResult,
+    subsets: list[dict[str, Any]], timings: dict[str, float],
+) -> dict[str, Any]:
+    train_size = dataset.summary["counts"][QUANTIZED_SPLIT]
+    return {
+        "store_url": config.store_url,
+        "dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint, "counts": dataset.summary["counts"]},
+        "embeddings": {"url": embeddings.url, "fingerprint": embeddings.fingerprint, **embeddings.summary},
+        "bins": {"url": bins.url, "fingerprint": bins.fingerprint, **bins.summary},
+        "subsets": [
+            {
+                "ratio": s["ratio"],
+                "name": s["dq"].name,
+                "url": s["dq"].url,
+                "fingerprint": s["dq"].fingerprint,
+                "size": s["dq"].summary["size"],
+                "sample_keep_ratio": s["dq"].summary["size"] / train_size,
+                "evaluation": s["evaluation"],
+                "patches": s["patches"],
+            }
+            for s in subsets
+        ],
+        "timings_s": timings,
+        "class_names": dataset.summary.get("class_names"),
+    }
+
+
+def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str:
+    """Prefect UI artifacts, MLflow metrics/artifacts and ``<store>/reports/<run>.md``; returns its URL."""
+    report = render_report(config, summary, tracker.run_url)
+    report_url = f"{config.store_url.rstrip('/')}/reports/{flow_run.get_name() or tracker.run_id}.md"
+    with fsspec.open(report_url, "w", auto_mkdir=True) as fh:
+        fh.write(report)
+    create_markdown_artifact(report, key="dq-report", description="Dataset Quantization report")
+    create_table_artifact(bin_size_rows(summary), key="dq-bin-sizes", description="Samples per class and bin")
+    create_link_artifact(tracker.run_url, link_text="MLflow run", key="dq-mlflow-run")
+    metrics = {f"time_{stage}_s": seconds for stage, seconds in summary["timings_s"].items()}
+    metrics["train_samples"] = summary["dataset"]["counts"][QUANTIZED_SPLIT]
+    metrics["embedding_samples_per_s"] = summary["embeddings"].get("samples_per_s")
+    for s in summary["subsets"]:
+        metrics[f"subset_size_r{s['ratio']}"] = s["size"]
+        metrics[f"sample_keep_ratio_r{s['ratio']}"] = s["sample_keep_ratio"]
+        if s["patches"]:
+            p = s["patches"]
+            metrics |= {
+                f"stored_bytes_r{s['ratio']}": p["stored_bytes"],
+                f"whole_image_bytes_r{s['ratio']}": p["whole_image_bytes"],
+                f"byte_ratio_r{s['ratio']}": p["byte_ratio"],
+                f"storage_keep_ratio_r{s['ratio']}": p["keep_ratio"],
+                f"psnr_mae_db_r{s['ratio']}": p["psnr_mae_db"],
+                f"psnr_zero_fill_db_r{s['ratio']}": p["psnr_zero_fill_db"],
+            }
+    tracker.log_metrics(metrics)
+    tracker.log_text(report, "report.md")
+    tracker.log_bytes(bin_size_plot(summary), "plots/bin_sizes.png")
+    store = Store(config.store_url)
+    for s in summary["subsets"]:
+        ids = store.open("subsets", s["name"])["ids"][:]
+        tracker.log_text("\n".join(map(str, ids)) + "\n", f"manifests/subset_r{s['ratio']}_ids.txt")
+        if s["patches"]:
+            reconstruction = store.open("reconstructions", s["patches"]["reconstruction_url"].rsplit("/", 1)[-1])
+            tracker.log_bytes(reconstruction["preview_png"][:].tobytes(), f"pictures/reconstruction_r{s['ratio']}.png")
+    return report_url

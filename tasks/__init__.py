@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that call one dq_ops stage and add caching, retries, artifacts and tracking."""

@@ -1,0 +1,37 @@
+"""One dask client per flow run, started by the first task that needs it.
+
+Cached stages never start a cluster; the flow closes whatever was started when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import ExitStack
+
+from distributed import Client
+
+from dq_ops.cluster import dask_client as open_dask_client
+from dq_ops.config import ClusterConfig
+
+_lock = threading.Lock()
+_clients: dict[str, Client] = {}
+_stack = ExitStack()
+
+
+def dask_client(config: ClusterConfig) -> Client:
+    """The process's client for ``config``, started on first use."""
+    key = config.model_dump_json()
+    with _lock:
+        if key not in _clients:
+            # Prefect's log handlers would otherwise stream every scheduler/worker INFO line.
+            logging.getLogger("distributed").setLevel(logging.WARNING)
+            _clients[key] = _stack.enter_context(open_dask_client(config))
+        return _clients[key]
+
+
+def close_dask_clients() -> None:
+    """Close every client (and the local clusters they started)."""
+    with _lock:
+        _clients.clear()
+        _stack.close()

@@ -1,0 +1,108 @@
+"""MLflow tracking: one parent run per flow run, nested runs per evaluation arm.
+
+Everything goes through an explicit ``MlflowClient`` and run ids rather than MLflow's
+thread-local "active run", because Prefect runs tasks in worker threads. Only the flow process
+logs (dask workers never touch the sqlite database).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dq_ops.config import DQConfig
+
+MLFLOW_DB_NAME = "mlflow.db"
+
+
+def _local_root(config: DQConfig) -> Path:
+    """The store's folder when it is local, else the working directory."""
+    store = config.store_url
+    if "://" not in store or store.startswith("file://"):
+        root = Path(store.removeprefix("file://")).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return Path.cwd()
+
+
+def resolve_tracking_uri(config: DQConfig) -> str:
+    """The configured URI, else a sqlite database inside a local store, else ``./mlflow.db``."""
+    if config.tracking.tracking_uri:
+        return config.tracking.tracking_uri
+    return f"sqlite:///{_local_root(config) / MLFLOW_DB_NAME}"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """``{"bins": {"num_bins": 10}}`` → ``{"bins.num_bins": 10}`` (MLflow params are flat)."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), sub))
+        return out
+    return {prefix: value}
+
+
+class Tracker:
+    """The MLflow side of one flow run."""
+
+    def __init__(self, config: DQConfig, run_name: str, tags: Mapping[str, str] | None = None):
+        import mlflow  # lazily: importing MLflow costs 1-2 s
+
+        self.uri = resolve_tracking_uri(config)
+        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+        experiment = self.client.get_experiment_by_name(config.tracking.experiment)
+        if experiment is None:
+            # Beside a default sqlite database, artifacts live in the store too (not ./mlruns).
+            location = None if config.tracking.tracking_uri else (_local_root(config) / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(config.tracking.experiment, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        self.run_id = run.info.run_id
+        self.log_params(self.run_id, flatten("", config.model_dump(mode="json")))
+
+    @property
+    def run_url(self) -> str:
+        """Where the run shows up in ``mlflow ui`` for this tracking URI (default port)."""
+        return f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], run_id: str | None = None, step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id or self.run_id, metrics=items[start:start + 1000])
+
+    def nested_run(self, name: str, params: Mapping[str, Any]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "dq_role": "arm"}
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
+        self.client.log_text(run_id or self.run_id, text, artifact_file)
+
+    def log_bytes(self, data: bytes, artifact_file: str, run_id: str | None = None) -> None:
+        directory, _, filename = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, filename)
+            with open(path, "wb") as fh:
+                fh.write(data)
+            self.client.log_artifact(run_id or self.run_id, path, artifact_path=directory or None)
+
+    def finish(self, run_id: str | None = None, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id or self.run_id, status=status)

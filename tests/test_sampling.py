@@ -1,0 +1,133 @@
+"""Bin sampling: the reference's per-bin, per-class round() rule, seeding, the weighted variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dq_ops.errors import DQInputError
+from dq_ops.sampling import keep_count, sample_bins, sample_sizes
+
+GOLDEN = Path("/work/shared/golden/graphcut_reference.npz")
+
+
+@pytest.fixture(scope="module")
+def golden_bins() -> tuple[list[np.ndarray], np.ndarray]:
+    """The reference's own bins of 2000 Fashion-MNIST samples, with their labels."""
+    with np.load(GOLDEN) as z:
+        bin_of_sample = z["fmnist_pooled_classwise__bin_of_sample"]
+        labels = z["fmnist_pooled_classwise__labels"]
+    return [np.flatnonzero(bin_of_sample == b) for b in range(bin_of_sample.max() + 1)], labels
+
+
+def test_keep_count_is_bankers_rounding():
+    assert [keep_count(500, 0.125), keep_count(100, 0.125), keep_count(20, 0.125)] == [62, 12, 2]
+    assert keep_count(7, 1.0) == 7
+
+
+def test_reference_cifar10_subset_size():
+    # CIFAR-10 layout: 10 bins × 10 classes × 500 samples; 12.5% keeps 62 (not 62.5) per cell.
+    labels = np.tile(np.repeat(np.arange(10), 500), 10)
+    bins = [np.arange(b * 5000, (b + 1) * 5000) for b in range(10)]
+    assert len(sample_bins(bins, labels, 0.125, seed=0)) == 6200
+    assert sample_sizes(bins, labels, 0.125).tolist() == [620] * 10
+
+
+def test_draws_round_ratio_of_every_bin_and_class(golden_bins):
+    bins, labels = golden_bins
+    subset = sample_bins(bins, labels, 0.3, seed=1)
+    assert subset.dtype == np.int64 and np.all(np.diff(subset) > 0)
+    chosen = np.zeros(len(labels), dtype=bool)
+    chosen[subset] = True
+    for members in bins:
+        for c in np.unique(labels[members]):
+            cell = members[labels[members] == c]
+            assert chosen[cell].sum() == keep_count(len(cell), 0.3)
+    assert np.all(np.isin(subset, np.concatenate(bins)))
+    assert sample_sizes(bins, labels, 0.3).tolist() == np.bincount(labels[subset]).tolist()
+
+
+def test_without_labels_draws_per_bin(golden_bins):
+    bins, _ = golden_bins
+    subset = sample_bins(bins, None, 0.25, seed=0)
+    for members in bins:
+        assert np.isin(members, subset).sum() == keep_count(len(members), 0.25)
+    assert sample_sizes(bins, None, 0.25).tolist() == [len(subset)]
+
+
+def test_seeded_deterministic_and_nested_across_ratios(golden_bins):
+    bins, labels = golden_bins
+    a = sample_bins(bins, labels, 0.1, seed=7)
+    assert np.array_equal(a, sample_bins(bins, labels, 0.1, seed=7))
+    assert not np.array_equal(a, sample_bins(bins, labels, 0.1, seed=8))
+    # The same seed draws the same permutations whatever the ratio: smaller subsets nest.
+    small, large = sample_bins(bins, labels, 0.05, seed=7), sample_bins(bins, labels, 0.4, seed=7)
+    assert np.all(np.isin(small, a)) and np.all(np.isin(a, large))
+    # Order of the indices inside a bin does not change the draw.
+    shuffled = [np.random.default_rng(b).permutation(m) for b, m in enumerate(bins)]
+    assert np.array_equal(a, sample_bins(shuffled, labels, 0.1, seed=7))
+    assert np.array_equal(sample_bins(bins, labels, 1.0, seed=3), np.arange(len(labels)))
+
+
+def test_draws_are_uniform_within_a_cell():
+    bins = [np.arange(10), np.arange(10, 20)]
+    counts = np.zeros(20)
+    for seed in range(2000):
+        counts[sample_bins(bins, None, 0.3, seed=seed)] += 1
+    # Every sample is drawn with probability 0.3: 600 of 2000 (binomial sd ≈ 20.5).
+    assert np.all(np.abs(counts - 600) < 5 * 20.5)
+
+
+def test_weighted_allocation_follows_weights_caps_and_redistributes():
+    labels = np.zeros(600, dtype=int)
+    bins = [np.arange(0, 100), np.arange(100, 300), np.arange(300, 600)]
+    # Total 300 ∝ (1, 1, 2): bin 0 would get 75 of its 100, bins 1-2 get 75 and 150.
+    subset = sample_bins(bins, labels, 0.5, seed=0, weights=[1, 1, 2])
+    assert [np.isin(b, subset).sum() for b in bins] == [75, 75, 150]
+    # (8, 1, 1): bin 0 is capped at 100; the other 200 are split equally.
+    subset = sample_bins(bins, labels, 0.5, seed=0, weights=[8, 1, 1])
+    assert [np.isin(b, subset).sum() for b in bins] == [100, 100, 100]
+    # A zero weight takes nothing.
+    subset = sample_bins(bins, labels, 0.25, seed=0, weights=[0, 1, 1])
+    assert [np.isin(b, subset).sum() for b in bins] == [0, 75, 75]
+
+
+def test_weighted_split_over_classes_is_proportional(golden_bins):
+    bins, labels = golden_bins
+    weights = np.linspace(2.0, 1.0, len(bins))
+    subset = sample_bins(bins, labels, 0.2, seed=4, weights=weights)
+    assert len(subset) == keep_count(len(labels), 0.2)
+    per_bin = np.array([np.isin(b, subset).sum() for b in bins])
+    expected = 400 * weights / weights.sum()
+    assert np.all(np.abs(per_bin - expected) < 1)
+    for members, k in zip(bins, per_bin):
+        for c in np.unique(labels[members]):
+            cell = members[labels[members] == c]
+            assert abs(np.isin(cell, subset).sum() - k * len(cell) / len(members)) < 1
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan"), True, "0.5"])
+def test_rejects_ratios_outside_unit_interval(golden_bins, ratio):
+    bins, labels = golden_bins
+    with pytest.raises(DQInputError, match="ratio"):
+        sample_bins(bins, labels, ratio, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("bins", "labels", "weights", "message"),
+    [
+        ([np.array([0, 1]), np.array([1, 2])], None, None, "overlap"),
+        ([np.array([0, 5])], np.zeros(3), None, "sample 5 but there are only 3 labels"),
+        ([np.array([], dtype=int)], None, None, "empty"),
+        ([], None, None, "no bins"),
+        ([np.array([0, 1]), np.array([2, 3])], None, [1.0], "one weight per bin"),
+        ([np.array([0, 1]), np.array([2, 3])], None, [1.0, -1.0], "non-negative"),
+        ([np.array([0, 1]), np.array([2, 3])], None, [0.0, 0.0], "not all zero"),
+        ([np.array([0]), np.array([1, 2, 3])], None, [1.0, 0.0], "fewer than the 2 requested"),
+    ],
+)
+def test_rejects_bad_bins_and_weights(bins, labels, weights, message):
+    with pytest.raises(DQInputError, match=message):
+        sample_bins(bins, labels, 0.5, seed=0, weights=weights)
