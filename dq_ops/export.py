@@ -76,7 +76,7 @@ def export_subset(
     manifest = [{"id": str(i), "row": int(r), "label": int(y)} for i, r, y in zip(ids, rows, labels)]
     if fmt == "npz":
         buffer = io.BytesIO()  # one array in memory: npz is the format for subsets that fit
-        np.savez_compressed(buffer, images=_pixels(split, rows, images), labels=labels, ids=ids.astype(str))
+        np.savez_compressed(buffer, images=_pixels(split, rows, images), labels=labels, ids=np.array([str(i) for i in ids]))
         with fs.open(f"{root}/subset.npz", "wb") as fh:
             fh.write(buffer.getvalue())
     for start in range(0, len(rows), _ROWS_PER_READ):
