@@ -23,18 +23,19 @@ from typing import Any
 
 import numpy as np
 
+from dq_ops.backbones import load_classifier
 from dq_ops.baselines import select_herding, select_kcenter, select_random
 from dq_ops.bins import bin_budgets, generate_bins, generate_class_bins
-from dq_ops.backbones import load_classifier
 from dq_ops.config import BinsConfig, EmbeddingConfig, EvaluationConfig, PatchConfig
 from dq_ops.errors import DQInputError
+from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups
 from dq_ops.mae import (
     MAEConfig,
     MaskedAutoencoder,
     baseline_fill,
+    load_mae,
     mae_checkpoint_bytes,
     mae_from_checkpoint_bytes,
-    load_mae,
     materialise_reconstruction,
     picture_grid,
     reconstruction_psnr,
@@ -42,7 +43,6 @@ from dq_ops.mae import (
 )
 from dq_ops.patch_store import PatchStore, pack_patches, storage_report
 from dq_ops.patches import gradcam_plus_plus, patch_grid, patch_scores, select_patches
-from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups
 from dq_ops.sampling import sample_bins, sample_sizes
 from dq_ops.store import Artifact, Store, derive_key, write_array
 from dq_ops.text_eval import evaluate_text_subset

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -288,7 +288,7 @@ class Store:
             "fingerprint": hashlib.sha256(
                 canonical_json({"kind": kind, "content": content, "params": params, "inputs": list(inputs)}).encode()
             ).hexdigest(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "dq_version": __version__,
             "complete": True,
         }

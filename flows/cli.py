@@ -121,8 +121,9 @@ def _run(args: argparse.Namespace) -> int:
 
     config = DQConfig.from_yaml(args.config) if args.config else DQConfig()
     raw = config.model_dump()
-    for flag, value, path in (("--store", args.store, ("store_url",)), ("--ratio", args.ratio, ("sampling", "ratios")),
-                              ("--limit", args.limit, ("dataset", "limit")), ("--seed", args.seed, ("seed",))):
+    overrides = ((args.store, ("store_url",)), (args.ratio, ("sampling", "ratios")),
+                 (args.limit, ("dataset", "limit")), (args.seed, ("seed",)))
+    for value, path in overrides:
         if value is not None:
             section = raw
             for key in path[:-1]:

@@ -8,10 +8,12 @@ Entrypoint for ``prefect.yaml``: ``flows/quantize.py:quantize``.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
@@ -50,70 +52,70 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         config, run_name=flow_run.get_name() or "dq",
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "dq_role": "flow"},
     )
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = defaultdict(float)
 
-    def timed(stage: str, call):
+    @contextmanager
+    def timed(stage: str) -> Iterator[None]:
         start = time.perf_counter()
-        result = call()
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-        return result
+        yield
+        timings[stage] += time.perf_counter() - start
 
     accelerator = resolve_kind(config.cluster)
     try:
-        dataset = timed("ingest", lambda: ingest_dataset(config.dataset, store_url))
-        embeddings = timed("embeddings", lambda: compute_embeddings(
-            store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, config.cluster, accelerator
-        ))
-        bins = timed("bins", lambda: generate_bins_task(
-            store_url, dataset, embeddings, config.bins, config.cluster
-        ))
+        with timed("ingest"):
+            dataset = ingest_dataset(config.dataset, store_url)
+        with timed("embeddings"):
+            embeddings = compute_embeddings(
+                store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, config.cluster, accelerator
+            )
+        with timed("bins"):
+            bins = generate_bins_task(store_url, dataset, embeddings, config.bins, config.cluster)
         evaluate = config.evaluation.enabled
         pixels = config.patches.enabled and dataset.summary["modality"] == "images"
-        mae = None
-        test_embeddings = None
+        test_embeddings = mae = None
         if evaluate and dataset.summary["modality"] == "texts":
-            test_embeddings = timed("embeddings", lambda: compute_embeddings(
-                store_url, dataset, "test", config.embedding, config.seed, config.cluster, accelerator
-            ))
+            with timed("embeddings"):
+                test_embeddings = compute_embeddings(
+                    store_url, dataset, "test", config.embedding, config.seed, config.cluster, accelerator
+                )
+        if pixels:
+            with timed("mae"):
+                mae = prepare_mae(store_url, dataset, config.patches, config.seed)
+
         subsets: list[dict[str, Any]] = []
         for ratio in config.sampling.ratios:
-            subset = timed("sampling", lambda: sample_subset(store_url, dataset, bins, ratio, config.seed))
+            with timed("sampling"):
+                subset = sample_subset(store_url, dataset, bins, ratio, config.seed)
             entry: dict[str, Any] = {"ratio": ratio, "dq": subset, "evaluation": [], "patches": None}
             images = None
             if pixels:
-                mae = mae or timed("mae", lambda: prepare_mae(store_url, dataset, config.patches, config.seed))
-                patches = timed("patches", lambda: drop_patches(store_url, dataset, subset, config.patches, config.embedding))
-                reconstruction = timed("reconstruction", lambda: reconstruct_patches(store_url, dataset, patches, mae))
+                with timed("patches"):
+                    patches = drop_patches(store_url, dataset, subset, config.patches, config.embedding)
+                with timed("reconstruction"):
+                    reconstruction = reconstruct_patches(store_url, dataset, patches, mae)
                 entry["patches"] = patches.summary | {
-                    "url": patches.url, "reconstruction_url": reconstruction.url,
-                    "psnr_mae_db": reconstruction.summary["psnr_mae_db"],
-                    "psnr_mean_fill_db": reconstruction.summary["psnr_mean_fill_db"],
-                    "psnr_zero_fill_db": reconstruction.summary["psnr_zero_fill_db"],
-                    "mae_final_loss": mae.summary["final_loss"],
-                }
+                    "url": patches.url, "reconstruction_url": reconstruction.url, "mae_final_loss": mae.summary["final_loss"],
+                } | {k: v for k, v in reconstruction.summary.items() if k.startswith("psnr_")}
                 images = reconstruction if config.evaluation.use_reconstructed else None
             if evaluate:
-                arms = {"dq": subset} | {
-                    method: timed("sampling", lambda: baseline_subset(
-                        store_url, dataset, embeddings, bins, method, ratio, config.seed
-                    ))
-                    for method in config.evaluation.arms if method in ("random", "kcenter", "herding")
-                }
-                entry["evaluation"] = [
-                    timed("evaluation", lambda: _evaluate(
-                        config, tracker, dataset, arm, ratio, arm_subset,
-                        images=images if arm == "dq" else None, embeddings=(embeddings, test_embeddings),
-                    ))
-                    for arm, arm_subset in arms.items() if arm in config.evaluation.arms
-                ]
+                arms = {"dq": subset}
+                for method in config.evaluation.arms:
+                    if method in ("random", "kcenter", "herding"):
+                        with timed("sampling"):
+                            arms[method] = baseline_subset(store_url, dataset, embeddings, bins, method, ratio, config.seed)
+                for arm, arm_subset in arms.items():
+                    if arm in config.evaluation.arms:
+                        with timed("evaluation"):
+                            entry["evaluation"].append(_evaluate(
+                                config, tracker, dataset, arm, ratio, arm_subset,
+                                images=images if arm == "dq" else None, embeddings=(embeddings, test_embeddings),
+                            ))
             subsets.append(entry)
-        full = (
-            [timed("evaluation", lambda: _evaluate(
-                config, tracker, dataset, "full", 1.0, None, embeddings=(embeddings, test_embeddings)
-            ))]
-            if evaluate and "full" in config.evaluation.arms else []
-        )
-        summary = _summarise(config, dataset, embeddings, bins, subsets, timings)
+        full = []
+        if evaluate and "full" in config.evaluation.arms:
+            with timed("evaluation"):
+                full.append(_evaluate(config, tracker, dataset, "full", 1.0, None, embeddings=(embeddings, test_embeddings)))
+        summary = _summarise(config, dataset, embeddings, bins, subsets, dict(timings))
         summary["full"] = full
         summary |= {"tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id}
         summary["report_path"] = _publish(config, tracker, summary)

@@ -74,7 +74,8 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
     pixel_rows = [s for s in summary["subsets"] if s.get("patches")]
     if pixel_rows:
         lines += ["", f"## Patch dropping (θ = {config.patches.drop_ratio}) and MAE reconstruction", "",
-                  "| keep ratio | stored bytes | same images whole | byte ratio | PSNR MAE (dropped pixels) | PSNR zero fill | PSNR mean fill |",
+                  "| keep ratio | stored bytes | same images whole | byte ratio "
+                  "| PSNR MAE (dropped pixels) | PSNR zero fill | PSNR mean fill |",
                   "|---|---|---|---|---|---|---|"]
         for s in pixel_rows:
             p = s["patches"]

@@ -43,7 +43,7 @@ def bin_of_sample(bins: list[np.ndarray], n: int) -> np.ndarray:
 def literal_bins(
     features: np.ndarray, labels: np.ndarray | None, num_bins: int, kernel: str = "cosine", dtype=np.float32
 ) -> np.ndarray:
-    """METHOD.md stage 2 run the way the reference code runs it (float32 by default).
+    r"""METHOD.md stage 2 run the way the reference code runs it (float32 by default).
 
     Per class and bin: build the similarity matrix of the remaining samples R and its column
     sums, then, like the reference's GraphCut + NaiveGreedy, at every step recompute

@@ -14,8 +14,8 @@ from distributed import Client
 from dq_ops.backbones import load_image_extractor
 from dq_ops.cluster import dask_client, resolve_kind
 from dq_ops.config import ClusterConfig, EmbeddingConfig
-from dq_ops.errors import DQInputError
 from dq_ops.embed import embed_dataset
+from dq_ops.errors import DQInputError
 from dq_ops.features import GradientEmbedding, gradient_embedding
 from dq_ops.readers.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dq_ops.store import Store, write_array

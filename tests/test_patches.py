@@ -60,10 +60,10 @@ def test_patch_round_trip_is_exact(shape, patch, dtype) -> None:
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
     assert patches.shape == (shape[0], grid[0] * grid[1], ph, pw, *shape[3:])
     assert patches.dtype == images.dtype
-    # Patch l is the block at grid row l // gw, column l % gw.
-    l = grid[0] * grid[1] - 1
-    r, c = divmod(l, grid[1])
-    np.testing.assert_array_equal(patches[0, l], images[0, r * ph:(r + 1) * ph, c * pw:(c + 1) * pw])
+    # Patch k is the block at grid row k // gw, column k % gw.
+    k = grid[0] * grid[1] - 1
+    r, c = divmod(k, grid[1])
+    np.testing.assert_array_equal(patches[0, k], images[0, r * ph:(r + 1) * ph, c * pw:(c + 1) * pw])
     restored = unpatchify(patches, grid, patch)
     assert restored.dtype == images.dtype and np.array_equal(restored, images)
 

@@ -25,7 +25,15 @@ from PIL import Image, UnidentifiedImageError
 
 from dq_ops.errors import DQInputError
 from dq_ops.readers.base import (
-    NO_LABEL, Batch, ItemErrors, OnError, SkippedItem, open_fs, order_splits, resize_image, sample_ids,
+    NO_LABEL,
+    Batch,
+    ItemErrors,
+    OnError,
+    SkippedItem,
+    open_fs,
+    order_splits,
+    resize_image,
+    sample_ids,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -16,7 +16,13 @@ import numpy as np
 
 from dq_ops.errors import DQInputError
 from dq_ops.readers.base import (
-    Batch, SkippedItem, array_batches, check_counts, image_batch, open_fs, order_splits,
+    Batch,
+    SkippedItem,
+    array_batches,
+    check_counts,
+    image_batch,
+    open_fs,
+    order_splits,
 )
 
 
@@ -48,7 +54,7 @@ class NpzReader:
                     f"{url}: no images found: expected arrays 'images' and 'labels' or x_<split>/y_<split> "
                     f"(x_train, y_train, ...); the archive holds {sorted(keys)}"
                 )
-            for split, (images, labels) in pairs.items():
+            for images, labels in pairs.values():
                 if labels not in keys:
                     raise DQInputError(f"{url}: missing labels: array {images!r} has no {labels!r} beside it")
             self._pairs = {split: pairs[split] for split in order_splits(set(pairs))}
