@@ -69,7 +69,7 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
             f"| {s['ratio']:.1%} | {s['size']:,} | {s['sample_keep_ratio']:.2%} | "
             f"{patches.get('patch_keep_ratio', 1.0):.2%} | "
             f"{s['sample_keep_ratio'] * patches.get('patch_keep_ratio', 1.0):.2%} | "
-            f"{patches.get('stored_bytes', '—')} | `{s['url']}` |"
+            f"{patches['stored_bytes']:,} | `{s['url']}` |" if patches else f"— | `{s['url']}` |"
         )
     pixel_rows = [s for s in summary["subsets"] if s.get("patches")]
     if pixel_rows:
