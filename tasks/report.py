@@ -65,11 +65,11 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
     ]
     for s in summary["subsets"]:
         patches = s.get("patches") or {}
+        stored = f"{patches['stored_bytes']:,}" if patches else "—"
         lines.append(
             f"| {s['ratio']:.1%} | {s['size']:,} | {s['sample_keep_ratio']:.2%} | "
             f"{patches.get('patch_keep_ratio', 1.0):.2%} | "
-            f"{s['sample_keep_ratio'] * patches.get('patch_keep_ratio', 1.0):.2%} | "
-            f"{patches['stored_bytes']:,} | `{s['url']}` |" if patches else f"— | `{s['url']}` |"
+            f"{s['sample_keep_ratio'] * patches.get('patch_keep_ratio', 1.0):.2%} | {stored} | `{s['url']}` |"
         )
     pixel_rows = [s for s in summary["subsets"] if s.get("patches")]
     if pixel_rows:
