@@ -1,0 +1,113 @@
+"""Bin galleries: what the bins hold, for people to judge a selection by looking at it.
+
+GraphCut fills bin 0 first with the samples closest to the rest of their class (dense, typical),
+and each later bin with what is left, so the last bins hold rare and boundary cases. A gallery
+shows a seeded uniform sample of each (class, bin) group:
+
+- images: one PNG, one row per bin, a block of ``per_bin`` images per chosen class;
+- texts: table rows (bin, class, example record) for a Prefect table artifact.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dq_ops.errors import DQInputError
+
+
+def gallery_picks(
+    bin_of_sample: np.ndarray, labels: np.ndarray | None, classes: Sequence[int], per_bin: int, seed: int = 0
+) -> dict[tuple[int, int], np.ndarray]:
+    """``{(class, bin): sample indices}``: up to ``per_bin`` samples of each (class, bin) group,
+    drawn uniformly without replacement (``np.random.default_rng([seed, class, bin])``), sorted.
+
+    ``labels=None`` (unlabelled data) has the single class ``-1``.
+    """
+    bin_of_sample = np.asarray(bin_of_sample)
+    labels = np.full(len(bin_of_sample), -1) if labels is None else np.asarray(labels)
+    if labels.shape != bin_of_sample.shape:
+        raise DQInputError(f"gallery: {len(bin_of_sample)} bin assignments but {len(labels)} labels")
+    if per_bin < 1:
+        raise DQInputError(f"gallery: per_bin must be >= 1, got {per_bin}")
+    picks = {}
+    for cls in classes:
+        for b in range(int(bin_of_sample.max()) + 1):
+            members = np.flatnonzero((labels == cls) & (bin_of_sample == b))
+            rng = np.random.default_rng([seed, int(cls) + 1, b])  # +1: class -1 must stay non-negative
+            picks[(int(cls), b)] = np.sort(rng.choice(members, size=min(per_bin, len(members)), replace=False))
+    return picks
+
+
+def image_gallery(
+    images: np.ndarray,
+    bin_of_sample: np.ndarray,
+    labels: np.ndarray | None,
+    classes: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    per_bin: int = 6,
+    scale: int = 2,
+    seed: int = 0,
+) -> bytes:
+    """PNG bytes: one row per bin (bin 0 on top), a block of ``per_bin`` images per class in ``classes``.
+
+    ``images``: uint8 ``(n, H, W)`` or ``(n, H, W, C)`` (C = 1 or 3) of all samples the bins index;
+    shown ``scale``× enlarged. Empty slots (a group smaller than ``per_bin``) stay white.
+    """
+    images = np.asarray(images, dtype=np.uint8)
+    images = images if images.ndim == 4 else images[..., None]
+    if images.shape[3] not in (1, 3):
+        raise DQInputError(f"gallery: images need 1 or 3 channels, got shape {images.shape}")
+    if len(images) != len(bin_of_sample):
+        raise DQInputError(f"gallery: {len(images)} images but {len(bin_of_sample)} bin assignments")
+    picks = gallery_picks(bin_of_sample, labels, classes, per_bin, seed)
+    num_bins = int(np.asarray(bin_of_sample).max()) + 1
+    h, w = images.shape[1] * scale, images.shape[2] * scale
+    gap, block_gap, label_width, header = 2, 12, 52, 18
+    block_width = per_bin * (w + gap)
+    canvas = Image.new("RGB", (label_width + len(classes) * (block_width + block_gap), header + num_bins * (h + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, cls in enumerate(classes):
+        left = label_width + c * (block_width + block_gap)
+        name = class_names[cls] if class_names is not None and 0 <= cls < len(class_names) else f"class {cls}"
+        draw.text((left, 3), str(name), fill="black")
+        for b in range(num_bins):
+            top = header + b * (h + gap)
+            if c == 0:
+                draw.text((4, top + h // 2 - 6), f"bin {b}", fill="black")
+            for k, index in enumerate(picks[(int(cls), b)]):
+                tile = images[index]
+                tile = np.repeat(tile, 3, axis=2) if tile.shape[2] == 1 else tile
+                canvas.paste(Image.fromarray(tile).resize((w, h), Image.NEAREST), (left + k * (w + gap), top))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def text_gallery(
+    texts: Sequence[str],
+    bin_of_sample: np.ndarray,
+    labels: np.ndarray | None,
+    classes: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    per_bin: int = 2,
+    max_chars: int = 200,
+    seed: int = 0,
+) -> list[dict[str, object]]:
+    """Table rows ``{"bin", "class", "example"}``: ``per_bin`` records per (class, bin), bins in
+    order, each record cut to ``max_chars`` characters (an ellipsis marks the cut)."""
+    if len(texts) != len(bin_of_sample):
+        raise DQInputError(f"gallery: {len(texts)} records but {len(bin_of_sample)} bin assignments")
+    rows = []
+    picks = gallery_picks(bin_of_sample, labels, classes, per_bin, seed)
+    num_bins = int(np.asarray(bin_of_sample).max()) + 1
+    for b in range(num_bins):
+        for cls in classes:
+            name = class_names[cls] if class_names is not None and 0 <= cls < len(class_names) else str(cls)
+            for index in picks[(int(cls), b)]:
+                text = " ".join(str(texts[index]).split())
+                rows.append({"bin": b, "class": name, "example": text if len(text) <= max_chars else text[:max_chars - 1] + "…"})
+    return rows

@@ -1,0 +1,81 @@
+"""Bin galleries on real data: real GraphCut bins of Fashion-MNIST and of fortunes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dq_ops.bins import generate_bins
+from dq_ops.errors import DQInputError
+from dq_ops.gallery import gallery_picks, image_gallery, text_gallery
+from dq_ops.readers.idx import load_fashion_mnist
+
+NUM_BINS = 4
+
+
+def bin_assignment(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    bin_of_sample = np.empty(len(labels), dtype=np.int32)
+    for b, members in enumerate(generate_bins(features, labels, NUM_BINS)):
+        bin_of_sample[members] = b
+    return bin_of_sample
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    images, labels = load_fashion_mnist("test")
+    images, labels = images[:600], labels[:600]
+    return images, labels, bin_assignment(images.reshape(len(images), -1).astype(np.float32), labels)
+
+
+def test_picks_come_from_their_class_and_bin_and_follow_the_seed(fashion):
+    _, labels, bin_of_sample = fashion
+    picks = gallery_picks(bin_of_sample, labels, [0, 7], per_bin=5, seed=3)
+    assert set(picks) == {(c, b) for c in (0, 7) for b in range(NUM_BINS)}
+    for (cls, b), members in picks.items():
+        assert len(members) == 5 and len(set(members)) == 5
+        assert (labels[members] == cls).all() and (bin_of_sample[members] == b).all()
+    again = gallery_picks(bin_of_sample, labels, [0, 7], per_bin=5, seed=3)
+    assert all(np.array_equal(picks[k], again[k]) for k in picks)
+    other = gallery_picks(bin_of_sample, labels, [0, 7], per_bin=5, seed=4)
+    assert any(not np.array_equal(picks[k], other[k]) for k in picks)
+
+
+def test_image_gallery_shows_each_bin_as_a_row_of_its_own_samples(fashion):
+    images, labels, bin_of_sample = fashion
+    png = image_gallery(images, bin_of_sample, labels, [1, 8], ["t-shirt", "trouser"] + [str(i) for i in range(2, 10)],
+                        per_bin=4, scale=2, seed=0)
+    canvas = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    # Layout of image_gallery: 52 px of bin labels, 18 px of class header, 56 px tiles, 2 px gaps,
+    # 12 px between class blocks.
+    assert canvas.shape == (18 + NUM_BINS * 58, 52 + 2 * (4 * 58 + 12), 3)
+    picks = gallery_picks(bin_of_sample, labels, [1, 8], per_bin=4, seed=0)
+    for c, cls in enumerate((1, 8)):
+        for b in range(NUM_BINS):
+            for k, index in enumerate(picks[(cls, b)]):
+                top, left = 18 + b * 58, 52 + c * (4 * 58 + 12) + k * 58
+                tile = canvas[top:top + 56:2, left:left + 56:2, 0]
+                assert np.array_equal(tile, images[index])
+
+
+def test_text_gallery_lists_records_per_bin():
+    texts = [entry.strip() for entry in Path("/usr/share/games/fortunes/fortunes").read_text(errors="replace").split("\n%\n")]
+    texts = [t for t in texts if t][:200]
+    rng = np.random.default_rng(0)
+    features = rng.random((len(texts), 16)).astype(np.float32) + np.array([len(t) for t in texts])[:, None] / 100
+    bin_of_sample = bin_assignment(features, np.zeros(len(texts), dtype=np.int64))
+    rows = text_gallery(texts, bin_of_sample, None, [-1], per_bin=2, max_chars=60)
+    assert [row["bin"] for row in rows] == [b for b in range(NUM_BINS) for _ in range(2)]
+    picks = gallery_picks(bin_of_sample, None, [-1], per_bin=2)
+    for row, index in zip(rows, np.concatenate([picks[(-1, b)] for b in range(NUM_BINS)])):
+        whole = " ".join(texts[index].split())
+        assert row["example"] == whole or (len(row["example"]) == 60 and row["example"][:-1] == whole[:59])
+
+
+def test_mismatched_lengths_are_refused(fashion):
+    images, labels, bin_of_sample = fashion
+    with pytest.raises(DQInputError, match="600 bin assignments"):
+        image_gallery(images[:10], bin_of_sample, labels, [0])
