@@ -1,58 +1,58 @@
-"""Subset quality on Fashion-MNIST: DQ against random, k-center and herding at equal subset sizes.
+"""Does a DQ subset train better than a random one of the same size? Paired draws on Fashion-MNIST.
 
-    python bench/quality.py [--seeds 3] [--ratios 0.01 0.05 0.1 0.3 0.6] [--features FILE.npy]
-                            [--threads 2] [--epochs 15] [--min-steps 300] [--max-steps 600] [--quick]
+    python bench/quality.py [--draws 5] [--ratios 0.01 0.05 0.1 0.3] [--steps 100] [--threads 1]
+                            [--arms random dq-emb] [--ablation-arms dq-pca dq-grad dq-emb-20 dq-emb-adq]
+                            [--ablation-ratios 0.01 0.1] [--cache DIR] [--quick]
 
-Arms, each trained from scratch with ``dq_ops.train.train_and_evaluate`` once per seed
-(seeds 0..N-1; the seed drives both the selection and the training):
+For every keep ratio and every draw s = 0..draws-1, each arm draws its own subset with seed s
+and the default evaluation network (``dq_ops.models.DEFAULT_MODEL``) is trained on it from
+scratch with seed s (``dq_ops.train.train_and_evaluate``, the library recipe with a fixed number
+of SGD steps so that every run costs the same). ``--arms`` run at every ratio, the
+``--ablation-arms`` only at ``--ablation-ratios`` (2 CPU cores cannot afford the whole grid).
+Arms:
 
-- ``small_cnn`` (the CPU default) on DQ (10 bins), random, k-center and herding subsets at every
-  ratio, and on the full training set;
-- the paper's bin ablation at 10%: 1 bin against 10. Uniform sampling from a single bin holding
-  the whole class is exactly random sampling (already a row), so the 1-bin arm is the case the
-  paper says DQ reduces to: one GraphCut greedy bin per class of exactly the subset's size, i.e.
-  the GraphCut coreset (deterministic; only the training seed varies);
-- cross-architecture transfer at 10%: ``vit_tiny`` on the DQ and random subsets.
+- ``random``: uniform per class (``select_random``), with exactly the per-class sizes of the
+  first DQ arm's subset (``sample_sizes``). DQ with 1 bin is this arm: uniform sampling of one bin
+  that holds the whole class is uniform random sampling.
+- ``dq-pca``, ``dq-emb``, ``dq-grad``: DQ with 10 GraphCut bins on PCA-64 of the pixels, on the
+  ImageNet EfficientNet-Lite0 embedding (32 px, 1280-d; the pipeline's default features), or on
+  the reference's last-layer gradient embedding of that backbone (random head, seed 0).
+- ``dq-emb-20``: 20 bins on the embedding.
+- ``dq-emb-adq``: 10 bins on the embedding with ADQ's adaptive per-bin budget
+  (``dq_ops.adaptive``, α = ``--alpha``).
 
-Subset sizes: DQ's per-bin rounding fixes its per-class sizes (``sample_sizes``); the baselines
-are asked for exactly those sizes. Features for bins and baselines: PCA-64 of the pixels (scaled
-to [0, 1], centred, projected on the 64 leading eigenvectors of the 784 × 784 covariance), or
-``--features FILE.npy`` (n_train × d, rows in training-set order), e.g. backbone embeddings.
-
-Budget: the library recipe (``TrainConfig``) with ``epochs``/``min_steps``/``max_steps`` from the
-command line; the ViT gets lr 0.1 (at the CNN's 0.2 plain SGD trains it to 58% instead of 73% on
-a 10% subset). The defaults (15 epochs, at least 300 and at most 600 steps of 128 images: 300
-steps at 1% (~70 epochs), 317 at 5%, the 600-step cap from 10% up) keep the default run near
-30 minutes on 2 free cores (~3,000 CNN and ~1,200 ViT training img/s; 24 runs per seed). The
-cap undertrains the large subsets (the full set gets ~1.4 epochs), which narrows the gaps
-between 10%, 30%, 60% and full: the comparison across methods at one ratio is fair, the curve
-across ratios is budget-bound. ``--quick`` is a smoke run (1 seed, 1% and 10%, 60–120 steps).
-
-Prints one table of test accuracy (mean ± sample std over seeds, percent; final-epoch network)
-and the wall time. The test split is never used for any choice.
+Per arm and ratio: mean ± sample std of test accuracy over the draws, and for each DQ arm the
+paired gap to ``random`` (same s) with its 95% Student-t interval (``dq_ops.paired``). The test
+split is never used for any choice. Embeddings are computed once (EfficientNet-Lite0 over 60,000
+images: minutes on 2 cores) and cached as ``.npy`` in ``--cache`` (default: a folder in the
+system's temporary directory), so later runs start at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections import defaultdict
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from dq_ops.baselines import select_herding, select_kcenter, select_random
-from dq_ops.bins import generate_bins, generate_class_bins
-from dq_ops.errors import DQInputError
+from dq_ops.adaptive import adaptive_bin_weights
+from dq_ops.baselines import select_random
+from dq_ops.bins import generate_bins
+from dq_ops.features import gradient_embedding
+from dq_ops.models import DEFAULT_MODEL
+from dq_ops.paired import paired_gap
 from dq_ops.readers.idx import load_fashion_mnist
 from dq_ops.sampling import sample_bins, sample_sizes
 from dq_ops.train import TrainConfig, summarize_accuracies, train_and_evaluate
 
-BASELINES = {"random": select_random, "k-center": select_kcenter, "herding": select_herding}
-PEAK_LR = {"small_cnn": 0.2, "vit_tiny": 0.1}
-ABLATION_RATIO = 0.1
+ARMS = ("random", "dq-pca", "dq-emb", "dq-grad", "dq-emb-20", "dq-emb-adq")
 
 
 def pca_features(images: np.ndarray, dim: int = 64) -> np.ndarray:
@@ -63,104 +63,120 @@ def pca_features(images: np.ndarray, dim: int = 64) -> np.ndarray:
     return x @ vectors[:, ::-1][:, :dim].astype(np.float32)
 
 
-def graphcut_subset(features: np.ndarray, labels: np.ndarray, per_class: np.ndarray) -> np.ndarray:
-    """Per class (sorted), the first GraphCut bin of ``per_class[c]`` samples: DQ with one bin of the subset's size."""
-    parts = []
-    for cls, k in zip(np.unique(labels), per_class):
-        members = np.flatnonzero(labels == cls)
-        parts.append(members[generate_class_bins(features[members], np.array([k, len(members) - k]))[0]])
-    return np.sort(np.concatenate(parts))
+def backbone_embedding(images: np.ndarray, cache: Path) -> np.ndarray:
+    """EfficientNet-Lite0 (ImageNet weights) penultimate features at 32 px, cached in ``cache``."""
+    path = cache / "fashion-mnist-train-efficientnet-lite0-32px.npy"
+    if not path.exists():
+        from dq_ops.backbones import load_image_extractor
 
-
-def load_features(path: str, n_train: int) -> np.ndarray:
-    features = np.load(path)
-    if features.ndim != 2 or len(features) != n_train:
-        raise DQInputError(f"{path}: expected ({n_train}, d) features in training-set order, got {features.shape}")
-    return features
+        extractor = load_image_extractor(image_size=32, device=torch.device("cpu"))
+        features = np.concatenate([extractor(images[i:i + 2048]) for i in range(0, len(images), 2048)])
+        np.save(path, features.astype(np.float32))
+    return np.load(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.3, 0.6],
-                        help="keep ratios below 1 (the full set is always trained)")
-    parser.add_argument("--features", help="(n_train, d) .npy features instead of PCA-64 pixels")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--epochs", type=float, default=15.0)
-    parser.add_argument("--min-steps", type=int, default=300)
-    parser.add_argument("--max-steps", type=int, default=600)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, ratios 1%% and 10%%, 60-120 steps")
+    parser.add_argument("--draws", type=int, default=5, help="paired draws per arm and ratio (seeds 0..N-1)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.3])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=["random", "dq-emb"], help="arms at every ratio")
+    parser.add_argument("--ablation-arms", nargs="*", choices=ARMS, default=["dq-pca", "dq-grad", "dq-emb-20", "dq-emb-adq"])
+    parser.add_argument("--ablation-ratios", type=float, nargs="*", default=[0.01, 0.1])
+    parser.add_argument("--steps", type=int, default=100, help="SGD steps of batch 128 per training run")
+    parser.add_argument("--alpha", type=float, default=0.5, help="ADQ mix of importance and size shares")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dq-quality-cache")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 draws, 1%% and 10%%, 20 steps, PCA only")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.ratios, args.epochs, args.min_steps, args.max_steps = 1, [0.01, 0.1], 1.0, 60, 120
-    if any(not 0 < r < 1 for r in args.ratios):
-        parser.error("--ratios must lie in (0, 1); the full set is always trained")
-    ratios = sorted(set(args.ratios))
+        args.draws, args.ratios, args.steps, args.arms, args.ablation_arms = 2, [0.01, 0.1], 20, ["random", "dq-pca"], []
+    if any(not 0 < r < 1 for r in [*args.ratios, *args.ablation_ratios]) or args.draws < 1:
+        parser.error("--ratios must lie in (0, 1) and --draws be >= 1")
+    arms = ["random", *dict.fromkeys(a for a in [*args.arms, *args.ablation_arms] if a != "random")]
+    ratios = sorted(set(args.ratios) | set(args.ablation_ratios if args.ablation_arms else []))
+
+    def runs_at(arm: str, ratio: float) -> bool:
+        return arm == "random" or (arm in args.arms and ratio in args.ratios) or (
+            arm in args.ablation_arms and ratio in args.ablation_ratios)
+
     torch.set_num_threads(args.threads)
-    config = TrainConfig(epochs=args.epochs, min_steps=args.min_steps, max_steps=args.max_steps)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    config = TrainConfig(epochs=1, min_steps=args.steps, max_steps=args.steps)
 
     started = time.perf_counter()
     images, labels = load_fashion_mnist("train")
     test_images, test_labels = load_fashion_mnist("test")
-    tick = time.perf_counter()
-    features = pca_features(images) if args.features is None else load_features(args.features, len(images))
-    feature_seconds = time.perf_counter() - tick
-    tick = time.perf_counter()
-    bins = generate_bins(features, labels, num_bins=10)
-    bin_seconds = time.perf_counter() - tick
+    seconds: dict[str, float] = defaultdict(float)
 
-    accuracies: dict[tuple[str, str, float], list[float]] = defaultdict(list)
-    sizes: dict[float, int] = {}
-    select_seconds = 0.0
-    train_seconds = 0.0
+    @contextmanager
+    def timed(what: str) -> Iterator[None]:
+        tick = time.perf_counter()
+        yield
+        seconds[what] += time.perf_counter() - tick
 
-    def run(arm: str, model: str, ratio: float, subset: np.ndarray, seed: int) -> None:
-        nonlocal train_seconds
-        result = train_and_evaluate(images[subset], labels[subset], test_images, test_labels,
-                                    model=model, config=replace(config, lr=PEAK_LR[model]), seed=seed)
-        accuracies[(arm, model, ratio)].append(result.test_accuracy)
-        train_seconds += result.train_seconds
-        print(f"{arm:>12} {model:>9} {ratio:6.0%} seed {seed}: {len(subset):6d} images, {result.steps:5d} steps, "
-              f"test {result.test_accuracy:.4f}, val {result.val_accuracy:.4f}, {result.train_seconds:6.1f} s "
-              f"({result.samples_per_second:.0f} img/s)", file=sys.stderr, flush=True)
+    with timed("features pca"):
+        features: dict[str, object] = {"pca": pca_features(images)}
+    if any(arm.startswith(("dq-emb", "dq-grad")) for arm in arms):
+        with timed("features emb (cached after the first run)"):
+            features["emb"] = backbone_embedding(images, args.cache)
+    if "dq-grad" in arms:
+        with timed("features grad"):
+            features["grad"] = gradient_embedding(features["emb"], labels, seed=0)
+    bin_specs = {"dq-pca": ("pca", 10), "dq-emb": ("emb", 10), "dq-grad": ("grad", 10),
+                 "dq-emb-20": ("emb", 20), "dq-emb-adq": ("emb", 10)}
+    bins = {}
+    for arm in arms:
+        if arm in bin_specs:
+            feature, k = bin_specs[arm]
+            if (feature, k) not in bins:
+                with timed(f"bins {feature} x{k}"):
+                    bins[(feature, k)] = generate_bins(features[feature], labels, k)
+    # random gets the per-class sizes of the first DQ arm's subset
+    reference_bins = bins[bin_specs[next(arm for arm in arms if arm in bin_specs)]]
+    weights = None
+    if "dq-emb-adq" in arms:
+        with timed("adq weights"):
+            weights = adaptive_bin_weights(features["emb"], labels, bins[("emb", 10)], args.alpha)
 
-    for seed in range(args.seeds):
-        for ratio in ratios:
-            tick = time.perf_counter()
-            dq = sample_bins(bins, labels, ratio, seed)
-            per_class = sample_sizes(bins, labels, ratio)
-            subsets = {"dq (10 bins)": dq}
-            subsets.update({name: select(features, labels, ratio, seed, sizes=per_class)
-                            for name, select in BASELINES.items()})
-            if ratio == ABLATION_RATIO:
-                subsets["dq (1 bin)"] = graphcut_subset(features, labels, per_class)
-            select_seconds += time.perf_counter() - tick
-            sizes[ratio] = len(dq)
-            for arm, subset in subsets.items():
-                run(arm, "small_cnn", ratio, subset, seed)
-            if ratio == ABLATION_RATIO:
-                for arm in ("dq (10 bins)", "random"):
-                    run(arm, "vit_tiny", ratio, subsets[arm], seed)
-        run("full data", "small_cnn", 1.0, np.arange(len(labels)), seed)
-    sizes[1.0] = len(labels)
+    def draw(arm: str, ratio: float, seed: int) -> np.ndarray:
+        if arm == "random":
+            return select_random(features["pca"], labels, ratio, seed, sizes=sample_sizes(reference_bins, labels, ratio))
+        return sample_bins(bins[bin_specs[arm]], labels, ratio, seed, weights=weights if arm == "dq-emb-adq" else None)
 
-    columns = [*ratios, 1.0]
-    arms = [("dq (10 bins)", "small_cnn"), ("dq (1 bin)", "small_cnn"), *((b, "small_cnn") for b in BASELINES),
-            ("full data", "small_cnn"), ("dq (10 bins)", "vit_tiny"), ("random", "vit_tiny")]
-    summary = summarize_accuracies({f"{arm}|{model}|{ratio}": accs for (arm, model, ratio), accs in accuracies.items()})
-    header = f"{'arm':<13} {'model':<10}" + "".join(f"{f'{r:.0%} ({sizes[r]})':>16}" for r in columns)
-    print(f"Fashion-MNIST test accuracy, % (mean ± std over {args.seeds} seed(s); final epoch)")
-    print(f"features: {args.features or 'PCA-64 of pixels'}; budget: epochs={config.epochs:g}, "
-          f"min_steps={config.min_steps}, max_steps={config.max_steps}, batch={config.batch_size}, "
-          f"lr={PEAK_LR}, val_fraction={config.val_fraction}; torch threads={args.threads}")
+    accuracies: dict[tuple[str, float], list[float]] = defaultdict(list)
+    sizes: dict[tuple[str, float], int] = {}
+    for ratio in ratios:
+        for seed in range(args.draws):
+            for arm in (a for a in arms if runs_at(a, ratio)):
+                subset = draw(arm, ratio, seed)
+                sizes[(arm, ratio)] = len(subset)
+                result = train_and_evaluate(images[subset], labels[subset], test_images, test_labels,
+                                            model=DEFAULT_MODEL, config=config, seed=seed)
+                seconds["training"] += result.train_seconds
+                accuracies[(arm, ratio)].append(result.test_accuracy)
+                print(f"{arm:>11} {ratio:5.0%} draw {seed}: {len(subset):6d} images, test {result.test_accuracy:.4f}, "
+                      f"{result.train_seconds:5.1f} s", file=sys.stderr, flush=True)
+
+    print(f"Fashion-MNIST, {DEFAULT_MODEL} trained from scratch, {args.steps} SGD steps × 128 per run, "
+          f"{args.draws} paired draws (seed s draws the subset and seeds the training); final-step test accuracy, %")
+    header = f"{'arm':<11}" + "".join(f"{f'{r:.0%} (n={sizes[(arms[0], r)]})':>18}" for r in ratios)
     print(header)
     print("-" * len(header))
-    for arm, model in arms:
-        cells = [summary.get(f"{arm}|{model}|{r}") for r in columns]
-        if any(cells):
-            print(f"{arm:<13} {model:<10}" + "".join(f"{c.as_percent() if c else '':>16}" for c in cells))
-    print(f"wall time {time.perf_counter() - started:.0f} s (features {feature_seconds:.1f} s, 10 bins "
-          f"{bin_seconds:.1f} s, selection {select_seconds:.1f} s, training loops {train_seconds:.0f} s)")
+    for arm in arms:
+        cells = summarize_accuracies({r: accuracies[(arm, r)] for r in ratios if runs_at(arm, r)})
+        print(f"{arm:<11}" + "".join(f"{cells[r].as_percent() if r in cells else '':>18}" for r in ratios))
+    print("\nGap to random (same draws), points: mean [95% t-interval] verdict")
+    for arm in arms[1:]:
+        cells = []
+        for r in ratios:
+            if not runs_at(arm, r):
+                cells.append("")
+                continue
+            gap = paired_gap(accuracies[(arm, r)], accuracies[("random", r)])
+            interval = "" if gap.ci_low is None else f" [{100 * gap.ci_low:+.2f},{100 * gap.ci_high:+.2f}]"
+            cells.append(f"{100 * gap.mean:+.2f}{interval} {gap.verdict[:5]}")
+        print(f"{arm:<11}" + "".join(f"{c:>30}" for c in cells))
+    print(f"\nwall time {time.perf_counter() - started:.0f} s; " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
 
 
 if __name__ == "__main__":
