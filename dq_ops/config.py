@@ -107,7 +107,7 @@ class EvaluationConfig(_Section):
     arms: list[Literal["dq", "random", "kcenter", "herding", "full"]] = Field(
         default_factory=lambda: ["dq", "random"], description="Subsets to compare; all but 'full' have the DQ subset's per-class sizes."
     )
-    architecture: str = Field("small_cnn", description="Registered evaluation network (dq_ops.models).")
+    architecture: str = Field("medium_cnn", description="Registered evaluation network (dq_ops.models).")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Training seeds per arm (mean ± std).")
     epochs: float = Field(30.0, gt=0, description="Passes over the training part (see dq_ops.train).")
     min_steps: int = Field(500, ge=1, description="At least this many SGD steps, so tiny subsets still converge.")

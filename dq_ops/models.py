@@ -1,10 +1,16 @@
 """Evaluation architectures, built by name: ``build_model(name, in_channels, num_classes, image_size)``.
 
-Stage 6 trains one of these from scratch on a selected subset. Three families:
+Stage 6 trains one of these from scratch on a selected subset:
 
-- ``small_cnn`` (default, CPU): three 3×3 conv-BN-ReLU layers (16/32/64 channels, 2×2 max-pool
-  after the first two), global average pooling, one linear layer; ~24k parameters for
-  1 channel / 10 classes. About 3,800 training img/s at 28×28 on 2 CPU cores.
+- ``medium_cnn`` (default, CPU): three 3×3 conv-BN-ReLU layers (32/64/128 channels, 2×2
+  max-pool after the first two), adaptive average pooling to a 3×3 grid (the head keeps where
+  things are, which Fashion-MNIST's classes depend on), one linear layer; ~104k parameters for
+  1 channel / 10 classes. 90.1% test accuracy on the full Fashion-MNIST after 3 epochs of the
+  default recipe (``bench/network.py``), where ``small_cnn`` plateaus near 86%: subsets of
+  10–60% can be told apart from the full data.
+- ``small_cnn``: three 3×3 conv-BN-ReLU layers (16/32/64 channels, 2×2 max-pool after the first
+  two), global average pooling, one linear layer; ~24k parameters for 1 channel / 10 classes.
+  About 3,800 training img/s at 28×28 on 2 CPU cores; ~86% on the full Fashion-MNIST.
 - ``resnet18``: the reference's CIFAR ResNet-18 (torchvision BasicBlock [2, 2, 2, 2], widths
   64–512) with a 3×3 stride-1 stem and no max-pool; ~11.2M parameters. A GPU network (~22
   training img/s at 32×32 on 2 CPU cores).
@@ -23,7 +29,7 @@ from torchvision.models import resnet18
 
 from dq_ops.errors import DQInputError
 
-DEFAULT_MODEL = "small_cnn"
+DEFAULT_MODEL = "medium_cnn"
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -41,6 +47,16 @@ def _small_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module
         *_conv_bn_relu(16, 32), nn.MaxPool2d(2),
         *_conv_bn_relu(32, 64),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
+    )
+
+
+def _medium_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    # Pooling to a fixed 3×3 grid keeps the head independent of image_size.
+    return nn.Sequential(
+        *_conv_bn_relu(in_channels, 32), nn.MaxPool2d(2),
+        *_conv_bn_relu(32, 64), nn.MaxPool2d(2),
+        *_conv_bn_relu(64, 128),
+        nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(128 * 9, num_classes),
     )
 
 
@@ -77,6 +93,7 @@ class TinyViT(nn.Module):
 
 
 _BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "medium_cnn": _medium_cnn,
     "small_cnn": _small_cnn,
     "resnet18": _resnet18_cifar,
     "vit_tiny": TinyViT,

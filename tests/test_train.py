@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dq_ops.errors import DQInputError
-from dq_ops.models import MODEL_NAMES, build_model
+from dq_ops.models import DEFAULT_MODEL, MODEL_NAMES, build_model
 from dq_ops.readers.idx import load_fashion_mnist
 from dq_ops.train import (
     TrainConfig,
@@ -42,8 +42,14 @@ def test_default_cnn_has_tens_of_thousands_of_parameters():
     assert 10_000 <= params <= 100_000
 
 
+def test_default_network_is_medium_cnn_with_a_hundred_thousand_parameters():
+    assert DEFAULT_MODEL == "medium_cnn"
+    params = sum(p.numel() for p in build_model(DEFAULT_MODEL, 1, 10, 28).parameters())
+    assert 100_000 <= params <= 300_000
+
+
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(DQInputError, match="unknown model 'vgg'.*small_cnn.*resnet18.*vit_tiny"):
+    with pytest.raises(DQInputError, match="unknown model 'vgg'.*medium_cnn.*small_cnn.*resnet18.*vit_tiny"):
         build_model("vgg", 1, 10, 28)
 
 
@@ -149,12 +155,13 @@ def test_summary_is_mean_and_sample_std_per_arm():
 
 
 def test_full_training_set_reaches_85_percent(fashion):
-    """The CPU default network on all 60k images (54k after the validation split), 2 epochs.
+    """``small_cnn`` on all 60k images (54k after the validation split), 2 epochs (the default
+    ``medium_cnn``'s 90% after 3 epochs is measured by bench/network.py).
 
     Measured: 86.4% test, 87.4% validation (2 threads; 86.8% / 87.3% with 1 thread); 844 steps,
     13 s of training on 2 idle cores, ~60 s on one core of a busy machine.
     """
     images, labels, test_images, test_labels = fashion
-    result = train_and_evaluate(images, labels, test_images, test_labels, config=TrainConfig(epochs=2), seed=0)
+    result = train_and_evaluate(images, labels, test_images, test_labels, model="small_cnn", config=TrainConfig(epochs=2), seed=0)
     assert result.test_accuracy >= 0.85, result
     assert result.val_accuracy >= 0.85, result
