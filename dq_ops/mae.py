@@ -48,6 +48,9 @@ from dq_ops.patches import kept_patch_count, patch_grid, patchify, pixel_mask, u
 from dq_ops.store import default_compressor
 
 CONFIG_KEY = "dq_mae_config"
+# A dropped patch predicted below this everywhere, in an image with a flat black background, is
+# background: see :func:`reconstruct`.
+BACKGROUND_SNAP = 48 / 255
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,15 @@ def reconstruct(
     ``keep_mask`` is ``(n, gh, gw)``. Kept pixels are copied from ``images`` unchanged (bit
     exact); dropped pixels are ``round(255 · clip(pred, 0, 1))``. The content of dropped patches
     in ``images`` is ignored (zero-filled images from ``unpack_patches`` are fine).
+
+    Background snap: in an image with a flat black background (at least one kept patch entirely
+    0), a dropped patch whose prediction stays below ``BACKGROUND_SNAP`` everywhere is background
+    and is written as exact zeros. The MAE's squared-error regression otherwise paints faint
+    speckle there (values up to ~40/255 where zero fill is exact). Measured with the pipeline's
+    default MAE (3 epochs on 6,000 images) on 1,000 Fashion-MNIST test images with Grad-CAM++
+    drops at θ = 0.2, PSNR on the dropped pixels: 14.86 → 14.92 dB on the first 500 images (where
+    the threshold was chosen among 16–64/255), 15.19 → 15.26 dB on the other 500. The speckle was
+    never a large error; the snap makes flat background exact instead of noisy.
     """
     config = model.config
     if config.norm_pix_loss:
@@ -326,8 +338,11 @@ def reconstruct(
         for start in range(0, len(tokens), batch_size):
             batch = torch.from_numpy(tokens[start:start + batch_size]).float() / 255.0
             keep = torch.from_numpy(keep_mask[start:start + batch_size].reshape(len(batch), -1))
-            pred = model(batch, keep).clamp(0, 1).mul(255).round()
-            predicted[start:start + batch_size] = pred.to(torch.uint8).numpy()
+            pred = model(batch, keep).clamp(0, 1)
+            black_background = ((batch.amax(-1) == 0) & keep).any(1)  # (b,) a kept patch is all zeros
+            background = black_background[:, None] & ~keep & (pred.amax(-1) < BACKGROUND_SNAP)
+            pred = torch.where(background[..., None], 0.0, pred)
+            predicted[start:start + batch_size] = pred.mul(255).round().to(torch.uint8).numpy()
     p = config.patch_size
     filled = unpatchify(predicted.reshape(len(images), config.num_patches, p, p, config.in_chans), config.grid, p)
     filled = filled.reshape(images.shape)

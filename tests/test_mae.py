@@ -173,3 +173,23 @@ def test_dataset_and_materialise_from_patch_store(data, trained, tmp_path, backe
     written = materialise_reconstruction(group, model, out, batch_size=16)
     assert np.array_equal(written[...], expected)
     assert list(out["labels"][...]) == list(labels) and out["ids"][3] == "test/3"
+
+
+def test_flat_black_background_is_restored_exactly():
+    """A model predicting 10/255 everywhere: in an image with a kept all-black patch the dropped
+    faint patches snap to 0; without black background (or above the threshold) they stay."""
+    model = MaskedAutoencoder(MAEConfig())
+    with torch.no_grad():
+        model.decoder_pred.weight.zero_()
+        model.decoder_pred.bias.fill_(10 / 255)
+    keep = np.ones((2, 7, 7), bool)
+    keep[:, 3, 3] = False
+    black = np.zeros((28, 28), np.uint8)
+    black[8:20, 8:20] = 200  # an object on black, its centre patch dropped
+    grey = np.full((28, 28), 90, np.uint8)  # no black anywhere
+    restored = reconstruct(model, np.stack([black, grey]), keep)
+    assert (restored[0, 12:16, 12:16] == 0).all()
+    assert (restored[1, 12:16, 12:16] == 10).all()
+    with torch.no_grad():
+        model.decoder_pred.bias.fill_(60 / 255)
+    assert (reconstruct(model, np.stack([black, grey]), keep)[:, 12:16, 12:16] == 60).all()
