@@ -104,15 +104,28 @@ class EvaluationConfig(_Section):
     """Stage 6: train from scratch on each arm's subset and compare."""
 
     enabled: bool = Field(True, description="Train/evaluate the arms below (text datasets: held-out topic accuracy).")
-    arms: list[Literal["dq", "random", "kcenter", "herding", "full"]] = Field(
-        default_factory=lambda: ["dq", "random"], description="Subsets to compare; all but 'full' have the DQ subset's per-class sizes."
+    arms: list[Literal["dq", "dq_pixels", "random", "kcenter", "herding", "full"]] = Field(
+        default_factory=lambda: ["dq", "dq_pixels", "random"],
+        description="Subsets to compare, all with the DQ subset's per-class sizes ('full': the whole split). 'dq' trains on "
+        "the DQ draw's original images, 'dq_pixels' on the same draw's MAE-reconstructed images (image datasets with "
+        "patches enabled; skipped otherwise).",
     )
     architecture: str = Field("medium_cnn", description="Registered evaluation network (dq_ops.models).")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Training seeds per arm (mean ± std).")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1,
+        description="Paired draws: seed s draws every sampled arm's subset (dq, dq_pixels, random) and seeds its training; "
+        "k-center and herding draw once (config seed). Mean ± std per arm; with 2+ seeds a 95% t-interval on DQ − random.",
+    )
     epochs: float = Field(30.0, gt=0, description="Passes over the training part (see dq_ops.train).")
     min_steps: int = Field(500, ge=1, description="At least this many SGD steps, so tiny subsets still converge.")
     max_steps: int | None = Field(None, ge=1, description="Cap on SGD steps (keeps the full-data arm affordable).")
-    use_reconstructed: bool = Field(True, description="Train the DQ arm on MAE-reconstructed images when patches were dropped.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"evaluation seeds must be distinct (each is one paired draw); got {seeds}")
+        return seeds
 
 
 class TrackingConfig(_Section):

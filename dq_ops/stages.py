@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -253,12 +254,56 @@ class BaselineStage(_SubsetStage):
         return BASELINES[self.method](embedding_rows(self.embeddings), labels, self.ratio, self.seed, sizes=sizes)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """One training run as a picklable job: artifacts by store URL and name, never arrays."""
+
+    store_url: str
+    storage_options: dict[str, Any]
+    dataset: str  # snapshot name under datasets/
+    subset: str | None  # None: the whole quantized split
+    images: str | None  # a reconstructions artifact whose images replace the subset's pixels
+    config: EvaluationConfig
+    seed: int
+
+
+def run_training(job: TrainJob, progress: Progress | None = None) -> dict[str, Any]:
+    """Train ``job.config.architecture`` on the job's samples and test it; the ``TrainResult`` as a dict.
+
+    Plain function of a :class:`TrainJob`, so a dask worker can run it: it reads its rows from the
+    store itself. On a worker torch uses the worker's thread budget (dask sets ``OMP_NUM_THREADS``).
+    """
+    store = Store(job.store_url, job.storage_options)
+    dataset = store.open("datasets", job.dataset)
+    split = dataset[QUANTIZED_SPLIT]
+    if job.subset is None:
+        rows = np.arange(split["labels"].shape[0])
+        pixels = np.asarray(split["images"][:])
+    else:
+        rows = np.asarray(store.open("subsets", job.subset)["indices"][:])
+        pixels = np.asarray(store.open("reconstructions", job.images)["images"][:] if job.images is not None
+                            else split["images"].get_orthogonal_selection((rows,)))
+    labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
+    test = dataset["test"]
+    class_names = dataset.group.attrs.get("class_names")
+    c = job.config
+    result = train_and_evaluate(
+        pixels, labels, np.asarray(test["images"][:]), np.asarray(test["labels"][:]),
+        model=c.architecture, num_classes=len(class_names) if class_names else None,
+        config=TrainConfig(epochs=c.epochs, min_steps=c.min_steps, max_steps=c.max_steps),
+        seed=job.seed, progress=progress,
+    )
+    return dataclasses.asdict(result)
+
+
 class EvaluateStage(Stage):
     """Train ``config.architecture`` from scratch on a subset (None: the whole split) and test it.
 
     ``images``: a reconstructions artifact whose ``images`` (one row per subset sample) replace
-    the ingested pixels, i.e. the DQ arm trained on what patch dropping + MAE actually restore.
-    The result (``dq_ops.train.TrainResult`` fields) is stored in ``evaluations/<key>``' attributes.
+    the ingested pixels: the ``dq_pixels`` arm, trained on what patch dropping + MAE restore.
+    With a dask ``client`` the training is one task on a worker (:func:`run_training`); without,
+    it runs here. The result (``dq_ops.train.TrainResult`` fields) is stored in
+    ``evaluations/<key>``' attributes.
     """
 
     kind = "evaluations"
@@ -280,23 +325,14 @@ class EvaluateStage(Stage):
         return [a for a in (self.dataset, self.subset, self.images) if a is not None]
 
     def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
-        split = self.dataset[QUANTIZED_SPLIT]
-        if self.subset is None:
-            rows = np.arange(split["labels"].shape[0])
-            pixels = np.asarray(split["images"][:])
+        job = TrainJob(self.store.url, self.store.storage_options, self.dataset.name,
+                       self.subset.name if self.subset else None, self.images.name if self.images else None,
+                       self.config, self.seed)
+        if client is None:
+            result = run_training(job, progress)
         else:
-            rows = np.asarray(self.subset["indices"][:])
-            pixels = np.asarray(self.images["images"][:] if self.images is not None else split["images"].get_orthogonal_selection((rows,)))
-        labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
-        test = self.dataset["test"]
-        class_names = self.dataset.group.attrs.get("class_names")
-        result = train_and_evaluate(
-            pixels, labels, np.asarray(test["images"][:]), np.asarray(test["labels"][:]),
-            model=self.config.architecture, num_classes=len(class_names) if class_names else None,
-            config=TrainConfig(epochs=self.config.epochs, min_steps=self.config.min_steps, max_steps=self.config.max_steps),
-            seed=self.seed, progress=progress,
-        )
-        group.attrs.update(dataclasses.asdict(result))
+            result = client.submit(run_training, job, key=f"dq-train-{self.name()}-{uuid.uuid4().hex[:8]}").result()
+        group.attrs.update(result)
 
 
 class TextEvaluateStage(Stage):

@@ -7,10 +7,12 @@ Entrypoint for ``prefect.yaml``: ``flows/quantize.py:quantize``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -20,6 +22,7 @@ from prefect.runtime import flow_run
 
 from dq_ops.cluster import cluster_precision
 from dq_ops.config import DQConfig
+from dq_ops.paired import paired_gap
 from dq_ops.selection import SelectionDiff, publish_selection, selection_key
 from dq_ops.store import QUANTIZED_SPLIT, Store
 from dq_ops.train import summarize_accuracies
@@ -30,7 +33,7 @@ from tasks.embeddings import compute_embeddings
 from tasks.evaluation import evaluate_arm, evaluate_text_arm
 from tasks.ingest import ingest_dataset
 from tasks.patches import drop_patches, prepare_mae, reconstruct_patches
-from tasks.report import bin_size_plot, bin_size_rows, render_report
+from tasks.report import bin_gallery, bin_size_plot, bin_size_rows, render_report
 from tasks.sampling import baseline_subset, sample_subset
 from tasks.tracking import Tracker
 
@@ -87,10 +90,9 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
             with timed("sampling"):
                 subset = sample_subset(store_url, dataset, bins, ratio, config.seed)
             entry: dict[str, Any] = {
-                "ratio": ratio, "dq": subset, "evaluation": [], "patches": None,
+                "ratio": ratio, "dq": subset, "evaluation": [], "gaps": [], "patches": None,
                 "diff": _publish_selection(config, dataset, embeddings, bins, subset),
             }
-            images = None
             if pixels:
                 with timed("patches"):
                     patches = drop_patches(store_url, dataset, subset, config.patches, config.embedding)
@@ -99,25 +101,17 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
                 entry["patches"] = patches.summary | {
                     "url": patches.url, "reconstruction_url": reconstruction.url, "mae_final_loss": mae.summary["final_loss"],
                 } | {k: v for k, v in reconstruction.summary.items() if k.startswith("psnr_")}
-                images = reconstruction if config.evaluation.use_reconstructed else None
             if evaluate:
-                arms = {"dq": subset}
-                for method in config.evaluation.arms:
-                    if method in ("random", "kcenter", "herding"):
-                        with timed("sampling"):
-                            arms[method] = baseline_subset(store_url, dataset, embeddings, bins, method, ratio, config.seed)
-                for arm, arm_subset in arms.items():
-                    if arm in config.evaluation.arms:
-                        with timed("evaluation"):
-                            entry["evaluation"].append(_evaluate(
-                                config, tracker, dataset, arm, ratio, arm_subset,
-                                images=images if arm == "dq" else None, embeddings=(embeddings, test_embeddings),
-                            ))
+                with timed("evaluation"):
+                    draws = _draw_arms(config, dataset, embeddings, bins, ratio, subset, mae if pixels else None)
+                    entry["evaluation"] = _evaluate(config, tracker, dataset, ratio, draws, (embeddings, test_embeddings))
+                    entry["gaps"] = _log_gaps(tracker, ratio, entry["evaluation"])
             subsets.append(entry)
         full = []
         if evaluate and "full" in config.evaluation.arms:
             with timed("evaluation"):
-                full.append(_evaluate(config, tracker, dataset, "full", 1.0, None, embeddings=(embeddings, test_embeddings)))
+                draws = {"full": [Draw(seed, None) for seed in config.evaluation.seeds]}
+                full = _evaluate(config, tracker, dataset, 1.0, draws, (embeddings, test_embeddings))
         summary = _summarise(config, dataset, embeddings, bins, subsets, dict(timings))
         summary["embedded_samples"] = sum(
             e.summary["embedded_samples"] for e in (embeddings, test_embeddings) if e is not None and e.computed_now()
@@ -138,40 +132,118 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         close_dask_clients()
 
 
+@dataclass(frozen=True)
+class Draw:
+    """What one (arm, seed) training reads: the subset drawn for it (None: the whole split) and,
+    for ``dq_pixels``, the reconstruction of that subset's dropped patches."""
+
+    seed: int
+    subset: StageResult | None
+    images: StageResult | None = None
+
+
+def _draw_arms(
+    config: DQConfig, dataset: StageResult, embeddings: StageResult, bins: StageResult, ratio: float,
+    published: StageResult, mae: StageResult | None,
+) -> dict[str, list[Draw]]:
+    """Per arm, one draw per evaluation seed s (paired draws).
+
+    ``dq`` and ``dq_pixels`` share the DQ draw of seed s (the published subset when s is the config
+    seed), ``random`` draws with seed s; k-center and herding are deterministic selections drawn once
+    (config seed) and reused. ``dq_pixels`` trains on the MAE reconstruction of *its own* draw, so
+    patch dropping + reconstruction run once per seed: its gap to ``dq`` at the same seed is the
+    pixel stage's cost alone, on identical samples. Without an MAE (text data, patches disabled)
+    ``dq_pixels`` is skipped. Every draw is a ``subsets/<key>`` artifact (method, ratio, seed).
+    """
+    store_url, arms = config.store_url, config.evaluation.arms
+    draws: dict[str, list[Draw]] = {arm: [] for arm in arms if arm != "full" and (arm != "dq_pixels" or mae is not None)}
+    if "dq_pixels" in arms and mae is None:
+        get_run_logger().warning("evaluation arm 'dq_pixels' skipped: it needs an image dataset with patches enabled")
+    for seed in config.evaluation.seeds:
+        dq = published if seed == config.seed else sample_subset(store_url, dataset, bins, ratio, seed)
+        for arm in draws:
+            if arm == "dq":
+                draws[arm].append(Draw(seed, dq))
+            elif arm == "dq_pixels":
+                patches = drop_patches(store_url, dataset, dq, config.patches, config.embedding)
+                draws[arm].append(Draw(seed, dq, reconstruct_patches(store_url, dataset, patches, mae)))
+            else:
+                draw_seed = seed if arm == "random" else config.seed
+                draws[arm].append(Draw(seed, baseline_subset(store_url, dataset, embeddings, bins, arm, ratio, draw_seed)))
+    return draws
+
+
 def _evaluate(
-    config: DQConfig, tracker: Tracker, dataset: StageResult, arm: str, ratio: float,
-    subset: StageResult | None, images: StageResult | None = None,
-    embeddings: tuple[StageResult, StageResult | None] | None = None,
-) -> dict[str, Any]:
-    """Evaluate one arm (every seed; text: one deterministic fit); log it as a nested MLflow run."""
-    label = arm if subset is None else f"{arm}@{ratio:.0%}"
-    if dataset.summary["modality"] == "texts":
-        runs = [evaluate_text_arm(config.store_url, dataset, label, subset, *embeddings)]
-    else:
-        runs = [
-            evaluate_arm(config.store_url, dataset, label, subset, config.evaluation, seed, images)
-            for seed in config.evaluation.seeds
-        ]
-    accuracies = [run.summary["test_accuracy"] for run in runs]
-    stats = summarize_accuracies({arm: accuracies})[arm]
-    row = {
-        "arm": arm, "ratio": ratio, "size": runs[0].summary["n_train"] + runs[0].summary["n_val"],
-        "accuracies": accuracies, "mean": stats.mean, "std": stats.std,
-        "train_seconds": sum(run.summary["train_seconds"] for run in runs) / len(runs),
-    }
-    run_id = tracker.nested_run(label, {
-        "arm": arm, "ratio": ratio, "architecture": config.evaluation.architecture,
-        "seeds": config.evaluation.seeds, "subset": subset.url if subset else "full split",
-        "reconstructed_images": images is not None,
-    })
-    for step, run in enumerate(runs):
-        tracker.log_metrics({"test_accuracy": run.summary["test_accuracy"],
-                             "val_accuracy": run.summary["val_accuracy"]}, run_id=run_id, step=step)
-    tracker.log_metrics({"test_accuracy_mean": stats.mean, "test_accuracy_std": stats.std,
-                         "train_seconds_mean": row["train_seconds"], "samples": row["size"]}, run_id=run_id)
-    tracker.finish(run_id)
-    tracker.log_metrics({f"accuracy_{arm}_r{ratio}_mean": stats.mean, f"accuracy_{arm}_r{ratio}_std": stats.std})
-    return row
+    config: DQConfig, tracker: Tracker, dataset: StageResult, ratio: float, draws: dict[str, list[Draw]],
+    embeddings: tuple[StageResult, StageResult | None],
+) -> list[dict[str, Any]]:
+    """Train every (arm, seed) at once (each one task on the dask cluster; text: one fit per draw),
+    then log each arm as a nested MLflow run from the flow's process. One row per arm."""
+    texts = dataset.summary["modality"] == "texts"
+    text_fits: dict[str | None, Any] = {}  # a text fit is deterministic: one per distinct subset
+
+    def submit(arm: str, draw: Draw) -> Any:
+        if not texts:
+            return evaluate_arm.submit(config.store_url, dataset, _label(arm, ratio), draw.subset, config.evaluation,
+                                       draw.seed, draw.images, config.cluster)
+        key = draw.subset.url if draw.subset else None
+        if key not in text_fits:
+            text_fits[key] = evaluate_text_arm.submit(config.store_url, dataset, _label(arm, ratio), draw.subset, *embeddings)
+        return text_fits[key]
+
+    futures = {arm: [submit(arm, d) for d in arm_draws] for arm, arm_draws in draws.items()}
+    rows = []
+    for arm, arm_futures in futures.items():
+        runs = [future.result() for future in arm_futures]
+        accuracies = [run.summary["test_accuracy"] for run in runs]
+        stats = summarize_accuracies({arm: accuracies})[arm]
+        seeds = [d.seed for d in draws[arm]]
+        row = {
+            "arm": arm, "ratio": ratio, "size": runs[0].summary["n_train"] + runs[0].summary["n_val"],
+            "seeds": seeds, "accuracies": accuracies, "mean": stats.mean, "std": stats.std,
+            "draws": [d.subset.url if d.subset else None for d in draws[arm]],
+            "evaluations": [run.url for run in runs],
+            "train_seconds": sum(run.summary["train_seconds"] for run in runs) / len(runs),
+        }
+        run_id = tracker.nested_run(_label(arm, ratio), {
+            "arm": arm, "ratio": ratio, "architecture": config.evaluation.architecture, "seeds": seeds,
+            "subsets": sorted({url or "full split" for url in row["draws"]}), "reconstructed_images": arm == "dq_pixels",
+        })
+        for step, run in enumerate(runs):
+            tracker.log_metrics({"test_accuracy": run.summary["test_accuracy"],
+                                 "val_accuracy": run.summary["val_accuracy"]}, run_id=run_id, step=step)
+        tracker.log_metrics({"test_accuracy_mean": stats.mean, "test_accuracy_std": stats.std,
+                             "train_seconds_mean": row["train_seconds"], "samples": row["size"]}, run_id=run_id)
+        tracker.finish(run_id)
+        tracker.log_metrics({f"accuracy_{arm}_r{ratio}_mean": stats.mean, f"accuracy_{arm}_r{ratio}_std": stats.std})
+        rows.append(row)
+    return rows
+
+
+def _label(arm: str, ratio: float) -> str:
+    return arm if arm == "full" else f"{arm}@{ratio:.0%}"
+
+
+# Paired comparisons the report states: (arm, reference arm).
+GAPS = (("dq", "random"), ("dq_pixels", "dq"))
+
+
+def _log_gaps(tracker: Tracker, ratio: float, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired gaps (same seeds) with their 95% t-intervals, as parent-run metrics
+    ``gap_{arm}_vs_{reference}_r{ratio}_mean/_ci_low/_ci_high`` (fractions; no interval for one seed)."""
+    by_arm = {row["arm"]: row for row in rows}
+    gaps = []
+    for arm, reference in GAPS:
+        if arm in by_arm and reference in by_arm:
+            gap = paired_gap(by_arm[arm]["accuracies"], by_arm[reference]["accuracies"])
+            prefix = f"gap_{arm}_vs_{reference}_r{ratio}"
+            metrics = {f"{prefix}_mean": gap.mean}
+            if gap.ci_low is not None:
+                metrics |= {f"{prefix}_ci_low": gap.ci_low, f"{prefix}_ci_high": gap.ci_high}
+            tracker.log_metrics(metrics)
+            gaps.append({"arm": arm, "reference": reference, "ratio": ratio, "mean": gap.mean, "ci_low": gap.ci_low,
+                         "ci_high": gap.ci_high, "n": gap.n, "verdict": gap.verdict, "sentence": gap.sentence(arm, reference)})
+    return gaps
 
 
 def _publish_selection(
@@ -209,6 +281,7 @@ def _summarise(
                 "size": s["dq"].summary["size"],
                 "sample_keep_ratio": s["dq"].summary["size"] / train_size,
                 "evaluation": s["evaluation"],
+                "gaps": s["gaps"],
                 "patches": s["patches"],
                 "selection": {"previous": s["diff"].previous, "previous_size": s["diff"].previous_size,
                               "added": len(s["diff"].added), "removed": len(s["diff"].removed), "churn": s["diff"].churn},
@@ -222,6 +295,18 @@ def _summarise(
 
 def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str:
     """Prefect UI artifacts, MLflow metrics/artifacts and ``<store>/reports/<run>.md``; returns its URL."""
+    store = Store(config.store_url)
+    gallery = bin_gallery(store.open("datasets", summary["dataset"]["url"].rsplit("/", 1)[-1]),
+                          store.open("bins", summary["bins"]["url"].rsplit("/", 1)[-1]), summary.get("class_names"))
+    if isinstance(gallery, bytes):
+        tracker.log_bytes(gallery, "pictures/bin_gallery.png")
+        gallery_url = f"{tracker.run_url}/artifacts/pictures/bin_gallery.png"
+        create_link_artifact(gallery_url, link_text="Bin gallery (MLflow)", key="dq-bin-gallery")
+        summary["gallery"] = f"[bin gallery]({gallery_url}) (MLflow artifact `pictures/bin_gallery.png`)"
+    else:
+        create_table_artifact(gallery, key="dq-bin-examples", description="Example records per bin")
+        tracker.log_text(json.dumps(gallery, indent=1, ensure_ascii=False), "tables/bin_examples.json")
+        summary["gallery"] = "Prefect table artifact `dq-bin-examples` (MLflow: `tables/bin_examples.json`)"
     report = render_report(config, summary, tracker.run_url)
     report_url = f"{config.store_url.rstrip('/')}/reports/{flow_run.get_name() or tracker.run_id}.md"
     with fsspec.open(report_url, "w", auto_mkdir=True) as fh:
@@ -255,7 +340,6 @@ def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str
     tracker.log_metrics(metrics)
     tracker.log_text(report, "report.md")
     tracker.log_bytes(bin_size_plot(summary), "plots/bin_sizes.png")
-    store = Store(config.store_url)
     for s in summary["subsets"]:
         ids = store.open("subsets", s["name"])["ids"][:]
         tracker.log_text("\n".join(map(str, ids)) + "\n", f"manifests/subset_r{s['ratio']}_ids.txt")

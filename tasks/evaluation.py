@@ -1,19 +1,20 @@
-"""Evaluation tasks: train one arm (a subset, or the full split) on the flow's machine; or, for text,
-fit cheap classifiers on its sentence embeddings."""
+"""Evaluation tasks: one (arm, seed) training as one dask task (MLflow logging stays in the flow);
+or, for text, cheap classifiers fitted on the draw's sentence embeddings in the flow's process."""
 
 from __future__ import annotations
 
 from prefect import task
 
-from dq_ops.config import EvaluationConfig
+from dq_ops.config import ClusterConfig, EvaluationConfig
 from dq_ops.stages import EvaluateStage, TextEvaluateStage
 from dq_ops.store import Store
-from tasks.common import ProgressArtifact, StageResult, stage_cache_key
+from tasks.cluster import dask_client
+from tasks.common import StageResult, stage_cache_key
 
 
 def _train(
     store_url: str, dataset: StageResult, arm: str, subset: StageResult | None, params: EvaluationConfig, seed: int,
-    images: StageResult | None = None,
+    images: StageResult | None = None, cluster: ClusterConfig | None = None,
 ) -> EvaluateStage:
     return EvaluateStage(Store(store_url), dataset.open(), subset.open() if subset else None, params, seed,
                          images.open() if images else None)
@@ -36,10 +37,12 @@ def evaluate_arm(
     params: EvaluationConfig,
     seed: int,
     images: StageResult | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> StageResult:
-    """Train ``params.architecture`` on the arm's samples and measure final-epoch test accuracy."""
+    """Train ``params.architecture`` on the arm's samples and measure final-epoch test accuracy,
+    on a worker of ``cluster`` when given (the flow submits every (arm, seed) at once)."""
     stage = _train(store_url, dataset, arm, subset, params, seed, images)
-    artifact = stage.run(progress=ProgressArtifact(f"Training {params.architecture} on {arm} (seed {seed})"))
+    artifact = stage.run(client=dask_client(cluster) if cluster is not None else None)
     return StageResult.from_artifact(stage.store, artifact, arm=arm, **dict(artifact.group.attrs))
 
 

@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 from dq_ops.config import DQConfig
+from dq_ops.store import QUANTIZED_SPLIT, Artifact
 
 
 def bin_size_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -86,11 +87,48 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
     evaluations = [e for s in summary["subsets"] for e in s.get("evaluation", [])] + summary.get("full", [])
     if evaluations:
         lines += ["", "## Evaluation (test accuracy at the final epoch)", "",
+                  "Paired draws: evaluation seed s draws every sampled arm's subset and seeds its training "
+                  "(k-center and herding select once); `dq_pixels` trains on the MAE reconstruction of the same "
+                  "draws as `dq`.", "",
                   "| keep ratio | arm | samples | accuracy mean ± std | seeds |", "|---|---|---|---|---|"]
         for e in evaluations:
             lines.append(
                 f"| {e['ratio']:.1%} | {e['arm']} | {e['size']:,} | {e['mean']:.4f} ± {e['std']:.4f} | {len(e['accuracies'])} |"
             )
+    gaps = [g for s in summary["subsets"] for g in s.get("gaps", [])]
+    if gaps:
+        lines += ["", "### Paired gaps (same seeds; 95% Student-t interval over the per-seed differences)", "",
+                  "| keep ratio | comparison | gap (points) | 95% interval | verdict |", "|---|---|---|---|---|"]
+        for g in gaps:
+            interval = "—" if g["ci_low"] is None else f"{100 * g['ci_low']:+.2f} to {100 * g['ci_high']:+.2f}"
+            lines.append(f"| {g['ratio']:.1%} | {g['arm']} − {g['reference']} | {100 * g['mean']:+.2f} | {interval} | {g['verdict']} |")
+        lines += [""] + [f"- {g['ratio']:.1%}: {g['sentence']}." for g in gaps]
+    if summary.get("gallery"):
+        lines += ["", "## Bins", "", f"Examples per bin (bin 0 most typical, last bins rare or boundary cases): {summary['gallery']}"]
     lines += ["", "## Stage timings (this run; cached stages take ~0 s)", ""]
     lines += [f"- {stage}: {seconds:.1f} s" for stage, seconds in summary["timings_s"].items()]
     return "\n".join(lines) + "\n"
+
+
+def bin_gallery(dataset: Artifact, bins: Artifact, class_names: list[str] | None, classes: int = 3) -> bytes | list[dict[str, Any]]:
+    """What the bins hold, for the first ``classes`` classes: a PNG (images) or table rows (texts).
+    Only the samples shown are read from the store."""
+    import numpy as np
+
+    from dq_ops.gallery import gallery_picks, image_gallery, text_gallery
+
+    split = dataset[QUANTIZED_SPLIT]
+    bin_of_sample = np.asarray(bins["bin_of_sample"][:])
+    labels = np.asarray(split["labels"][:])
+    labels = None if (labels < 0).all() else labels
+    shown = [-1] if labels is None else np.unique(labels)[:classes].tolist()
+    images = "images" in split
+    per_bin = 6 if images else 2
+    rows = np.unique(np.concatenate(list(gallery_picks(bin_of_sample, labels, shown, per_bin).values())))
+    # Each (class, bin) group among the rows read has at most per_bin members: the gallery shows them all.
+    shown_labels = None if labels is None else labels[rows]
+    if images:
+        pixels = np.asarray(split["images"].get_orthogonal_selection((rows,)))
+        return image_gallery(pixels, bin_of_sample[rows], shown_labels, shown, class_names, per_bin=per_bin)
+    texts = np.asarray(split["texts"].get_orthogonal_selection((rows,))).tolist()
+    return text_gallery(texts, bin_of_sample[rows], shown_labels, shown, class_names, per_bin=per_bin)

@@ -101,14 +101,14 @@ def test_flow_produces_bins_subset_and_tracking(first_run):
     assert run.data.metrics["storage_keep_ratio_r0.1"] == pytest.approx(0.1 * 39 / 49)
     reconstruction = store.open("reconstructions", patches["reconstruction_url"].rsplit("/", 1)[-1])
     assert reconstruction["images"].shape == (len(indices), 28, 28, 1)
-    # Evaluation: one nested MLflow run per arm, and the DQ arm trained on reconstructed images.
+    # Evaluation: one nested MLflow run per arm; 'dq' trains on the original images (dq_pixels: test_flow_eval.py).
     children = {r.info.run_name: r for r in client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
     assert set(children) == {"dq@10%", "random@10%"}
-    assert children["dq@10%"].data.params["reconstructed_images"] == "True"
+    assert children["dq@10%"].data.params["reconstructed_images"] == "False"
     assert 0.1 <= children["random@10%"].data.metrics["test_accuracy_mean"] <= 1
     artifact_files = {f.path for f in client.list_artifacts(run.info.run_id, "pictures")}
-    assert artifact_files == {"pictures/reconstruction_r0.1.png"}
+    assert artifact_files == {"pictures/reconstruction_r0.1.png", "pictures/bin_gallery.png"}
 
 
 def test_second_identical_run_is_served_from_cache(first_run):
