@@ -58,8 +58,7 @@ def test_dq_pixels_trains_on_the_reconstruction_of_its_own_draw(paired_run):
     config, _, summary = paired_run
     store = Store(config.store_url)
     rows = {row["arm"]: row for row in summary["subsets"][0]["evaluation"]}
-    reconstructions = {store.open("reconstructions", name) for name in store.list("reconstructions")}
-    by_fingerprint = {r.fingerprint: r for r in reconstructions}
+    by_fingerprint = {r.fingerprint: r for r in (store.open("reconstructions", name) for name in store.list("reconstructions"))}
     for draw_url, evaluation_url in zip(rows["dq_pixels"]["draws"], rows["dq_pixels"]["evaluations"]):
         inputs = store.open("evaluations", _name(evaluation_url)).record["inputs"]
         used = [by_fingerprint[f] for f in inputs if f in by_fingerprint]
