@@ -40,6 +40,13 @@ def test_text_flow_bins_samples_evaluates_and_exports(prefect_harness, tmp_path)
     assert set(arms) == {"dq", "random", "full"}
     for row in arms.values():  # five topics: chance is 20%
         assert 0.3 < row["mean"] <= 1.0
+    # The bin gallery of a text dataset: example records per bin, in MLflow (and a Prefect table).
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
+    examples = json.loads(Path(client.download_artifacts(summary["mlflow_run_id"], "tables/bin_examples.json", str(tmp_path))).read_text())
+    assert {row["bin"] for row in examples} == set(range(4))
+    assert all(row["class"] in TOPICS and row["example"] for row in examples)
 
     out = tmp_path / "export"
     result = export_subset(Store(config.store_url), subset["name"], str(out), "jsonl")
