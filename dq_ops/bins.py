@@ -64,8 +64,13 @@ in float64 either.
 
 **Budgets** (reference ``quantize_sample.py``): bin size ``B = round(N/K)``; for bin b, with
 ``|avail|`` samples not yet binned, class c gets ``round(B/|avail| · n_c_remaining)`` (Python
-round, capped at what the class has left; exactly n_c/K on balanced data). Without labels the
-whole set is one class. :func:`bin_budgets` computes the full (class × bin) table up front from
+round, capped at what the class has left; exactly n_c/K on balanced data). That rule couples
+the classes through N: when a refreshed dataset gains or loses a few samples anywhere, the
+budgets of untouched classes can move by one and their bins with them. The ``"per-class"`` rule
+gives bin b of class c ``round(n_c_remaining / (K − b))`` (also n_c/K per bin, last bin the
+remainder) and depends on the class alone, so a refresh re-bins only the classes it touched;
+the pipeline uses it by default (``bins.budget_rule``), the reference rule reproduces the
+reference code exactly. Without labels the whole set is one class. :func:`bin_budgets` computes the full (class × bin) table up front from
 the class sizes alone, so classes are independent: :func:`generate_bins` is
 
     budgets = bin_budgets(class_sizes, K)
@@ -96,11 +101,14 @@ _NEAR = 64
 _TOL = 1e-10
 
 
-def bin_budgets(class_sizes: np.ndarray | list[int], num_bins: int) -> np.ndarray:
+BUDGET_RULES = ("reference", "per-class")
+
+
+def bin_budgets(class_sizes: np.ndarray | list[int], num_bins: int, rule: str = "reference") -> np.ndarray:
     """Per-class, per-bin sample counts: an int64 (num_classes, num_bins) table.
 
     Row c sums to ``class_sizes[c]``; the last column is the remainder. See the module docstring
-    for the rule (the reference's).
+    for the two rules.
     """
     sizes = np.asarray(class_sizes, dtype=np.int64).reshape(-1)
     _check_num_bins(num_bins)
@@ -108,9 +116,18 @@ def bin_budgets(class_sizes: np.ndarray | list[int], num_bins: int) -> np.ndarra
         raise DQInputError("bin_budgets: no samples")
     if (sizes < 0).any():
         raise DQInputError(f"bin_budgets: negative class size {sizes.min()}")
-    bin_size = round(int(sizes.sum()) / num_bins)
+    if rule not in BUDGET_RULES:
+        raise DQInputError(f"unknown budget rule {rule!r}; expected one of {', '.join(BUDGET_RULES)}")
     rem = [int(s) for s in sizes]
     out = np.zeros((sizes.size, num_bins), dtype=np.int64)
+    if rule == "per-class":
+        for b in range(num_bins - 1):
+            for c, r in enumerate(rem):
+                out[c, b] = min(round(r / (num_bins - b)), r)
+                rem[c] = r - out[c, b]
+        out[:, -1] = rem
+        return out
+    bin_size = round(int(sizes.sum()) / num_bins)
     for b in range(num_bins - 1):
         avail = sum(rem)
         if avail == 0:
@@ -156,6 +173,7 @@ def generate_bins(
     *,
     kernel: str = "cosine",
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    budget_rule: str = "reference",
 ) -> list[np.ndarray]:
     """Split the samples into ``num_bins`` GraphCut bins, class-wise when ``labels`` are given.
 
@@ -173,7 +191,7 @@ def generate_bins(
         if len(idx) < num_bins:
             culprit = "the samples" if classes is None else f"class {classes[c].item()!r}"
             raise DQInputError(f"num_bins={num_bins} is larger than {culprit} ({len(idx)} samples)")
-    budgets = bin_budgets([len(g) for g in groups], num_bins)
+    budgets = bin_budgets([len(g) for g in groups], num_bins, budget_rule)
     per_bin: list[list[np.ndarray]] = [[] for _ in range(num_bins)]
     with single_threaded_blas():
         for c, idx in enumerate(groups):
