@@ -1,10 +1,14 @@
 """One dask client per flow run, started by the first task that needs it.
 
-Cached stages never start a cluster; the flow closes whatever was started when it ends.
+Cached stages never start a cluster; the flow closes whatever was started when it ends. Clients
+are entered and closed inside one private ``contextvars.Context``: the first user may be a task
+running in the flow's thread pool (concurrent trainings), and a client entered in one context
+cannot be exited from another (distributed resets a ContextVar token on exit).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from contextlib import ExitStack
@@ -17,6 +21,7 @@ from dq_ops.config import ClusterConfig
 _lock = threading.Lock()
 _clients: dict[str, Client] = {}
 _stack = ExitStack()
+_context = contextvars.Context()
 
 
 def dask_client(config: ClusterConfig) -> Client:
@@ -26,7 +31,7 @@ def dask_client(config: ClusterConfig) -> Client:
         if key not in _clients:
             # Prefect's log handlers would otherwise stream every scheduler/worker INFO line.
             logging.getLogger("distributed").setLevel(logging.WARNING)
-            _clients[key] = _stack.enter_context(open_dask_client(config))
+            _clients[key] = _context.run(_stack.enter_context, open_dask_client(config))
         return _clients[key]
 
 
@@ -34,4 +39,4 @@ def close_dask_clients() -> None:
     """Close every client (and the local clusters they started)."""
     with _lock:
         _clients.clear()
-        _stack.close()
+        _context.run(_stack.close)
