@@ -11,7 +11,8 @@ from dq_ops.bins import bin_budgets, generate_bins, generate_class_bins
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, GradientEmbedding, gradient_embedding
 
-GOLDEN = Path("/work/shared/golden/graphcut_reference.npz")
+# The reference code's own bins on real Fashion-MNIST features (tests/data/README.md).
+GOLDEN = Path(__file__).parent / "data" / "graphcut_reference.npz"
 CASES = ["fmnist_pixels_classwise", "fmnist_pixels_unlabelled", "fmnist_pooled_classwise"]
 # A budget this small (0.05 MB: no class Gram, 80-row blocks) forces the lazy path everywhere.
 LAZY_MB = 0.05
