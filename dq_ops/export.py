@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -24,6 +23,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.mae import ReconstructedPatchDataset
 from dq_ops.stages import QUANTIZED_SPLIT
 from dq_ops.store import Artifact, Store
+from dq_ops.urls import filesystem
 
 ExportFormat = Literal["image-folder", "npz", "jsonl"]
 EXPORT_FORMATS: tuple[str, ...] = ("image-folder", "npz", "jsonl")
@@ -70,7 +70,7 @@ def export_subset(
     ids = np.asarray(subset["ids"][:])
     labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
     class_names = dataset.group.attrs.get("class_names")
-    fs, root = fsspec.core.url_to_fs(out_url)
+    fs, root = filesystem(out_url)
     fs.makedirs(root, exist_ok=True)
 
     manifest = [{"id": str(i), "row": int(r), "label": int(y)} for i, r, y in zip(ids, rows, labels)]

@@ -41,13 +41,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 from dq_ops import __version__
 from dq_ops.errors import DQInputError
+from dq_ops.urls import filesystem
 
 ARTIFACT_KINDS = ("datasets", "embeddings", "bins", "subsets", "patches", "models", "reconstructions", "evaluations")
 STAGING = ".staging"
@@ -191,7 +191,7 @@ class Store:
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.fs, self._root = filesystem(self.url, self.storage_options)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

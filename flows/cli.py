@@ -3,7 +3,8 @@
 Each subcommand is one :class:`Command` in :data:`COMMANDS`: a function that adds its arguments
 and a function that runs it. Add ``dq run`` or ``dq export`` by appending a ``Command``. Heavy
 imports (numpy, zarr, Prefect, ...) happen inside the run functions, so ``dq --help`` is fast.
-A :class:`~dq_ops.errors.DQInputError` prints ``error: <message>`` and exits with status 2.
+Any failure prints one line ``error: <message> (details: <log file>)`` and exits with status 2
+(``flows.console``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from flows.console import Console
 
 DESCRIPTION = """\
 Dataset Quantization (DQ): compress a training set into a small subset that trains models
@@ -33,7 +38,7 @@ class Command:
     help: str
     description: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace, Console], int]
 
 
 # -- dq ingest ---------------------------------------------------------------------------------
@@ -57,7 +62,7 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _ingest(args: argparse.Namespace) -> int:
+def _ingest(args: argparse.Namespace, console: Console) -> int:
     from pydantic import ValidationError
     from tqdm import tqdm
 
@@ -77,7 +82,7 @@ def _ingest(args: argparse.Namespace) -> int:
         raise DQInputError(f"invalid option: {problems}") from None
     store = Store(args.store or config.store_url)
 
-    with tqdm(desc=f"ingest {dataset.name}", unit="sample", disable=None) as bar:
+    with tqdm(desc=f"ingest {dataset.name}", unit="sample", disable=not console.terminal.isatty(), file=console.terminal) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
@@ -109,7 +114,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of every random choice")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, console: Console) -> int:
     import os
 
     # A fresh machine's first temporary Prefect server can take longer than Prefect's 20 s default.
@@ -134,10 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise DQInputError(f"invalid option: {exc.errors()[0]['msg']}") from None
 
-    from tasks.common import set_offline_env
-
-    set_offline_env()
-    from flows.quantize import quantize
+    from flows.quantize import quantize  # the telemetry switches are set: flows/__init__.py
 
     summary = quantize(config)
     print()
@@ -164,13 +166,13 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", default="./dq-store", help="store root (default ./dq-store)")
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace, console: Console) -> int:
     from tqdm import tqdm
 
     from dq_ops.export import export_subset
     from dq_ops.store import Store
 
-    with tqdm(desc=f"export {args.subset}", unit="sample", disable=None) as bar:
+    with tqdm(desc=f"export {args.subset}", unit="sample", disable=not console.terminal.isatty(), file=console.terminal) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
@@ -221,32 +223,47 @@ COMMANDS: list[Command] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors ending in the same ``error: …`` line as every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in COMMANDS:
         sub = commands.add_parser(command.name, help=command.help, description=command.description)
         command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
+        sub.set_defaults(run=command.run, command=command.name)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit status."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit status.
+
+    Any failure ends in one ``error:`` line and status 2, Ctrl-C in ``interrupted`` and 130;
+    tracebacks and the commands' logs go to a log file (``flows.console``).
+    """
     args = build_parser().parse_args(argv)
     from dq_ops.errors import DQInputError  # light: no third-party imports
+    from flows.console import Console
 
+    console = Console.open(args.command)
+    console.handle_interrupts()
     try:
-        return args.run(args)
-    except DQInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return args.run(args, console)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return console.interrupted()
+    except DQInputError as exc:
+        return console.fail(str(exc))
+    except Exception as exc:  # anything else is still one line; the traceback is in the log
+        return console.fail(f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ from dq_ops.config import BinsConfig, ClusterConfig
 from dq_ops.stages import generate_bins_stage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, cached_stage
+from tasks.common import ProgressArtifact, StageResult, cached_stage, retry_unless_bad_input
 
 
-@task(name="bins", task_run_name="bins-{params.num_bins}-{params.kernel}", cache_key_fn=cached_stage("bins"), retries=1)
+@task(name="bins", task_run_name="bins-{params.num_bins}-{params.kernel}", cache_key_fn=cached_stage("bins"), retries=1, retry_condition_fn=retry_unless_bad_input)
 def generate_bins_task(
     store_url: str,
     dataset: StageResult,

@@ -1,4 +1,4 @@
-"""What every stage task shares: the result it hands downstream, its cache key, the offline switches.
+"""What every stage task shares: the result it hands downstream and its cache key.
 
 Tasks pass :class:`StageResult` values (store URL, artifact name, fingerprint and a few small
 figures), never arrays: Prefect hashes and persists task inputs and results.
@@ -6,7 +6,6 @@ figures), never arrays: Prefect hashes and persists task inputs and results.
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,22 +13,9 @@ from typing import Any
 from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
+from dq_ops.errors import DQInputError
 from dq_ops.store import Artifact, DQStoreError, Store, derive_key
-
-# Nothing in a run may phone home (values measured in STACK_NOTES: MLflow accepts only "true").
-OFFLINE_ENV = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
-
-
-def set_offline_env() -> None:
-    """Set the telemetry/hub switches unless the user set them explicitly."""
-    for name, value in OFFLINE_ENV.items():
-        os.environ.setdefault(name, value)
+from tasks.offline import set_offline_env  # noqa: F401  (the flow calls it; defined without Prefect imports)
 
 
 @dataclass(frozen=True)
@@ -129,3 +115,9 @@ class ProgressArtifact:
             update_progress_artifact(self._id, float(percent))
         if done >= total:
             self._bar.close()
+
+
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry crashes and I/O hiccups, never bad input (it would only
+    fail the same way again, after the retry delays)."""
+    return not isinstance(state.data, DQInputError)

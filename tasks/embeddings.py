@@ -8,7 +8,7 @@ from dq_ops.config import ClusterConfig, EmbeddingConfig
 from dq_ops.embed import embed_dataset
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, cached_stage
+from tasks.common import ProgressArtifact, StageResult, cached_stage, retry_unless_bad_input
 
 
 @task(
@@ -16,6 +16,7 @@ from tasks.common import ProgressArtifact, StageResult, cached_stage
     task_run_name="embed-{dataset.name}-{split}-{params.backbone}",
     cache_key_fn=cached_stage("embeddings"),
     retries=2,
+    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
 )
 def compute_embeddings(

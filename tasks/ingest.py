@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import fsspec
 from prefect import task
 from prefect.context import TaskRunContext
 
 from dq_ops.config import DatasetConfig
 from dq_ops.ingest import ingest
 from dq_ops.store import Store
-from tasks.common import ProgressArtifact, StageResult, cached_stage
+from dq_ops.urls import filesystem
+from tasks.common import ProgressArtifact, StageResult, cached_stage, retry_unless_bad_input
 
 
 def source_signature(url: str) -> str:
@@ -26,7 +26,7 @@ def source_signature(url: str) -> str:
     Cheap on any fsspec filesystem (a listing, no reads); any added, removed, resized or
     rewritten file changes it.
     """
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url)
     paths = fs.find(root, withdirs=False, detail=True) if fs.isdir(root) else {root: fs.info(root)}
     digest = hashlib.sha256()
     for path, info in sorted(paths.items()):
@@ -48,6 +48,7 @@ def _ingest_key(context: TaskRunContext, arguments: dict[str, Any]) -> str:
     task_run_name="ingest-{config.name}",
     cache_key_fn=_ingest_key,
     retries=2,
+    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
 )
 def ingest_dataset(config: DatasetConfig, store_url: str) -> StageResult:

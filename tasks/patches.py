@@ -7,10 +7,10 @@ from prefect import task
 from dq_ops.config import EmbeddingConfig, PatchConfig
 from dq_ops.stages import drop_patches_stage, mae_stage, reconstruct_stage
 from dq_ops.store import Store
-from tasks.common import ProgressArtifact, StageResult, cached_stage
+from tasks.common import ProgressArtifact, StageResult, cached_stage, retry_unless_bad_input
 
 
-@task(name="patches", task_run_name="drop-patches-{subset.name}", cache_key_fn=cached_stage("patches"), retries=1)
+@task(name="patches", task_run_name="drop-patches-{subset.name}", cache_key_fn=cached_stage("patches"), retries=1, retry_condition_fn=retry_unless_bad_input)
 def drop_patches(
     store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig
 ) -> StageResult:
@@ -23,7 +23,7 @@ def drop_patches(
     return StageResult.from_artifact(store, artifact, **dict(artifact.group.attrs))
 
 
-@task(name="mae", task_run_name="mae-{dataset.name}", cache_key_fn=cached_stage("mae"), retries=1)
+@task(name="mae", task_run_name="mae-{dataset.name}", cache_key_fn=cached_stage("mae"), retries=1, retry_condition_fn=retry_unless_bad_input)
 def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int) -> StageResult:
     """Train the dataset's MAE (or take the configured checkpoint) and keep it in the store."""
     store = Store(store_url)
@@ -36,7 +36,7 @@ def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed:
     )
 
 
-@task(name="reconstruct", task_run_name="reconstruct-{patches.name}", cache_key_fn=cached_stage("reconstruct"), retries=1)
+@task(name="reconstruct", task_run_name="reconstruct-{patches.name}", cache_key_fn=cached_stage("reconstruct"), retries=1, retry_condition_fn=retry_unless_bad_input)
 def reconstruct_patches(store_url: str, dataset: StageResult, patches: StageResult, mae: StageResult) -> StageResult:
     """Restore every dropped patch with the MAE; kept pixels stay bit-exact."""
     store = Store(store_url)

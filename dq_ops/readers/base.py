@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dq_ops.errors import DQInputError
+from dq_ops.urls import filesystem
 
 Modality = Literal["images", "texts"]
 OnError = Literal["raise", "skip"]
@@ -90,7 +91,7 @@ class ItemErrors:
 
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and root path of a source URL (a plain path is a local file)."""
-    return fsspec.core.url_to_fs(url)
+    return filesystem(url)
 
 
 def order_splits(names: list[str] | set[str]) -> list[str]:
