@@ -65,7 +65,9 @@ in float64 either.
 **Budgets** (reference ``quantize_sample.py``): bin size ``B = round(N/K)``; for bin b, with
 ``|avail|`` samples not yet binned, class c gets ``round(B/|avail| · n_c_remaining)`` (Python
 round, capped at what the class has left; exactly n_c/K on balanced data). Without labels the
-whole set is one class. :func:`bin_budgets` computes the full (class × bin) table up front from
+whole set is one class. Where that rounds to 0 for a class with samples left (the reference
+then stops with "Illegal budget"), the class gives 1: a class smaller than K (long-tailed data)
+fills its first bins one sample each and later bins get none of it. :func:`bin_budgets` computes the full (class × bin) table up front from
 the class sizes alone, so classes are independent: :func:`generate_bins` is
 
     budgets = bin_budgets(class_sizes, K)
@@ -100,7 +102,7 @@ def bin_budgets(class_sizes: np.ndarray | list[int], num_bins: int) -> np.ndarra
     """Per-class, per-bin sample counts: an int64 (num_classes, num_bins) table.
 
     Row c sums to ``class_sizes[c]``; the last column is the remainder. See the module docstring
-    for the rule (the reference's).
+    for the rule (the reference's; a class smaller than ``num_bins`` leaves its last bins empty).
     """
     sizes = np.asarray(class_sizes, dtype=np.int64).reshape(-1)
     _check_num_bins(num_bins)
@@ -117,7 +119,7 @@ def bin_budgets(class_sizes: np.ndarray | list[int], num_bins: int) -> np.ndarra
             break
         frac = bin_size / avail
         for c, r in enumerate(rem):
-            take = min(round(frac * r), r)  # same float expression as the reference
+            take = min(max(round(frac * r), 1), r) if r else 0  # the reference's float expression
             out[c, b] = take
             rem[c] = r - take
     out[:, -1] = rem
@@ -169,10 +171,6 @@ def generate_bins(
     _check_num_bins(num_bins)
     rows = checked_rows(features)
     classes, groups = class_groups(labels, len(rows))
-    for c, idx in enumerate(groups):
-        if len(idx) < num_bins:
-            culprit = "the samples" if classes is None else f"class {classes[c].item()!r}"
-            raise DQInputError(f"num_bins={num_bins} is larger than {culprit} ({len(idx)} samples)")
     budgets = bin_budgets([len(g) for g in groups], num_bins)
     per_bin: list[list[np.ndarray]] = [[] for _ in range(num_bins)]
     with single_threaded_blas():

@@ -109,9 +109,6 @@ def generate_bins_stage(
         raise DQInputError(f"{embeddings.url}: {n} embeddings for {len(labels)} labelled samples in {dataset.url}")
     classes, groups = class_groups(labels, n)
     classes = np.array([-1]) if classes is None else classes
-    for c, members in zip(classes, groups):
-        if len(members) < params.num_bins:
-            raise DQInputError(f"bins.num_bins={params.num_bins} is larger than class {c} ({len(members)} samples)")
     budgets = bin_budgets([len(g) for g in groups], params.num_bins)
 
     bin_of_sample = np.empty(n, dtype=np.int32)
