@@ -49,7 +49,7 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format", metavar="F",
-        help="source format: fashion-mnist, idx, image-folder, npz, zarr, jsonl or json",
+        help="source format: fashion-mnist, idx, image-folder, npz, zarr, jsonl, json or fortunes",
     )
     parser.add_argument("--url", metavar="U", help="path or fsspec URL of the source")
     parser.add_argument("--name", metavar="N", help="dataset name in the store")
@@ -69,6 +69,7 @@ def _ingest(args: argparse.Namespace, console: Console) -> int:
     from dq_ops.config import DatasetConfig, DQConfig
     from dq_ops.errors import DQInputError
     from dq_ops.ingest import ingest
+    from dq_ops.preflight import check_store_writable
     from dq_ops.store import Store
 
     config = DQConfig.from_yaml(args.config) if args.config else DQConfig()
@@ -80,7 +81,9 @@ def _ingest(args: argparse.Namespace, console: Console) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         raise DQInputError(f"invalid option: {problems}") from None
-    store = Store(args.store or config.store_url)
+    store_url = args.store or config.store_url
+    check_store_writable(store_url)
+    store = Store(store_url)
 
     with tqdm(desc=f"ingest {dataset.name}", unit="sample", disable=not console.terminal.isatty(), file=console.terminal) as bar:
         def progress(done: int, total: int) -> None:
@@ -123,6 +126,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
     from dq_ops.config import DQConfig
     from dq_ops.errors import DQInputError
+    from dq_ops.preflight import check_config
 
     config = DQConfig.from_yaml(args.config) if args.config else DQConfig()
     raw = config.model_dump()
@@ -137,8 +141,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     try:
         config = DQConfig.model_validate(raw)
     except ValidationError as exc:
-        raise DQInputError(f"invalid option: {exc.errors()[0]['msg']}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise DQInputError(f"invalid option: {problems}") from None
 
+    check_config(config)  # before Prefect starts: a bad option fails in seconds
     from flows.quantize import quantize  # the telemetry switches are set: flows/__init__.py
 
     summary = quantize(config)

@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 
 from dq_ops.cluster import resolve_kind
 from dq_ops.config import DQConfig
+from dq_ops.preflight import preflight
 from dq_ops.stages import QUANTIZED_SPLIT
 from dq_ops.store import Store
 from dq_ops.train import summarize_accuracies
@@ -64,6 +65,7 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
     try:
         with timed("ingest"):
             dataset = ingest_dataset(config.dataset, store_url)
+        preflight(config, dataset.open())  # what the data must allow, before the expensive stages
         with timed("embeddings"):
             embeddings = compute_embeddings(
                 store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, config.cluster, accelerator

@@ -135,6 +135,9 @@ def image_batch(
             f"{where}: images must be (n, H, W) or (n, H, W, C) with C = 1 or 3; got shape {images.shape[1:]} per sample"
         )
     if images.dtype != np.uint8:
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            sample = start + int(np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))[0])
+            raise DQInputError(f"{where}: sample {sample} has non-finite pixel values (NaN or inf)")
         if images.dtype.kind not in "iu" or (images.size and (images.min() < 0 or images.max() > 255)):
             raise DQInputError(f"{where}: images must hold integer pixels in 0..255 (uint8); got {images.dtype}")
         images = images.astype(np.uint8)
@@ -150,7 +153,16 @@ def image_batch(
         raise DQInputError(
             f"{where}: labels must be one integer per sample; got {labels.dtype} of shape {labels.shape[1:]} per sample"
         )
+    check_labels(labels, start, where)
     return Batch(images, labels.astype(np.int64), sample_ids(range(start, start + len(images)), images))
+
+
+def check_labels(labels: np.ndarray, start: int, where: str) -> None:
+    """Labels are class indices ≥ 0 or :data:`NO_LABEL` (-1); other negative values are rejected,
+    naming the sample (they would otherwise become classes of their own)."""
+    bad = np.flatnonzero(labels < NO_LABEL)
+    if bad.size:
+        raise DQInputError(f"{where}: sample {start + int(bad[0])} has label {int(labels[bad[0]])}: labels must be >= 0, or -1 for 'no label'")
 
 
 def array_batches(
