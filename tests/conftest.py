@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -15,6 +16,8 @@ os.environ.update({
     "TRANSFORMERS_OFFLINE": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 })
+# CLI subprocesses write their logs here, not into the user's ~/.cache/dq/logs.
+os.environ.setdefault("DQ_LOG_DIR", tempfile.mkdtemp(prefix="dq-test-logs-"))
 
 
 @pytest.fixture(scope="session")
