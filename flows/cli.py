@@ -170,6 +170,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=("image-folder", "npz", "jsonl"),
                         help="image-folder / npz for image datasets, jsonl for text datasets")
     parser.add_argument("--store", metavar="URL", default="./dq-store", help="store root (default ./dq-store)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous export in OUT (OUT must otherwise be empty or absent)")
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
@@ -184,7 +186,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
             bar.update(done - bar.n)
 
         result = export_subset(Store(args.store), args.subset.rstrip("/").rsplit("/", 1)[-1], args.out, args.format,
-                               progress=progress)
+                               progress=progress, overwrite=args.overwrite)
     print(f"exported {result.samples:,} samples as {result.format} to {result.out_url}")
     print(f"manifest {result.manifest_url}")
     return 0
