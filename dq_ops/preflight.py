@@ -21,10 +21,9 @@ from dq_ops.config import DQConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import class_groups
 from dq_ops.sampling import keep_count
-from dq_ops.store import Artifact
+from dq_ops.store import QUANTIZED_SPLIT, Artifact
 from dq_ops.urls import filesystem, protocol_of
 
-QUANTIZED_SPLIT = "train"  # as dq_ops.stages (not imported: it pulls in torch models)
 # How long an unreachable dask scheduler may keep a run waiting before it is reported.
 CONNECT_TIMEOUT_S = 5.0
 
@@ -53,7 +52,7 @@ def check_config(config: DQConfig) -> None:
                     f"evaluation.architecture: unknown model {config.evaluation.architecture!r}; known: {', '.join(MODEL_NAMES)}"
                 )
         if config.patches.enabled and config.patches.mae_checkpoint:
-            from dq_ops.mae import load_mae
+            from dq_ops.mae_store import load_mae
 
             load_mae(config.patches.mae_checkpoint)
     if config.cluster.kind == "address":
@@ -157,7 +156,7 @@ def _check_backbone(config: DQConfig) -> None:
 
 
 def _check_mae_fits(config: DQConfig, image_shape: tuple[int, int, int]) -> None:
-    from dq_ops.mae import load_mae
+    from dq_ops.mae_store import load_mae
 
     model_config = load_mae(config.patches.mae_checkpoint).config
     made_for = (*model_config.image_size, model_config.in_chans, model_config.patch_size)

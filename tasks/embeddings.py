@@ -1,4 +1,4 @@
-"""Embedding task: stage 1 on dask workers, resumable chunk by chunk."""
+"""Embedding task: stage 1 on dask workers, resumable chunk by chunk, incremental across snapshots."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ from prefect import get_run_logger, task
 from prefect.runtime import task_run
 
 from dq_ops.config import ClusterConfig, EmbeddingConfig
-from dq_ops.embed import embed_dataset
+from dq_ops.embed import EmbeddingsStage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, cached_stage, retry_unless_bad_input
+from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, stage_cache_key
+
+
+def _stage(store_url: str, dataset: StageResult, split: str, params: EmbeddingConfig, seed: int, precision: str,
+           **_: object) -> EmbeddingsStage:
+    return EmbeddingsStage(Store(store_url), dataset.open(), split, params, seed=seed, precision=precision)
 
 
 def _model_name(dataset: StageResult, params: EmbeddingConfig) -> str:
@@ -18,6 +23,7 @@ def _model_name(dataset: StageResult, params: EmbeddingConfig) -> str:
 
 
 def _run_name() -> str:
+    """``embed-<dataset>-<split>-<model>``: the task-run name says which model runs."""
     arguments = task_run.parameters
     return f"embed-{arguments['dataset'].name}-{arguments['split']}-{_model_name(arguments['dataset'], arguments['params'])}"
 
@@ -25,7 +31,7 @@ def _run_name() -> str:
 @task(
     name="embeddings",
     task_run_name=_run_name,
-    cache_key_fn=cached_stage("embeddings"),
+    cache_key_fn=stage_cache_key(_stage),
     retries=2,
     retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
@@ -36,31 +42,25 @@ def compute_embeddings(
     split: str,
     params: EmbeddingConfig,
     seed: int,
+    precision: str,
     cluster: ClusterConfig,
-    accelerator: str,
 ) -> StageResult:
-    """Features of one split; a retry or a rerun after a crash resumes from the chunks already written.
+    """Features of one split; only samples no earlier artifact holds go through the model, and a
+    retry or a rerun after a crash resumes from the chunks already written.
 
-    ``accelerator`` (the resolved cluster kind) is part of the cache key, because CUDA workers
-    compute in bf16/fp16 and their features differ from CPU features.
+    ``precision`` (what the cluster's workers compute in, ``dq_ops.cluster.cluster_precision``)
+    is part of the key: CUDA workers compute in bf16/fp16 and their features differ from CPU ones.
     """
-    store = Store(store_url)
+    stage = _stage(store_url, dataset, split, params, seed, precision)
     progress = ProgressArtifact(f"Embedding {dataset.name}/{split} with {_model_name(dataset, params)}")
-    first_report = True
-
-    def report(done: int, total: int) -> None:
-        nonlocal first_report
-        if first_report and done:  # the first report counts chunks an interrupted run finished
-            get_run_logger().info("resumed: %d of %d chunks already done", done, total)
-        first_report = False
-        progress(done, total)
-
-    result = embed_dataset(store, dataset.name, split, params, dask_client(cluster), seed=seed, progress=report)
-    features = result.artifact["features"]
+    artifact = stage.run(client=dask_client(cluster), progress=progress)
+    if stage.chunks_resumed:
+        get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
+    features = artifact["features"]
     return StageResult.from_artifact(
-        store, result.artifact,
+        stage.store, artifact,
         rows=int(features.shape[0]),
         dim=int(features.shape[1]),
-        rows_computed=result.rows_computed,
-        samples_per_s=result.samples_per_second,
+        embedded_samples=stage.work_done,
+        chunks_resumed=stage.chunks_resumed,
     )
