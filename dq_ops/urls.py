@@ -7,6 +7,7 @@ what to install (dq's own extra where there is one).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,8 @@ from fsspec.registry import known_implementations
 
 from dq_ops.errors import DQInputError
 
+# ``scheme://user:password@`` in a URL: the password part is what must never be logged.
+_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^@\s/]+@")
 # Protocols served by one of dq's optional extras (pyproject.toml).
 EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3"}
 
@@ -41,3 +44,9 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
         package = known_implementations.get(protocol, {}).get("class", "").split(".")[0] or "its fsspec package"
         install = f"pip install 'dq[{extra}]'" if extra else f"pip install {package}"
         raise DQInputError(f"{url}: the '{protocol}://' protocol needs {package}, which is not installed ({install})") from None
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with every URL password replaced by ``***`` (``postgresql://dq:secret@db/x`` →
+    ``postgresql://dq:***@db/x``): for logs, MLflow parameters and reports."""
+    return _CREDENTIALS.sub(r"\g<head>:***@", text)

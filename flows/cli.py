@@ -84,6 +84,7 @@ def _ingest(args: argparse.Namespace, console: Console) -> int:
     store_url = args.store or config.store_url
     check_store_writable(store_url)
     store = Store(store_url)
+    store.clean_staging()  # what killed runs left behind
 
     with tqdm(desc=f"ingest {dataset.name}", unit="sample", disable=not console.terminal.isatty(), file=console.terminal) as bar:
         def progress(done: int, total: int) -> None:
@@ -127,6 +128,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from dq_ops.config import DQConfig
     from dq_ops.errors import DQInputError
     from dq_ops.preflight import check_config
+    from dq_ops.store import Store
+    from dq_ops.urls import redact_credentials
 
     config = DQConfig.from_yaml(args.config) if args.config else DQConfig()
     raw = config.model_dump()
@@ -145,6 +148,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         raise DQInputError(f"invalid option: {problems}") from None
 
     check_config(config)  # before Prefect starts: a bad option fails in seconds
+    Store(config.store_url).clean_staging()  # what killed runs left behind
     from flows.quantize import quantize  # the telemetry switches are set: flows/__init__.py
 
     summary = quantize(config)
@@ -165,7 +169,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     print()
     print("Open the UIs:")
     print("  Prefect: prefect server start   → http://127.0.0.1:4200 (this run is in its database)")
-    print(f"  MLflow:  mlflow ui --backend-store-uri {summary['tracking_uri']} --workers 1 → http://127.0.0.1:5000")
+    print(f"  MLflow:  mlflow ui --backend-store-uri {redact_credentials(summary['tracking_uri'])} --workers 1 → http://127.0.0.1:5000")
     return 0
 
 

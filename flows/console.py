@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from dq_ops.urls import redact_credentials
+
 KEEP_LOGS = 50
 INTERRUPT_GRACE_S = 5.0
 EXIT_INPUT_ERROR = 2
@@ -87,14 +89,14 @@ class Console:
         to_terminal.addFilter(_ProgressOnly())
         root.handlers[:] = [to_log, to_terminal]
         console = cls(terminal, path)
-        console.logger.info("dq %s (pid %d): %s", command, os.getpid(), " ".join(sys.argv))
+        console.logger.info("dq %s (pid %d): %s", command, os.getpid(), redact_credentials(" ".join(sys.argv)))
         return console
 
     # -- endings -------------------------------------------------------------------------------
     def fail(self, message: str) -> int:
         """Log the exception being handled, print the one ``error:`` line, return status 2."""
         self.logger.error("failed: %s", message, exc_info=True)
-        one_line = " ".join(str(message).split())
+        one_line = redact_credentials(" ".join(str(message).split()))
         self._final_line(f"error: {one_line} (details: {self.log_path})")
         return EXIT_INPUT_ERROR
 
