@@ -56,6 +56,9 @@ class EmbeddingConfig(_Section):
     weights: str | None = Field(None, description="Local path or fsspec URL of backbone weights (safetensors or a state dict).")
     image_size: int = Field(32, ge=8, description="Images are resized to this square size before the backbone.")
     batch_size: int = Field(256, ge=1, description="Images per forward pass on a worker.")
+    chunk_rows: int | None = Field(
+        None, ge=1, description="Rows per dask task, the unit a killed run resumes from (default: up to 4096, ~64 MB of input)."
+    )
     mode: Literal["embedding", "gradient"] = Field(
         "embedding", description="'embedding': penultimate features; 'gradient': the reference's last-layer gradient embedding."
     )
