@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -63,6 +64,7 @@ QUANTIZED_SPLIT = "train"
 ARTIFACT_KINDS = ("datasets", "embeddings", "bins", "subsets", "patches", "models", "reconstructions", "evaluations")
 STAGING = ".staging"
 LOCKS = ".locks"  # lock files of local stores (dq_ops.locks)
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Rows hashed per read when digesting an array: bounds memory for arrays of any size.
 _DIGEST_BLOCK_BYTES = 64 * 2**20
 
@@ -239,6 +241,7 @@ class Store:
 
     def artifact_url(self, kind: str, name: str) -> str:
         _check_kind(kind)
+        check_artifact_name(name)
         return f"{self.url}/{kind}/{name}"
 
     def _path(self, *parts: str) -> str:
@@ -556,6 +559,17 @@ class Store:
             return "done" in group and bool(np.asarray(group["done"][:]).any())
         except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
             return False
+
+
+def check_artifact_name(name: str) -> None:
+    """An artifact name is one path component of letters, digits, ``.``, ``_`` and ``-`` starting
+    with a letter or digit (internally below ``.staging/``): no name can reach outside its
+    ``<kind>/`` folder of the store (``..``, ``/``, absolute paths, URLs are refused)."""
+    parts = str(name).split("/")
+    if parts[0] == STAGING and len(parts) == 2:
+        parts = parts[1:]
+    if len(parts) != 1 or not _ARTIFACT_NAME.fullmatch(parts[0]):
+        raise DQStoreError(f"{name!r} is not an artifact name (letters, digits, '.', '_', '-'; no '/' or '..')")
 
 
 def _check_kind(kind: str) -> None:

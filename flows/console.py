@@ -5,7 +5,7 @@ exit status 2, a Ctrl-C with one line ``interrupted`` and status 130, and no tra
 terminal, whoever raised it (dq, Prefect's task engine, a dask worker process, the temporary
 Prefect server). To keep it without silencing anything:
 
-* Every command writes a log file (``$DQ_LOG_DIR``, else ``$XDG_CACHE_HOME/dq/logs``, else
+* Every command writes a log file (URL passwords redacted) (``$DQ_LOG_DIR``, else ``$XDG_CACHE_HOME/dq/logs``, else
   ``~/.cache/dq/logs``; the newest :data:`KEEP_LOGS` are kept) with every log record at INFO
   and above, tracebacks included.
 * File descriptor 2 is pointed at that log file, so child processes (dask workers, Prefect's
@@ -61,6 +61,13 @@ class _ProgressOnly(logging.Filter):
         return any(record.name == name or record.name.startswith(name + ".") for name in TERMINAL_LOGGERS)
 
 
+class _Redacting(logging.Formatter):
+    """Formats a record (traceback included) with URL passwords replaced by ``***``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_credentials(super().format(record))
+
+
 class Console:
     """One command's terminal and log file; :meth:`open` sets both up for the whole process."""
 
@@ -83,13 +90,13 @@ class Console:
         root = logging.getLogger()
         root.setLevel(logging.INFO)
         to_log = logging.StreamHandler(sys.stderr)
-        to_log.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+        to_log.setFormatter(_Redacting("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
         to_terminal = logging.StreamHandler(terminal)
-        to_terminal.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
+        to_terminal.setFormatter(_Redacting("%(asctime)s | %(message)s", "%H:%M:%S"))
         to_terminal.addFilter(_ProgressOnly())
         root.handlers[:] = [to_log, to_terminal]
         console = cls(terminal, path)
-        console.logger.info("dq %s (pid %d): %s", command, os.getpid(), redact_credentials(" ".join(sys.argv)))
+        console.logger.info("dq %s (pid %d): %s", command, os.getpid(), " ".join(sys.argv))
         return console
 
     # -- endings -------------------------------------------------------------------------------
