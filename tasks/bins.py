@@ -15,7 +15,13 @@ def _stage(store_url: str, dataset: StageResult, embeddings: StageResult, params
     return BinsStage(Store(store_url), dataset.open(), embeddings.open(), params)
 
 
-@task(name="bins", task_run_name="bins-{params.num_bins}-{params.kernel}", cache_key_fn=stage_cache_key(_stage), retries=1, retry_condition_fn=retry_unless_bad_input)
+@task(
+    name="bins",
+    task_run_name="bins-{params.num_bins}-{params.kernel}",
+    cache_key_fn=stage_cache_key(_stage),
+    retries=1,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def generate_bins_task(
     store_url: str,
     dataset: StageResult,

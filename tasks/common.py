@@ -63,6 +63,18 @@ class StageResult:
         return cls(artifact.kind, artifact.name, store.url, artifact.fingerprint, dict(summary), str(flow_run.get_id()))
 
 
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """A ``retry_condition_fn``: retries are for transient faults (a lost worker, a flaky object
+    store); bad input (:class:`~dq_ops.errors.DQInputError`) fails at once, a retry cannot fix it."""
+    try:
+        state.result()
+    except DQInputError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 def store_tag(url: str) -> str:
     """8 hex digits naming a store root (local paths made absolute): part of every cache key, so
     the same stage against another store is computed there, never served from the first one."""
@@ -133,9 +145,3 @@ class ProgressArtifact:
             update_progress_artifact(self._id, float(percent))
         if done >= total:
             self._bar.close()
-
-
-def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry crashes and I/O hiccups, never bad input (it would only
-    fail the same way again, after the retry delays)."""
-    return not isinstance(state.data, DQInputError)

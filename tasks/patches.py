@@ -22,7 +22,13 @@ def _reconstruct(store_url: str, dataset: StageResult, patches: StageResult, mae
     return ReconstructStage(Store(store_url), dataset.open(), patches.open(), mae.open())
 
 
-@task(name="patches", task_run_name="drop-patches-{subset.name}", cache_key_fn=stage_cache_key(_drop), retries=1, retry_condition_fn=retry_unless_bad_input)
+@task(
+    name="patches",
+    task_run_name="drop-patches-{subset.name}",
+    cache_key_fn=stage_cache_key(_drop),
+    retries=1,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def drop_patches(
     store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig
 ) -> StageResult:
@@ -32,7 +38,13 @@ def drop_patches(
     return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))
 
 
-@task(name="mae", task_run_name="mae-{dataset.name}", cache_key_fn=stage_cache_key(_mae), retries=1, retry_condition_fn=retry_unless_bad_input)
+@task(
+    name="mae",
+    task_run_name="mae-{dataset.name}",
+    cache_key_fn=stage_cache_key(_mae),
+    retries=1,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int) -> StageResult:
     """Train the dataset's MAE (or take the configured checkpoint) and keep it in the store."""
     stage = _mae(store_url, dataset, params, seed)
@@ -45,7 +57,13 @@ def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed:
     )
 
 
-@task(name="reconstruct", task_run_name="reconstruct-{patches.name}", cache_key_fn=stage_cache_key(_reconstruct), retries=1, retry_condition_fn=retry_unless_bad_input)
+@task(
+    name="reconstruct",
+    task_run_name="reconstruct-{patches.name}",
+    cache_key_fn=stage_cache_key(_reconstruct),
+    retries=1,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def reconstruct_patches(store_url: str, dataset: StageResult, patches: StageResult, mae: StageResult) -> StageResult:
     """Restore every dropped patch with the MAE; kept pixels stay bit-exact."""
     stage = _reconstruct(store_url, dataset, patches, mae)
