@@ -289,6 +289,7 @@ def test_classes_smaller_than_num_bins_fill_their_first_bins():
     bins = generate_bins(features, labels, 10)
     assert [int((labels[b] == 1).sum()) for b in bins] == table[1].tolist()
     assert sorted(np.concatenate(bins).tolist()) == list(range(1006))
+    assert bin_budgets([997, 3, 6], 10, "per-class")[1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
     # Fewer samples than bins, no labels: the first bins hold one each, the rest are empty.
     assert [len(b) for b in generate_bins(np.ones((3, 2)), None, 5)] == [1, 1, 1, 0, 0]
 
