@@ -166,3 +166,19 @@ def test_bad_input_exits_2_with_one_line_naming_the_culprit_and_the_store_unchan
 
 def test_there_are_at_least_15_kinds():
     assert len(CASES) >= 15
+
+
+def test_s3_without_s3fs_names_the_url_and_the_extra(tmp_path):
+    """s3fs ships with the dev environment; here it is made unimportable, as on a machine without the extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['s3fs'] = None; from flows.cli import main; "
+        "sys.exit(main(['ingest', '--format', 'npz', '--url', 's3://bucket/data.npz', '--store', sys.argv[1]]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store")], env=cli_env(tmp_path), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: s3://bucket/data.npz: the 's3://' protocol needs s3fs") and "pip install 'dq[s3]'" in last
