@@ -224,13 +224,17 @@ def _gc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
 
 
-def _gc(args: argparse.Namespace) -> int:
+def _gc(args: argparse.Namespace, console: Console) -> int:
     from dq_ops.store import Store
 
-    removed = Store(args.store).gc(args.keep, dry_run=args.dry_run)
+    store = Store(args.store)
+    removed = store.gc(args.keep, dry_run=args.dry_run)
     for path in removed:
         print(f"{'would remove' if args.dry_run else 'removed'} {path}")
     print(f"{len(removed)} artifact(s) {'to remove' if args.dry_run else 'removed'}; everything a kept snapshot needs stays")
+    if not args.dry_run:
+        staging = store.clean_staging()
+        print(f"{len(staging)} staging folder(s) of killed runs removed")
     return 0
 
 

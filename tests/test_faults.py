@@ -22,7 +22,7 @@ import yaml
 import zarr
 
 from dq_ops.store import STAGING, Store
-from tests.cli_helpers import Finished, cli_env
+from tests.cli_helpers import Finished, cli_env, dq
 
 CHUNKS = 6  # 600 rows / 100
 
@@ -160,6 +160,7 @@ WRITER = textwrap.dedent("""
 
 
 def test_staging_of_a_killed_writer_is_cleaned_and_a_live_writers_is_kept(tmp_path):
+    """``dq gc`` (and every ``dq run`` / ``dq ingest``) removes what a killed writer left."""
     env = cli_env(tmp_path)
     store = tmp_path / "store"
     writers = {
@@ -171,8 +172,8 @@ def test_staging_of_a_killed_writer_is_cleaned_and_a_live_writers_is_kept(tmp_pa
             assert proc.stdout.readline().strip() == "writing"
         writers["killed"].kill()
         writers["killed"].wait(timeout=60)
-        removed = Store(str(store)).clean_staging()
-        assert len(removed) == 1 and removed[0].startswith(f"subsets/{STAGING}/killed-")
+        gc = dq("gc", "--keep", "1", "--store", str(store), env=env, cwd=tmp_path)
+        assert gc.returncode == 0 and "1 staging folder(s) of killed runs removed" in gc.stdout, gc.stderr
         left = [p.name for p in (store / "subsets" / STAGING).iterdir()]
         assert len(left) == 1 and left[0].startswith("alive-")
     finally:
