@@ -296,7 +296,7 @@ class LocalStack:
         for _, process in reversed(self.processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-        for service, process in reversed(self.processes):
+        for _, process in reversed(self.processes):
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
