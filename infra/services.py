@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,12 +44,15 @@ PREFECT_FILE = "deployments/prefect.yaml"
 POSTGRES_INIT_SQL = REPO / "infra" / "postgres-init.sql"
 WORK_POOL = "dq-process"
 DQ_IMAGE = "dq:0.1.0"
+DQ_GPU_IMAGE = "dq:0.1.0-gpu"  # the same Dockerfile with --build-arg DQ_EXTRAS=server,gpu
 POSTGRES_IMAGE = "postgres:15"  # the server version Debian 12 ships, which the local stack runs
 DATABASES = ("prefect", "mlflow", "mlflow_auth")
 PORTS: dict[str, int] = {
     "postgres": 5432, "s3": 9000, "prefect-server": 4200, "prefect-worker": 8080,
     "mlflow-server": 5000, "dask-scheduler": 8786, "dask-dashboard": 8787,
 }
+LOCAL_ONLY = {"s3"}  # moto stands in for a real bucket on laptops and in tests; containers use the real one
+SECRET_SERVICES = {"postgres", "prefect-server", "mlflow-server", "prefect-worker"}  # need the env file
 SETTINGS = (
     "DQ_POSTGRES_USER", "DQ_POSTGRES_PASSWORD", "DQ_PREFECT_AUTH", "DQ_MLFLOW_USER", "DQ_MLFLOW_PASSWORD",
     "DQ_MLFLOW_SECRET_KEY", "DQ_S3_BUCKET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
@@ -81,6 +85,7 @@ class Topology:
     hosts: Mapping[str, str] = field(default_factory=dict)  # service → host name others use (default: bind)
     ports: Mapping[str, int] = field(default_factory=lambda: dict(PORTS))
     mlflow_auth_config: str = "mlflow-auth.ini"  # where the MLflow server finds the file auth_config() writes
+    ui_host: str | None = None  # host a browser uses for the Prefect UI's API calls (default: the server's host)
     dask_threads: int = 1
 
     def host(self, service: str) -> str:
@@ -104,6 +109,18 @@ class Topology:
     @property
     def dask_address(self) -> str:
         return f"tcp://{self.address('dask-scheduler')}"
+
+
+def container_topology(placeholder: str) -> Topology:
+    """The topology of infra/compose.yaml (``placeholder="${%s}"``) and infra/k8s/ (``"$(%s)"``).
+
+    Every process listens on all interfaces of its container and reaches the others by service
+    name; settings stay references that compose or Kubernetes fill from the env file / Secret.
+    """
+    return Topology(
+        settings={name: placeholder % name for name in SETTINGS}, bind="0.0.0.0",
+        hosts={name: name for name in PORTS}, mlflow_auth_config="/etc/dq/mlflow-auth.ini", ui_host="localhost",
+    )
 
 
 def s3_env(t: Topology) -> dict[str, str]:
@@ -135,7 +152,7 @@ def prefect_server(t: Topology) -> Service:
     env = QUIET | {
         "PREFECT_API_DATABASE_CONNECTION_URL": t.postgres_url("asyncpg", "prefect"),
         "PREFECT_SERVER_API_AUTH_STRING": t.settings["DQ_PREFECT_AUTH"],
-        "PREFECT_UI_API_URL": t.prefect_api_url,
+        "PREFECT_UI_API_URL": f"http://{t.ui_host or t.host('prefect-server')}:{port}/api",
     }
     return Service("prefect-server", ["prefect", "server", "start", "--host", t.bind, "--port", str(port)], env, port, "/api/health")
 
@@ -381,23 +398,31 @@ class LocalStack:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the dq stack on this machine until interrupted.")
-    parser.add_argument("command", choices=["up"], help="start the services, deploy, wait for Ctrl-C, stop everything")
+    names = ["postgres", *(s.name for s in servers(Topology(dict.fromkeys(SETTINGS, ""))))]
+    parser = argparse.ArgumentParser(description="Run the dq stack on this machine (default ports, loopback).")
+    parser.add_argument("command", choices=["up", "env"],
+                        help="up: start the services and deploy, stop everything on Ctrl-C; env: print a client's exports")
     parser.add_argument("--env-file", default=str(REPO / "infra" / "dq.env"), help="secrets and settings (see infra/dq.env.example)")
     parser.add_argument("--state-dir", default=str(REPO / "ops-state"), help="logs and generated config files")
-    parser.add_argument("--services", nargs="+", choices=["postgres", *(s.name for s in servers(Topology(dict.fromkeys(SETTINGS, ""))))],
-                        help="start only these (default: all)")
+    parser.add_argument("--services", nargs="+", choices=names, default=names, help="start only these (default: all)")
     parser.add_argument("--no-deploy", action="store_true", help="skip creating the work pool and the deployments")
     args = parser.parse_args(argv)
-    settings = read_env_file(args.env_file)
-    # The servers keep their default ports here; the ops test picks free ones instead.
+    if Path(args.env_file).exists():
+        settings = read_env_file(args.env_file)
+    elif args.command == "env" or set(args.services) & SECRET_SERVICES:
+        parser.error(f"{args.env_file} not found: cp infra/dq.env.example infra/dq.env and set its secrets")
+    else:  # a dask cluster alone needs no secrets
+        settings = dict.fromkeys(SETTINGS, "")
+    if args.command == "env":
+        print("".join(f"export {name}={shlex.quote(value)}\n" for name, value in client_env(Topology(settings)).items()), end="")
+        return
     with LocalStack(Topology(settings), args.state_dir, args.services) as stack:
-        if not args.no_deploy and stack._wants("prefect-server"):
+        if not args.no_deploy and stack.wants("prefect-server"):
             for command in deploy_commands():
                 stack.run(command)
         t = stack.t
-        print(f"Prefect UI {t.prefect_api_url.removesuffix('/api')}   MLflow UI {t.mlflow_url}   dask {t.dask_address}")
-        print(f"Logs in {stack.logs}. Clients: source infra/dq.env, then export {' '.join(sorted(client_env(t)))}")
+        print(f"Prefect UI {t.prefect_api_url.removesuffix('/api')}  MLflow UI {t.mlflow_url}  dask {t.dask_address}  logs {stack.logs}")
+        print("Clients: eval \"$(python -m infra.services env)\"; Ctrl-C stops everything.", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop everything on `kill` too
         try:
             signal.pause()

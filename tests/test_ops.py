@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from dq_ops.store import Store
 from infra import services
 
 pytestmark = pytest.mark.slow
@@ -78,20 +79,16 @@ def test_mlflow_run_on_the_server_has_metrics_and_artifacts_on_s3(ops_stack, ops
 
     # The store and the MLflow artifacts are objects in the S3 bucket (credentials from the env file).
     settings = ops_stack.topology.settings
-    fs = s3fs.S3FileSystem(
-        key=settings["AWS_ACCESS_KEY_ID"], secret=settings["AWS_SECRET_ACCESS_KEY"],
-        endpoint_url=settings["AWS_ENDPOINT_URL"],
-    )
-    import zarr
-
-    store_url = ops_run.config["store_url"]
-    subsets = fs.ls(f"{store_url}/subsets")
-    assert len(subsets) == 1
-    subset = zarr.open_group(zarr.storage.FsspecStore(fs, path=subsets[0]), mode="r")
-    assert metrics["subset_size_r0.1"] == subset["ids"].shape[0]
+    storage_options = {
+        "key": settings["AWS_ACCESS_KEY_ID"], "secret": settings["AWS_SECRET_ACCESS_KEY"],
+        "endpoint_url": settings["AWS_ENDPOINT_URL"],
+    }
+    store = Store(ops_run.config["store_url"], storage_options)
+    (subset_name,) = store.list("subsets")
+    assert metrics["subset_size_r0.1"] == store.open("subsets", subset_name)["ids"].shape[0]
     run_artifacts = ops_stack.mlflow("GET", "artifacts/list", params={"run_id": run["info"]["run_id"]})
     assert "report.md" in {f["path"] for f in run_artifacts["files"]}
-    bucket_files = fs.find(f"{settings['DQ_S3_BUCKET']}/mlflow")
+    bucket_files = s3fs.S3FileSystem(**storage_options).find(f"{settings['DQ_S3_BUCKET']}/mlflow")
     assert any(path.endswith(f"{run['info']['run_id']}/artifacts/report.md") for path in bucket_files)
 
 
