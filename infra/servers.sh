@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Run the dq stack on this machine until Ctrl-C: Postgres, Prefect server, MLflow server (basic auth,
-# artifacts on S3), a dask scheduler and worker, a Prefect process worker, the deployments.
-#   cp infra/dq.env.example infra/dq.env   (set its secrets; AWS_ENDPOINT_URL for an S3-compatible store)
-#   bash infra/servers.sh [--services ...] [--no-deploy]
-# Then, in another shell: eval "$(.venv/bin/python -m infra.services env)" and `dq run` reports there.
-# Commands, flags and ports live in infra/services.py (compose and Kubernetes files follow it).
+# Start the Prefect server and the MLflow UI on loopback for a store, in the background.
+#   bash infra/servers.sh [STORE]        (default ./dq-store)
+# Then: export PREFECT_API_URL=http://127.0.0.1:4200/api so that `dq run` and workers report there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m infra.services up "$@"
+STORE="$(realpath -m "${1:-./dq-store}")"
+mkdir -p "$STORE" logs
+export DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
+nohup .venv/bin/prefect server start --host 127.0.0.1 --port 4200 > logs/prefect-server.log 2>&1 &
+echo "Prefect UI: http://127.0.0.1:4200   (log: logs/prefect-server.log)"
+# One worker and no job processes: ~500 MB instead of ~3 GB (see STACK_NOTES).
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nohup .venv/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
+  --backend-store-uri "sqlite:///$STORE/mlflow.db" > logs/mlflow-ui.log 2>&1 &
+echo "MLflow UI:  http://127.0.0.1:5000   (log: logs/mlflow-ui.log)"

@@ -399,20 +399,23 @@ class LocalStack:
 
 def main(argv: Sequence[str] | None = None) -> None:
     names = ["postgres", *(s.name for s in servers(Topology(dict.fromkeys(SETTINGS, ""))))]
-    parser = argparse.ArgumentParser(description="Run the dq stack on this machine (default ports, loopback).")
+    parser = argparse.ArgumentParser(prog="python -m infra.services", description="Run the dq stack on this machine (default ports, loopback).")
     parser.add_argument("command", choices=["up", "env"],
                         help="up: start the services and deploy, stop everything on Ctrl-C; env: print a client's exports")
     parser.add_argument("--env-file", default=str(REPO / "infra" / "dq.env"), help="secrets and settings (see infra/dq.env.example)")
     parser.add_argument("--state-dir", default=str(REPO / "ops-state"), help="logs and generated config files")
-    parser.add_argument("--services", nargs="+", choices=names, default=names, help="start only these (default: all)")
+    parser.add_argument("--services", nargs="+", choices=names,
+                        help="start only these (default: all; s3 only when AWS_ENDPOINT_URL points at its port)")
     parser.add_argument("--no-deploy", action="store_true", help="skip creating the work pool and the deployments")
     args = parser.parse_args(argv)
     if Path(args.env_file).exists():
         settings = read_env_file(args.env_file)
-    elif args.command == "env" or set(args.services) & SECRET_SERVICES:
+    elif args.command == "env" or set(args.services or names) & SECRET_SERVICES:
         parser.error(f"{args.env_file} not found: cp infra/dq.env.example infra/dq.env and set its secrets")
     else:  # a dask cluster alone needs no secrets
         settings = dict.fromkeys(SETTINGS, "")
+    local_s3 = settings["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{PORTS['s3']}"
+    args.services = args.services or [name for name in names if name != "s3" or local_s3]
     if args.command == "env":
         print("".join(f"export {name}={shlex.quote(value)}\n" for name, value in client_env(Topology(settings)).items()), end="")
         return
