@@ -402,3 +402,56 @@ def _check_kernel(kernel: str) -> None:
 def _check_num_bins(num_bins: int) -> None:
     if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
         raise DQInputError(f"num_bins must be an integer >= 1, got {num_bins!r}")
+
+
+def join_bins(
+    features: np.ndarray | FeatureRows, bin_of: np.ndarray, num_bins: int, *, kernel: str = "cosine"
+) -> np.ndarray:
+    """Incremental refresh of one class's bins: rows with ``bin_of == -1`` join the existing bins.
+
+    Existing rows keep their bins. For bin b, with ``R_b`` the existing rows of bins b..K-1 (what
+    remained when the greedy filled bin b) and ``S_b`` its members, a row y scores
+
+        g_b(y) = Σ_{i∈R_b} sim(i, y) − 2 Σ_{s∈S_b∖{y}} sim(s, y)
+
+    (the greedy's gain, λ = 1, up to terms equal for all y). Bins are visited in order; a new row
+    joins the first bin b < K-1 where ``g_b`` reaches the smallest score of that bin's members
+    (it would have been picked into it), else the last bin (the remainder). Scores are taken
+    against the existing bins, not updated as rows join: a batch approximation of the greedy
+    that never moves an existing sample, so the selection stays stable; a full rebuild restores
+    exactness. With cosine similarity ``sim = ½ + ½·u_i·u_y`` (``u`` unit rows); with "dot" the
+    raw dot product. Returns the completed ``bin_of`` (int32).
+    """
+    _check_kernel(kernel)
+    _check_num_bins(num_bins)
+    rows = checked_rows(features)
+    bin_of = np.asarray(bin_of, dtype=np.int32).copy()
+    if len(bin_of) != len(rows):
+        raise DQInputError(f"bin_of has {len(bin_of)} entries for {len(rows)} rows")
+    new = np.flatnonzero(bin_of < 0)
+    if len(new) == 0:
+        return bin_of
+    sq = rows.sq_norms()
+    if kernel == "cosine":
+        rows = rows.scaled(np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0))
+        sq = (sq > 0).astype(np.float64)
+        const, half = 0.5, 0.5  # sim = const + half·u·u
+    else:
+        const, half = 0.0, 1.0
+    pending = new
+    with single_threaded_blas():
+        for b in range(num_bins - 1):
+            members = np.flatnonzero(bin_of == b)
+            if len(members) == 0 or len(pending) == 0:
+                continue
+            remaining = (bin_of >= b).astype(np.float64)
+            in_bin = (bin_of == b).astype(np.float64)
+            scores = rows.dot(half * rows.weighted_sum(remaining) - 2 * half * rows.weighted_sum(in_bin))
+            # Constant terms common to every y drop out. Members are not their own rivals: add back
+            # 2·sim(y, y) for y ∈ S_b; a new row is itself among the remaining rows: sim(y, y) once.
+            threshold = float((scores[members] + 2 * (const + half * sq[members])).min())
+            joins = scores[pending] + const + half * sq[pending] >= threshold
+            bin_of[pending[joins]] = b
+            pending = pending[~joins]
+    bin_of[pending] = num_bins - 1
+    return bin_of

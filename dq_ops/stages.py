@@ -1,60 +1,60 @@
-"""Store-aware stages: read an artifact, run the pure algorithm, write the next artifact.
+"""The pipeline's stages (:class:`dq_ops.stage.Stage`): read artifacts, run the pure algorithm,
+write the next artifact. Embeddings are :class:`dq_ops.embed.EmbeddingsStage`.
 
-These are what the Prefect tasks wrap and what a library user calls to run DQ without Prefect.
-Each stage names its output by :func:`dq_ops.store.derive_key` over its parameters and input
-fingerprints, returns at once when that artifact already exists, and hands dask workers URLs and
-row indices, never arrays.
+These are what the Prefect tasks wrap and what a library user calls to run DQ without Prefect::
+
+    artifact = BinsStage(store, dataset, embeddings, BinsConfig()).run()
 
 Artifacts written here (see :mod:`dq_ops.store` for the layout):
 
-* ``bins/<key>``: ``bin_of_sample`` (n,) int32 over the quantized split, ``ids``; attributes
-  ``num_bins`` and ``bin_sizes`` (classes × bins table).
-* ``subsets/<key>``: ``indices`` (k,) int64 into the split (sorted), ``ids``; attributes
-  ``method``, ``ratio``, ``seed``, ``size``.
+* ``bins/<key>``: ``bin_of_sample`` (n,) int32 over the quantized split, ``ids``, ``labels``;
+  attributes ``num_bins``, ``classes``, ``bin_sizes`` (classes × bins table) and
+  ``class_digests`` (what each class's greedy depended on; lets a refresh reuse unchanged classes).
+* ``subsets/<key>``: ``indices`` (k,) int64 into the split (sorted), ``ids``, ``labels``; attributes
+  ``method``, ``ratio``, ``seed``, ``size``, ``dataset`` (the snapshot drawn from).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import zarr
 
-from dq_ops.backbones import load_classifier
+from dq_ops.backbones import load_classifier, weights_digest
 from dq_ops.baselines import select_herding, select_kcenter, select_random
-from dq_ops.bins import bin_budgets, generate_bins, generate_class_bins
+from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
 from dq_ops.config import BinsConfig, EmbeddingConfig, EvaluationConfig, PatchConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups
 from dq_ops.mae import (
     MAEConfig,
-    MaskedAutoencoder,
     baseline_fill,
-    load_mae,
     mae_checkpoint_bytes,
-    mae_from_checkpoint_bytes,
     materialise_reconstruction,
     picture_grid,
     reconstruction_psnr,
     train_mae,
 )
+from dq_ops.mae_store import load_mae, load_mae_artifact
 from dq_ops.patch_store import PatchStore, pack_patches, storage_report
 from dq_ops.patches import gradcam_plus_plus, patch_grid, patch_scores, select_patches
 from dq_ops.sampling import sample_bins, sample_sizes
-from dq_ops.store import Artifact, Store, derive_key, write_array
+from dq_ops.stage import Progress, Stage
+from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, derive_key, file_digest, write_array
 from dq_ops.text_eval import evaluate_text_subset
 from dq_ops.train import TrainConfig, train_and_evaluate
 
-QUANTIZED_SPLIT = "train"
 BASELINES: dict[str, Callable[..., np.ndarray]] = {
     "random": select_random,
     "kcenter": select_kcenter,
     "herding": select_herding,
 }
-Progress = Callable[[int, int], None]
 
 
 def split_labels(dataset: Artifact, split: str = QUANTIZED_SPLIT) -> np.ndarray | None:
@@ -75,74 +75,197 @@ def embedding_rows(embeddings: Artifact, rows: np.ndarray | None = None) -> Feat
     return DenseRows(read("features"))
 
 
+def _class_digest(embeddings: Artifact, rows: np.ndarray, budgets: np.ndarray, kernel: str) -> str:
+    """What one class's greedy depends on: its rows' features in order, its budgets, the kernel.
+
+    Two classes with the same digest get the same bins, whatever snapshot they belong to.
+    """
+    digest = hashlib.sha256(f"{kernel}|{budgets.tolist()}".encode())
+    for name in ("features", "gradients"):
+        if name in embeddings.group:
+            digest.update(np.ascontiguousarray(embeddings[name].get_orthogonal_selection((rows, slice(None)))).tobytes())
+    return digest.hexdigest()
+
+
 def _class_bins_worker(
-    store_url: str, embeddings_name: str, rows: np.ndarray, budgets: np.ndarray, params: dict[str, Any]
+    store_url: str, storage_options: dict[str, Any], embeddings_name: str, rows: np.ndarray, budgets: np.ndarray,
+    kernel: str, memory_budget_mb: int,
 ) -> list[np.ndarray]:
     """One class's bins, run on a dask worker: read the class's rows from the store, run the greedy."""
-    embeddings = Store(store_url).open("embeddings", embeddings_name)
-    return generate_class_bins(
-        embedding_rows(embeddings, rows), budgets, kernel=params["kernel"], memory_budget_mb=params["memory_budget_mb"]
-    )
+    embeddings = Store(store_url, storage_options).open("embeddings", embeddings_name)
+    return generate_class_bins(embedding_rows(embeddings, rows), budgets, kernel=kernel, memory_budget_mb=memory_budget_mb)
 
 
-def generate_bins_stage(
-    store: Store,
-    dataset: Artifact,
-    embeddings: Artifact,
-    params: BinsConfig,
-    *,
-    client: Any = None,
-    progress: Progress | None = None,
-) -> Artifact:
-    """GraphCut bins of the quantized split; classes fan out over ``client`` (a dask Client) if given.
+def _class_digest_worker(
+    store_url: str, storage_options: dict[str, Any], embeddings_name: str, rows: np.ndarray, budgets: np.ndarray, kernel: str
+) -> str:
+    return _class_digest(Store(store_url, storage_options).open("embeddings", embeddings_name), rows, budgets, kernel)
+
+
+class BinsStage(Stage):
+    """GraphCut bins of the quantized split (``dq_ops.bins``), classes fanned out over a dask client.
 
     The (classes × bins) budget table is computed up front from the class sizes, which makes
-    every class an independent greedy (see :mod:`dq_ops.bins`).
-    """
-    settings = params.model_dump(mode="json")
-    name = derive_key("bins", settings, [dataset.fingerprint, embeddings.fingerprint])
-    if store.exists("bins", name):
-        return store.open("bins", name)
-    labels = split_labels(dataset)
-    n = embeddings["features"].shape[0]
-    if labels is not None and len(labels) != n:
-        raise DQInputError(f"{embeddings.url}: {n} embeddings for {len(labels)} labelled samples in {dataset.url}")
-    classes, groups = class_groups(labels, n)
-    classes = np.array([-1]) if classes is None else classes
-    for c, members in zip(classes, groups):
-        if len(members) < params.num_bins:
-            raise DQInputError(f"bins.num_bins={params.num_bins} is larger than class {c} ({len(members)} samples)")
-    budgets = bin_budgets([len(g) for g in groups], params.num_bins)
+    every class an independent greedy. A class whose digest (:func:`_class_digest`) matches a
+    class of an earlier bins artifact with the same parameters takes that class's bins instead of
+    re-running the greedy: the result is exactly what a full run computes, and a refresh re-bins
+    only the classes whose samples (or budgets) changed. ``classes_rebinned`` lists them after
+    :meth:`run`. ``memory_budget_mb`` changes only speed and stays out of the key.
 
-    bin_of_sample = np.empty(n, dtype=np.int32)
-    if client is None:
-        bins = generate_bins(embedding_rows(embeddings), labels, params.num_bins, kernel=params.kernel, memory_budget_mb=params.memory_budget_mb)
-        for b, members in enumerate(bins):
-            bin_of_sample[members] = b
+    With ``refresh="incremental"`` the stage instead continues the bins its lineage (same
+    dataset name and settings) published last: samples already binned keep their bins, new
+    ones join by their GraphCut gain (:func:`dq_ops.bins.join_bins`), and a full exact rebuild
+    happens once the samples joined since the last one exceed ``rebuild_fraction`` of the data.
+    The previous bins are then an input of the key.
+    """
+
+    kind = "bins"
+    version = 2
+
+    def __init__(self, store: Store, dataset: Artifact, embeddings: Artifact, config: BinsConfig):
+        super().__init__(store)
+        self.dataset, self.embeddings, self.config = dataset, embeddings, config
+        self.classes_rebinned: list[int] = []
+
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"num_bins": self.config.num_bins, "kernel": self.config.kernel}
+        if self.config.refresh == "incremental":
+            params |= {"refresh": "incremental", "rebuild_fraction": self.config.rebuild_fraction}
+        return params
+
+    def _lineage(self) -> str:
+        """The ref naming the bins last published for this dataset name and these settings."""
+        base = self.dataset.record.get("snapshot_of", self.dataset.name)
+        return f"{base}-{derive_key('bins-lineage', {'bins': self.key_params(), 'embeddings': self.embeddings.params})}"
+
+    def previous(self) -> Artifact | None:
+        """incremental: the bins this lineage published last, if still in the store."""
+        if self.config.refresh != "incremental":
+            return None
+        ref = self.store.read_ref(self.kind, self._lineage())
+        return self.store.open(self.kind, ref["latest"]) if ref and self.store.exists(self.kind, ref["latest"]) else None
+
+    def _continues(self, previous: Artifact | None) -> bool:
+        """Whether ``previous`` was made from this very dataset and embeddings (nothing to join)."""
+        return previous is not None and previous.record["inputs"][:2] == [self.dataset.fingerprint, self.embeddings.fingerprint]
+
+    def inputs(self) -> list[Artifact]:
+        previous = self.previous()
+        extra = [previous] if previous is not None and not self._continues(previous) else []
+        return [self.dataset, self.embeddings, *extra]
+
+    def name(self) -> str:
+        previous = self.previous()
+        return previous.name if self._continues(previous) else super().name()
+
+    def run(self, *, progress: Progress | None = None, client: Any = None) -> Artifact:
+        artifact = super().run(progress=progress, client=client)
+        if self.config.refresh == "incremental":
+            self.store.write_ref(self.kind, self._lineage(), {"latest": artifact.name})
+        return artifact
+
+    def _map(self, client: Any, function: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
+        """``function(store_url, storage_options, embeddings_name, *job)`` for every job, on the
+        client's workers when there is one, in job order."""
+        shared = (self.store.url, self.store.storage_options, self.embeddings.name)
+        if client is None:
+            return [function(*shared, *job) for job in jobs]
+        return client.gather([client.submit(function, *shared, *job, pure=False) for job in jobs])
+
+    def _earlier_classes(self) -> dict[str, tuple[Artifact, int]]:
+        """Class digest → (earlier bins artifact with this stage's parameters, its class label)."""
+        found: dict[str, tuple[Artifact, int]] = {}
+        for name in self.store.list(self.kind):
+            earlier = self.store.open(self.kind, name)
+            if earlier.params == self.key_params():
+                for label, digest in zip(earlier.group.attrs["classes"], earlier.group.attrs["class_digests"]):
+                    found.setdefault(digest, (earlier, label))
+        return found
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        previous = self.previous()
+        if previous is not None and self._join(group, previous):
+            return
+        self._compute_exact(group, progress, client)
+        group.attrs["joined_since_rebuild"] = 0
+
+    def _join(self, group: zarr.Group, previous: Artifact) -> bool:
+        """Join the new samples to ``previous``' bins; False when a full rebuild is due instead."""
+        labels = split_labels(self.dataset)
+        ids = [str(i) for i in self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]]
+        earlier = dict(zip((str(i) for i in previous["ids"][:]), np.asarray(previous["bin_of_sample"][:]).tolist()))
+        bin_of_sample = np.array([earlier.get(i, -1) for i in ids], dtype=np.int32)
+        joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + int((bin_of_sample < 0).sum())
+        if joined > self.config.rebuild_fraction * len(ids):
+            return False
+        classes, groups = class_groups(labels, len(ids))
+        classes = np.array([-1]) if classes is None else classes
+        num_bins, kernel = self.config.num_bins, self.config.kernel
+        self.classes_rebinned = []
+        for c, members in zip(classes, groups):
+            local = bin_of_sample[members]
+            if (local >= 0).all():
+                continue
+            rows = embedding_rows(self.embeddings, members)
+            if (local < 0).all():  # a class with no binned samples yet: its own exact greedy
+                for b, picked in enumerate(generate_class_bins(rows, bin_budgets([len(members)], num_bins)[0], kernel=kernel,
+                                                               memory_budget_mb=self.config.memory_budget_mb)):
+                    local[picked] = b
+            else:
+                local = join_bins(rows, local, num_bins, kernel=kernel)
+            bin_of_sample[members] = local
+            self.classes_rebinned.append(int(c))
+        sizes = [[int((bin_of_sample[members] == b).sum()) for b in range(num_bins)] for members in groups]
+        self._write(group, bin_of_sample, labels, classes, sizes, [])
+        group.attrs["joined_since_rebuild"] = joined
+        return True
+
+    def _write(self, group: zarr.Group, bin_of_sample: np.ndarray, labels: np.ndarray | None, classes: np.ndarray,
+               sizes: list[list[int]], digests: list[str]) -> None:
+        n = len(bin_of_sample)
+        write_array(group, "bin_of_sample", bin_of_sample)
+        write_array(group, "ids", np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]))
+        write_array(group, "labels", np.full(n, -1, dtype=np.int64) if labels is None else labels)
+        group.attrs.update({
+            "num_bins": self.config.num_bins,
+            "classes": [int(c) for c in classes],
+            "bin_sizes": sizes,
+            "class_digests": digests,
+        })
+
+    def _compute_exact(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        labels = split_labels(self.dataset)
+        n = self.embeddings["features"].shape[0]
+        if labels is not None and len(labels) != n:
+            raise DQInputError(f"{self.embeddings.url}: {n} embeddings for {len(labels)} labelled samples in {self.dataset.url}")
+        classes, groups = class_groups(labels, n)
+        classes = np.array([-1]) if classes is None else classes
+        for c, members in zip(classes, groups):
+            if len(members) < self.config.num_bins:
+                raise DQInputError(f"bins.num_bins={self.config.num_bins} is larger than class {c} ({len(members)} samples)")
+        budgets = bin_budgets([len(g) for g in groups], self.config.num_bins)
+        kernel = self.config.kernel
+        digests = self._map(client, _class_digest_worker, [(members, budgets[c], kernel) for c, members in enumerate(groups)])
+
+        bin_of_sample = np.empty(n, dtype=np.int32)
+        earlier = self._earlier_classes()
+        todo = []
+        for c, members in enumerate(groups):
+            if digests[c] in earlier:
+                artifact, label = earlier[digests[c]]
+                old_labels = np.asarray(artifact["labels"][:])
+                old_members = np.arange(len(old_labels)) if label == -1 else np.flatnonzero(old_labels == label)
+                bin_of_sample[members] = artifact["bin_of_sample"].get_orthogonal_selection((old_members,))
+            else:
+                todo.append(c)
+        self.classes_rebinned = [int(classes[c]) for c in todo]
+        jobs = [(groups[c], budgets[c], kernel, self.config.memory_budget_mb) for c in todo]
+        for c, bins in zip(todo, self._map(client, _class_bins_worker, jobs)):
+            for b, local in enumerate(bins):
+                bin_of_sample[groups[c][local]] = b
         if progress:
             progress(len(groups), len(groups))
-    else:
-        from distributed import as_completed
-
-        futures = {
-            client.submit(_class_bins_worker, store.url, embeddings.name, members, budgets[c], settings, pure=False): c
-            for c, members in enumerate(groups)
-        }
-        for done, future in enumerate(as_completed(futures), 1):
-            members = groups[futures[future]]
-            for b, local in enumerate(future.result()):
-                bin_of_sample[members[local]] = b
-            if progress:
-                progress(done, len(groups))
-    with store.write("bins", name, settings, [dataset.fingerprint, embeddings.fingerprint]) as group:
-        write_array(group, "bin_of_sample", bin_of_sample)
-        write_array(group, "ids", np.asarray(dataset[f"{QUANTIZED_SPLIT}/ids"][:]))
-        group.attrs.update({
-            "num_bins": params.num_bins,
-            "classes": [int(c) for c in classes],
-            "bin_sizes": budgets.tolist(),
-        })
-    return store.open("bins", name)
+        self._write(group, bin_of_sample, labels, classes, budgets.tolist(), digests)
 
 
 def bins_as_lists(bins: Artifact) -> list[np.ndarray]:
@@ -151,223 +274,264 @@ def bins_as_lists(bins: Artifact) -> list[np.ndarray]:
     return [np.flatnonzero(bin_of_sample == b) for b in range(int(bins.group.attrs["num_bins"]))]
 
 
-def _write_subset(store: Store, name: str, settings: dict[str, Any], inputs: list[str], dataset: Artifact, indices: np.ndarray) -> Artifact:
-    indices = np.sort(np.asarray(indices, dtype=np.int64))
-    with store.write("subsets", name, settings, inputs) as group:
+class _SubsetStage(Stage):
+    """A subset of the quantized split: ``indices`` (sorted) and ``ids``; subclasses pick the rows."""
+
+    kind = "subsets"
+    version = 2
+
+    def __init__(self, store: Store, dataset: Artifact, bins: Artifact, ratio: float, seed: int):
+        super().__init__(store)
+        self.dataset, self.bins, self.ratio, self.seed = dataset, bins, ratio, seed
+
+    def select(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        indices = np.sort(np.asarray(self.select(), dtype=np.int64))
         write_array(group, "indices", indices)
-        write_array(group, "ids", np.asarray(dataset[f"{QUANTIZED_SPLIT}/ids"].get_orthogonal_selection((indices,))))
-        group.attrs.update(settings | {"size": int(len(indices)), "dataset": dataset.name})
-    return store.open("subsets", name)
+        split = self.dataset[QUANTIZED_SPLIT]
+        write_array(group, "ids", np.asarray(split["ids"].get_orthogonal_selection((indices,))))
+        write_array(group, "labels", np.asarray(split["labels"].get_orthogonal_selection((indices,))))
+        group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name})
 
 
-def sample_subset_stage(store: Store, dataset: Artifact, bins: Artifact, ratio: float, seed: int) -> Artifact:
-    """The DQ subset at ``ratio``: uniform per bin and class (``dq_ops.sampling.sample_bins``)."""
-    settings = {"method": "dq", "ratio": ratio, "seed": seed}
-    name = derive_key("subsets", settings, [dataset.fingerprint, bins.fingerprint])
-    if not store.exists("subsets", name):
-        indices = sample_bins(bins_as_lists(bins), split_labels(dataset), ratio, seed)
-        return _write_subset(store, name, settings, [dataset.fingerprint, bins.fingerprint], dataset, indices)
-    return store.open("subsets", name)
+class SampleStage(_SubsetStage):
+    """The DQ subset at ``ratio``: per bin and class, the samples ranked first by a hash of
+    (seed, sample id) (``dq_ops.sampling.sample_bins``), so a refresh changes the selection only
+    where the data or the bins changed."""
+
+    def params(self) -> dict[str, Any]:
+        return {"method": "dq", "ratio": self.ratio, "seed": self.seed}
+
+    def inputs(self) -> list[Artifact]:
+        return [self.dataset, self.bins]
+
+    def select(self) -> np.ndarray:
+        ids = np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:])
+        return sample_bins(bins_as_lists(self.bins), split_labels(self.dataset), self.ratio, self.seed, ids=ids)
 
 
-def baseline_subset_stage(
-    store: Store, dataset: Artifact, embeddings: Artifact, bins: Artifact, method: str, ratio: float, seed: int
-) -> Artifact:
+class BaselineStage(_SubsetStage):
     """A comparison subset (random, k-center, herding) with exactly the DQ subset's per-class sizes."""
-    if method not in BASELINES:
-        raise DQInputError(f"unknown baseline {method!r}; expected one of {', '.join(BASELINES)}")
-    settings = {"method": method, "ratio": ratio, "seed": seed}
-    inputs = [dataset.fingerprint, embeddings.fingerprint, bins.fingerprint]
-    name = derive_key("subsets", settings, inputs)
-    if not store.exists("subsets", name):
-        labels = split_labels(dataset)
-        sizes = sample_sizes(bins_as_lists(bins), labels, ratio)
-        indices = BASELINES[method](embedding_rows(embeddings), labels, ratio, seed, sizes=sizes)
-        return _write_subset(store, name, settings, inputs, dataset, indices)
-    return store.open("subsets", name)
+
+    def __init__(self, store: Store, dataset: Artifact, embeddings: Artifact, bins: Artifact, method: str, ratio: float, seed: int):
+        if method not in BASELINES:
+            raise DQInputError(f"unknown baseline {method!r}; expected one of {', '.join(BASELINES)}")
+        super().__init__(store, dataset, bins, ratio, seed)
+        self.embeddings, self.method = embeddings, method
+
+    def params(self) -> dict[str, Any]:
+        return {"method": self.method, "ratio": self.ratio, "seed": self.seed}
+
+    def inputs(self) -> list[Artifact]:
+        return [self.dataset, self.embeddings, self.bins]
+
+    def select(self) -> np.ndarray:
+        labels = split_labels(self.dataset)
+        sizes = sample_sizes(bins_as_lists(self.bins), labels, self.ratio)
+        return BASELINES[self.method](embedding_rows(self.embeddings), labels, self.ratio, self.seed, sizes=sizes)
 
 
-def evaluate_stage(
-    store: Store,
-    dataset: Artifact,
-    subset: Artifact | None,
-    params: EvaluationConfig,
-    seed: int,
-    *,
-    images: Artifact | None = None,
-    progress: Progress | None = None,
-) -> Artifact:
-    """Train ``params.architecture`` from scratch on a subset (None: the whole split) and test it.
+class EvaluateStage(Stage):
+    """Train ``config.architecture`` from scratch on a subset (None: the whole split) and test it.
 
     ``images``: a reconstructions artifact whose ``images`` (one row per subset sample) replace
     the ingested pixels, i.e. the DQ arm trained on what patch dropping + MAE actually restore.
     The result (``dq_ops.train.TrainResult`` fields) is stored in ``evaluations/<key>``' attributes.
     """
-    if "test" not in dataset.group:
-        raise DQInputError(f"{dataset.url} has no 'test' split to evaluate on; ingest one or disable evaluation")
-    settings = {
-        "architecture": params.architecture, "epochs": params.epochs, "min_steps": params.min_steps,
-        "max_steps": params.max_steps, "seed": seed,
-    }
-    inputs = [dataset.fingerprint] + [a.fingerprint for a in (subset, images) if a is not None]
-    name = derive_key("evaluations", settings, inputs)
-    if store.exists("evaluations", name):
-        return store.open("evaluations", name)
-    split = dataset[QUANTIZED_SPLIT]
-    if subset is None:
-        rows = np.arange(split["labels"].shape[0])
-        pixels = np.asarray(split["images"][:])
-    else:
-        rows = np.asarray(subset["indices"][:])
-        pixels = np.asarray(images["images"][:] if images is not None else split["images"].get_orthogonal_selection((rows,)))
-    labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
-    test = dataset["test"]
-    class_names = dataset.group.attrs.get("class_names")
-    result = train_and_evaluate(
-        pixels, labels, np.asarray(test["images"][:]), np.asarray(test["labels"][:]),
-        model=params.architecture, num_classes=len(class_names) if class_names else None,
-        config=TrainConfig(epochs=params.epochs, min_steps=params.min_steps, max_steps=params.max_steps),
-        seed=seed, progress=progress,
-    )
-    with store.write("evaluations", name, settings, inputs) as group:
+
+    kind = "evaluations"
+
+    def __init__(
+        self, store: Store, dataset: Artifact, subset: Artifact | None, config: EvaluationConfig, seed: int,
+        images: Artifact | None = None,
+    ):
+        if "test" not in dataset.group:
+            raise DQInputError(f"{dataset.url} has no 'test' split to evaluate on; ingest one or disable evaluation")
+        super().__init__(store)
+        self.dataset, self.subset, self.config, self.seed, self.images = dataset, subset, config, seed, images
+
+    def params(self) -> dict[str, Any]:
+        c = self.config
+        return {"architecture": c.architecture, "epochs": c.epochs, "min_steps": c.min_steps, "max_steps": c.max_steps, "seed": self.seed}
+
+    def inputs(self) -> list[Artifact]:
+        return [a for a in (self.dataset, self.subset, self.images) if a is not None]
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        split = self.dataset[QUANTIZED_SPLIT]
+        if self.subset is None:
+            rows = np.arange(split["labels"].shape[0])
+            pixels = np.asarray(split["images"][:])
+        else:
+            rows = np.asarray(self.subset["indices"][:])
+            pixels = np.asarray(self.images["images"][:] if self.images is not None else split["images"].get_orthogonal_selection((rows,)))
+        labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
+        test = self.dataset["test"]
+        class_names = self.dataset.group.attrs.get("class_names")
+        result = train_and_evaluate(
+            pixels, labels, np.asarray(test["images"][:]), np.asarray(test["labels"][:]),
+            model=self.config.architecture, num_classes=len(class_names) if class_names else None,
+            config=TrainConfig(epochs=self.config.epochs, min_steps=self.config.min_steps, max_steps=self.config.max_steps),
+            seed=self.seed, progress=progress,
+        )
         group.attrs.update(dataclasses.asdict(result))
-    return store.open("evaluations", name)
 
 
-def evaluate_text_stage(
-    store: Store, dataset: Artifact, subset: Artifact | None, embeddings: Artifact, test_embeddings: Artifact
-) -> Artifact:
+class TextEvaluateStage(Stage):
     """Text evaluation: classifiers fitted on the subset's sentence embeddings, scored on the
     held-out 'test' split (``dq_ops.text_eval``). ``test_accuracy`` is the logistic regression's."""
-    if "test" not in dataset.group or split_labels(dataset) is None:
-        raise DQInputError(f"{dataset.url}: text evaluation needs labels and a 'test' split (set dataset.test_fraction)")
-    inputs = [dataset.fingerprint, embeddings.fingerprint, test_embeddings.fingerprint]
-    inputs += [subset.fingerprint] if subset is not None else []
-    name = derive_key("evaluations", {"evaluation": "text"}, inputs)
-    if store.exists("evaluations", name):
-        return store.open("evaluations", name)
-    labels = np.asarray(dataset[f"{QUANTIZED_SPLIT}/labels"][:])
-    rows = np.arange(len(labels)) if subset is None else np.asarray(subset["indices"][:])
-    started = time.perf_counter()
-    result = evaluate_text_subset(
-        np.asarray(embeddings["features"].get_orthogonal_selection((rows, slice(None)))), labels[rows],
-        np.asarray(test_embeddings["features"][:]), np.asarray(dataset["test/labels"][:]),
-    )
-    with store.write("evaluations", name, {"evaluation": "text"}, inputs) as group:
+
+    kind = "evaluations"
+
+    def __init__(self, store: Store, dataset: Artifact, subset: Artifact | None, embeddings: Artifact, test_embeddings: Artifact):
+        if "test" not in dataset.group or split_labels(dataset) is None:
+            raise DQInputError(f"{dataset.url}: text evaluation needs labels and a 'test' split (set dataset.test_fraction)")
+        super().__init__(store)
+        self.dataset, self.subset, self.embeddings, self.test_embeddings = dataset, subset, embeddings, test_embeddings
+
+    def params(self) -> dict[str, Any]:
+        return {"evaluation": "text"}
+
+    def inputs(self) -> list[Artifact]:
+        return [a for a in (self.dataset, self.embeddings, self.test_embeddings, self.subset) if a is not None]
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        labels = np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/labels"][:])
+        rows = np.arange(len(labels)) if self.subset is None else np.asarray(self.subset["indices"][:])
+        started = time.perf_counter()
+        result = evaluate_text_subset(
+            np.asarray(self.embeddings["features"].get_orthogonal_selection((rows, slice(None)))), labels[rows],
+            np.asarray(self.test_embeddings["features"][:]), np.asarray(self.dataset["test/labels"][:]),
+        )
         group.attrs.update(dataclasses.asdict(result) | {
             "test_accuracy": result.logistic_regression_accuracy, "val_accuracy": None, "n_val": 0,
             "train_seconds": time.perf_counter() - started,
         })
-    return store.open("evaluations", name)
 
 
-def drop_patches_stage(
-    store: Store,
-    dataset: Artifact,
-    subset: Artifact,
-    params: PatchConfig,
-    embedding: EmbeddingConfig,
-    *,
-    batch_size: int = 256,
-    progress: Progress | None = None,
-) -> Artifact:
+class DropPatchesStage(Stage):
     """Stage 4: score each subset image's patches by Grad-CAM++ of the pretrained backbone for
     its own predicted class, keep the top ``1 − θ`` and store only those (``dq_ops.patch_store``).
 
     Rows of the patch store follow the subset's ``indices``. The attributes report stored bytes
     against the same images stored whole with the same codec, and the keep ratios.
     """
-    settings = {
-        "patch_size": params.patch_size, "drop_ratio": params.drop_ratio, "cam_image_size": params.cam_image_size,
-        "backbone": embedding.backbone, "weights": embedding.weights,
-    }
-    inputs = [dataset.fingerprint, subset.fingerprint]
-    name = derive_key("patches", settings, inputs)
-    if store.exists("patches", name):
-        return store.open("patches", name)
-    split = dataset[QUANTIZED_SPLIT]
-    if "images" not in split:
-        raise DQInputError(f"{dataset.url} holds texts: patch dropping applies to image datasets only")
-    rows = np.asarray(subset["indices"][:])
-    ids, labels = np.asarray(subset["ids"][:]), np.asarray(split["labels"].get_orthogonal_selection((rows,)))
-    image_shape = split["images"].shape[1:]
-    grid = patch_grid(image_shape[:2], params.patch_size)
-    classifier = load_classifier(embedding.backbone, embedding.weights, image_size=params.cam_image_size)
-    with store.write("patches", name, settings, inputs) as group:
-        patch_store = PatchStore.create(group, image_shape, params.patch_size)
-        for start in range(0, len(rows), batch_size):
-            chunk = slice(start, start + batch_size)
+
+    kind = "patches"
+    batch_size = 256
+
+    def __init__(self, store: Store, dataset: Artifact, subset: Artifact, config: PatchConfig, embedding: EmbeddingConfig):
+        if "images" not in dataset[QUANTIZED_SPLIT]:
+            raise DQInputError(f"{dataset.url} holds texts: patch dropping applies to image datasets only")
+        super().__init__(store)
+        self.dataset, self.subset, self.config, self.embedding = dataset, subset, config, embedding
+
+    def params(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "patch_size": c.patch_size, "drop_ratio": c.drop_ratio, "cam_image_size": c.cam_image_size,
+            "backbone": self.embedding.backbone,
+            "weights_sha256": weights_digest(self.embedding.backbone, self.embedding.weights),
+        }
+
+    def inputs(self) -> list[Artifact]:
+        return [self.dataset, self.subset]
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        split = self.dataset[QUANTIZED_SPLIT]
+        rows = np.asarray(self.subset["indices"][:])
+        ids, labels = np.asarray(self.subset["ids"][:]), np.asarray(split["labels"].get_orthogonal_selection((rows,)))
+        image_shape = split["images"].shape[1:]
+        patch_size = self.config.patch_size
+        grid = patch_grid(image_shape[:2], patch_size)
+        classifier = load_classifier(self.embedding.backbone, self.embedding.weights, image_size=self.config.cam_image_size)
+        patch_store = PatchStore.create(group, image_shape, patch_size)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
             images = np.asarray(split["images"].get_orthogonal_selection((rows[chunk],)))
             cam = gradcam_plus_plus(classifier.model, classifier.target_layer, classifier.preprocess(images))
-            keep = select_patches(patch_scores(cam, grid), params.drop_ratio)
-            patch_store.append(pack_patches(images, keep, params.patch_size), ids[chunk], labels[chunk])
+            keep = select_patches(patch_scores(cam, grid), self.config.drop_ratio)
+            patch_store.append(pack_patches(images, keep, patch_size), ids[chunk], labels[chunk])
             if progress:
-                progress(min(start + batch_size, len(rows)), len(rows))
+                progress(min(start + self.batch_size, len(rows)), len(rows))
         report = storage_report(patch_store, np.asarray(split["images"].get_orthogonal_selection((rows,))),
                                 sample_ratio=len(rows) / split["labels"].shape[0])
         group.attrs.update({
-            "subset": subset.name, "stored_bytes": report.patch_bytes, "whole_image_bytes": report.whole_image_bytes,
+            "subset": self.subset.name, "stored_bytes": report.patch_bytes, "whole_image_bytes": report.whole_image_bytes,
             "byte_ratio": report.byte_ratio, "patch_keep_ratio": report.patch_keep_ratio,
             "sample_keep_ratio": report.sample_ratio, "keep_ratio": report.keep_ratio,
         })
-    return store.open("patches", name)
 
 
-def mae_stage(
-    store: Store, dataset: Artifact, params: PatchConfig, seed: int, *, progress: Progress | None = None
-) -> Artifact:
+class MAEStage(Stage):
     """Stage 5a: the MAE checkpoint in ``models/<key>`` (a safetensors blob with its config).
 
-    Trained on a seeded sample of ``params.mae_train_samples`` images of the quantized split, or
-    copied from ``params.mae_checkpoint`` (validated by loading it).
+    Trained on a seeded sample of ``config.mae_train_samples`` images of the quantized split, or
+    copied from ``config.mae_checkpoint`` (validated by loading it; it enters the key by digest).
     """
-    settings = {"patch_size": params.patch_size, "epochs": params.mae_epochs, "samples": params.mae_train_samples,
-                "mask_ratio": params.mae_mask_ratio, "seed": seed, "checkpoint": params.mae_checkpoint}
-    name = derive_key("models", settings, [dataset.fingerprint])
-    if store.exists("models", name):
-        return store.open("models", name)
-    if params.mae_checkpoint:
-        model = load_mae(params.mae_checkpoint)
-        history: list[float] = []
-    else:
-        split = dataset[QUANTIZED_SPLIT]
-        n = split["images"].shape[0]
-        rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, params.mae_train_samples)])
-        images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
-        config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=params.patch_size,
-                           mask_ratio=params.mae_mask_ratio)
-        model, history = train_mae(images, config, seed=seed, epochs=params.mae_epochs,
-                                   progress=(lambda step, total, loss: progress(step, total)) if progress else None)
-    with store.write("models", name, settings, [dataset.fingerprint]) as group:
+
+    kind = "models"
+
+    def __init__(self, store: Store, dataset: Artifact, config: PatchConfig, seed: int):
+        super().__init__(store)
+        self.dataset, self.config, self.seed = dataset, config, seed
+
+    def params(self) -> dict[str, Any]:
+        c = self.config
+        if c.mae_checkpoint:
+            return {"checkpoint_sha256": file_digest(c.mae_checkpoint)}
+        return {"patch_size": c.patch_size, "epochs": c.mae_epochs, "samples": c.mae_train_samples,
+                "mask_ratio": c.mae_mask_ratio, "seed": self.seed}
+
+    def inputs(self) -> list[Artifact]:
+        return [] if self.config.mae_checkpoint else [self.dataset]
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        c = self.config
+        if c.mae_checkpoint:
+            model = load_mae(c.mae_checkpoint)
+            history: list[float] = []
+        else:
+            split = self.dataset[QUANTIZED_SPLIT]
+            n = split["images"].shape[0]
+            rows = np.sort(np.random.default_rng(self.seed).permutation(n)[: min(n, c.mae_train_samples)])
+            images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
+            config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=c.patch_size,
+                               mask_ratio=c.mae_mask_ratio)
+            model, history = train_mae(images, config, seed=self.seed, epochs=c.mae_epochs,
+                                       progress=(lambda step, total, loss: progress(step, total)) if progress else None)
         write_array(group, "checkpoint", np.frombuffer(mae_checkpoint_bytes(model), dtype=np.uint8))
         write_array(group, "loss_history", np.asarray(history, dtype=np.float32))
         group.attrs["mae_config"] = json.loads(model.config.to_json())
-    return store.open("models", name)
 
 
-def load_mae_artifact(artifact: Artifact) -> MaskedAutoencoder:
-    """The MAE held by a ``models/<key>`` artifact."""
-    return mae_from_checkpoint_bytes(np.asarray(artifact["checkpoint"][:]).tobytes(), artifact.url)
-
-
-def reconstruct_stage(
-    store: Store, dataset: Artifact, patches: Artifact, mae: Artifact, *, progress: Progress | None = None
-) -> Artifact:
+class ReconstructStage(Stage):
     """Stage 5b: restore the dropped patches of every stored image (``reconstructions/<key>``:
     ``images`` in subset order). Attributes: PSNR on the dropped pixels for the MAE and for a
     mean-fill and a zero-fill baseline, measured against the ingested originals, and
     ``preview_png``: original | kept patches | reconstruction of the first images."""
-    inputs = [patches.fingerprint, mae.fingerprint]
-    name = derive_key("reconstructions", {}, inputs)
-    if store.exists("reconstructions", name):
-        return store.open("reconstructions", name)
-    model = load_mae_artifact(mae)
-    subset = store.open("subsets", patches.group.attrs["subset"])
-    rows = np.asarray(subset["indices"][:])
-    original = np.asarray(dataset[QUANTIZED_SPLIT]["images"].get_orthogonal_selection((rows,)))
-    with store.write("reconstructions", name, {}, inputs) as group:
-        restored = np.asarray(materialise_reconstruction(patches.group, model, group)[:])
-        keep = np.asarray(PatchStore(patches.group).read().keep_mask)
+
+    kind = "reconstructions"
+
+    def __init__(self, store: Store, dataset: Artifact, patches: Artifact, mae: Artifact):
+        super().__init__(store)
+        self.dataset, self.patches, self.mae = dataset, patches, mae
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def inputs(self) -> list[Artifact]:
+        return [self.patches, self.mae]
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        model = load_mae_artifact(self.mae)
+        subset = self.store.open("subsets", self.patches.group.attrs["subset"])
+        rows = np.asarray(subset["indices"][:])
+        original = np.asarray(self.dataset[QUANTIZED_SPLIT]["images"].get_orthogonal_selection((rows,)))
+        restored = np.asarray(materialise_reconstruction(self.patches.group, model, group)[:])
+        keep = np.asarray(PatchStore(self.patches.group).read().keep_mask)
         preview = slice(0, min(8, len(rows)))
         png = picture_grid(original[preview], keep[preview], restored[preview])
         write_array(group, "preview_png", np.frombuffer(png, dtype=np.uint8))
@@ -379,4 +543,3 @@ def reconstruct_stage(
         })
         if progress:
             progress(1, 1)
-    return store.open("reconstructions", name)

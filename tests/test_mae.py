@@ -15,15 +15,14 @@ from dq_ops.mae import (
     MaskedAutoencoder,
     ReconstructedPatchDataset,
     baseline_fill,
-    load_mae,
     materialise_reconstruction,
     picture_grid,
     random_keep_mask,
     reconstruct,
     reconstruction_psnr,
-    save_mae,
     train_mae,
 )
+from dq_ops.mae_store import load_mae, save_mae
 from dq_ops.patch_store import PatchStore, pack_patches
 from dq_ops.patches import pixel_mask, select_patches
 from dq_ops.readers.idx import load_fashion_mnist
