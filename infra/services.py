@@ -57,7 +57,7 @@ SETTINGS = (
     "DQ_POSTGRES_USER", "DQ_POSTGRES_PASSWORD", "DQ_PREFECT_AUTH", "DQ_MLFLOW_USER", "DQ_MLFLOW_PASSWORD",
     "DQ_MLFLOW_SECRET_KEY", "DQ_S3_BUCKET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
 )
-# Telemetry stays off on every server and worker (see STACK_NOTES: no connection outside loopback).
+# Telemetry stays off on every server and worker: no connection leaves the machine's own network.
 QUIET = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
@@ -70,6 +70,7 @@ class Service:
     env: dict[str, str]
     port: int | None = None
     health_path: str | None = None  # answers 200 without credentials once the service is ready
+    after: str | None = None  # the service it connects to on start (compose: depends_on)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def mlflow_server(t: Topology) -> Service:
     allowed_hosts = ",".join(dict.fromkeys(f"{h}:{port}" for h in (t.host("mlflow-server"), "localhost", "127.0.0.1")))
     argv = [
         "mlflow", "server", "--host", t.bind, "--port", str(port),
-        # One worker, no job runner: ~500 MB instead of ~3 GB (STACK_NOTES).
+        # One worker and no job runner: ~500 MB instead of ~3 GB with the defaults.
         "--workers", "1", "--app-name", "basic-auth", "--allowed-hosts", allowed_hosts,
         "--backend-store-uri", t.postgres_url("psycopg2", "mlflow"),
         # Clients upload through the server (mlflow-artifacts:/): only the server holds S3 credentials.
@@ -194,7 +195,7 @@ def prefect_worker(t: Topology) -> Service:
     port = t.ports["prefect-worker"]
     env = client_env(t) | {"PREFECT_WORKER_WEBSERVER_HOST": t.bind, "PREFECT_WORKER_WEBSERVER_PORT": str(port)}
     argv = ["prefect", "worker", "start", "--pool", WORK_POOL, "--type", "process", "--with-healthcheck"]
-    return Service("prefect-worker", argv, env, port, "/health")
+    return Service("prefect-worker", argv, env, port, "/health", after="prefect-server")
 
 
 def dask_scheduler(t: Topology) -> Service:
@@ -208,7 +209,7 @@ def dask_worker(t: Topology, gpu: bool = False, name: str = "dask-worker") -> Se
     """A CPU worker, or with ``gpu`` one ``dask cuda worker`` (one process per visible GPU)."""
     command = ["dask", "cuda", "worker"] if gpu else ["dask", "worker"]
     argv = [*command, t.dask_address, "--nthreads", str(t.dask_threads)]
-    return Service(name, argv, dict(QUIET) | s3_env(t))
+    return Service(name, argv, dict(QUIET) | s3_env(t), after="dask-scheduler")
 
 
 def deploy_commands() -> list[list[str]]:
@@ -238,6 +239,8 @@ def read_env_file(path: str | os.PathLike) -> dict[str, str]:
     missing = [name for name in SETTINGS if name not in values]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
+    if len(values["DQ_MLFLOW_PASSWORD"]) < 12:  # the MLflow server refuses to start otherwise
+        raise ValueError(f"{path}: DQ_MLFLOW_PASSWORD needs at least 12 characters")
     return values
 
 
@@ -279,14 +282,18 @@ class LocalStack:
 
     Use as a context manager; leaving it stops every process it started and the Postgres cluster.
     Logs go to ``<state_dir>/logs``. As root, Postgres runs as the ``postgres`` user (``initdb``
-    and ``pg_ctl`` refuse root), in a private folder that user owns.
+    and ``pg_ctl`` refuse root) in a folder that user owns: ``<state_dir>/postgres`` with
+    ``keep_data`` (reused on the next start), else a private temporary folder removed on exit.
     """
 
-    def __init__(self, topology: Topology, state_dir: str | os.PathLike, services: Sequence[str] | None = None):
+    def __init__(
+        self, topology: Topology, state_dir: str | os.PathLike, services: Sequence[str] | None = None, keep_data: bool = False,
+    ):
         self.t = topology
         self.state = Path(state_dir).resolve()
         self.logs = self.state / "logs"
         self.wanted = services
+        self.keep_data = keep_data
         self.processes: list[tuple[Service, subprocess.Popen]] = []
         self.pg_dir: Path | None = None
 
@@ -299,11 +306,14 @@ class LocalStack:
             auth_file.write_text(auth_config(self.t))
             auth_file.chmod(0o600)
             self.t = replace(self.t, mlflow_auth_config=str(auth_file))
-            for service in servers(self.t):
-                if self.wants(service.name):
-                    self.start(service)
-                    if service.name == "s3":
-                        self._create_bucket()
+            wanted = [service for service in servers(self.t) if self.wants(service.name)]
+            # Two waves: the servers side by side, then what connects to them on start.
+            for wave in ([s for s in wanted if not s.after], [s for s in wanted if s.after]):
+                started = [(service, self._spawn(service)) for service in wave]
+                for service, process in started:
+                    self._wait_ready(service, process)
+            if self.wants("s3"):
+                self._create_bucket()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -321,27 +331,31 @@ class LocalStack:
                 process.wait()
         self.processes.clear()
         if self.pg_dir is not None:
-            self._as_postgres([self._pg_bin("pg_ctl"), "-D", str(self.pg_dir / "data"), "-m", "fast", "stop"], check=False)
-            shutil.rmtree(self.pg_dir, ignore_errors=True)
+            # A cluster about to be deleted needs no shutdown checkpoint.
+            mode = "fast" if self.keep_data else "immediate"
+            self._as_postgres([self._pg_bin("pg_ctl"), "-D", str(self.pg_dir / "data"), "-m", mode, "stop"], check=False)
+            if not self.keep_data:
+                shutil.rmtree(self.pg_dir, ignore_errors=True)
             self.pg_dir = None
 
     def wants(self, name: str) -> bool:
         return self.wanted is None or name in self.wanted
 
-    def start(self, service: Service, timeout: float = 180) -> subprocess.Popen:
-        """Start ``service`` in its own process group and wait until it answers."""
-        log = self.logs / f"{service.name}.log"
-        with open(log, "ab") as out:
+    def _spawn(self, service: Service) -> subprocess.Popen:
+        """Start ``service`` in its own process group (stopped as a whole on exit)."""
+        with open(self.logs / f"{service.name}.log", "ab") as out:
             process = subprocess.Popen(
                 _executable(service.argv), env=os.environ | service.env, cwd=REPO,
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self.processes.append((service, process))
+        return process
+
+    def _wait_ready(self, service: Service, process: subprocess.Popen, timeout: float = 180) -> None:
         if service.health_path:
-            _wait_http(f"http://{self.t.bind}:{service.port}{service.health_path}", timeout, process, log)
+            _wait_http(f"http://{self.t.bind}:{service.port}{service.health_path}", timeout, process, self.logs / f"{service.name}.log")
         elif service.port:
             _wait_port(self.t.bind, service.port, timeout)
-        return process
 
     def run(self, argv: Sequence[str], timeout: float = 300) -> str:
         """A one-shot command (``deploy_commands()``) with the client environment; its output."""
@@ -359,33 +373,43 @@ class LocalStack:
         return str(found[-1]) if found else name
 
     def _as_postgres(self, argv: list[str], check: bool = True, env: Mapping[str, str] | None = None) -> None:
-        if os.geteuid() == 0:
-            argv = ["runuser", "-u", "postgres", "--", *argv]
-        subprocess.run(argv, check=check, capture_output=True, env=os.environ | dict(env or {}))
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        done = subprocess.run([*as_user, *argv], capture_output=True, text=True, env=os.environ | dict(env or {}))
+        if check and done.returncode:
+            raise RuntimeError(f"{Path(argv[0]).name} failed: {done.stderr.strip()}")
 
     def _start_postgres(self) -> None:
         s = self.t.settings
-        # A private folder the postgres user can reach (pytest's tmp folders are root-only).
-        self.pg_dir = Path(tempfile.mkdtemp(prefix="dq-postgres-"))
-        password_file = self.pg_dir / "password"
-        password_file.write_text(s["DQ_POSTGRES_PASSWORD"] + "\n")
+        if self.keep_data:
+            self.pg_dir = self.state / "postgres"
+            self.pg_dir.mkdir(mode=0o700, exist_ok=True)
+        else:  # a private folder the postgres user can reach (pytest's temporary folders are root-only)
+            self.pg_dir = Path(tempfile.mkdtemp(prefix="dq-postgres-"))
         if os.geteuid() == 0:
             shutil.chown(self.pg_dir, "postgres", "postgres")
-            shutil.chown(password_file, "postgres", "postgres")
-        password_file.chmod(0o600)
         data = self.pg_dir / "data"
-        self._as_postgres([
-            self._pg_bin("initdb"), "-D", str(data), "-U", s["DQ_POSTGRES_USER"], "--auth=scram-sha-256",
-            f"--pwfile={password_file}",
-        ])
-        password_file.unlink()
+        fresh = not (data / "PG_VERSION").exists()
+        if fresh:
+            password_file = self.pg_dir / "password"
+            password_file.write_text(s["DQ_POSTGRES_PASSWORD"] + "\n")
+            password_file.chmod(0o600)
+            if os.geteuid() == 0:
+                shutil.chown(password_file, "postgres", "postgres")
+            try:
+                self._as_postgres([
+                    self._pg_bin("initdb"), "-D", str(data), "-U", s["DQ_POSTGRES_USER"], "--auth=scram-sha-256",
+                    f"--pwfile={password_file}",
+                ])
+            finally:
+                password_file.unlink()
         options = f"-p {self.t.ports['postgres']} -k {self.pg_dir} -c listen_addresses={self.t.bind}"
         self._as_postgres([self._pg_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.pg_dir / "log"), "-w", "start"])
-        self._as_postgres(
-            [self._pg_bin("psql"), "-h", self.t.bind, "-p", str(self.t.ports["postgres"]), "-U", s["DQ_POSTGRES_USER"],
-             "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-f", str(POSTGRES_INIT_SQL)],
-            env={"PGPASSWORD": s["DQ_POSTGRES_PASSWORD"]},
-        )
+        if fresh:
+            self._as_postgres(
+                [self._pg_bin("psql"), "-h", self.t.bind, "-p", str(self.t.ports["postgres"]), "-U", s["DQ_POSTGRES_USER"],
+                 "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-f", str(POSTGRES_INIT_SQL)],
+                env={"PGPASSWORD": s["DQ_POSTGRES_PASSWORD"]},
+            )
 
     def _create_bucket(self) -> None:
         import boto3
@@ -409,7 +433,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-deploy", action="store_true", help="skip creating the work pool and the deployments")
     args = parser.parse_args(argv)
     if Path(args.env_file).exists():
-        settings = read_env_file(args.env_file)
+        try:
+            settings = read_env_file(args.env_file)
+        except ValueError as exc:
+            parser.error(str(exc))
     elif args.command == "env" or set(args.services or names) & SECRET_SERVICES:
         parser.error(f"{args.env_file} not found: cp infra/dq.env.example infra/dq.env and set its secrets")
     else:  # a dask cluster alone needs no secrets
@@ -419,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "env":
         print("".join(f"export {name}={shlex.quote(value)}\n" for name, value in client_env(Topology(settings)).items()), end="")
         return
-    with LocalStack(Topology(settings), args.state_dir, args.services) as stack:
+    # Postgres keeps its data in <state-dir>/postgres between runs; moto's S3 lives in memory only.
+    with LocalStack(Topology(settings), args.state_dir, args.services, keep_data=True) as stack:
         if not args.no_deploy and stack.wants("prefect-server"):
             for command in deploy_commands():
                 stack.run(command)

@@ -12,6 +12,7 @@ import re
 import shlex
 import tomllib
 
+import pytest
 import yaml
 
 from infra import services
@@ -48,6 +49,8 @@ def test_compose_runs_each_service_with_the_command_environment_and_image_of_ser
         assert compose[name]["environment"] == service.env, name
         image = services.DQ_GPU_IMAGE if name == "dask-cuda-worker" else services.DQ_IMAGE
         assert compose[name]["image"] == image, name
+        if service.after:  # what the local stack starts first, compose waits for
+            assert service.after in compose[name]["depends_on"], name
         if service.health_path:
             probe = " ".join(compose[name]["healthcheck"]["test"])
             assert f"http://localhost:{service.port}{service.health_path}" in probe, name
@@ -64,6 +67,8 @@ def test_compose_postgres_deploy_job_and_mlflow_auth_file():
     assert postgres["environment"]["POSTGRES_USER"] == "${DQ_POSTGRES_USER}"
     assert postgres["environment"]["POSTGRES_PASSWORD"] == "${DQ_POSTGRES_PASSWORD}"
     assert f"./{services.POSTGRES_INIT_SQL.name}:/docker-entrypoint-initdb.d/dq.sql:ro" in postgres["volumes"]
+    created = re.findall(r"^CREATE DATABASE (\w+);", services.POSTGRES_INIT_SQL.read_text(), re.M)
+    assert tuple(created) == services.DATABASES
     assert f"pg_isready -h localhost -p {services.PORTS['postgres']}" in " ".join(postgres["healthcheck"]["test"])
 
     deploy = compose["deploy"]
@@ -116,10 +121,14 @@ def test_auth_is_on_and_secrets_stay_out_of_git():
     assert services.prefect_server(t).env["PREFECT_SERVER_API_AUTH_STRING"] == "${DQ_PREFECT_AUTH}"
     assert services.client_env(t)["PREFECT_API_AUTH_STRING"] == "${DQ_PREFECT_AUTH}"
     assert "--app-name basic-auth" in shlex.join(services.mlflow_server(t).argv)
-    # The example names every setting and holds no real secret; the real file is ignored by git.
-    example = services.read_env_file(INFRA / "dq.env.example")
+    # The example names every setting and holds no real secret; used unedited, it is refused.
+    example_file = INFRA / "dq.env.example"
+    example = dict(re.findall(r"^(\w+)=(.*)$", example_file.read_text(), re.M))
+    assert set(example) == set(services.SETTINGS)
     secrets = [name for name in services.SETTINGS if "PASSWORD" in name or "SECRET" in name or name == "DQ_PREFECT_AUTH"]
     assert all(example[name].endswith("change-me") for name in secrets)
+    with pytest.raises(ValueError, match="DQ_MLFLOW_PASSWORD needs at least 12 characters"):
+        services.read_env_file(example_file)
     assert "infra/dq.env" in (services.REPO / ".gitignore").read_text().split()
     # Servers bind to loopback unless a topology says otherwise.
     assert services.Topology(example).bind == "127.0.0.1"
