@@ -132,3 +132,13 @@ def test_auth_is_on_and_secrets_stay_out_of_git():
     assert "infra/dq.env" in (services.REPO / ".gitignore").read_text().split()
     # Servers bind to loopback unless a topology says otherwise.
     assert services.Topology(example).bind == "127.0.0.1"
+
+
+def test_env_file_errors_name_the_file_line_and_setting(tmp_path):
+    env_file = tmp_path / "dq.env"
+    env_file.write_text("DQ_POSTGRES_USER=dq\nnot a setting\n")
+    with pytest.raises(ValueError, match=r"dq.env:2: expected NAME=value"):
+        services.read_env_file(env_file)
+    env_file.write_text("DQ_POSTGRES_USER=dq\n")
+    with pytest.raises(ValueError, match=r"dq.env: missing DQ_POSTGRES_PASSWORD, DQ_PREFECT_AUTH"):
+        services.read_env_file(env_file)
