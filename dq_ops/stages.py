@@ -128,7 +128,9 @@ class BinsStage(Stage):
         self.classes_rebinned: list[int] = []
 
     def params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"num_bins": self.config.num_bins, "kernel": self.config.kernel}
+        params: dict[str, Any] = {
+            "num_bins": self.config.num_bins, "kernel": self.config.kernel, "budget_rule": self.config.budget_rule,
+        }
         if self.config.refresh == "incremental":
             params |= {"refresh": "incremental", "rebuild_fraction": self.config.rebuild_fraction}
         return params
@@ -208,8 +210,9 @@ class BinsStage(Stage):
                 continue
             rows = embedding_rows(self.embeddings, members)
             if (local < 0).all():  # a class with no binned samples yet: its own exact greedy
-                for b, picked in enumerate(generate_class_bins(rows, bin_budgets([len(members)], num_bins)[0], kernel=kernel,
-                                                               memory_budget_mb=self.config.memory_budget_mb)):
+                budgets = bin_budgets([len(members)], num_bins, self.config.budget_rule)[0]
+                bins = generate_class_bins(rows, budgets, kernel=kernel, memory_budget_mb=self.config.memory_budget_mb)
+                for b, picked in enumerate(bins):
                     local[picked] = b
             else:
                 local = join_bins(rows, local, num_bins, kernel=kernel)
@@ -243,7 +246,7 @@ class BinsStage(Stage):
         for c, members in zip(classes, groups):
             if len(members) < self.config.num_bins:
                 raise DQInputError(f"bins.num_bins={self.config.num_bins} is larger than class {c} ({len(members)} samples)")
-        budgets = bin_budgets([len(g) for g in groups], self.config.num_bins)
+        budgets = bin_budgets([len(g) for g in groups], self.config.num_bins, self.config.budget_rule)
         kernel = self.config.kernel
         digests = self._map(client, _class_digest_worker, [(members, budgets[c], kernel) for c, members in enumerate(groups)])
 

@@ -139,14 +139,14 @@ def _run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise DQInputError(f"invalid option: {exc.errors()[0]['msg']}") from None
 
-    from tasks.common import set_offline_env
-
-    set_offline_env()
     if args.ephemeral_server:
         os.environ["DQ_PREFECT_SERVER"] = "ephemeral"
     from flows.server import use_local_server
 
-    api_url = use_local_server()
+    api_url = use_local_server()  # before Prefect is imported: it reads its settings once
+    from tasks.common import set_offline_env
+
+    set_offline_env()
     from flows.quantize import quantize
 
     summary = quantize(config)

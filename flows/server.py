@@ -43,7 +43,8 @@ def use_local_server(port: int | None = None) -> str | None:
         print(f"starting a local Prefect server on 127.0.0.1:{port} (stop it with: prefect server stop)", file=sys.stderr)
         started = subprocess.run(
             [sys.executable, "-m", "prefect", "server", "start", "--background", "--host", "127.0.0.1", "--port", str(port)],
-            capture_output=True, text=True, env=os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+            capture_output=True, text=True,
+            env=os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"},
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _healthy(api_url):
