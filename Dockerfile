@@ -24,7 +24,7 @@ RUN pip install -e ".[${DQ_EXTRAS}]"
 COPY deployments deployments
 COPY infra infra
 
-RUN useradd --create-home --uid 1000 dq && mkdir -p /var/lib/dq/store && chown -R dq /var/lib/dq
+RUN useradd --create-home --uid 1000 dq && mkdir -p /var/lib/dq/store && chown -R dq /var/lib/dq /opt/dq
 USER dq
 # Prefect server, MLflow server, worker health, dask scheduler and dashboard (infra/services.py PORTS).
 EXPOSE 4200 5000 8080 8786 8787
