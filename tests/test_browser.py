@@ -1,11 +1,13 @@
 """What a person sees: headless Chromium logs in to both UIs and reads the finished deployment run.
 
 Shares the stack and the run of tests/test_ops.py (session fixtures in tests/ops_fixtures.py).
-Screenshots go to docs/, where the README's "Operate it" section shows them.
+Screenshots go to a temporary folder; with ``DQ_UPDATE_SCREENSHOTS=1`` to docs/, where the
+README's "Operate it" section shows them (so a plain test run leaves the work tree clean).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +15,14 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 VIEWPORT = {"width": 1400, "height": 1000}
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    if os.environ.get("DQ_UPDATE_SCREENSHOTS") == "1":
+        return Path(__file__).resolve().parent.parent / "docs"
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +35,7 @@ def chromium() -> Iterator[object]:
         browser.close()
 
 
-def test_prefect_ui_shows_the_run_its_stages_and_the_report(chromium, ops_stack, ops_run):
+def test_prefect_ui_shows_the_run_its_stages_and_the_report(chromium, screenshots, ops_stack, ops_run):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
     run = ops_run.flow_run
@@ -48,17 +56,17 @@ def test_prefect_ui_shows_the_run_its_stages_and_the_report(chromium, ops_stack,
     text = page.inner_text("body")
     assert run.name in text and "Completed" in text and "fashion-mnist-weekly" in text
     assert all(stage in text for stage in stages), stages
-    page.screenshot(path=DOCS / "prefect-flow-run.png")
+    page.screenshot(path=screenshots / "prefect-flow-run.png")
 
     page.goto(f"{ops_stack.prefect_ui}/artifacts/artifact/{report.id}")
     page.get_by_text("Dataset Quantization: fashion-mnist").wait_for()
     text = page.inner_text("body")
     assert "Evaluation (test accuracy" in text and ops_run.config["store_url"] in text
-    page.screenshot(path=DOCS / "prefect-report.png", full_page=True)
+    page.screenshot(path=screenshots / "prefect-report.png", full_page=True)
     page.close()
 
 
-def test_mlflow_ui_shows_the_run_and_its_accuracy(chromium, ops_stack, ops_run):
+def test_mlflow_ui_shows_the_run_and_its_accuracy(chromium, screenshots, ops_stack, ops_run):
     settings = ops_stack.topology.settings
     experiment = ops_stack.mlflow("GET", "experiments/get-by-name", params={"experiment_name": "dq"})["experiment"]
     (mlflow_run,) = ops_stack.mlflow("POST", "runs/search", json={
@@ -79,5 +87,5 @@ def test_mlflow_ui_shows_the_run_and_its_accuracy(chromium, ops_stack, ops_run):
     text = page.inner_text("body")
     assert mlflow_run["info"]["run_name"] in text and "Finished" in text
     assert repr(accuracy) in text or f"{accuracy:g}" in text  # JavaScript prints 1.0 as "1"
-    page.screenshot(path=DOCS / "mlflow-run.png")
+    page.screenshot(path=screenshots / "mlflow-run.png")
     context.close()
