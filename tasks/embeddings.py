@@ -53,7 +53,7 @@ def compute_embeddings(
     """
     stage = _stage(store_url, dataset, split, params, seed, precision)
     progress = ProgressArtifact(f"Embedding {dataset.name}/{split} with {_model_name(dataset, params)}")
-    artifact = stage.run(client=dask_client(cluster), progress=progress)
+    artifact = stage.run(client=lambda: dask_client(cluster), progress=progress)
     if stage.chunks_resumed:
         get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
     features = artifact["features"]
