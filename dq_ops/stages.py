@@ -46,7 +46,7 @@ from dq_ops.mae_store import load_mae, load_mae_artifact
 from dq_ops.patch_store import PatchStore, pack_patches, storage_report
 from dq_ops.patches import gradcam_plus_plus, patch_grid, patch_scores, select_patches
 from dq_ops.sampling import sample_bins, sample_sizes
-from dq_ops.stage import Progress, Stage
+from dq_ops.stage import ClientSource, Progress, Stage, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, derive_key, file_digest, write_array
 from dq_ops.text_eval import evaluate_text_subset
 from dq_ops.train import TrainConfig, train_and_evaluate
@@ -95,12 +95,6 @@ def _class_bins_worker(
     """One class's bins, run on a dask worker: read the class's rows from the store, run the greedy."""
     embeddings = Store(store_url, storage_options).open("embeddings", embeddings_name)
     return generate_class_bins(embedding_rows(embeddings, rows), budgets, kernel=kernel, memory_budget_mb=memory_budget_mb)
-
-
-def _class_digest_worker(
-    store_url: str, storage_options: dict[str, Any], embeddings_name: str, rows: np.ndarray, budgets: np.ndarray, kernel: str
-) -> str:
-    return _class_digest(Store(store_url, storage_options).open("embeddings", embeddings_name), rows, budgets, kernel)
 
 
 class BinsStage(Stage):
@@ -161,19 +155,20 @@ class BinsStage(Stage):
         previous = self.previous()
         return previous.name if self._continues(previous) else super().name()
 
-    def run(self, *, progress: Progress | None = None, client: Any = None) -> Artifact:
+    def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
         artifact = super().run(progress=progress, client=client)
         if self.config.refresh == "incremental":
             self.store.write_ref(self.kind, self._lineage(), {"latest": artifact.name})
         return artifact
 
-    def _map(self, client: Any, function: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
+    def _map(self, client: ClientSource, function: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
         """``function(store_url, storage_options, embeddings_name, *job)`` for every job, on the
-        client's workers when there is one, in job order."""
+        client's workers when there is one (started only when there are jobs), in job order."""
         shared = (self.store.url, self.store.storage_options, self.embeddings.name)
-        if client is None:
+        cluster = resolve_client(client) if jobs else None
+        if cluster is None:
             return [function(*shared, *job) for job in jobs]
-        return client.gather([client.submit(function, *shared, *job, pure=False) for job in jobs])
+        return cluster.gather([cluster.submit(function, *shared, *job, pure=False) for job in jobs])
 
     def _earlier_classes(self) -> dict[str, tuple[Artifact, int]]:
         """Class digest → (earlier bins artifact with this stage's parameters, its class label)."""
@@ -185,7 +180,7 @@ class BinsStage(Stage):
                     found.setdefault(digest, (earlier, label))
         return found
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         previous = self.previous()
         if previous is not None and self._join(group, previous):
             return
@@ -237,19 +232,17 @@ class BinsStage(Stage):
             "class_digests": digests,
         })
 
-    def _compute_exact(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def _compute_exact(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         labels = split_labels(self.dataset)
         n = self.embeddings["features"].shape[0]
         if labels is not None and len(labels) != n:
             raise DQInputError(f"{self.embeddings.url}: {n} embeddings for {len(labels)} labelled samples in {self.dataset.url}")
         classes, groups = class_groups(labels, n)
         classes = np.array([-1]) if classes is None else classes
-        for c, members in zip(classes, groups):
-            if len(members) < self.config.num_bins:
-                raise DQInputError(f"bins.num_bins={self.config.num_bins} is larger than class {c} ({len(members)} samples)")
         budgets = bin_budgets([len(g) for g in groups], self.config.num_bins, self.config.budget_rule)
         kernel = self.config.kernel
-        digests = self._map(client, _class_digest_worker, [(members, budgets[c], kernel) for c, members in enumerate(groups)])
+        # Digests read and hash each class's rows once: cheap, so they run here (no cluster start).
+        digests = [_class_digest(self.embeddings, members, budgets[c], kernel) for c, members in enumerate(groups)]
 
         bin_of_sample = np.empty(n, dtype=np.int32)
         earlier = self._earlier_classes()
@@ -291,7 +284,7 @@ class _SubsetStage(Stage):
     def select(self) -> np.ndarray:
         raise NotImplementedError
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         indices = np.sort(np.asarray(self.select(), dtype=np.int64))
         write_array(group, "indices", indices)
         split = self.dataset[QUANTIZED_SPLIT]
@@ -407,10 +400,11 @@ class EvaluateStage(Stage):
     def inputs(self) -> list[Artifact]:
         return [a for a in (self.dataset, self.subset, self.images) if a is not None]
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         job = TrainJob(self.store.url, self.store.storage_options, self.dataset.name,
                        self.subset.name if self.subset else None, self.images.name if self.images else None,
                        self.config, self.seed)
+        client = resolve_client(client)
         if client is None:
             result = run_training(job, progress)
         else:
@@ -436,7 +430,7 @@ class TextEvaluateStage(Stage):
     def inputs(self) -> list[Artifact]:
         return [a for a in (self.dataset, self.embeddings, self.test_embeddings, self.subset) if a is not None]
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         labels = np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/labels"][:])
         rows = np.arange(len(labels)) if self.subset is None else np.asarray(self.subset["indices"][:])
         started = time.perf_counter()
@@ -478,7 +472,7 @@ class DropPatchesStage(Stage):
     def inputs(self) -> list[Artifact]:
         return [self.dataset, self.subset]
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         split = self.dataset[QUANTIZED_SPLIT]
         rows = np.asarray(self.subset["indices"][:])
         ids, labels = np.asarray(self.subset["ids"][:]), np.asarray(split["labels"].get_orthogonal_selection((rows,)))
@@ -527,7 +521,7 @@ class MAEStage(Stage):
     def inputs(self) -> list[Artifact]:
         return [] if self.config.mae_checkpoint else [self.dataset]
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         c = self.config
         if c.mae_checkpoint:
             model = load_mae(c.mae_checkpoint)
@@ -564,7 +558,7 @@ class ReconstructStage(Stage):
     def inputs(self) -> list[Artifact]:
         return [self.patches, self.mae]
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         model = load_mae_artifact(self.mae)
         subset = self.store.open("subsets", self.patches.group.attrs["subset"])
         rows = np.asarray(subset["indices"][:])

@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from dq_ops.cluster import cluster_precision
 from dq_ops.config import DQConfig
 from dq_ops.paired import paired_gap
+from dq_ops.preflight import preflight
 from dq_ops.selection import SelectionDiff, publish_selection, selection_key
 from dq_ops.store import QUANTIZED_SPLIT, Store
 from dq_ops.train import summarize_accuracies
@@ -67,6 +68,7 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         precision = cluster_precision(config.cluster)
         with timed("ingest"):
             dataset = ingest_dataset(config.dataset, store_url)
+        preflight(config, dataset.open())  # what the data must allow, before the expensive stages
         with timed("embeddings"):
             embeddings = compute_embeddings(
                 store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, precision, config.cluster
@@ -311,7 +313,9 @@ def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str
     report_url = f"{config.store_url.rstrip('/')}/reports/{flow_run.get_name() or tracker.run_id}.md"
     with fsspec.open(report_url, "w", auto_mkdir=True) as fh:
         fh.write(report)
-    create_markdown_artifact(report, key="dq-report", description="Dataset Quantization report")
+    # One report artifact per dataset (Prefect keys: lowercase letters, digits, dashes).
+    report_key = "dq-report-" + config.dataset.name.lower().replace("_", "-").replace(".", "-")
+    create_markdown_artifact(report, key=report_key, description=f"Dataset Quantization report: {config.dataset.name}")
     create_table_artifact(bin_size_rows(summary), key="dq-bin-sizes", description="Samples per class and bin")
     create_link_artifact(tracker.run_url, link_text="MLflow run", key="dq-mlflow-run")
     metrics = {f"time_{stage}_s": seconds for stage, seconds in summary["timings_s"].items()}

@@ -7,6 +7,7 @@ from typing import Any
 
 from dq_ops.config import DQConfig
 from dq_ops.store import QUANTIZED_SPLIT, Artifact
+from dq_ops.urls import redact_credentials
 
 
 def bin_size_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -107,7 +108,7 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
         lines += ["", "## Bins", "", f"Examples per bin (bin 0 most typical, last bins rare or boundary cases): {summary['gallery']}"]
     lines += ["", "## Stage timings (this run; cached stages take ~0 s)", ""]
     lines += [f"- {stage}: {seconds:.1f} s" for stage, seconds in summary["timings_s"].items()]
-    return "\n".join(lines) + "\n"
+    return redact_credentials("\n".join(lines) + "\n")  # URLs in the config may carry passwords
 
 
 def bin_gallery(dataset: Artifact, bins: Artifact, class_names: list[str] | None, classes: int = 3) -> bytes | list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -17,6 +18,8 @@ os.environ.update({
     # `dq run` subprocesses in tests use a temporary Prefect server: none is left running.
     "DQ_PREFECT_SERVER": "ephemeral",
 })
+# CLI subprocesses write their logs here, not into the user's ~/.cache/dq/logs.
+os.environ.setdefault("DQ_LOG_DIR", tempfile.mkdtemp(prefix="dq-test-logs-"))
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +31,7 @@ def prefect_harness(tmp_path_factory):
     storage = tmp_path_factory.mktemp("prefect-results")
     with prefect_test_harness(server_startup_timeout=180), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         yield
+
+
+# The production-like stack (servers on loopback, one deployment run), shared by test_ops and test_browser.
+from ops_fixtures import ops_run, ops_stack  # noqa: E402, F401
