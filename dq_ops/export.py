@@ -146,7 +146,7 @@ def subset_torch_dataset(store: Store, subset_name: str, mae_name: str | None = 
     (``dq_ops.mae.ReconstructedPatchDataset``); otherwise the ingested images."""
     if mae_name is None:
         return SubsetImages(store, subset_name)
-    from dq_ops.stages import load_mae_artifact
+    from dq_ops.pixels import load_mae_artifact
 
     stored = [name for name in store.list("patches") if store.open("patches", name).group.attrs.get("subset") == subset_name]
     if not stored:

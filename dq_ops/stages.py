@@ -16,33 +16,17 @@ Artifacts written here (see :mod:`dq_ops.store` for the layout):
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from dq_ops.backbones import load_classifier
 from dq_ops.baselines import select_herding, select_kcenter, select_random
 from dq_ops.bins import bin_budgets, generate_bins, generate_class_bins
-from dq_ops.config import BinsConfig, EmbeddingConfig, EvaluationConfig, PatchConfig
+from dq_ops.config import BinsConfig, EvaluationConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups
-from dq_ops.mae import (
-    MAEConfig,
-    MaskedAutoencoder,
-    baseline_fill,
-    load_mae,
-    mae_checkpoint_bytes,
-    mae_from_checkpoint_bytes,
-    materialise_reconstruction,
-    picture_grid,
-    reconstruction_psnr,
-    train_mae,
-)
-from dq_ops.patch_store import PatchStore, pack_patches, storage_report
-from dq_ops.patches import gradcam_plus_plus, patch_grid, patch_scores, select_patches
 from dq_ops.sampling import sample_bins, sample_sizes
 from dq_ops.store import Artifact, Store, derive_key, write_array
 from dq_ops.text_eval import evaluate_text_subset
@@ -259,124 +243,3 @@ def evaluate_text_stage(
             "train_seconds": time.perf_counter() - started,
         })
     return store.open("evaluations", name)
-
-
-def drop_patches_stage(
-    store: Store,
-    dataset: Artifact,
-    subset: Artifact,
-    params: PatchConfig,
-    embedding: EmbeddingConfig,
-    *,
-    batch_size: int = 256,
-    progress: Progress | None = None,
-) -> Artifact:
-    """Stage 4: score each subset image's patches by Grad-CAM++ of the pretrained backbone for
-    its own predicted class, keep the top ``1 − θ`` and store only those (``dq_ops.patch_store``).
-
-    Rows of the patch store follow the subset's ``indices``. The attributes report stored bytes
-    against the same images stored whole with the same codec, and the keep ratios.
-    """
-    settings = {
-        "patch_size": params.patch_size, "drop_ratio": params.drop_ratio, "cam_image_size": params.cam_image_size,
-        "backbone": embedding.backbone, "weights": embedding.weights,
-    }
-    inputs = [dataset.fingerprint, subset.fingerprint]
-    name = derive_key("patches", settings, inputs)
-    if store.exists("patches", name):
-        return store.open("patches", name)
-    split = dataset[QUANTIZED_SPLIT]
-    if "images" not in split:
-        raise DQInputError(f"{dataset.url} holds texts: patch dropping applies to image datasets only")
-    rows = np.asarray(subset["indices"][:])
-    ids, labels = np.asarray(subset["ids"][:]), np.asarray(split["labels"].get_orthogonal_selection((rows,)))
-    image_shape = split["images"].shape[1:]
-    grid = patch_grid(image_shape[:2], params.patch_size)
-    classifier = load_classifier(embedding.backbone, embedding.weights, image_size=params.cam_image_size)
-    with store.write("patches", name, settings, inputs) as group:
-        patch_store = PatchStore.create(group, image_shape, params.patch_size)
-        for start in range(0, len(rows), batch_size):
-            chunk = slice(start, start + batch_size)
-            images = np.asarray(split["images"].get_orthogonal_selection((rows[chunk],)))
-            cam = gradcam_plus_plus(classifier.model, classifier.target_layer, classifier.preprocess(images))
-            keep = select_patches(patch_scores(cam, grid), params.drop_ratio)
-            patch_store.append(pack_patches(images, keep, params.patch_size), ids[chunk], labels[chunk])
-            if progress:
-                progress(min(start + batch_size, len(rows)), len(rows))
-        report = storage_report(patch_store, np.asarray(split["images"].get_orthogonal_selection((rows,))),
-                                sample_ratio=len(rows) / split["labels"].shape[0])
-        group.attrs.update({
-            "subset": subset.name, "stored_bytes": report.patch_bytes, "whole_image_bytes": report.whole_image_bytes,
-            "byte_ratio": report.byte_ratio, "patch_keep_ratio": report.patch_keep_ratio,
-            "sample_keep_ratio": report.sample_ratio, "keep_ratio": report.keep_ratio,
-        })
-    return store.open("patches", name)
-
-
-def mae_stage(
-    store: Store, dataset: Artifact, params: PatchConfig, seed: int, *, progress: Progress | None = None
-) -> Artifact:
-    """Stage 5a: the MAE checkpoint in ``models/<key>`` (a safetensors blob with its config).
-
-    Trained on a seeded sample of ``params.mae_train_samples`` images of the quantized split, or
-    copied from ``params.mae_checkpoint`` (validated by loading it).
-    """
-    settings = {"patch_size": params.patch_size, "epochs": params.mae_epochs, "samples": params.mae_train_samples,
-                "mask_ratio": params.mae_mask_ratio, "seed": seed, "checkpoint": params.mae_checkpoint}
-    name = derive_key("models", settings, [dataset.fingerprint])
-    if store.exists("models", name):
-        return store.open("models", name)
-    if params.mae_checkpoint:
-        model = load_mae(params.mae_checkpoint)
-        history: list[float] = []
-    else:
-        split = dataset[QUANTIZED_SPLIT]
-        n = split["images"].shape[0]
-        rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, params.mae_train_samples)])
-        images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
-        config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=params.patch_size,
-                           mask_ratio=params.mae_mask_ratio)
-        model, history = train_mae(images, config, seed=seed, epochs=params.mae_epochs,
-                                   progress=(lambda step, total, loss: progress(step, total)) if progress else None)
-    with store.write("models", name, settings, [dataset.fingerprint]) as group:
-        write_array(group, "checkpoint", np.frombuffer(mae_checkpoint_bytes(model), dtype=np.uint8))
-        write_array(group, "loss_history", np.asarray(history, dtype=np.float32))
-        group.attrs["mae_config"] = json.loads(model.config.to_json())
-    return store.open("models", name)
-
-
-def load_mae_artifact(artifact: Artifact) -> MaskedAutoencoder:
-    """The MAE held by a ``models/<key>`` artifact."""
-    return mae_from_checkpoint_bytes(np.asarray(artifact["checkpoint"][:]).tobytes(), artifact.url)
-
-
-def reconstruct_stage(
-    store: Store, dataset: Artifact, patches: Artifact, mae: Artifact, *, progress: Progress | None = None
-) -> Artifact:
-    """Stage 5b: restore the dropped patches of every stored image (``reconstructions/<key>``:
-    ``images`` in subset order). Attributes: PSNR on the dropped pixels for the MAE and for a
-    mean-fill and a zero-fill baseline, measured against the ingested originals, and
-    ``preview_png``: original | kept patches | reconstruction of the first images."""
-    inputs = [patches.fingerprint, mae.fingerprint]
-    name = derive_key("reconstructions", {}, inputs)
-    if store.exists("reconstructions", name):
-        return store.open("reconstructions", name)
-    model = load_mae_artifact(mae)
-    subset = store.open("subsets", patches.group.attrs["subset"])
-    rows = np.asarray(subset["indices"][:])
-    original = np.asarray(dataset[QUANTIZED_SPLIT]["images"].get_orthogonal_selection((rows,)))
-    with store.write("reconstructions", name, {}, inputs) as group:
-        restored = np.asarray(materialise_reconstruction(patches.group, model, group)[:])
-        keep = np.asarray(PatchStore(patches.group).read().keep_mask)
-        preview = slice(0, min(8, len(rows)))
-        png = picture_grid(original[preview], keep[preview], restored[preview])
-        write_array(group, "preview_png", np.frombuffer(png, dtype=np.uint8))
-        group.attrs.update({
-            "subset": subset.name,
-            "psnr_mae_db": reconstruction_psnr(original, restored, keep),
-            "psnr_mean_fill_db": reconstruction_psnr(original, baseline_fill(original, keep, "mean"), keep),
-            "psnr_zero_fill_db": reconstruction_psnr(original, baseline_fill(original, keep, "zero"), keep),
-        })
-        if progress:
-            progress(1, 1)
-    return store.open("reconstructions", name)
