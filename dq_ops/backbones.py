@@ -26,7 +26,6 @@ Text (``EmbeddingConfig.text_model``): ``"all-MiniLM-L6-v2"`` from ``gt-all-mini
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import io
 import os
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dq_ops.errors import DQInputError
+from dq_ops.store import file_digest
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
@@ -127,7 +127,12 @@ def weights_digest(name: str, weights: str | None) -> str:
     file, or :data:`RANDOM_WEIGHTS`. Raises like :func:`load_image_extractor` on a bad name or a
     missing file, before any worker starts."""
     source = _weights_source(name, weights)
-    return RANDOM_WEIGHTS if source is None else hashlib.sha256(_read_bytes(source)).hexdigest()
+    if source is None:
+        return RANDOM_WEIGHTS
+    try:
+        return file_digest(source)
+    except DQInputError:
+        raise DQInputError(f"{source}: weights file not found") from None
 
 
 def _packaged_lite0_path() -> str:
@@ -309,9 +314,15 @@ class ImageExtractor:
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(images), batch_size):
                 x = self.preprocess(images[start:start + batch_size], self.device)
+                rows = len(x)
+                # Every forward pass has exactly ``batch_size`` images (the last one zero-padded):
+                # kernels are chosen by batch shape, so a sample's features then never depend on
+                # which other samples share its batch, and an incremental run reproduces a full one.
+                if rows < batch_size:
+                    x = torch.cat([x, x.new_zeros((batch_size - rows, *x.shape[1:]))])
                 if self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                out[start:start + len(x)] = self.model(x).float().cpu().numpy()
+                out[start:start + rows] = self.model(x)[:rows].float().cpu().numpy()
         return out
 
 

@@ -1,6 +1,6 @@
 """Stage 1 on a dask cluster: embed one split of a stored dataset into ``embeddings/<key>``.
 
-The artifact (``key = derive_key("embeddings", params, [dataset fingerprint])``) holds::
+The artifact (:class:`EmbeddingsStage`, a :class:`~dq_ops.stage.ChunkedStage`) holds::
 
     features   (n, D) float32   penultimate image features / unit-norm sentence embeddings (e)
     gradients  (n, C) float32   mode="gradient" only: g = ∂loss/∂logits under the seeded random
@@ -13,10 +13,15 @@ Work is split into row chunks of ``chunk_rows`` (the Zarr chunk size of ``featur
 tasks write the same chunk). The client sends each task only URLs and a row range; the worker
 reads its rows from the dataset's Zarr store, runs the extractor (loaded once per worker process,
 :func:`dq_ops.backbones.get_extractor`) and writes its rows into the resumable staging group
-``embeddings/.staging/<key>``, then sets ``done[chunk] = True`` (``done`` has one Zarr chunk per
-task). Chunk writes are atomic object/file writes, and ``done`` is written last, so a chunk marked
-done is complete. A rerun with the same inputs finds the same staging group and submits only
-chunks not marked done; when all are, ``done`` is dropped and the group is committed.
+``embeddings/.staging/<key>``, then sets ``done[chunk] = True``. A rerun with the same inputs
+finds the same staging group and submits only chunks not marked done.
+
+**Incremental refresh.** An embedding is a function of the sample's content (its id's content
+hash) and, in gradient mode, its label. Before computing, the stage looks for a *donor*: an
+earlier embeddings artifact of the same parameters (any snapshot of any dataset in the store).
+Rows whose content hash (and label) the donor holds are copied from it by the workers; only the
+rest go through the backbone. The extractor runs fixed-size batches (see
+:class:`~dq_ops.backbones.ImageExtractor`), so a computed row has the same bytes as in a full run.
 
 The key's parameters say what was computed, not how: the batch size, chunk size and cluster are
 left out; the numeric precision is in (float32 on CPU, bf16/fp16 autocast on CUDA workers).
@@ -25,14 +30,13 @@ left out; the numeric precision is in (float32 on CPU, bf16/fp16 autocast on CUD
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from distributed import Client, as_completed
+from distributed import Client
 
 from dq_ops.backbones import (
     ExtractorSpec,
@@ -46,7 +50,8 @@ from dq_ops.backbones import (
 from dq_ops.config import EmbeddingConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import gradient_embedding
-from dq_ops.store import Artifact, Store, derive_key, open_zarr_store, write_array
+from dq_ops.stage import ChunkedStage
+from dq_ops.store import Artifact, Store, open_zarr_store, write_array
 
 Progress = Callable[[int, int], None]
 # Default rows per task: tens of seconds of CPU work for a small backbone (enough to hide task
@@ -56,23 +61,8 @@ _CHUNK_INPUT_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
-class EmbeddingResult:
-    """The committed artifact and what this call computed (for tracking)."""
-
-    artifact: Artifact
-    rows_computed: int  # rows embedded by this call; the rest were done by an earlier, interrupted run
-    chunks_skipped: int
-    seconds: float  # wall clock from the first submitted chunk to the last finished one
-
-    @property
-    def samples_per_second(self) -> float | None:
-        """Throughput of this call's chunks (model loading on the workers included)."""
-        return self.rows_computed / self.seconds if self.rows_computed and self.seconds > 0 else None
-
-
-@dataclass(frozen=True)
 class _ChunkJob:
-    """One task's whole input: URLs and a row range, never arrays."""
+    """One task's whole input: URLs, a row range and which of its rows to copy, never features."""
 
     dataset_url: str
     split: str
@@ -86,29 +76,32 @@ class _ChunkJob:
     stop: int
     gradient_classes: int | None  # mode="gradient": number of classes of the random head
     seed: int
+    donor_url: str | None = None
+    copied: np.ndarray | None = None  # positions in [start, stop) whose features the donor holds
+    donor_rows: np.ndarray | None = None  # their rows in the donor
 
 
 def _embed_chunk(job: _ChunkJob) -> int:
-    """Worker side: embed rows [start, stop) into the staging group; return the row count."""
+    """Worker side: fill rows [start, stop) of the staging group; return the rows computed."""
     source = zarr.open_group(open_zarr_store(job.dataset_url, job.storage_options, read_only=True), mode="r")
     split = source[job.split]
-    extractor = get_extractor(job.spec)
-    features = extractor(split[job.samples][job.start:job.stop], job.batch_size)
     out = zarr.open_group(open_zarr_store(job.staging_url, job.storage_options), mode="r+")
+    features = np.empty((job.stop - job.start, out["features"].shape[1]), dtype=np.float32)
+    computed = np.ones(len(features), dtype=bool)
+    if job.donor_url is not None and len(job.copied):
+        donor = zarr.open_group(open_zarr_store(job.donor_url, job.storage_options, read_only=True), mode="r")
+        features[job.copied] = donor["features"].get_orthogonal_selection((job.donor_rows, slice(None)))
+        computed[job.copied] = False
+    rows = job.start + np.flatnonzero(computed)
+    if len(rows):
+        features[computed] = get_extractor(job.spec)(split[job.samples].get_orthogonal_selection((rows,)), job.batch_size)
     out["features"][job.start:job.stop] = features
     if job.gradient_classes is not None:
         labels = split["labels"][job.start:job.stop]
         out["gradients"][job.start:job.stop] = gradient_embedding(
             features, labels, num_classes=job.gradient_classes, seed=job.seed
         ).g
-    out["done"][job.index] = True  # last: the chunk's rows are all written
-    return job.stop - job.start
-
-
-def _cluster_precision(client: Client) -> str:
-    """Precision the workers' image extractors run at ("float32" on CPU); mixed clusters list all."""
-    client.wait_for_workers(1)
-    return "+".join(sorted(set(client.run(inference_precision).values())))
+    return len(rows)
 
 
 def _gradient_classes(split: zarr.Group, class_names: list[str] | None, where: str) -> int:
@@ -130,30 +123,138 @@ def default_chunk_rows(samples: zarr.Array, batch_size: int) -> int:
     return rows - rows % batch_size if rows >= batch_size else rows
 
 
-def _open_staging(
-    store: Store, key: str, ids: zarr.Array, dim: int, gradient_classes: int | None, chunk_rows: int
-) -> tuple[zarr.Group, str]:
-    """The staging group for ``key``, created (or recreated when its layout differs) as needed."""
-    n = ids.shape[0]
-    n_chunks = -(-n // chunk_rows)
-    group, url = store.resumable("embeddings", key)
-    features = group.get("features")
-    done = group.get("done")
-    if (
-        features is not None and done is not None
-        and features.shape == (n, dim) and features.chunks[0] == chunk_rows and done.shape == (n_chunks,)
+def content_keys(ids: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """What an embedding depends on, per sample: the content hash of its id (after the last
+    ':'), plus its label when given (gradient mode)."""
+    keys = np.array([str(i).rsplit(":", 1)[-1] for i in ids], dtype=object)
+    return keys if labels is None else np.array([f"{k}|{y}" for k, y in zip(keys, labels)], dtype=object)
+
+
+class EmbeddingsStage(ChunkedStage):
+    """Features of one split of a dataset snapshot (module docstring).
+
+    Image datasets use ``config.backbone`` / ``weights`` (by content digest) / ``image_size``,
+    text datasets ``config.text_model``; ``config.mode="gradient"`` adds the gradients of a
+    random head seeded by ``seed`` (``seed`` enters the key only then). The precision the
+    workers compute in is part of the key (CUDA workers use bf16/fp16 autocast). ``chunk_rows``
+    (rows per task) defaults to :func:`default_chunk_rows`; a rerun must use the same value to
+    resume. After :meth:`run`, ``work_done`` is the number of samples that went through the model.
+    """
+
+    kind = "embeddings"
+    version = 1
+    worker = staticmethod(_embed_chunk)
+
+    def __init__(
+        self, store: Store, dataset: Artifact, split: str, config: EmbeddingConfig, *,
+        seed: int, precision: str, chunk_rows: int | None = None,
     ):
-        return group, url
-    # A layout from another chunk size (or an interrupted commit): start this cache over.
-    store.discard_resumable("embeddings", key)
-    group, url = store.resumable("embeddings", key)
-    write_array(group, "features", shape=(n, dim), dtype=np.float32, chunk_rows=chunk_rows)
-    if gradient_classes is not None:
-        write_array(group, "gradients", shape=(n, gradient_classes), dtype=np.float32, chunk_rows=chunk_rows)
-    write_array(group, "ids", ids[:], chunk_rows=chunk_rows)
-    # Written last: a group with ``done`` has all its arrays.
-    group.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False)
-    return group, url
+        super().__init__(store)
+        if split not in dataset.group:
+            splits = sorted(name for name, _ in dataset.group.groups())
+            raise DQInputError(f"{dataset.url}: no split {split!r}; splits: {', '.join(splits)}")
+        self.dataset, self.split, self.config, self.seed = dataset, split, config, seed
+        self.split_group = dataset[split]
+        self.samples = next((name for name in ("images", "texts") if name in self.split_group), None)
+        if self.samples is None:
+            raise DQInputError(f"{dataset.url}/{split}: neither 'images' nor 'texts' (not an ingested dataset?)")
+        if self.samples == "images":
+            self.spec = ExtractorSpec("images", config.backbone, config.weights, config.image_size)
+            self.dim = backbone_dim(config.backbone)
+            self._params: dict[str, Any] = {
+                "backbone": config.backbone,
+                "weights_sha256": weights_digest(config.backbone, config.weights),
+                "image_size": config.image_size,
+                "precision": precision,
+            }
+        else:
+            self.spec = ExtractorSpec("texts", config.text_model)
+            self.dim = text_dim(config.text_model)
+            self._params = {"text_model": config.text_model, "text_model_version": text_model_version(config.text_model)}
+        self._params.update(modality=self.samples, mode=config.mode)
+        self.gradient_classes = None
+        if config.mode == "gradient":
+            class_names = dataset.group.attrs.get("class_names")
+            self.gradient_classes = _gradient_classes(self.split_group, class_names, f"{dataset.url}/{split}")
+            self._params.update(seed=seed, num_classes=self.gradient_classes)
+        self._chunk_rows = chunk_rows or default_chunk_rows(self.split_group[self.samples], config.batch_size)
+        if self._chunk_rows < 1:
+            raise DQInputError(f"chunk_rows must be positive, got {self._chunk_rows}")
+        self._donor: tuple[Artifact | None, dict[str, int]] | None = None
+
+    def params(self) -> dict[str, Any]:
+        return dict(self._params)
+
+    def inputs(self) -> list[Artifact]:
+        return [self.dataset]
+
+    def num_rows(self) -> int:
+        return int(self.split_group["ids"].shape[0])
+
+    def chunk_rows(self) -> int:
+        return self._chunk_rows
+
+    def create_layout(self, group: zarr.Group) -> None:
+        n = self.num_rows()
+        write_array(group, "features", shape=(n, self.dim), dtype=np.float32, chunk_rows=self._chunk_rows)
+        if self.gradient_classes is not None:
+            write_array(group, "gradients", shape=(n, self.gradient_classes), dtype=np.float32, chunk_rows=self._chunk_rows)
+            write_array(group, "labels", self.split_group["labels"][:], chunk_rows=self._chunk_rows)  # gradients depend on them
+        write_array(group, "ids", self.split_group["ids"][:], chunk_rows=self._chunk_rows)
+
+    def layout_matches(self, group: zarr.Group) -> bool:
+        features = group.get("features")
+        return features is not None and features.shape == (self.num_rows(), self.dim) and features.chunks[0] == self._chunk_rows
+
+
+    def donor(self) -> tuple[Artifact | None, dict[str, int]]:
+        """The earlier embeddings artifact (same parameters) sharing the most samples with this
+        split, and its row of each shared content key."""
+        if self._donor is None:
+            gradients = self.gradient_classes is not None
+            wanted = set(content_keys(self.split_group["ids"][:], self.split_group["labels"][:] if gradients else None))
+            best: tuple[Artifact | None, dict[str, int]] = (None, {})
+            for name in self.store.list(self.kind):
+                candidate = self.store.open(self.kind, name)
+                if candidate.params != self.key_params():
+                    continue
+                keys = content_keys(candidate["ids"][:], candidate["labels"][:] if gradients else None)
+                rows = {k: r for r, k in enumerate(keys) if k in wanted}
+                if len(rows) > len(best[1]):
+                    best = (candidate, rows)
+            self._donor = best
+        return self._donor
+
+    def job(self, staging_url: str, index: int, start: int, stop: int) -> _ChunkJob:
+        donor, rows = self.donor()
+        copied = donor_rows = None
+        if donor is not None:
+            keys = content_keys(self.split_group["ids"][start:stop], None if self.gradient_classes is None
+                                else self.split_group["labels"][start:stop])
+            positions = [p for p, k in enumerate(keys) if k in rows]
+            copied = np.array(positions, dtype=np.int64)
+            donor_rows = np.array([rows[keys[p]] for p in positions], dtype=np.int64)
+        return _ChunkJob(
+            self.dataset.url, self.split, self.samples, staging_url, self.store.storage_options, self.spec,
+            self.config.batch_size, index, start, stop, self.gradient_classes, self.seed,
+            donor.url if donor is not None else None, copied, donor_rows,
+        )
+
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """The committed artifact and what this call computed."""
+
+    artifact: Artifact
+    rows_computed: int  # rows that went through the model now; the rest were copied or done before
+    chunks_skipped: int  # chunks an interrupted earlier run had finished
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float | None:
+        """Throughput of this call (model loading on the workers included)."""
+        return self.rows_computed / self.seconds if self.rows_computed and self.seconds > 0 else None
 
 
 def embed_dataset(
@@ -161,84 +262,17 @@ def embed_dataset(
     dataset_name: str,
     split: str,
     config: EmbeddingConfig,
-    client: Client,
+    client: Client | None,
     *,
     seed: int,
     progress: Progress | None = None,
     chunk_rows: int | None = None,
 ) -> EmbeddingResult:
-    """Embed ``datasets/<dataset_name>/<split>`` on ``client``'s workers (see the module docstring).
-
-    Image datasets use ``config.backbone`` / ``weights`` / ``image_size``, text datasets
-    ``config.text_model``; ``config.mode="gradient"`` adds the gradients of a random head seeded
-    by ``seed`` (``seed`` does not enter the key in embedding mode). ``progress(done, total)``
-    counts chunks, including those an interrupted run already finished. ``chunk_rows`` (rows per
-    task) defaults to :func:`default_chunk_rows`; a rerun must use the same value to resume.
-    Returns at once when the artifact already exists. Raises :class:`DQInputError` for a missing
-    split, an unknown backbone or a missing/corrupt weights file (the last from the workers).
-    """
-    dataset = store.open("datasets", dataset_name)
-    if split not in dataset.group:
-        splits = sorted(name for name, _ in dataset.group.groups())
-        raise DQInputError(f"{dataset.url}: no split {split!r}; splits: {', '.join(splits)}")
-    split_group = dataset[split]
-    samples = next((name for name in ("images", "texts") if name in split_group), None)
-    if samples is None:
-        raise DQInputError(f"{dataset.url}/{split}: neither 'images' nor 'texts' (not an ingested dataset?)")
-    if samples == "images":
-        spec = ExtractorSpec("images", config.backbone, config.weights, config.image_size)
-        dim = backbone_dim(config.backbone)
-        params: dict[str, Any] = {
-            "backbone": config.backbone,
-            "weights_sha256": weights_digest(config.backbone, config.weights),
-            "image_size": config.image_size,
-            "precision": _cluster_precision(client),
-        }
-    else:
-        spec = ExtractorSpec("texts", config.text_model)
-        dim = text_dim(config.text_model)
-        params = {"text_model": config.text_model, "text_model_version": text_model_version(config.text_model)}
-    params.update(split=split, modality=samples, mode=config.mode)
-    gradient_classes = None
-    if config.mode == "gradient":
-        class_names = dataset.group.attrs.get("class_names")
-        gradient_classes = _gradient_classes(split_group, class_names, f"{dataset.url}/{split}")
-        params.update(seed=seed, num_classes=gradient_classes)
-    key = derive_key("embeddings", params, [dataset.fingerprint])
-    chunk_rows = chunk_rows or default_chunk_rows(split_group[samples], config.batch_size)
-    if chunk_rows < 1:
-        raise DQInputError(f"chunk_rows must be positive, got {chunk_rows}")
-    if store.exists("embeddings", key):
-        return EmbeddingResult(store.open("embeddings", key), 0, 0, 0.0)
-
-    staging, staging_url = _open_staging(store, key, split_group["ids"], dim, gradient_classes, chunk_rows)
-    n = split_group["ids"].shape[0]
-    done = staging["done"][:]
-    total, finished = len(done), int(done.sum())
-    if progress is not None:
-        progress(finished, total)
-    jobs = [
-        _ChunkJob(
-            dataset.url, split, samples, staging_url, store.storage_options, spec, config.batch_size,
-            k, k * chunk_rows, min(n, (k + 1) * chunk_rows), gradient_classes, seed,
-        )
-        for k in np.flatnonzero(~done).tolist()
-    ]
-    token = uuid.uuid4().hex[:8]  # fresh task keys: a rerun must not meet its cancelled predecessors
+    """Run :class:`EmbeddingsStage` for ``datasets/<dataset_name>`` (a snapshot, or a dataset's
+    name for its latest snapshot) on ``client``'s workers, or inline without one."""
+    precision = inference_precision() if client is None else "+".join(sorted(set(client.run(inference_precision).values())))
+    stage = EmbeddingsStage(store, store.open("datasets", dataset_name), split, config, seed=seed, precision=precision,
+                            chunk_rows=chunk_rows)
     started = time.perf_counter()
-    futures = [client.submit(_embed_chunk, job, key=f"dq-embed-{key}-{job.index}-{token}") for job in jobs]
-    rows = 0
-    try:
-        for future in as_completed(futures):
-            rows += future.result()  # re-raises a worker's exception here
-            finished += 1
-            if progress is not None:
-                progress(finished, total)
-    finally:
-        # On an error or an interruption stop what has not started; done chunks stay for a rerun.
-        client.cancel([f for f in futures if not f.done()])
-    seconds = time.perf_counter() - started
-
-    del staging["done"]
-    artifact = store.commit_resumable("embeddings", key, params, [dataset.fingerprint])
-    return EmbeddingResult(artifact, rows, total - len(jobs), seconds)
+    artifact = stage.run(progress=progress, client=client)
+    return EmbeddingResult(artifact, stage.work_done, stage.chunks_resumed, time.perf_counter() - started)

@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 
 from dq_ops.errors import DQInputError
 from dq_ops.mae import ReconstructedPatchDataset
-from dq_ops.stages import QUANTIZED_SPLIT
-from dq_ops.store import Artifact, Store
+from dq_ops.mae_store import load_mae_artifact
+from dq_ops.store import QUANTIZED_SPLIT, Artifact, DQStoreError, Store
 
 ExportFormat = Literal["image-folder", "npz", "jsonl"]
 EXPORT_FORMATS: tuple[str, ...] = ("image-folder", "npz", "jsonl")
@@ -39,8 +39,15 @@ class ExportResult:
 
 
 def subset_dataset(store: Store, subset: Artifact) -> Artifact:
-    """The dataset a subset was drawn from."""
-    return store.open("datasets", subset.group.attrs["dataset"])
+    """The dataset snapshot a subset was drawn from (never a newer snapshot of the same name)."""
+    snapshot = subset.group.attrs["dataset"]
+    try:
+        return store.open("datasets", snapshot)
+    except DQStoreError:
+        raise DQStoreError(
+            f"{subset.url} was drawn from dataset snapshot {snapshot!r}, which is no longer in the store "
+            "(removed by `dq gc`?); re-run `dq run` to draw it from the current snapshot"
+        ) from None
 
 
 def export_subset(
@@ -146,7 +153,6 @@ def subset_torch_dataset(store: Store, subset_name: str, mae_name: str | None = 
     (``dq_ops.mae.ReconstructedPatchDataset``); otherwise the ingested images."""
     if mae_name is None:
         return SubsetImages(store, subset_name)
-    from dq_ops.pixels import load_mae_artifact
 
     stored = [name for name in store.list("patches") if store.open("patches", name).group.attrs.get("subset") == subset_name]
     if not stored:

@@ -1,8 +1,10 @@
 """Ingest: read a dataset source and write it into the store as ``datasets/<name>``.
 
 Each split becomes ``<split>/{images|texts, labels, ids}`` (see ``dq_ops.store``), written in
-whole chunks as batches stream in, inside one ``Store.write``: a failed ingest leaves whatever
-``datasets/<name>`` held before untouched. The dataset group's attributes hold ``modality``
+whole chunks as batches stream in, inside one ``Store.write_snapshot``: the result is the
+immutable snapshot ``datasets/<name>-<fingerprint[:12]>`` and ``<name>``'s ``latest`` pointer
+moves to it. Re-ingesting unchanged content finds the same snapshot; a failed ingest leaves every
+snapshot and the pointer as they were. The dataset group's attributes hold ``modality``
 ("images" or "texts"), ``class_names`` (or null) and ``source_format``.
 
 The artifact's parameters are the dataset settings that shape its content (format, limit, resize,
@@ -25,14 +27,18 @@ from dq_ops.readers import Batch, SkippedItem, open_reader
 from dq_ops.store import Store, write_array
 
 Progress = Callable[[int, int], None]
+# Bumped when what ingest writes for the same source changes (it enters the ingest cache key).
+INGEST_VERSION = 2
 # Samples per reader batch: small enough for large images (256 × 224² RGB ≈ 38 MB).
 BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
 class IngestResult:
-    """What an ingest stored: where, its fingerprint, per-split counts, skipped items, class names."""
+    """What an ingest stored: the snapshot (name, URL, fingerprint), per-split counts, skipped items,
+    class names. ``dataset`` is the dataset's name, ``name`` its snapshot's."""
 
+    dataset: str
     name: str
     url: str
     fingerprint: str
@@ -44,7 +50,7 @@ class IngestResult:
 
 
 def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = None) -> IngestResult:
-    """Read ``config``'s source and store it as ``datasets/<config.name>``.
+    """Read ``config``'s source and store it as a snapshot of ``datasets/<config.name>``.
 
     ``progress(done, total)`` is called after every batch; ``total`` counts the samples the
     source announces (after ``limit``), so with skipped items ``done`` may end below it.
@@ -67,7 +73,8 @@ def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = N
 
     params = config.model_dump(mode="json", exclude={"url", "name"})
     counts: dict[str, int] = {}
-    with store.write("datasets", config.name, params) as group:
+    with store.write_snapshot("datasets", config.name, params) as snapshot:
+        group = snapshot.group
         for split, source, test_side in plan:
             batches = reader.iter_batches(source, BATCH_SIZE)
             if test_side is not None:
@@ -79,9 +86,10 @@ def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = N
         group.attrs.update(
             {"modality": reader.modality, "class_names": reader.class_names(), "source_format": config.format}
         )
-    artifact = store.open("datasets", config.name)
+    artifact = snapshot.artifact
     return IngestResult(
-        name=config.name,
+        dataset=config.name,
+        name=artifact.name,
         url=artifact.url,
         fingerprint=artifact.fingerprint,
         source=reader.source,

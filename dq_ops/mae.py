@@ -301,25 +301,6 @@ def mae_from_checkpoint_bytes(payload: bytes, source: str) -> MaskedAutoencoder:
     return model.eval()
 
 
-def save_mae(model: MaskedAutoencoder, path: str) -> None:
-    """Write a safetensors checkpoint (path or fsspec URL) with the config JSON in its metadata."""
-    with fsspec.open(str(path), "wb", auto_mkdir=True) as fh:
-        fh.write(mae_checkpoint_bytes(model))
-
-
-def load_mae(path: str) -> MaskedAutoencoder:
-    """Load a :func:`save_mae` checkpoint (eval mode); a missing or corrupt file raises
-    :class:`DQInputError` naming it."""
-    try:
-        with fsspec.open(str(path), "rb") as fh:
-            payload = fh.read()
-    except FileNotFoundError:
-        raise DQInputError(f"{path}: MAE checkpoint not found") from None
-    except OSError as exc:
-        raise DQInputError(f"{path}: unreadable MAE checkpoint ({exc})") from None
-    return mae_from_checkpoint_bytes(payload, str(path))
-
-
 def reconstruct(
     model: MaskedAutoencoder, images: np.ndarray, keep_mask: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:

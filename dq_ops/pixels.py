@@ -2,9 +2,9 @@
 
 The subset is cut into row chunks of ``r`` images (the patch store's Zarr chunk, so no two tasks
 write the same chunk). The client sends each task URLs and a row range, never arrays; the worker
-reads its rows from the store, computes, and writes them into a resumable staging group, then
-sets ``done[chunk]`` (written last: a chunk marked done is complete). A rerun with the same
-inputs submits only the chunks not marked done. Models are loaded once per worker process
+reads its rows from the store, computes, and writes them into a resumable staging group; the
+stages are :class:`~dq_ops.stage.ChunkedStage` s, which mark ``done[chunk]`` last and on a
+rerun submit only the chunks not marked done. Models are loaded once per worker process
 (:func:`get_classifier`, :func:`get_mae`) on the worker's device (its GPU under dask-cuda).
 
 Reports are combined from per-chunk sums that the workers store beside their rows
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,9 +38,8 @@ from typing import Any
 
 import numpy as np
 import zarr
-from distributed import Client, as_completed
 
-from dq_ops.backbones import Classifier, default_device, load_classifier
+from dq_ops.backbones import Classifier, default_device, load_classifier, weights_digest
 from dq_ops.config import EmbeddingConfig, PatchConfig
 from dq_ops.errors import DQInputError
 from dq_ops.mae import (
@@ -49,7 +47,6 @@ from dq_ops.mae import (
     MaskedAutoencoder,
     baseline_fill,
     dropped_squared_error,
-    load_mae,
     mae_checkpoint_bytes,
     mae_from_checkpoint_bytes,
     picture_grid,
@@ -57,13 +54,14 @@ from dq_ops.mae import (
     reconstruct,
     train_mae,
 )
+from dq_ops.mae_store import load_mae, load_mae_artifact
 from dq_ops.patch_store import PackedPatches, PatchStore, pack_patches, storage_report, unpack_patches, whole_image_bytes
 from dq_ops.patch_store import default_chunk_rows as patch_chunk_rows
 from dq_ops.patches import gradcam_plus_plus, kept_patch_count, patch_grid, patch_scores, select_patches
-from dq_ops.store import Artifact, Store, derive_key, open_zarr_store, write_array
+from dq_ops.stage import ChunkedStage, Progress, Stage
+from dq_ops.store import QUANTIZED_SPLIT as SPLIT
+from dq_ops.store import Artifact, Store, file_digest, open_zarr_store, write_array
 
-Progress = Callable[[int, int], None]
-SPLIT = "train"  # the quantized split (dq_ops.stages.QUANTIZED_SPLIT)
 PREVIEW_IMAGES = 8
 # Per-chunk sums of the reconstruction report, in this column order.
 RECONSTRUCTION_STATS = ("dropped_values", "sse_mae", "sse_mean_fill", "sse_zero_fill")
@@ -105,11 +103,6 @@ def get_mae(mae: Artifact) -> MaskedAutoencoder:
     """The MAE of a ``models/<key>`` artifact on this process's device, loaded once per process
     (keyed by fingerprint: a replaced artifact is loaded afresh)."""
     return _cached(("mae", mae.fingerprint), lambda: load_mae_artifact(mae).to(default_device()))
-
-
-def load_mae_artifact(artifact: Artifact) -> MaskedAutoencoder:
-    """The MAE held by a ``models/<key>`` artifact (on the CPU)."""
-    return mae_from_checkpoint_bytes(np.asarray(artifact["checkpoint"][:]).tobytes(), artifact.url)
 
 
 def drop_patches(classifier: Classifier, images: np.ndarray, patch_size: int, drop_ratio: float,
@@ -155,13 +148,12 @@ def _drop_patches_chunk(job: _Chunk) -> int:
     store, settings = job.store(), job.inputs
     images, labels = _subset_images(store, settings["dataset"], settings["subset"], job.start, job.stop)
     ids = np.asarray(store.open("subsets", settings["subset"])["ids"][job.start:job.stop])
-    classifier = get_classifier(ScorerSpec(settings["backbone"], settings["weights"], settings["cam_image_size"]))
+    classifier = get_classifier(settings["scorer"])
     packed = drop_patches(classifier, images, settings["patch_size"], settings["drop_ratio"])
     staging = job.staging()
     patch_store = PatchStore(staging)
     patch_store.write(job.start, packed, ids, labels)
     staging["chunk_stats"][job.index] = [whole_image_bytes(images, patch_store.chunk_rows)]
-    staging["done"][job.index] = True  # last: the chunk's rows are all written
     return job.stop - job.start
 
 
@@ -179,198 +171,194 @@ def _reconstruct_chunk(job: _Chunk) -> int:
     staging["labels"][job.start:job.stop] = patches.labels[job.start:job.stop]
     staging["ids"][job.start:job.stop] = patches.ids[job.start:job.stop]
     staging["chunk_stats"][job.index] = [errors[0][1], *(sse for sse, _ in errors)]
-    staging["done"][job.index] = True
     return job.stop - job.start
 
 
-def _train_mae_job(store_url: str, storage_options: dict[str, Any], staging_url: str, dataset: str,
-                   params: dict[str, Any], seed: int) -> int:
-    """Train (or load) the MAE on a worker and write it into the staging group; returns steps."""
-    if params["mae_checkpoint"]:
-        model, history = load_mae(params["mae_checkpoint"]), []
-    else:
-        split = Store(store_url, storage_options).open("datasets", dataset)[SPLIT]
-        n = split["images"].shape[0]
-        rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, params["mae_train_samples"])])
-        images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
-        config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=params["patch_size"],
-                           mask_ratio=params["mae_mask_ratio"])
-        model, history = train_mae(images, config, seed=seed, epochs=params["mae_epochs"], device=default_device())
-    group = zarr.open_group(open_zarr_store(staging_url, storage_options), mode="r+")
-    write_array(group, "checkpoint", np.frombuffer(mae_checkpoint_bytes(model), dtype=np.uint8))
-    write_array(group, "loss_history", np.asarray(history, dtype=np.float32))
-    group.attrs["mae_config"] = json.loads(model.config.to_json())
-    return len(history)
+def _train_mae_job(store_url: str, storage_options: dict[str, Any], dataset: str, config: dict[str, Any],
+                   seed: int) -> tuple[bytes, list[float]]:
+    """Train (or load) the MAE where this runs (a worker, on its device); returns the checkpoint
+    bytes and the per-step losses (a model-sized payload, never data)."""
+    if config["mae_checkpoint"]:
+        return mae_checkpoint_bytes(load_mae(config["mae_checkpoint"])), []
+    split = Store(store_url, storage_options).open("datasets", dataset)[SPLIT]
+    n = split["images"].shape[0]
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, config["mae_train_samples"])])
+    images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
+    mae_config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=config["patch_size"],
+                           mask_ratio=config["mae_mask_ratio"])
+    model, history = train_mae(images, mae_config, seed=seed, epochs=config["mae_epochs"], device=default_device())
+    return mae_checkpoint_bytes(model), history
 
 
-# -- client side -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ChunkedResult:
-    """A committed artifact and how much of it this call computed."""
-
-    artifact: Artifact
-    chunks_total: int
-    chunks_skipped: int  # done by an earlier, interrupted run
-    seconds: float
-
-    @property
-    def resumed_note(self) -> str | None:
-        """``"resumed: N of M chunks already done"`` when an earlier run had done some."""
-        return f"resumed: {self.chunks_skipped} of {self.chunks_total} chunks already done" if self.chunks_skipped else None
-
-
-def _run_chunks(client: Client, work: Callable[[_Chunk], int], staging: zarr.Group, make_job: Callable[[int], _Chunk],
-                label: str, progress: Progress | None) -> tuple[int, int, float]:
-    """Submit every chunk not marked done; returns (chunks, chunks skipped, seconds)."""
-    done = staging["done"][:]
-    total, finished = len(done), int(done.sum())
-    skipped = finished
-    if progress is not None:
-        progress(finished, total)
-    token = uuid.uuid4().hex[:8]  # fresh task keys: a rerun must not meet its cancelled predecessors
-    started = time.perf_counter()
-    futures = [client.submit(work, make_job(k), key=f"dq-{label}-{k}-{token}") for k in np.flatnonzero(~done).tolist()]
-    try:
-        for future in as_completed(futures):
-            future.result()  # re-raises a worker's exception here
-            finished += 1
-            if progress is not None:
-                progress(finished, total)
-    finally:
-        # On an error or an interruption stop what has not started; done chunks stay for a rerun.
-        client.cancel([f for f in futures if not f.done()])
-    return total, skipped, time.perf_counter() - started
-
-
-def _staging_is_current(group: zarr.Group, rows: int, chunk_rows: int, pixels: str) -> bool:
-    """Whether a resumable group has the layout this run would create (same rows and chunks)."""
-    done, array = group.get("done"), group.get(pixels)
-    return done is not None and array is not None and array.shape[0] == rows and array.chunks[0] == chunk_rows \
-        and done.shape == (-(-rows // chunk_rows),)
-
-
-def _chunk_bookkeeping(group: zarr.Group, rows: int, chunk_rows: int, stats: int) -> None:
+# -- stages (client side) --------------------------------------------------------------------------
+def _add_chunk_stats(group: zarr.Group, rows: int, chunk_rows: int, columns: int) -> None:
+    """Per-chunk sums written by the workers beside their rows (read and dropped in ``finalize``)."""
     chunks = -(-rows // chunk_rows)
-    group.create_array("chunk_stats", shape=(chunks, stats), dtype=np.float64, chunks=(1, stats), fill_value=0.0)
-    # Written last: a group with ``done`` has all its arrays.
-    group.create_array("done", shape=(chunks,), dtype=bool, chunks=(1,), fill_value=False)
+    group.create_array("chunk_stats", shape=(chunks, columns), dtype=np.float64, chunks=(1, columns), fill_value=0.0)
 
 
-def _finish(group: zarr.Group) -> np.ndarray:
-    """The per-chunk sums, and the bookkeeping arrays dropped before the commit."""
+def _pop_chunk_stats(group: zarr.Group) -> np.ndarray:
     stats = np.asarray(group["chunk_stats"][:])
-    del group["done"], group["chunk_stats"]
+    del group["chunk_stats"]
     return stats
 
 
-def drop_patches_stage(
-    store: Store,
-    dataset: Artifact,
-    subset: Artifact,
-    params: PatchConfig,
-    embedding: EmbeddingConfig,
-    client: Client,
-    *,
-    chunk_rows: int | None = None,
-    progress: Progress | None = None,
-) -> ChunkedResult:
-    """Stage 4 on ``client``'s workers: keep the top ``1 − θ`` patches of every subset image by
-    Grad-CAM++ of the pretrained backbone for its own predicted class (``patches/<key>``, rows in
-    subset order). ``chunk_rows`` (images per task and per Zarr chunk) defaults to about 1 MiB of
-    kept patches; it is in the key, because the byte figures depend on the chunking.
+class DropPatchesStage(ChunkedStage):
+    """Stage 4 (``patches/<key>``, :mod:`dq_ops.patch_store` layout, rows in subset order): keep
+    the top ``1 − θ`` patches of every subset image by Grad-CAM++ of the pretrained backbone for
+    its own predicted class. ``config.chunk_rows`` (images per task and per Zarr chunk) defaults
+    to about 1 MiB of kept patches; it is in the key, because the byte figures depend on it.
     """
-    split = dataset[SPLIT]
-    if "images" not in split:
-        raise DQInputError(f"{dataset.url} holds texts: patch dropping applies to image datasets only")
-    image_shape = tuple(split["images"].shape[1:])
-    grid = patch_grid(image_shape[:2], params.patch_size)
-    kept = kept_patch_count(grid[0] * grid[1], params.drop_ratio)
-    chunk_rows = chunk_rows or patch_chunk_rows(kept, params.patch_size, image_shape[2])
-    settings = {
-        "patch_size": params.patch_size, "drop_ratio": params.drop_ratio, "cam_image_size": params.cam_image_size,
-        "backbone": embedding.backbone, "weights": embedding.weights, "chunk_rows": chunk_rows,
-    }
-    inputs = [dataset.fingerprint, subset.fingerprint]
-    key = derive_key("patches", settings, inputs)
-    if store.exists("patches", key):
-        return ChunkedResult(store.open("patches", key), 0, 0, 0.0)
-    n = int(subset["indices"].shape[0])
-    group, staging_url = store.resumable("patches", key)
-    if not _staging_is_current(group, n, chunk_rows, "patches"):
-        store.discard_resumable("patches", key)
-        group, staging_url = store.resumable("patches", key)
-        PatchStore.create(group, n, image_shape, params.patch_size, kept, chunk_rows=chunk_rows,
-                          dtype=split["images"].dtype)
-        _chunk_bookkeeping(group, n, chunk_rows, 1)
-    job_inputs = settings | {"dataset": dataset.name, "subset": subset.name}
-    total, skipped, seconds = _run_chunks(
-        client, _drop_patches_chunk, group,
-        lambda k: _Chunk(store.url, store.storage_options, staging_url, k, k * chunk_rows, min(n, (k + 1) * chunk_rows), job_inputs),
-        f"patches-{key}", progress,
-    )
-    whole = int(_finish(group)[:, 0].sum())
-    report = storage_report(PatchStore(group), whole, sample_ratio=n / split["labels"].shape[0])
-    group.attrs.update({
-        "subset": subset.name, "stored_bytes": report.patch_bytes, "whole_image_bytes": report.whole_image_bytes,
-        "byte_ratio": report.byte_ratio, "patch_keep_ratio": report.patch_keep_ratio,
-        "sample_keep_ratio": report.sample_ratio, "keep_ratio": report.keep_ratio,
-    })
-    return ChunkedResult(store.commit_resumable("patches", key, settings, inputs), total, skipped, seconds)
+
+    kind = "patches"
+    version = 2  # fixed-size rows written by chunk
+    worker = staticmethod(_drop_patches_chunk)
+
+    def __init__(self, store: Store, dataset: Artifact, subset: Artifact, config: PatchConfig, embedding: EmbeddingConfig):
+        super().__init__(store)
+        split = dataset[SPLIT]
+        if "images" not in split:
+            raise DQInputError(f"{dataset.url} holds texts: patch dropping applies to image datasets only")
+        self.dataset, self.subset, self.config, self.embedding = dataset, subset, config, embedding
+        self.image_shape = tuple(split["images"].shape[1:])
+        self.dtype = split["images"].dtype
+        grid = patch_grid(self.image_shape[:2], config.patch_size)
+        self.kept = kept_patch_count(grid[0] * grid[1], config.drop_ratio)
+        self._chunk_rows = config.chunk_rows or patch_chunk_rows(
+            self.kept, config.patch_size, self.image_shape[2], self.dtype.itemsize)
+
+    def params(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "patch_size": c.patch_size, "drop_ratio": c.drop_ratio, "cam_image_size": c.cam_image_size,
+            "backbone": self.embedding.backbone,
+            "weights_sha256": weights_digest(self.embedding.backbone, self.embedding.weights),
+            "chunk_rows": self._chunk_rows,
+        }
+
+    def inputs(self) -> list[Artifact]:
+        return [self.dataset, self.subset]
+
+    def num_rows(self) -> int:
+        return int(self.subset["indices"].shape[0])
+
+    def chunk_rows(self) -> int:
+        return self._chunk_rows
+
+    def create_layout(self, group: zarr.Group) -> None:
+        PatchStore.create(group, self.num_rows(), self.image_shape, self.config.patch_size, self.kept,
+                          chunk_rows=self._chunk_rows, dtype=self.dtype)
+        _add_chunk_stats(group, self.num_rows(), self._chunk_rows, 1)
+
+    def layout_matches(self, group: zarr.Group) -> bool:
+        patches = group.get("patches")
+        return patches is not None and "chunk_stats" in group and patches.shape[:2] == (self.num_rows(), self.kept) \
+            and patches.chunks[0] == self._chunk_rows
+
+    def job(self, staging_url: str, index: int, start: int, stop: int) -> _Chunk:
+        c = self.config
+        return _Chunk(self.store.url, self.store.storage_options, staging_url, index, start, stop, {
+            "dataset": self.dataset.name, "subset": self.subset.name, "patch_size": c.patch_size,
+            "drop_ratio": c.drop_ratio, "scorer": ScorerSpec(self.embedding.backbone, self.embedding.weights, c.cam_image_size),
+        })
+
+    def finalize(self, group: zarr.Group) -> None:
+        whole = int(_pop_chunk_stats(group)[:, 0].sum())
+        report = storage_report(PatchStore(group), whole, sample_ratio=self.num_rows() / self.dataset[SPLIT]["labels"].shape[0])
+        group.attrs.update({
+            "subset": self.subset.name, "stored_bytes": report.patch_bytes, "whole_image_bytes": report.whole_image_bytes,
+            "byte_ratio": report.byte_ratio, "patch_keep_ratio": report.patch_keep_ratio,
+            "sample_keep_ratio": report.sample_ratio, "keep_ratio": report.keep_ratio,
+        })
 
 
-def mae_stage(store: Store, dataset: Artifact, params: PatchConfig, seed: int, client: Client) -> Artifact:
+class MAEStage(Stage):
     """Stage 5a: the MAE checkpoint in ``models/<key>`` (a safetensors blob with its config),
-    trained as one task on a worker on a seeded sample of ``params.mae_train_samples`` images
-    of the quantized split, or copied from ``params.mae_checkpoint`` (validated by loading it).
+    trained as one task on a dask worker (on its device) on a seeded sample of
+    ``config.mae_train_samples`` images of the quantized split, or copied from
+    ``config.mae_checkpoint`` (validated by loading it; it enters the key by digest, and must be
+    readable by the workers). Without a client the training runs in this process.
     """
-    settings = {"patch_size": params.patch_size, "epochs": params.mae_epochs, "samples": params.mae_train_samples,
-                "mask_ratio": params.mae_mask_ratio, "seed": seed, "checkpoint": params.mae_checkpoint}
-    key = derive_key("models", settings, [dataset.fingerprint])
-    if store.exists("models", key):
-        return store.open("models", key)
-    store.discard_resumable("models", key)  # one task: an interrupted one starts over
-    _, staging_url = store.resumable("models", key)
-    job = client.submit(_train_mae_job, store.url, store.storage_options, staging_url, dataset.name,
-                        params.model_dump(mode="json"), seed, key=f"dq-mae-{key}-{uuid.uuid4().hex[:8]}")
-    job.result()
-    return store.commit_resumable("models", key, settings, [dataset.fingerprint])
+
+    kind = "models"
+
+    def __init__(self, store: Store, dataset: Artifact, config: PatchConfig, seed: int):
+        super().__init__(store)
+        self.dataset, self.config, self.seed = dataset, config, seed
+
+    def params(self) -> dict[str, Any]:
+        c = self.config
+        if c.mae_checkpoint:
+            return {"checkpoint_sha256": file_digest(c.mae_checkpoint)}
+        return {"patch_size": c.patch_size, "epochs": c.mae_epochs, "samples": c.mae_train_samples,
+                "mask_ratio": c.mae_mask_ratio, "seed": self.seed}
+
+    def inputs(self) -> list[Artifact]:
+        return [] if self.config.mae_checkpoint else [self.dataset]
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        args = (self.store.url, self.store.storage_options, self.dataset.name, self.config.model_dump(mode="json"), self.seed)
+        if client is None:
+            checkpoint, history = _train_mae_job(*args)
+        else:
+            checkpoint, history = client.submit(_train_mae_job, *args, key=f"dq-mae-{self.name()}-{uuid.uuid4().hex[:8]}").result()
+        write_array(group, "checkpoint", np.frombuffer(checkpoint, dtype=np.uint8))
+        write_array(group, "loss_history", np.asarray(history, dtype=np.float32))
+        group.attrs["mae_config"] = json.loads(mae_from_checkpoint_bytes(checkpoint, self.name()).config.to_json())
+        if progress is not None:
+            progress(1, 1)
 
 
-def reconstruct_stage(
-    store: Store, dataset: Artifact, patches: Artifact, mae: Artifact, client: Client, *, progress: Progress | None = None
-) -> ChunkedResult:
-    """Stage 5b on ``client``'s workers: restore the dropped patches of every stored image
-    (``reconstructions/<key>``, layout and report in the module docstring), chunk by chunk in the
-    patch store's row chunks."""
-    inputs = [patches.fingerprint, mae.fingerprint]
-    key = derive_key("reconstructions", {}, inputs)
-    if store.exists("reconstructions", key):
-        return ChunkedResult(store.open("reconstructions", key), 0, 0, 0.0)
-    patch_store = PatchStore(patches.group)
-    n, chunk_rows = len(patch_store), patch_store.chunk_rows
-    image_shape = tuple(dataset[SPLIT]["images"].shape[1:])
-    group, staging_url = store.resumable("reconstructions", key)
-    if not _staging_is_current(group, n, chunk_rows, "images"):
-        store.discard_resumable("reconstructions", key)
-        group, staging_url = store.resumable("reconstructions", key)
-        write_array(group, "images", shape=(n, *image_shape), dtype=np.uint8, chunk_rows=chunk_rows)
-        write_array(group, "labels", shape=(n,), dtype=np.int64, chunk_rows=chunk_rows)
-        write_array(group, "ids", shape=(n,), dtype=patch_store.ids.dtype, chunk_rows=chunk_rows)
-        _chunk_bookkeeping(group, n, chunk_rows, len(RECONSTRUCTION_STATS))
-    subset = patches.group.attrs["subset"]
-    job_inputs = {"dataset": dataset.name, "subset": subset, "patches": patches.name, "mae": mae.name}
-    total, skipped, seconds = _run_chunks(
-        client, _reconstruct_chunk, group,
-        lambda k: _Chunk(store.url, store.storage_options, staging_url, k, k * chunk_rows, min(n, (k + 1) * chunk_rows), job_inputs),
-        f"reconstruct-{key}", progress,
-    )
-    count, *errors = _finish(group).sum(axis=0)
-    shown = min(PREVIEW_IMAGES, n)
-    original, _ = _subset_images(store, dataset.name, subset, 0, shown)
-    png = picture_grid(original, patch_store.read(slice(0, shown)).keep_mask, np.asarray(group["images"][:shown]))
-    write_array(group, "preview_png", np.frombuffer(png, dtype=np.uint8))
-    group.attrs.update({"subset": subset} | {
-        f"psnr_{name}_db": psnr_db(float(sse), int(count)) for name, sse in zip(("mae", "mean_fill", "zero_fill"), errors)
-    })
-    return ChunkedResult(store.commit_resumable("reconstructions", key, {}, inputs), total, skipped, seconds)
+class ReconstructStage(ChunkedStage):
+    """Stage 5b (``reconstructions/<key>``, layout and report in the module docstring): restore
+    the dropped patches of every stored image, in the patch store's row chunks."""
 
+    kind = "reconstructions"
+    version = 2  # written by chunk; PSNR from per-chunk sums
+    worker = staticmethod(_reconstruct_chunk)
+
+    def __init__(self, store: Store, dataset: Artifact, patches: Artifact, mae: Artifact):
+        super().__init__(store)
+        self.dataset, self.patches, self.mae = dataset, patches, mae
+        self.patch_store = PatchStore(patches.group)
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def inputs(self) -> list[Artifact]:
+        return [self.patches, self.mae]
+
+    def num_rows(self) -> int:
+        return len(self.patch_store)
+
+    def chunk_rows(self) -> int:
+        return self.patch_store.chunk_rows
+
+    def create_layout(self, group: zarr.Group) -> None:
+        n, rows = self.num_rows(), self.chunk_rows()
+        write_array(group, "images", shape=(n, *self.dataset[SPLIT]["images"].shape[1:]), dtype=np.uint8, chunk_rows=rows)
+        write_array(group, "labels", shape=(n,), dtype=np.int64, chunk_rows=rows)
+        write_array(group, "ids", shape=(n,), dtype=self.patch_store.ids.dtype, chunk_rows=rows)
+        _add_chunk_stats(group, n, rows, len(RECONSTRUCTION_STATS))
+
+    def layout_matches(self, group: zarr.Group) -> bool:
+        images = group.get("images")
+        return images is not None and "chunk_stats" in group and images.shape[0] == self.num_rows() \
+            and images.chunks[0] == self.chunk_rows()
+
+    def job(self, staging_url: str, index: int, start: int, stop: int) -> _Chunk:
+        return _Chunk(self.store.url, self.store.storage_options, staging_url, index, start, stop, {
+            "dataset": self.dataset.name, "subset": self.patches.group.attrs["subset"],
+            "patches": self.patches.name, "mae": self.mae.name,
+        })
+
+    def finalize(self, group: zarr.Group) -> None:
+        count, *errors = _pop_chunk_stats(group).sum(axis=0)
+        shown = min(PREVIEW_IMAGES, self.num_rows())
+        subset = self.patches.group.attrs["subset"]
+        original, _ = _subset_images(self.store, self.dataset.name, subset, 0, shown)
+        png = picture_grid(original, self.patch_store.read(slice(0, shown)).keep_mask, np.asarray(group["images"][:shown]))
+        write_array(group, "preview_png", np.frombuffer(png, dtype=np.uint8))
+        group.attrs.update({"subset": subset} | {
+            f"psnr_{name}_db": psnr_db(float(sse), int(count)) for name, sse in zip(("mae", "mean_fill", "zero_fill"), errors)
+        })

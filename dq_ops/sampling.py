@@ -5,15 +5,18 @@ every bin b and every class c draw ``round(ratio · n_bc)`` samples uniformly wi
 with Python's ``round`` (banker's: round(62.5) = 62, so the reference's 12.5% CIFAR-10 subset
 has 6,200 samples, not 6,250). The subset is the union.
 
-Randomness: one ``np.random.default_rng(seed)`` stream draws a permutation of every (bin, class)
-group, bins in order, classes in sorted order, and the sample keeps a prefix of each
-permutation. The stream does not depend on the ratio, so for a fixed seed the subset at a
-smaller ratio is contained in the subset at a larger one, and any ratio can be drawn later from
-the same bins.
+Randomness is **stable**: every sample gets the draw key ``sha256(f"{seed}:{id}")`` (its first
+8 bytes as an integer; ``id`` is the stable sample id from ingest, or the sample index when no
+ids are given), and each (bin, class) group keeps the samples with the smallest keys. Whether a
+sample is drawn depends on its own id and on its group, not on its position or on which other
+samples exist: when a dataset is refreshed, the selection changes only where the data or the
+bins changed. Keys do not depend on the ratio, so for a fixed seed the subset at a smaller ratio
+is contained in the subset at a larger one, and any ratio can be drawn later from the same bins.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,26 +39,35 @@ def check_ratio(ratio: float) -> float:
     return float(ratio)
 
 
+def draw_keys(ids: Sequence[str] | np.ndarray, seed: int) -> np.ndarray:
+    """Stable per-sample draw keys: the first 8 bytes of ``sha256(f"{seed}:{id}")`` as uint64."""
+    return np.array(
+        [int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in ids], dtype=np.uint64
+    )
+
+
 def sample_bins(
     bins: Sequence[np.ndarray],
     labels: np.ndarray | None,
     ratio: float,
     seed: int,
     *,
+    ids: Sequence[str] | np.ndarray | None = None,
     weights: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Draw ``ratio`` of the data from the bins; sorted int64 sample indices.
 
     ``labels``: (n,) labels of all samples (bins index into them) for class-balanced draws, or
-    None to draw per bin only.
+    None to draw per bin only. ``ids``: the samples' stable ids (all samples, like labels), which
+    make the draw stable across refreshes (module docstring); default: the sample indices.
 
     ``weights=None`` is the reference's uniform rule (module docstring). With ``weights`` (one
     non-negative score per bin, e.g. ADQ's bin importance) the total ``round(ratio · Σ|bin|)`` is
     allocated across bins in proportion to the weights, capped at each bin's size, with what
     capped bins cannot hold redistributed over the others (water-filling); integer counts by
     largest remainder (ties to the lower bin). Inside a bin the count is split over classes in
-    proportion to their sizes, again by largest remainder. The draw itself is the same seeded
-    prefix-of-permutation as the uniform rule.
+    proportion to their sizes, again by largest remainder. The draw itself is the same
+    smallest-keys rule as the uniform one.
     """
     ratio = check_ratio(ratio)
     bins = _checked_bins(bins, labels)
@@ -64,7 +76,12 @@ def sample_bins(
     if weights is not None:
         total = keep_count(int(sizes.sum()), ratio)
         counts = _largest_remainder(_water_fill(sizes, _checked_weights(weights, len(bins)), total))
-    rng = np.random.default_rng(seed)
+    every = np.concatenate(bins)
+    names = every.astype(str) if ids is None else np.asarray(ids)[every]
+    if ids is not None and len(ids) <= every.max():
+        raise DQInputError(f"bins hold sample {every.max()} but there are only {len(ids)} ids")
+    keys = np.zeros(int(every.max()) + 1, dtype=np.uint64)
+    keys[every] = draw_keys(names, seed)
     picked: list[np.ndarray] = []
     for b, members in enumerate(bins):
         member_labels = None if labels is None else np.asarray(labels)[members]
@@ -75,7 +92,8 @@ def sample_bins(
         else:
             take = _largest_remainder(counts[b] * group_sizes / max(len(members), 1))
         for group, k in zip(groups, take):
-            picked.append(members[group][rng.permutation(len(group))[:k]])
+            candidates = members[group]
+            picked.append(candidates[np.argsort(keys[candidates], kind="stable")[:k]])
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 

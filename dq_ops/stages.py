@@ -1,44 +1,47 @@
-"""Store-aware stages: read an artifact, run the pure algorithm, write the next artifact.
+"""The pipeline's stages (:class:`dq_ops.stage.Stage`): read artifacts, run the pure algorithm,
+write the next artifact. Embeddings are :class:`dq_ops.embed.EmbeddingsStage`; patch dropping,
+the MAE and reconstruction are in :mod:`dq_ops.pixels`.
 
-These are what the Prefect tasks wrap and what a library user calls to run DQ without Prefect.
-Each stage names its output by :func:`dq_ops.store.derive_key` over its parameters and input
-fingerprints, returns at once when that artifact already exists, and hands dask workers URLs and
-row indices, never arrays.
+These are what the Prefect tasks wrap and what a library user calls to run DQ without Prefect::
+
+    artifact = BinsStage(store, dataset, embeddings, BinsConfig()).run()
 
 Artifacts written here (see :mod:`dq_ops.store` for the layout):
 
-* ``bins/<key>``: ``bin_of_sample`` (n,) int32 over the quantized split, ``ids``; attributes
-  ``num_bins`` and ``bin_sizes`` (classes × bins table).
-* ``subsets/<key>``: ``indices`` (k,) int64 into the split (sorted), ``ids``; attributes
-  ``method``, ``ratio``, ``seed``, ``size``.
+* ``bins/<key>``: ``bin_of_sample`` (n,) int32 over the quantized split, ``ids``, ``labels``;
+  attributes ``num_bins``, ``classes``, ``bin_sizes`` (classes × bins table) and
+  ``class_digests`` (what each class's greedy depended on; lets a refresh reuse unchanged classes).
+* ``subsets/<key>``: ``indices`` (k,) int64 into the split (sorted), ``ids``, ``labels``; attributes
+  ``method``, ``ratio``, ``seed``, ``size``, ``dataset`` (the snapshot drawn from).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import zarr
 
 from dq_ops.baselines import select_herding, select_kcenter, select_random
-from dq_ops.bins import bin_budgets, generate_bins, generate_class_bins
+from dq_ops.bins import bin_budgets, generate_class_bins
 from dq_ops.config import BinsConfig, EvaluationConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups
 from dq_ops.sampling import sample_bins, sample_sizes
-from dq_ops.store import Artifact, Store, derive_key, write_array
+from dq_ops.stage import Progress, Stage
+from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, write_array
 from dq_ops.text_eval import evaluate_text_subset
 from dq_ops.train import TrainConfig, train_and_evaluate
 
-QUANTIZED_SPLIT = "train"
 BASELINES: dict[str, Callable[..., np.ndarray]] = {
     "random": select_random,
     "kcenter": select_kcenter,
     "herding": select_herding,
 }
-Progress = Callable[[int, int], None]
 
 
 def split_labels(dataset: Artifact, split: str = QUANTIZED_SPLIT) -> np.ndarray | None:
@@ -59,74 +62,117 @@ def embedding_rows(embeddings: Artifact, rows: np.ndarray | None = None) -> Feat
     return DenseRows(read("features"))
 
 
+def _class_digest(embeddings: Artifact, rows: np.ndarray, budgets: np.ndarray, kernel: str) -> str:
+    """What one class's greedy depends on: its rows' features in order, its budgets, the kernel.
+
+    Two classes with the same digest get the same bins, whatever snapshot they belong to.
+    """
+    digest = hashlib.sha256(f"{kernel}|{budgets.tolist()}".encode())
+    for name in ("features", "gradients"):
+        if name in embeddings.group:
+            digest.update(np.ascontiguousarray(embeddings[name].get_orthogonal_selection((rows, slice(None)))).tobytes())
+    return digest.hexdigest()
+
+
 def _class_bins_worker(
-    store_url: str, embeddings_name: str, rows: np.ndarray, budgets: np.ndarray, params: dict[str, Any]
+    store_url: str, storage_options: dict[str, Any], embeddings_name: str, rows: np.ndarray, budgets: np.ndarray,
+    kernel: str, memory_budget_mb: int,
 ) -> list[np.ndarray]:
     """One class's bins, run on a dask worker: read the class's rows from the store, run the greedy."""
-    embeddings = Store(store_url).open("embeddings", embeddings_name)
-    return generate_class_bins(
-        embedding_rows(embeddings, rows), budgets, kernel=params["kernel"], memory_budget_mb=params["memory_budget_mb"]
-    )
+    embeddings = Store(store_url, storage_options).open("embeddings", embeddings_name)
+    return generate_class_bins(embedding_rows(embeddings, rows), budgets, kernel=kernel, memory_budget_mb=memory_budget_mb)
 
 
-def generate_bins_stage(
-    store: Store,
-    dataset: Artifact,
-    embeddings: Artifact,
-    params: BinsConfig,
-    *,
-    client: Any = None,
-    progress: Progress | None = None,
-) -> Artifact:
-    """GraphCut bins of the quantized split; classes fan out over ``client`` (a dask Client) if given.
+def _class_digest_worker(
+    store_url: str, storage_options: dict[str, Any], embeddings_name: str, rows: np.ndarray, budgets: np.ndarray, kernel: str
+) -> str:
+    return _class_digest(Store(store_url, storage_options).open("embeddings", embeddings_name), rows, budgets, kernel)
+
+
+class BinsStage(Stage):
+    """GraphCut bins of the quantized split (``dq_ops.bins``), classes fanned out over a dask client.
 
     The (classes × bins) budget table is computed up front from the class sizes, which makes
-    every class an independent greedy (see :mod:`dq_ops.bins`).
+    every class an independent greedy. A class whose digest (:func:`_class_digest`) matches a
+    class of an earlier bins artifact with the same parameters takes that class's bins instead of
+    re-running the greedy: the result is exactly what a full run computes, and a refresh re-bins
+    only the classes whose samples (or budgets) changed. ``classes_rebinned`` lists them after
+    :meth:`run`. ``memory_budget_mb`` changes only speed and stays out of the key.
     """
-    settings = params.model_dump(mode="json")
-    name = derive_key("bins", settings, [dataset.fingerprint, embeddings.fingerprint])
-    if store.exists("bins", name):
-        return store.open("bins", name)
-    labels = split_labels(dataset)
-    n = embeddings["features"].shape[0]
-    if labels is not None and len(labels) != n:
-        raise DQInputError(f"{embeddings.url}: {n} embeddings for {len(labels)} labelled samples in {dataset.url}")
-    classes, groups = class_groups(labels, n)
-    classes = np.array([-1]) if classes is None else classes
-    for c, members in zip(classes, groups):
-        if len(members) < params.num_bins:
-            raise DQInputError(f"bins.num_bins={params.num_bins} is larger than class {c} ({len(members)} samples)")
-    budgets = bin_budgets([len(g) for g in groups], params.num_bins)
 
-    bin_of_sample = np.empty(n, dtype=np.int32)
-    if client is None:
-        bins = generate_bins(embedding_rows(embeddings), labels, params.num_bins, kernel=params.kernel, memory_budget_mb=params.memory_budget_mb)
-        for b, members in enumerate(bins):
-            bin_of_sample[members] = b
+    kind = "bins"
+    version = 2
+
+    def __init__(self, store: Store, dataset: Artifact, embeddings: Artifact, config: BinsConfig):
+        super().__init__(store)
+        self.dataset, self.embeddings, self.config = dataset, embeddings, config
+        self.classes_rebinned: list[int] = []
+
+    def params(self) -> dict[str, Any]:
+        return {"num_bins": self.config.num_bins, "kernel": self.config.kernel}
+
+    def inputs(self) -> list[Artifact]:
+        return [self.dataset, self.embeddings]
+
+    def _map(self, client: Any, function: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
+        """``function(store_url, storage_options, embeddings_name, *job)`` for every job, on the
+        client's workers when there is one, in job order."""
+        shared = (self.store.url, self.store.storage_options, self.embeddings.name)
+        if client is None:
+            return [function(*shared, *job) for job in jobs]
+        return client.gather([client.submit(function, *shared, *job, pure=False) for job in jobs])
+
+    def _earlier_classes(self) -> dict[str, tuple[Artifact, int]]:
+        """Class digest → (earlier bins artifact with this stage's parameters, its class label)."""
+        found: dict[str, tuple[Artifact, int]] = {}
+        for name in self.store.list(self.kind):
+            earlier = self.store.open(self.kind, name)
+            if earlier.params == self.key_params():
+                for label, digest in zip(earlier.group.attrs["classes"], earlier.group.attrs["class_digests"]):
+                    found.setdefault(digest, (earlier, label))
+        return found
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        labels = split_labels(self.dataset)
+        n = self.embeddings["features"].shape[0]
+        if labels is not None and len(labels) != n:
+            raise DQInputError(f"{self.embeddings.url}: {n} embeddings for {len(labels)} labelled samples in {self.dataset.url}")
+        classes, groups = class_groups(labels, n)
+        classes = np.array([-1]) if classes is None else classes
+        for c, members in zip(classes, groups):
+            if len(members) < self.config.num_bins:
+                raise DQInputError(f"bins.num_bins={self.config.num_bins} is larger than class {c} ({len(members)} samples)")
+        budgets = bin_budgets([len(g) for g in groups], self.config.num_bins)
+        kernel = self.config.kernel
+        digests = self._map(client, _class_digest_worker, [(members, budgets[c], kernel) for c, members in enumerate(groups)])
+
+        bin_of_sample = np.empty(n, dtype=np.int32)
+        earlier = self._earlier_classes()
+        todo = []
+        for c, members in enumerate(groups):
+            if digests[c] in earlier:
+                artifact, label = earlier[digests[c]]
+                old_labels = np.asarray(artifact["labels"][:])
+                old_members = np.arange(len(old_labels)) if label == -1 else np.flatnonzero(old_labels == label)
+                bin_of_sample[members] = artifact["bin_of_sample"].get_orthogonal_selection((old_members,))
+            else:
+                todo.append(c)
+        self.classes_rebinned = [int(classes[c]) for c in todo]
+        jobs = [(groups[c], budgets[c], kernel, self.config.memory_budget_mb) for c in todo]
+        for c, bins in zip(todo, self._map(client, _class_bins_worker, jobs)):
+            for b, local in enumerate(bins):
+                bin_of_sample[groups[c][local]] = b
         if progress:
             progress(len(groups), len(groups))
-    else:
-        from distributed import as_completed
-
-        futures = {
-            client.submit(_class_bins_worker, store.url, embeddings.name, members, budgets[c], settings, pure=False): c
-            for c, members in enumerate(groups)
-        }
-        for done, future in enumerate(as_completed(futures), 1):
-            members = groups[futures[future]]
-            for b, local in enumerate(future.result()):
-                bin_of_sample[members[local]] = b
-            if progress:
-                progress(done, len(groups))
-    with store.write("bins", name, settings, [dataset.fingerprint, embeddings.fingerprint]) as group:
         write_array(group, "bin_of_sample", bin_of_sample)
-        write_array(group, "ids", np.asarray(dataset[f"{QUANTIZED_SPLIT}/ids"][:]))
+        write_array(group, "ids", np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]))
+        write_array(group, "labels", np.full(n, -1, dtype=np.int64) if labels is None else labels)
         group.attrs.update({
-            "num_bins": params.num_bins,
+            "num_bins": self.config.num_bins,
             "classes": [int(c) for c in classes],
             "bin_sizes": budgets.tolist(),
+            "class_digests": digests,
         })
-    return store.open("bins", name)
 
 
 def bins_as_lists(bins: Artifact) -> list[np.ndarray]:
@@ -135,111 +181,138 @@ def bins_as_lists(bins: Artifact) -> list[np.ndarray]:
     return [np.flatnonzero(bin_of_sample == b) for b in range(int(bins.group.attrs["num_bins"]))]
 
 
-def _write_subset(store: Store, name: str, settings: dict[str, Any], inputs: list[str], dataset: Artifact, indices: np.ndarray) -> Artifact:
-    indices = np.sort(np.asarray(indices, dtype=np.int64))
-    with store.write("subsets", name, settings, inputs) as group:
+class _SubsetStage(Stage):
+    """A subset of the quantized split: ``indices`` (sorted) and ``ids``; subclasses pick the rows."""
+
+    kind = "subsets"
+    version = 2
+
+    def __init__(self, store: Store, dataset: Artifact, bins: Artifact, ratio: float, seed: int):
+        super().__init__(store)
+        self.dataset, self.bins, self.ratio, self.seed = dataset, bins, ratio, seed
+
+    def select(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        indices = np.sort(np.asarray(self.select(), dtype=np.int64))
         write_array(group, "indices", indices)
-        write_array(group, "ids", np.asarray(dataset[f"{QUANTIZED_SPLIT}/ids"].get_orthogonal_selection((indices,))))
-        group.attrs.update(settings | {"size": int(len(indices)), "dataset": dataset.name})
-    return store.open("subsets", name)
+        split = self.dataset[QUANTIZED_SPLIT]
+        write_array(group, "ids", np.asarray(split["ids"].get_orthogonal_selection((indices,))))
+        write_array(group, "labels", np.asarray(split["labels"].get_orthogonal_selection((indices,))))
+        group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name})
 
 
-def sample_subset_stage(store: Store, dataset: Artifact, bins: Artifact, ratio: float, seed: int) -> Artifact:
-    """The DQ subset at ``ratio``: uniform per bin and class (``dq_ops.sampling.sample_bins``)."""
-    settings = {"method": "dq", "ratio": ratio, "seed": seed}
-    name = derive_key("subsets", settings, [dataset.fingerprint, bins.fingerprint])
-    if not store.exists("subsets", name):
-        indices = sample_bins(bins_as_lists(bins), split_labels(dataset), ratio, seed)
-        return _write_subset(store, name, settings, [dataset.fingerprint, bins.fingerprint], dataset, indices)
-    return store.open("subsets", name)
+class SampleStage(_SubsetStage):
+    """The DQ subset at ``ratio``: per bin and class, the samples ranked first by a hash of
+    (seed, sample id) (``dq_ops.sampling.sample_bins``), so a refresh changes the selection only
+    where the data or the bins changed."""
+
+    def params(self) -> dict[str, Any]:
+        return {"method": "dq", "ratio": self.ratio, "seed": self.seed}
+
+    def inputs(self) -> list[Artifact]:
+        return [self.dataset, self.bins]
+
+    def select(self) -> np.ndarray:
+        ids = np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:])
+        return sample_bins(bins_as_lists(self.bins), split_labels(self.dataset), self.ratio, self.seed, ids=ids)
 
 
-def baseline_subset_stage(
-    store: Store, dataset: Artifact, embeddings: Artifact, bins: Artifact, method: str, ratio: float, seed: int
-) -> Artifact:
+class BaselineStage(_SubsetStage):
     """A comparison subset (random, k-center, herding) with exactly the DQ subset's per-class sizes."""
-    if method not in BASELINES:
-        raise DQInputError(f"unknown baseline {method!r}; expected one of {', '.join(BASELINES)}")
-    settings = {"method": method, "ratio": ratio, "seed": seed}
-    inputs = [dataset.fingerprint, embeddings.fingerprint, bins.fingerprint]
-    name = derive_key("subsets", settings, inputs)
-    if not store.exists("subsets", name):
-        labels = split_labels(dataset)
-        sizes = sample_sizes(bins_as_lists(bins), labels, ratio)
-        indices = BASELINES[method](embedding_rows(embeddings), labels, ratio, seed, sizes=sizes)
-        return _write_subset(store, name, settings, inputs, dataset, indices)
-    return store.open("subsets", name)
+
+    def __init__(self, store: Store, dataset: Artifact, embeddings: Artifact, bins: Artifact, method: str, ratio: float, seed: int):
+        if method not in BASELINES:
+            raise DQInputError(f"unknown baseline {method!r}; expected one of {', '.join(BASELINES)}")
+        super().__init__(store, dataset, bins, ratio, seed)
+        self.embeddings, self.method = embeddings, method
+
+    def params(self) -> dict[str, Any]:
+        return {"method": self.method, "ratio": self.ratio, "seed": self.seed}
+
+    def inputs(self) -> list[Artifact]:
+        return [self.dataset, self.embeddings, self.bins]
+
+    def select(self) -> np.ndarray:
+        labels = split_labels(self.dataset)
+        sizes = sample_sizes(bins_as_lists(self.bins), labels, self.ratio)
+        return BASELINES[self.method](embedding_rows(self.embeddings), labels, self.ratio, self.seed, sizes=sizes)
 
 
-def evaluate_stage(
-    store: Store,
-    dataset: Artifact,
-    subset: Artifact | None,
-    params: EvaluationConfig,
-    seed: int,
-    *,
-    images: Artifact | None = None,
-    progress: Progress | None = None,
-) -> Artifact:
-    """Train ``params.architecture`` from scratch on a subset (None: the whole split) and test it.
+class EvaluateStage(Stage):
+    """Train ``config.architecture`` from scratch on a subset (None: the whole split) and test it.
 
     ``images``: a reconstructions artifact whose ``images`` (one row per subset sample) replace
     the ingested pixels, i.e. the DQ arm trained on what patch dropping + MAE actually restore.
     The result (``dq_ops.train.TrainResult`` fields) is stored in ``evaluations/<key>``' attributes.
     """
-    if "test" not in dataset.group:
-        raise DQInputError(f"{dataset.url} has no 'test' split to evaluate on; ingest one or disable evaluation")
-    settings = {
-        "architecture": params.architecture, "epochs": params.epochs, "min_steps": params.min_steps,
-        "max_steps": params.max_steps, "seed": seed,
-    }
-    inputs = [dataset.fingerprint] + [a.fingerprint for a in (subset, images) if a is not None]
-    name = derive_key("evaluations", settings, inputs)
-    if store.exists("evaluations", name):
-        return store.open("evaluations", name)
-    split = dataset[QUANTIZED_SPLIT]
-    if subset is None:
-        rows = np.arange(split["labels"].shape[0])
-        pixels = np.asarray(split["images"][:])
-    else:
-        rows = np.asarray(subset["indices"][:])
-        pixels = np.asarray(images["images"][:] if images is not None else split["images"].get_orthogonal_selection((rows,)))
-    labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
-    test = dataset["test"]
-    class_names = dataset.group.attrs.get("class_names")
-    result = train_and_evaluate(
-        pixels, labels, np.asarray(test["images"][:]), np.asarray(test["labels"][:]),
-        model=params.architecture, num_classes=len(class_names) if class_names else None,
-        config=TrainConfig(epochs=params.epochs, min_steps=params.min_steps, max_steps=params.max_steps),
-        seed=seed, progress=progress,
-    )
-    with store.write("evaluations", name, settings, inputs) as group:
+
+    kind = "evaluations"
+
+    def __init__(
+        self, store: Store, dataset: Artifact, subset: Artifact | None, config: EvaluationConfig, seed: int,
+        images: Artifact | None = None,
+    ):
+        if "test" not in dataset.group:
+            raise DQInputError(f"{dataset.url} has no 'test' split to evaluate on; ingest one or disable evaluation")
+        super().__init__(store)
+        self.dataset, self.subset, self.config, self.seed, self.images = dataset, subset, config, seed, images
+
+    def params(self) -> dict[str, Any]:
+        c = self.config
+        return {"architecture": c.architecture, "epochs": c.epochs, "min_steps": c.min_steps, "max_steps": c.max_steps, "seed": self.seed}
+
+    def inputs(self) -> list[Artifact]:
+        return [a for a in (self.dataset, self.subset, self.images) if a is not None]
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        split = self.dataset[QUANTIZED_SPLIT]
+        if self.subset is None:
+            rows = np.arange(split["labels"].shape[0])
+            pixels = np.asarray(split["images"][:])
+        else:
+            rows = np.asarray(self.subset["indices"][:])
+            pixels = np.asarray(self.images["images"][:] if self.images is not None else split["images"].get_orthogonal_selection((rows,)))
+        labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
+        test = self.dataset["test"]
+        class_names = self.dataset.group.attrs.get("class_names")
+        result = train_and_evaluate(
+            pixels, labels, np.asarray(test["images"][:]), np.asarray(test["labels"][:]),
+            model=self.config.architecture, num_classes=len(class_names) if class_names else None,
+            config=TrainConfig(epochs=self.config.epochs, min_steps=self.config.min_steps, max_steps=self.config.max_steps),
+            seed=self.seed, progress=progress,
+        )
         group.attrs.update(dataclasses.asdict(result))
-    return store.open("evaluations", name)
 
 
-def evaluate_text_stage(
-    store: Store, dataset: Artifact, subset: Artifact | None, embeddings: Artifact, test_embeddings: Artifact
-) -> Artifact:
+class TextEvaluateStage(Stage):
     """Text evaluation: classifiers fitted on the subset's sentence embeddings, scored on the
     held-out 'test' split (``dq_ops.text_eval``). ``test_accuracy`` is the logistic regression's."""
-    if "test" not in dataset.group or split_labels(dataset) is None:
-        raise DQInputError(f"{dataset.url}: text evaluation needs labels and a 'test' split (set dataset.test_fraction)")
-    inputs = [dataset.fingerprint, embeddings.fingerprint, test_embeddings.fingerprint]
-    inputs += [subset.fingerprint] if subset is not None else []
-    name = derive_key("evaluations", {"evaluation": "text"}, inputs)
-    if store.exists("evaluations", name):
-        return store.open("evaluations", name)
-    labels = np.asarray(dataset[f"{QUANTIZED_SPLIT}/labels"][:])
-    rows = np.arange(len(labels)) if subset is None else np.asarray(subset["indices"][:])
-    started = time.perf_counter()
-    result = evaluate_text_subset(
-        np.asarray(embeddings["features"].get_orthogonal_selection((rows, slice(None)))), labels[rows],
-        np.asarray(test_embeddings["features"][:]), np.asarray(dataset["test/labels"][:]),
-    )
-    with store.write("evaluations", name, {"evaluation": "text"}, inputs) as group:
+
+    kind = "evaluations"
+
+    def __init__(self, store: Store, dataset: Artifact, subset: Artifact | None, embeddings: Artifact, test_embeddings: Artifact):
+        if "test" not in dataset.group or split_labels(dataset) is None:
+            raise DQInputError(f"{dataset.url}: text evaluation needs labels and a 'test' split (set dataset.test_fraction)")
+        super().__init__(store)
+        self.dataset, self.subset, self.embeddings, self.test_embeddings = dataset, subset, embeddings, test_embeddings
+
+    def params(self) -> dict[str, Any]:
+        return {"evaluation": "text"}
+
+    def inputs(self) -> list[Artifact]:
+        return [a for a in (self.dataset, self.embeddings, self.test_embeddings, self.subset) if a is not None]
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        labels = np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/labels"][:])
+        rows = np.arange(len(labels)) if self.subset is None else np.asarray(self.subset["indices"][:])
+        started = time.perf_counter()
+        result = evaluate_text_subset(
+            np.asarray(self.embeddings["features"].get_orthogonal_selection((rows, slice(None)))), labels[rows],
+            np.asarray(self.test_embeddings["features"][:]), np.asarray(self.dataset["test/labels"][:]),
+        )
         group.attrs.update(dataclasses.asdict(result) | {
             "test_accuracy": result.logistic_regression_accuracy, "val_accuracy": None, "n_val": 0,
             "train_seconds": time.perf_counter() - started,
         })
-    return store.open("evaluations", name)

@@ -16,11 +16,18 @@ Layout under one store root (a plain path, ``file://``, ``memory://``, ``s3://``
       reconstructions/<key>/... reconstructed images
       evaluations/<key>/        one training run (arm × seed): its results in the attributes
       reports/<run>.md          each flow run's report
+      refs/<kind>/<name>.json   named pointers: a dataset's snapshot history (``latest`` last),
+                                the last published subset of a selection
       mlflow.db, mlartifacts/   the default MLflow tracking database and its artifacts
 
 Every artifact is a Zarr group ``<kind>/<name>``; its attributes hold a ``dq`` record with the
 parameters that made it, the fingerprints of its inputs, a digest of its stored content and its
 own ``fingerprint = sha256(kind, content digest, parameters, input fingerprints)``.
+
+Datasets are immutable snapshots named ``<name>-<fingerprint[:12]>`` (:meth:`Store.write_snapshot`):
+an ingest whose content changed adds a snapshot and moves the ``latest`` pointer of ``<name>``;
+everything derived records the snapshot's fingerprint, so an old subset keeps reading its own
+snapshot after a re-ingest. :meth:`Store.gc` removes what no kept snapshot needs.
 
 Writes never leave a half-written artifact visible: an artifact is written under
 ``<kind>/.staging/`` and only moved to ``<kind>/<name>`` once complete (an atomic directory rename
@@ -49,6 +56,8 @@ from zarr.storage import FsspecStore, LocalStore
 from dq_ops import __version__
 from dq_ops.errors import DQInputError
 
+# The split that bins, subsets and every derived artifact index into.
+QUANTIZED_SPLIT = "train"
 ARTIFACT_KINDS = ("datasets", "embeddings", "bins", "subsets", "patches", "models", "reconstructions", "evaluations")
 STAGING = ".staging"
 # Rows hashed per read when digesting an array: bounds memory for arrays of any size.
@@ -72,6 +81,27 @@ def derive_key(stage: str, params: Mapping[str, Any], inputs: Sequence[str] = ()
     """
     payload = canonical_json({"stage": stage, "params": params, "inputs": list(inputs)})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+_FILE_DIGESTS: dict[tuple[str, Any, Any], str] = {}
+
+
+def file_digest(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """sha256 of a file's bytes (path or fsspec URL): how files named by path enter artifact keys,
+    so a file replaced in place changes the key. Cached per (URL, size, modification stamp)."""
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise DQInputError(f"{url}: file not found") from None
+    stamp = (url, info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created"))
+    if stamp not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as fh:
+            while block := fh.read(8 * 2**20):
+                digest.update(block)
+        _FILE_DIGESTS[stamp] = digest.hexdigest()
+    return _FILE_DIGESTS[stamp]
 
 
 def array_digest(array: zarr.Array) -> str:
@@ -185,6 +215,14 @@ class Artifact:
             raise DQStoreError(f"{self.url}: no array or group {path!r}") from None
 
 
+@dataclass
+class SnapshotWrite:
+    """A snapshot being written: the staging ``group`` to fill; ``artifact`` once committed."""
+
+    group: zarr.Group
+    artifact: Artifact | None = None
+
+
 class Store:
     """One store root: create, commit, open and list artifacts of the documented layout."""
 
@@ -217,10 +255,15 @@ class Store:
         return True
 
     def open(self, kind: str, name: str) -> Artifact:
-        """Open a complete artifact read-only, or raise :class:`DQStoreError` naming its URL."""
+        """Open a complete artifact read-only, or raise :class:`DQStoreError` naming its URL.
+
+        A name with a ref (a dataset's name) opens the snapshot the ref calls latest."""
         url = self.artifact_url(kind, name)
         if not self.fs.exists(self._path(kind, name, "zarr.json")):
-            raise DQStoreError(f"{url}: no such artifact")
+            ref = self.read_ref(kind, name)
+            if ref is None or not ref.get("latest"):
+                raise DQStoreError(f"{url}: no such artifact")
+            return self.open(kind, ref["latest"])  # a dataset's name opens its latest snapshot
         group = self._open_group(url, "r")
         record = group.attrs.get("dq")
         if not isinstance(record, dict) or not record.get("complete"):
@@ -274,14 +317,17 @@ class Store:
     def discard_resumable(self, kind: str, name: str) -> None:
         self._remove(kind, STAGING, name)
 
-    def _commit(
-        self, kind: str, name: str, staging: str, group: zarr.Group,
-        params: Mapping[str, Any], inputs: Sequence[str],
-    ) -> Artifact:
+    def _record(
+        self, kind: str, group: zarr.Group, params: Mapping[str, Any], inputs: Sequence[str]
+    ) -> dict[str, Any]:
+        """The ``dq`` record of a finished group: parameters, inputs, content digest, fingerprint.
+
+        The fingerprint covers kind, content, parameters and inputs, never names or timings, so a
+        rebuilt artifact reproduces it.
+        """
         content = group_digest(group)
-        record = {
+        return {
             "kind": kind,
-            "name": name,
             "params": json.loads(canonical_json(params)),
             "inputs": list(inputs),
             "content_digest": content,
@@ -292,9 +338,119 @@ class Store:
             "dq_version": __version__,
             "complete": True,
         }
-        group.attrs["dq"] = record
+
+    def _commit(
+        self, kind: str, name: str, staging: str, group: zarr.Group,
+        params: Mapping[str, Any], inputs: Sequence[str],
+    ) -> Artifact:
+        group.attrs["dq"] = self._record(kind, group, params, inputs) | {"name": name}
         self._publish(kind, staging, name)
         return self.open(kind, name)
+
+    # -- snapshots and refs ------------------------------------------------------------------
+    @contextmanager
+    def write_snapshot(
+        self, kind: str, base: str, params: Mapping[str, Any], inputs: Sequence[str] = ()
+    ) -> Iterator[SnapshotWrite]:
+        """Write an immutable snapshot ``kind/<base>-<fingerprint[:12]>`` and make it ``base``'s latest.
+
+        Yields a :class:`SnapshotWrite` whose ``group`` the block fills; after the block its
+        ``artifact`` is the committed snapshot. When a snapshot with the same fingerprint exists
+        (unchanged content) the new copy is discarded and the existing one becomes latest again.
+        """
+        staging = f"{base}-{uuid.uuid4().hex[:12]}"
+        write = SnapshotWrite(self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w"))
+        try:
+            yield write
+            record = self._record(kind, write.group, params, inputs)
+            name = f"{base}-{record['fingerprint'][:12]}"
+            if self.exists(kind, name):
+                self._remove(kind, STAGING, staging)
+            else:
+                write.group.attrs["dq"] = record | {"name": name, "snapshot_of": base}
+                self._publish(kind, staging, name)
+            self._push_ref(kind, base, name)
+            write.artifact = self.open(kind, name)
+        except BaseException:
+            self._remove(kind, STAGING, staging)
+            raise
+
+    def write_sidecar(self, kind: str, name: str, filename: str, payload: bytes) -> None:
+        """A file beside an artifact's arrays (e.g. a subset's ``selection_diff.json``): not part
+        of its content or fingerprint, removed with it."""
+        self.open(kind, name)  # must exist
+        self.fs.pipe_file(self._path(kind, name, filename), payload)
+
+    def _ref_path(self, kind: str, base: str) -> str:
+        _check_kind(kind)
+        return self._path("refs", kind, f"{base}.json")
+
+    def read_ref(self, kind: str, base: str) -> dict[str, Any] | None:
+        """The ref ``refs/<kind>/<base>``: ``{"latest": name, "history": [oldest, ..., latest]}``, or None."""
+        path = self._ref_path(kind, base)
+        if not self.fs.exists(path):
+            return None
+        return json.loads(self.fs.cat_file(path))
+
+    def write_ref(self, kind: str, base: str, ref: Mapping[str, Any]) -> None:
+        """Replace a ref in one step (temporary file + rename locally; one object put elsewhere)."""
+        path, payload = self._ref_path(kind, base), canonical_json(ref).encode()
+        if _is_local(self.url):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            temporary = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(temporary, "wb") as fh:
+                fh.write(payload)
+            os.replace(temporary, path)
+        else:
+            self.fs.pipe_file(path, payload)
+
+    def _push_ref(self, kind: str, base: str, name: str) -> None:
+        history = [n for n in (self.read_ref(kind, base) or {}).get("history", []) if n != name]
+        self.write_ref(kind, base, {"latest": name, "history": [*history, name]})
+
+    # -- garbage collection ------------------------------------------------------------------
+    def gc(self, keep: int, *, dry_run: bool = False) -> list[str]:
+        """Remove what no kept dataset snapshot needs; return the removed ``kind/name`` paths.
+
+        Kept: the ``keep`` newest snapshots of every dataset (and datasets outside any ref), all
+        artifacts derived from them (transitively, through input fingerprints), and everything
+        those were made from. Nothing else is removed: reports, refs and the MLflow database stay.
+        """
+        if keep < 1:
+            raise DQInputError(f"--keep must be at least 1, got {keep}")
+        records = {(kind, name): self.open(kind, name).record for kind in ARTIFACT_KINDS for name in self.list(kind)}
+        refs = {base: self.read_ref("datasets", base) for base in self._ref_names("datasets")}
+        in_history = {name for ref in refs.values() for name in ref["history"]}
+        kept_snapshots = {name for ref in refs.values() for name in ref["history"][-keep:]}
+        live = {
+            record["fingerprint"] for (kind, name), record in records.items()
+            if kind == "datasets" and (name in kept_snapshots or name not in in_history)
+        }
+        grew = True
+        while grew:  # descendants of kept snapshots
+            before = len(live)
+            live |= {r["fingerprint"] for r in records.values() if live.intersection(r.get("inputs", []))}
+            grew = len(live) > before
+        needed = set(live)
+        while needed:  # and everything they were made from
+            needed = {i for r in records.values() if r["fingerprint"] in needed for i in r.get("inputs", [])} - live
+            live |= needed
+        removed = sorted(f"{kind}/{name}" for (kind, name), r in records.items() if r["fingerprint"] not in live)
+        if not dry_run:
+            for path in removed:
+                self._remove(*path.split("/"))
+            for base, ref in refs.items():
+                history = [n for n in ref["history"] if f"datasets/{n}" not in removed]
+                if history != ref["history"]:
+                    self.write_ref("datasets", base, {"latest": history[-1] if history else None, "history": history})
+        return removed
+
+    def _ref_names(self, kind: str) -> list[str]:
+        base = self._path("refs", kind)
+        if not self.fs.exists(base):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+        return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
 
     def _publish(self, kind: str, staging: str, name: str) -> None:
         """Move a finished staging group to ``kind/name``, replacing any previous artifact.

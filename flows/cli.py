@@ -143,8 +143,14 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(f"dataset      {summary['dataset']['url']}")
     print(f"bins         {summary['bins']['url']}")
+    print(f"embedded     {summary['embedded_samples']:,} samples this run; "
+          f"{len(summary['classes_rebinned'])} class(es) re-binned")
     for subset in summary["subsets"]:
         print(f"subset {subset['ratio']:>5.1%} {subset['size']:,} samples  {subset['url']}")
+        selection = subset["selection"]
+        if selection["previous"] is not None:
+            print(f"  selection vs previous run: +{selection['added']:,} −{selection['removed']:,} "
+                  f"(churn {selection['churn']:.2%})")
         for arm in subset.get("evaluation", []):
             print(f"  {arm['arm']:<10} test accuracy {arm['mean']:.4f} ± {arm['std']:.4f} over {len(arm['accuracies'])} seed(s)")
     print(f"report       {summary['report_path']}")

@@ -21,10 +21,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from dq_ops.cluster import resolve_kind
+from dq_ops.cluster import cluster_precision
 from dq_ops.config import DQConfig
-from dq_ops.stages import QUANTIZED_SPLIT
-from dq_ops.store import Store
+from dq_ops.selection import SelectionDiff, publish_selection, selection_key
+from dq_ops.store import QUANTIZED_SPLIT, Store
 from dq_ops.train import summarize_accuracies
 from tasks.bins import generate_bins_task
 from tasks.cluster import close_dask_clients
@@ -63,13 +63,13 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         yield
         timings[stage] += time.perf_counter() - start
 
-    accelerator = resolve_kind(config.cluster)
     try:
+        precision = cluster_precision(config.cluster)
         with timed("ingest"):
             dataset = ingest_dataset(config.dataset, store_url)
         with timed("embeddings"):
             embeddings = compute_embeddings(
-                store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, config.cluster, accelerator
+                store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, precision, config.cluster
             )
         with timed("bins"):
             bins = generate_bins_task(store_url, dataset, embeddings, config.bins, config.cluster)
@@ -79,7 +79,7 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         if evaluate and dataset.summary["modality"] == "texts":
             with timed("embeddings"):
                 test_embeddings = compute_embeddings(
-                    store_url, dataset, "test", config.embedding, config.seed, config.cluster, accelerator
+                    store_url, dataset, "test", config.embedding, config.seed, precision, config.cluster
                 )
         if pixels:
             with timed("mae"):
@@ -89,7 +89,10 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         for ratio in config.sampling.ratios:
             with timed("sampling"):
                 subset = sample_subset(store_url, dataset, bins, ratio, config.seed)
-            entry: dict[str, Any] = {"ratio": ratio, "dq": subset, "evaluation": [], "patches": None}
+            entry: dict[str, Any] = {
+                "ratio": ratio, "dq": subset, "evaluation": [], "patches": None,
+                "diff": _publish_selection(config, dataset, embeddings, bins, subset),
+            }
             images = None
             if pixels:
                 with timed("patches"):
@@ -119,6 +122,10 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
             with timed("evaluation"):
                 full.append(_evaluate(config, tracker, dataset, "full", 1.0, None, embeddings=(embeddings, test_embeddings)))
         summary = _summarise(config, dataset, embeddings, bins, subsets, dict(timings))
+        summary["embedded_samples"] = sum(
+            e.summary["embedded_samples"] for e in (embeddings, test_embeddings) if e is not None and e.computed_now()
+        )
+        summary["classes_rebinned"] = bins.summary["classes_rebinned"] if bins.computed_now() else []
         summary["full"] = full
         summary |= {"tracking_uri": tracker.uri, "mlflow_run_id": tracker.run_id}
         summary["report_path"] = _publish(config, tracker, summary)
@@ -170,6 +177,22 @@ def _evaluate(
     return row
 
 
+def _publish_selection(
+    config: DQConfig, dataset: StageResult, embeddings: StageResult, bins: StageResult, subset: StageResult
+) -> SelectionDiff:
+    """Diff the subset against the one published before with the same settings; a table artifact."""
+    store = Store(config.store_url)
+    key = selection_key(dataset.summary["dataset"], *(r.open().params for r in (subset, bins, embeddings)))
+    diff = publish_selection(store, key, subset.open(), dataset.summary.get("class_names"))
+    description = (f"Selection at {subset.summary['ratio']:.1%} vs the previous run ({diff.previous}): "
+                   f"+{len(diff.added)} −{len(diff.removed)} samples, churn {diff.churn:.2%}")
+    if diff.previous is None:
+        description = f"Selection at {subset.summary['ratio']:.1%}: first run of these settings"
+    create_table_artifact(diff.rows() or [{"class": "(none)", "added": 0, "removed": 0}],
+                          key=f"dq-selection-diff-r{int(round(subset.summary['ratio'] * 1000))}", description=description)
+    return diff
+
+
 def _summarise(
     config: DQConfig, dataset: StageResult, embeddings: StageResult, bins: StageResult,
     subsets: list[dict[str, Any]], timings: dict[str, float],
@@ -190,6 +213,8 @@ def _summarise(
                 "sample_keep_ratio": s["dq"].summary["size"] / train_size,
                 "evaluation": s["evaluation"],
                 "patches": s["patches"],
+                "selection": {"previous": s["diff"].previous, "previous_size": s["diff"].previous_size,
+                              "added": len(s["diff"].added), "removed": len(s["diff"].removed), "churn": s["diff"].churn},
             }
             for s in subsets
         ],
@@ -209,10 +234,12 @@ def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str
     create_link_artifact(tracker.run_url, link_text="MLflow run", key="dq-mlflow-run")
     metrics = {f"time_{stage}_s": seconds for stage, seconds in summary["timings_s"].items()}
     metrics["train_samples"] = summary["dataset"]["counts"][QUANTIZED_SPLIT]
-    metrics["embedding_samples_per_s"] = summary["embeddings"].get("samples_per_s")
+    metrics["embedded_samples"] = summary["embedded_samples"]
+    metrics["classes_rebinned"] = len(summary["classes_rebinned"])
     for s in summary["subsets"]:
         metrics[f"subset_size_r{s['ratio']}"] = s["size"]
         metrics[f"sample_keep_ratio_r{s['ratio']}"] = s["sample_keep_ratio"]
+        metrics |= {f"selection_{k}_r{s['ratio']}": s["selection"][k] for k in ("added", "removed", "churn")}
         if s["patches"]:
             p = s["patches"]
             metrics |= {
@@ -223,6 +250,11 @@ def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str
                 f"psnr_mae_db_r{s['ratio']}": p["psnr_mae_db"],
                 f"psnr_zero_fill_db_r{s['ratio']}": p["psnr_zero_fill_db"],
             }
+    # Over all ratios: churn is the share of the previous subsets' samples no longer selected.
+    selections = [s["selection"] for s in summary["subsets"]]
+    metrics["selection_added"] = sum(x["added"] for x in selections)
+    metrics["selection_removed"] = sum(x["removed"] for x in selections)
+    metrics["selection_churn"] = sum(x["removed"] for x in selections) / max(1, sum(x["previous_size"] for x in selections))
     tracker.log_metrics(metrics)
     tracker.log_text(report, "report.md")
     tracker.log_bytes(bin_size_plot(summary), "plots/bin_sizes.png")

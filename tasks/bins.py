@@ -5,13 +5,17 @@ from __future__ import annotations
 from prefect import task
 
 from dq_ops.config import BinsConfig, ClusterConfig
-from dq_ops.stages import generate_bins_stage
+from dq_ops.stages import BinsStage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, cached_stage
+from tasks.common import ProgressArtifact, StageResult, stage_cache_key
 
 
-@task(name="bins", task_run_name="bins-{params.num_bins}-{params.kernel}", cache_key_fn=cached_stage("bins"), retries=1)
+def _stage(store_url: str, dataset: StageResult, embeddings: StageResult, params: BinsConfig, **_: object) -> BinsStage:
+    return BinsStage(Store(store_url), dataset.open(), embeddings.open(), params)
+
+
+@task(name="bins", task_run_name="bins-{params.num_bins}-{params.kernel}", cache_key_fn=stage_cache_key(_stage), retries=1)
 def generate_bins_task(
     store_url: str,
     dataset: StageResult,
@@ -19,12 +23,14 @@ def generate_bins_task(
     params: BinsConfig,
     cluster: ClusterConfig | None = None,
 ) -> StageResult:
-    """Bins over the embeddings; with a cluster configured, one dask task per class."""
-    store = Store(store_url)
-    artifact = generate_bins_stage(
-        store, dataset.open(), embeddings.open(), params,
+    """Bins over the embeddings; with a cluster configured, one dask task per class. Classes
+    whose members did not change since an earlier run take their earlier bins."""
+    stage = _stage(store_url, dataset, embeddings, params)
+    artifact = stage.run(
         client=dask_client(cluster) if cluster is not None else None,
         progress=ProgressArtifact(f"GraphCut bins ({params.num_bins}) per class"),
     )
-    sizes = artifact.group.attrs["bin_sizes"]
-    return StageResult.from_artifact(store, artifact, bin_sizes=sizes, classes=artifact.group.attrs["classes"])
+    attrs = artifact.group.attrs
+    return StageResult.from_artifact(
+        stage.store, artifact, bin_sizes=attrs["bin_sizes"], classes=attrs["classes"], classes_rebinned=stage.classes_rebinned
+    )

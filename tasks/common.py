@@ -1,19 +1,26 @@
 """What every stage task shares: the result it hands downstream, its cache key, the offline switches.
 
+Cache keys come from the stages themselves (:func:`stage_cache_key`): the store is the one
+source of truth, Prefect's cache only remembers where the store's answer is.
+
 Tasks pass :class:`StageResult` values (store URL, artifact name, fingerprint and a few small
 figures), never arrays: Prefect hashes and persists task inputs and results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 from prefect.context import TaskRunContext
-from pydantic import BaseModel
+from prefect.runtime import flow_run
 
+from dq_ops.stage import Stage
 from dq_ops.store import Artifact, DQStoreError, Store, derive_key
 
 # Nothing in a run may phone home (values measured in STACK_NOTES: MLflow accepts only "true").
@@ -34,13 +41,18 @@ def set_offline_env() -> None:
 
 @dataclass(frozen=True)
 class StageResult:
-    """A stage's output as seen by the flow: where it is, what it is, and small figures."""
+    """A stage's output as seen by the flow: where it is, what it is, and small figures.
+
+    ``computed_in`` is the flow run that computed it; a result served from Prefect's cache keeps
+    the id of the run that made it, which tells the flow what this run actually did.
+    """
 
     kind: str
     name: str
     store_url: str
     fingerprint: str
     summary: dict[str, Any] = field(default_factory=dict)
+    computed_in: str | None = None
 
     @property
     def url(self) -> str:
@@ -56,49 +68,55 @@ class StageResult:
         except DQStoreError:
             return False
 
+    def computed_now(self) -> bool:
+        """Whether the current flow run computed this result (rather than a cache hit)."""
+        return self.computed_in is not None and self.computed_in == str(flow_run.get_id())
+
     @classmethod
     def from_artifact(cls, store: Store, artifact: Artifact, **summary: Any) -> StageResult:
-        return cls(artifact.kind, artifact.name, store.url, artifact.fingerprint, dict(summary))
+        return cls(artifact.kind, artifact.name, store.url, artifact.fingerprint, dict(summary), str(flow_run.get_id()))
 
 
-def _key_material(value: Any) -> Any:
-    """What of an argument enters a cache key: fingerprints for artifacts, data for settings."""
-    if isinstance(value, StageResult):
-        return value.fingerprint
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, (list, tuple)):
-        return [_key_material(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _key_material(v) for k, v in value.items()}
-    return value
+def store_tag(url: str) -> str:
+    """8 hex digits naming a store root (local paths made absolute): part of every cache key, so
+    the same stage against another store is computed there, never served from the first one."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return hashlib.sha256(fs.unstrip_protocol(root).encode()).hexdigest()[:8]
 
 
-def stage_key(stage: str, arguments: dict[str, Any]) -> str:
-    """A stage's cache key: hash of its settings and the fingerprints of its input artifacts.
+def _served_only_if_stored(context: TaskRunContext, key: str) -> str:
+    """``key``, unless the result cached under it names an artifact the store no longer holds
+    (deleted, or replaced by a different one): then a one-off key, so the task runs again."""
+    result_store = getattr(context, "result_store", None)
+    if result_store is not None and result_store.exists(key):
+        cached = result_store.read(key).result
+        if isinstance(cached, StageResult) and not cached.is_current():
+            return f"{key}-rebuild-{uuid.uuid4().hex[:8]}"
+    return key
 
-    Arguments that only say where or how to run (``store_url``, ``cluster``) are left out, so a
-    store moved to another URL or a different cluster still hits the cache.
-    """
-    material = {k: _key_material(v) for k, v in sorted(arguments.items()) if k not in ("cluster", "store_url")}
-    return f"{stage}-{derive_key(stage, material)}"
 
+def stage_cache_key(build: Callable[..., Stage]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """A Prefect ``cache_key_fn`` for a stage task: ``<kind>-<stage name>-<store tag>``.
 
-def cached_stage(stage: str):
-    """A Prefect ``cache_key_fn`` for a stage task returning a :class:`StageResult`.
-
-    When the artifact a cached result points to was deleted or replaced in the store since, the
-    key gets a one-off suffix so that the task runs again instead of returning a stale result.
+    ``build(**task_arguments)`` makes the task's :class:`~dq_ops.stage.Stage`; its name already
+    covers the stage version, the result-changing settings and the input fingerprints, so
+    Prefect's cache and the store agree on what is done.
     """
 
     def key_fn(context: TaskRunContext, arguments: dict[str, Any]) -> str:
-        key = stage_key(stage, arguments)
-        result_store = getattr(context, "result_store", None)
-        if result_store is not None and result_store.exists(key):
-            cached = result_store.read(key).result
-            if isinstance(cached, StageResult) and not cached.is_current():
-                return f"{key}-rebuild-{uuid.uuid4().hex[:8]}"
-        return key
+        stage = build(**arguments)
+        return _served_only_if_stored(context, f"{stage.kind}-{stage.name()}-{store_tag(stage.store.url)}")
+
+    return key_fn
+
+
+def source_cache_key(stage: str, material: Callable[..., dict[str, Any]]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """A ``cache_key_fn`` for a task that reads outside the store (ingest): a hash of
+    ``material(**task_arguments)`` (settings and a signature of the source) plus the store tag."""
+
+    def key_fn(context: TaskRunContext, arguments: dict[str, Any]) -> str:
+        key = derive_key(stage, material(**arguments))
+        return _served_only_if_stored(context, f"{stage}-{key}-{store_tag(arguments['store_url'])}")
 
     return key_fn
 

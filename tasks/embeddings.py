@@ -1,20 +1,25 @@
-"""Embedding task: stage 1 on dask workers, resumable chunk by chunk."""
+"""Embedding task: stage 1 on dask workers, resumable chunk by chunk, incremental across snapshots."""
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from dq_ops.config import ClusterConfig, EmbeddingConfig
-from dq_ops.embed import embed_dataset
+from dq_ops.embed import EmbeddingsStage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, cached_stage
+from tasks.common import ProgressArtifact, StageResult, stage_cache_key
+
+
+def _stage(store_url: str, dataset: StageResult, split: str, params: EmbeddingConfig, seed: int, precision: str,
+           **_: object) -> EmbeddingsStage:
+    return EmbeddingsStage(Store(store_url), dataset.open(), split, params, seed=seed, precision=precision)
 
 
 @task(
     name="embeddings",
-    task_run_name="embed-{dataset.name}-{split}-{params.backbone}",
-    cache_key_fn=cached_stage("embeddings"),
+    task_run_name="embed-{dataset.name}-{split}",
+    cache_key_fn=stage_cache_key(_stage),
     retries=2,
     retry_delay_seconds=5,
 )
@@ -24,24 +29,25 @@ def compute_embeddings(
     split: str,
     params: EmbeddingConfig,
     seed: int,
+    precision: str,
     cluster: ClusterConfig,
-    accelerator: str,
 ) -> StageResult:
-    """Features of one split; a retry or a rerun after a crash resumes from the chunks already written.
+    """Features of one split; only samples no earlier artifact holds go through the model, and a
+    retry or a rerun after a crash resumes from the chunks already written.
 
-    ``accelerator`` (the resolved cluster kind) is part of the cache key, because CUDA workers
-    compute in bf16/fp16 and their features differ from CPU features.
+    ``precision`` (what the cluster's workers compute in, ``dq_ops.cluster.cluster_precision``)
+    is part of the key: CUDA workers compute in bf16/fp16 and their features differ from CPU ones.
     """
-    store = Store(store_url)
-    result = embed_dataset(
-        store, dataset.name, split, params, dask_client(cluster), seed=seed,
-        progress=ProgressArtifact(f"Embedding {dataset.name}/{split} with {params.backbone}"),
-    )
-    features = result.artifact["features"]
+    stage = _stage(store_url, dataset, split, params, seed, precision)
+    model = params.backbone if "images" in stage.split_group else params.text_model
+    artifact = stage.run(client=dask_client(cluster), progress=ProgressArtifact(f"Embedding {dataset.name}/{split} with {model}"))
+    if stage.chunks_resumed:
+        get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
+    features = artifact["features"]
     return StageResult.from_artifact(
-        store, result.artifact,
+        stage.store, artifact,
         rows=int(features.shape[0]),
         dim=int(features.shape[1]),
-        rows_computed=result.rows_computed,
-        samples_per_s=result.samples_per_second,
+        embedded_samples=stage.work_done,
+        chunks_resumed=stage.chunks_resumed,
     )

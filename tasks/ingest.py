@@ -1,8 +1,9 @@
 """Ingest task: read the configured source into ``datasets/<name>``.
 
 Cache key: the dataset settings plus a signature of the source files (paths, sizes, modification
-times), so a scheduled re-quantization of a refreshed dataset re-ingests it and everything
-downstream, while an unchanged source is served from the cache.
+times) and the store, so a scheduled re-quantization of a refreshed source re-ingests it, while
+an unchanged source is served from the cache. A re-ingest whose content did not change finds
+the same snapshot, and everything downstream stays cached.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from typing import Any
 
 import fsspec
 from prefect import task
-from prefect.context import TaskRunContext
 
 from dq_ops.config import DatasetConfig
-from dq_ops.ingest import ingest
+from dq_ops.ingest import INGEST_VERSION, ingest
 from dq_ops.store import Store
-from tasks.common import ProgressArtifact, StageResult, cached_stage
+from tasks.common import ProgressArtifact, StageResult, source_cache_key
 
 
 def source_signature(url: str) -> str:
@@ -35,34 +35,30 @@ def source_signature(url: str) -> str:
     return digest.hexdigest()
 
 
-_stage_key = cached_stage("ingest")
-
-
-def _ingest_key(context: TaskRunContext, arguments: dict[str, Any]) -> str:
-    """The stage key over the dataset settings plus the source's current signature."""
-    return _stage_key(context, arguments | {"source": source_signature(arguments["config"].url)})
+def _ingest_material(config: DatasetConfig, store_url: str) -> dict[str, Any]:
+    """The dataset settings plus the source's current signature."""
+    return {"config": config.model_dump(mode="json"), "source": source_signature(config.url), "version": INGEST_VERSION}
 
 
 @task(
     name="ingest",
     task_run_name="ingest-{config.name}",
-    cache_key_fn=_ingest_key,
+    cache_key_fn=source_cache_key("ingest", _ingest_material),
     retries=2,
     retry_delay_seconds=5,
 )
 def ingest_dataset(config: DatasetConfig, store_url: str) -> StageResult:
-    """Ingest the source and return the dataset artifact with per-split counts."""
+    """Ingest the source and return the dataset snapshot with per-split counts."""
     progress = ProgressArtifact(f"Ingesting {config.name} from {config.url}")
-    result = ingest(config, Store(store_url), progress=progress)
-    return StageResult(
-        "datasets",
-        result.name,
-        store_url,
-        result.fingerprint,
-        {
+    store = Store(store_url)
+    result = ingest(config, store, progress=progress)
+    return StageResult.from_artifact(
+        store, store.open("datasets", result.name),
+        **{
             "modality": result.modality,
             "counts": result.counts,
             "class_names": result.class_names,
             "skipped": [str(item) for item in result.skipped],
+            "dataset": result.dataset,
         },
     )

@@ -5,18 +5,32 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from dq_ops.config import ClusterConfig, EmbeddingConfig, PatchConfig
-from dq_ops.pixels import ChunkedResult, drop_patches_stage, mae_stage, reconstruct_stage
+from dq_ops.pixels import DropPatchesStage, MAEStage, ReconstructStage
+from dq_ops.stage import ChunkedStage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, cached_stage
+from tasks.common import ProgressArtifact, StageResult, stage_cache_key
 
 
-def _log_resumed(result: ChunkedResult) -> None:
-    if result.resumed_note:
-        get_run_logger().info("%s: %s", result.artifact.url, result.resumed_note)
+def _drop(store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig,
+          **_: object) -> DropPatchesStage:
+    return DropPatchesStage(Store(store_url), dataset.open(), subset.open(), params, embedding)
 
 
-@task(name="patches", task_run_name="drop-patches-{subset.name}", cache_key_fn=cached_stage("patches"), retries=1)
+def _mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int, **_: object) -> MAEStage:
+    return MAEStage(Store(store_url), dataset.open(), params, seed)
+
+
+def _reconstruct(store_url: str, dataset: StageResult, patches: StageResult, mae: StageResult, **_: object) -> ReconstructStage:
+    return ReconstructStage(Store(store_url), dataset.open(), patches.open(), mae.open())
+
+
+def _log_resumed(stage: ChunkedStage) -> None:
+    if stage.chunks_resumed:
+        get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
+
+
+@task(name="patches", task_run_name="drop-patches-{subset.name}", cache_key_fn=stage_cache_key(_drop), retries=1)
 def drop_patches(
     store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig,
     cluster: ClusterConfig,
@@ -25,38 +39,32 @@ def drop_patches(
 
     Chunked over the workers; a retry or a rerun after a crash resumes from the chunks already written.
     """
-    store = Store(store_url)
-    result = drop_patches_stage(
-        store, dataset.open(), subset.open(), params, embedding, dask_client(cluster),
-        chunk_rows=params.chunk_rows,
-        progress=ProgressArtifact(f"Grad-CAM++ patch scores for {subset.summary.get('size')} images"),
-    )
-    _log_resumed(result)
-    return StageResult.from_artifact(store, result.artifact, **dict(result.artifact.group.attrs))
+    stage = _drop(store_url, dataset, subset, params, embedding)
+    artifact = stage.run(client=dask_client(cluster),
+                         progress=ProgressArtifact(f"Grad-CAM++ patch scores for {subset.summary.get('size')} images"))
+    _log_resumed(stage)
+    return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))
 
 
-@task(name="mae", task_run_name="mae-{dataset.name}", cache_key_fn=cached_stage("mae"), retries=1)
+@task(name="mae", task_run_name="mae-{dataset.name}", cache_key_fn=stage_cache_key(_mae), retries=1)
 def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int, cluster: ClusterConfig) -> StageResult:
-    """Train the dataset's MAE on a worker (or take the configured checkpoint) and keep it in the store."""
-    store = Store(store_url)
-    artifact = mae_stage(store, dataset.open(), params, seed, dask_client(cluster))
+    """Train the dataset's MAE as one task on a worker (or take the configured checkpoint) and keep it in the store."""
+    stage = _mae(store_url, dataset, params, seed)
+    artifact = stage.run(client=dask_client(cluster))
     history = artifact["loss_history"][:]
     return StageResult.from_artifact(
-        store, artifact,
+        stage.store, artifact,
         first_loss=float(history[0]) if len(history) else None,
         final_loss=float(history[-10:].mean()) if len(history) else None,
     )
 
 
-@task(name="reconstruct", task_run_name="reconstruct-{patches.name}", cache_key_fn=cached_stage("reconstruct"), retries=1)
+@task(name="reconstruct", task_run_name="reconstruct-{patches.name}", cache_key_fn=stage_cache_key(_reconstruct), retries=1)
 def reconstruct_patches(
     store_url: str, dataset: StageResult, patches: StageResult, mae: StageResult, cluster: ClusterConfig
 ) -> StageResult:
     """Restore every dropped patch with the MAE, chunk by chunk on the workers; kept pixels stay bit-exact."""
-    store = Store(store_url)
-    result = reconstruct_stage(
-        store, dataset.open(), patches.open(), mae.open(), dask_client(cluster),
-        progress=ProgressArtifact(f"MAE reconstruction of {patches.name}"),
-    )
-    _log_resumed(result)
-    return StageResult.from_artifact(store, result.artifact, **dict(result.artifact.group.attrs))
+    stage = _reconstruct(store_url, dataset, patches, mae)
+    artifact = stage.run(client=dask_client(cluster), progress=ProgressArtifact(f"MAE reconstruction of {patches.name}"))
+    _log_resumed(stage)
+    return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))

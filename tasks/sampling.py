@@ -4,24 +4,34 @@ from __future__ import annotations
 
 from prefect import task
 
-from dq_ops.stages import baseline_subset_stage, sample_subset_stage
+from dq_ops.stages import BaselineStage, SampleStage
 from dq_ops.store import Store
-from tasks.common import StageResult, cached_stage
+from tasks.common import StageResult, stage_cache_key
 
 
-@task(name="sample", task_run_name="sample-dq-{ratio}", cache_key_fn=cached_stage("sample"), retries=1)
+def _dq(store_url: str, dataset: StageResult, bins: StageResult, ratio: float, seed: int) -> SampleStage:
+    return SampleStage(Store(store_url), dataset.open(), bins.open(), ratio, seed)
+
+
+def _baseline(
+    store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, method: str, ratio: float, seed: int
+) -> BaselineStage:
+    return BaselineStage(Store(store_url), dataset.open(), embeddings.open(), bins.open(), method, ratio, seed)
+
+
+@task(name="sample", task_run_name="sample-dq-{ratio}", cache_key_fn=stage_cache_key(_dq), retries=1)
 def sample_subset(store_url: str, dataset: StageResult, bins: StageResult, ratio: float, seed: int) -> StageResult:
-    """Uniform draw of ``ratio`` from every bin and class; bins are reused for every ratio."""
-    store = Store(store_url)
-    artifact = sample_subset_stage(store, dataset.open(), bins.open(), ratio, seed)
-    return StageResult.from_artifact(store, artifact, method="dq", ratio=ratio, size=artifact.group.attrs["size"])
+    """Draw ``ratio`` of every bin and class, stable per sample id; bins are reused for every ratio."""
+    stage = _dq(store_url, dataset, bins, ratio, seed)
+    artifact = stage.run()
+    return StageResult.from_artifact(stage.store, artifact, method="dq", ratio=ratio, size=artifact.group.attrs["size"])
 
 
-@task(name="baseline", task_run_name="sample-{method}-{ratio}", cache_key_fn=cached_stage("baseline"), retries=1)
+@task(name="baseline", task_run_name="sample-{method}-{ratio}", cache_key_fn=stage_cache_key(_baseline), retries=1)
 def baseline_subset(
     store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, method: str, ratio: float, seed: int
 ) -> StageResult:
     """A random / k-center / herding subset with DQ's per-class sizes, for comparison."""
-    store = Store(store_url)
-    artifact = baseline_subset_stage(store, dataset.open(), embeddings.open(), bins.open(), method, ratio, seed)
-    return StageResult.from_artifact(store, artifact, method=method, ratio=ratio, size=artifact.group.attrs["size"])
+    stage = _baseline(store_url, dataset, embeddings, bins, method, ratio, seed)
+    artifact = stage.run()
+    return StageResult.from_artifact(stage.store, artifact, method=method, ratio=ratio, size=artifact.group.attrs["size"])

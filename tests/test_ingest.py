@@ -411,7 +411,7 @@ def test_failed_ingest_leaves_the_previous_dataset_untouched(tmp_path, fm_test):
     assert after.fingerprint == good.fingerprint and after.record["complete"]
     for key, value in before.items():
         np.testing.assert_array_equal(after[key][:], value)
-    assert store.list("datasets") == ["data"]
+    assert store.list("datasets") == [good.name] and good.name.startswith("data-")
     assert not any((tmp_path / "store" / "datasets" / ".staging").iterdir())
 
 
@@ -438,7 +438,7 @@ def test_progress_reports_every_batch_up_to_the_total(tmp_path):
 def test_ingest_into_a_memory_store(fm_test):
     url = f"memory://dq-test-{uuid.uuid4().hex}"
     result = ingest(DatasetConfig(limit=50), Store(url))
-    assert result.url == f"{url}/datasets/fashion-mnist"
+    assert result.url == f"{url}/datasets/{result.name}" and result.name.startswith("fashion-mnist-")
     np.testing.assert_array_equal(Store(url).open("datasets", "fashion-mnist")["test/images"][:, ..., 0], fm_test[0][:50])
     fsspec.filesystem("memory").rm(url.removeprefix("memory:/"), recursive=True)
 

@@ -16,15 +16,14 @@ from dq_ops.mae import (
     ReconstructedPatchDataset,
     baseline_fill,
     dropped_squared_error,
-    load_mae,
     picture_grid,
     psnr_db,
     random_keep_mask,
     reconstruct,
     reconstruction_psnr,
-    save_mae,
     train_mae,
 )
+from dq_ops.mae_store import load_mae, save_mae
 from dq_ops.patch_store import PatchStore, pack_patches
 from dq_ops.patches import pixel_mask, select_patches
 from dq_ops.readers.idx import load_fashion_mnist

@@ -13,14 +13,15 @@ from distributed import Client
 from dq_ops.cluster import dask_client
 from dq_ops.config import ClusterConfig, EmbeddingConfig, PatchConfig
 from dq_ops.mae import baseline_fill, reconstruction_psnr
+from dq_ops.mae_store import load_mae_artifact
 from dq_ops.patch_store import PatchStore, unpack_patches, whole_image_bytes
 from dq_ops.patches import patchify, pixel_mask
-from dq_ops.pixels import drop_patches_stage, load_mae_artifact, mae_stage, reconstruct_stage
+from dq_ops.pixels import DropPatchesStage, MAEStage, ReconstructStage
 from dq_ops.readers.idx import load_fashion_mnist
 from dq_ops.store import Store, write_array
 
 N_IMAGES, SUBSET, CHUNK_ROWS = 240, 96, 16  # 6 chunks
-PARAMS = PatchConfig(cam_image_size=64, mae_epochs=1, mae_train_samples=128)
+PARAMS = PatchConfig(cam_image_size=64, mae_epochs=1, mae_train_samples=128, chunk_rows=CHUNK_ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +57,21 @@ def store(tmp_path_factory, fashion) -> Store:
     return _store(tmp_path_factory.mktemp("pixels"), fashion)
 
 
+def _drop(store: Store) -> DropPatchesStage:
+    return DropPatchesStage(store, store.open("datasets", "data"), store.open("subsets", "sub"), PARAMS, EmbeddingConfig())
+
+
 @pytest.fixture(scope="module")
 def patches(store, client):
-    return drop_patches_stage(store, store.open("datasets", "data"), store.open("subsets", "sub"), PARAMS,
-                              EmbeddingConfig(), client, chunk_rows=CHUNK_ROWS)
+    stage = _drop(store)
+    return stage, stage.run(client=client)
 
 
 def test_patch_dropping_runs_chunked_on_the_workers(patches, store, fashion):
     images, labels = fashion
     rows = store.open("subsets", "sub")["indices"][:]
-    assert patches.chunks_total == SUBSET // CHUNK_ROWS and patches.chunks_skipped == 0
-    assert patches.resumed_note is None
-    artifact = patches.artifact
+    stage, artifact = patches
+    assert stage.chunks_total == SUBSET // CHUNK_ROWS and stage.chunks_resumed == 0 and stage.work_done == SUBSET
     assert "done" not in artifact.group and "chunk_stats" not in artifact.group  # staging-only bookkeeping
     patch_store = PatchStore(artifact.group)
     assert len(patch_store) == SUBSET and patch_store.kept_per_image == 39 and patch_store.chunk_rows == CHUNK_ROWS
@@ -84,26 +88,28 @@ def test_patch_dropping_runs_chunked_on_the_workers(patches, store, fashion):
 
 
 def test_mae_trains_on_a_worker_and_reconstruction_reports_from_chunk_sums(patches, store, client, fashion):
-    dataset = store.open("datasets", "data")
-    mae = mae_stage(store, dataset, PARAMS, 0, client)
+    dataset, patch_artifact = store.open("datasets", "data"), patches[1]
+    mae = MAEStage(store, dataset, PARAMS, 0).run(client=client)
     assert len(mae["loss_history"][:]) == 1  # one epoch of 128 images at batch 128
-    result = reconstruct_stage(store, dataset, patches.artifact, mae, client)
-    restored = result.artifact["images"][:]
+    stage = ReconstructStage(store, dataset, patch_artifact, mae)
+    result = stage.run(client=client)
+    assert stage.chunks_total == SUBSET // CHUNK_ROWS
+    restored = result["images"][:]
     rows = store.open("subsets", "sub")["indices"][:]
     original = fashion[0][rows]
-    zero_filled, keep = unpack_patches(PatchStore(patches.artifact.group).read())
+    zero_filled, keep = unpack_patches(PatchStore(patch_artifact.group).read())
     kept = pixel_mask(keep, 4)[..., None]
     assert restored.shape == original.shape and np.array_equal(np.where(kept, restored, 0), zero_filled)
-    attrs = result.artifact.group.attrs
+    attrs = result.group.attrs
+    assert "done" not in result.group and "chunk_stats" not in result.group
     assert attrs["psnr_mae_db"] == pytest.approx(reconstruction_psnr(original, restored, keep), rel=1e-9)
     assert attrs["psnr_mean_fill_db"] == pytest.approx(
         reconstruction_psnr(original, baseline_fill(original, keep, "mean"), keep), rel=1e-9)
     assert attrs["psnr_zero_fill_db"] == pytest.approx(
         reconstruction_psnr(original, baseline_fill(original, keep, "zero"), keep), rel=1e-9)
-    assert result.artifact["preview_png"][:8].tobytes() == b"\x89PNG\r\n\x1a\n"
-    assert list(result.artifact["ids"][:]) == [f"train:{i}" for i in rows]
+    assert result["preview_png"][:8].tobytes() == b"\x89PNG\r\n\x1a\n"
+    assert list(result["ids"][:]) == [f"train:{i}" for i in rows]
     assert load_mae_artifact(mae).config.patch_size == 4
-    assert mae_stage(store, dataset, PARAMS, 0, client).fingerprint == mae.fingerprint  # reused
 
 
 class _Interrupted(Exception):
@@ -120,23 +126,21 @@ def _wait_until_idle(client: Client, timeout: float = 120.0) -> None:
 
 def test_an_interrupted_patch_run_resumes_bit_for_bit(tmp_path, fashion, patches, client):
     store = _store(tmp_path, fashion)
-    dataset, subset = store.open("datasets", "data"), store.open("subsets", "sub")
 
     def interrupt_after_first_chunk(done: int, total: int) -> None:
         if done >= 1:
             raise _Interrupted
 
     with pytest.raises(_Interrupted):
-        drop_patches_stage(store, dataset, subset, PARAMS, EmbeddingConfig(), client, chunk_rows=CHUNK_ROWS,
-                           progress=interrupt_after_first_chunk)
+        _drop(store).run(client=client, progress=interrupt_after_first_chunk)
     _wait_until_idle(client)
-    key = patches.artifact.name
+    key = patches[1].name
     assert not store.exists("patches", key)
     done_before = int(zarr.open_group(f"{tmp_path}/patches/.staging/{key}", mode="r")["done"][:].sum())
     assert 1 <= done_before < SUBSET // CHUNK_ROWS
 
-    resumed = drop_patches_stage(store, dataset, subset, PARAMS, EmbeddingConfig(), client, chunk_rows=CHUNK_ROWS)
-    assert resumed.chunks_skipped == done_before
-    assert resumed.resumed_note == f"resumed: {done_before} of {SUBSET // CHUNK_ROWS} chunks already done"
-    assert resumed.artifact.name == key
-    assert resumed.artifact.record["content_digest"] == patches.artifact.record["content_digest"]
+    stage = _drop(store)
+    resumed = stage.run(client=client)
+    assert stage.chunks_resumed == done_before and stage.work_done == SUBSET - done_before * CHUNK_ROWS
+    assert resumed.name == key
+    assert resumed.record["content_digest"] == patches[1].record["content_digest"]

@@ -1,0 +1,184 @@
+"""The one shape every pipeline step has: key → already stored? → compute → commit.
+
+A :class:`Stage` turns input artifacts into one output artifact. It declares
+
+* ``kind``: the artifact kind it writes (``dq_ops.store.ARTIFACT_KINDS``);
+* ``version``: bumped whenever its algorithm changes what it writes, so upgrading dq recomputes
+  exactly the stages whose results changed;
+* :meth:`params`: the settings that change its result, with files named by path (backbone
+  weights, checkpoints) entering by content digest. Settings that change only speed or
+  placement (batch sizes, memory budgets, clusters, worker counts) stay out;
+* :meth:`inputs`: the artifacts it reads (their fingerprints enter the key);
+* :meth:`compute`: fill a staging group.
+
+Its key is ``name = derive_key(kind, {"stage_version": version, **params}, input fingerprints)``,
+which names the output artifact; :meth:`run` returns the stored artifact when the store already
+holds it. The store is the one source of truth: Prefect's cache key for a stage task is this same
+name plus the store's URL (``tasks.common``), and a cached result is only served while the store
+still holds the very artifact it names.
+
+A :class:`ChunkedStage` is a stage whose work splits into row chunks run by dask workers (or
+inline without a client): each chunk job reads its rows through URLs, writes its rows into a
+resumable staging group and marks ``done[chunk]`` last, so a killed run resumes where it stopped.
+This is datatrove's pipeline step with completion markers, applied to Zarr chunks.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import zarr
+
+from dq_ops.store import Artifact, Store, derive_key, open_zarr_store
+
+Progress = Callable[[int, int], None]
+
+
+class Stage(ABC):
+    """One pipeline step writing ``kind/<name>``; see the module docstring."""
+
+    kind: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Settings that change the result (JSON-serialisable)."""
+
+    @abstractmethod
+    def inputs(self) -> list[Artifact]:
+        """Artifacts the stage reads; their fingerprints enter its key."""
+
+    @abstractmethod
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        """Write the result into ``group`` (a fresh staging group)."""
+
+    def key_params(self) -> dict[str, Any]:
+        return {"stage_version": self.version, **self.params()}
+
+    def input_fingerprints(self) -> list[str]:
+        return [artifact.fingerprint for artifact in self.inputs()]
+
+    def name(self) -> str:
+        """The output artifact's name: a hash of version, parameters and input fingerprints."""
+        return derive_key(self.kind, self.key_params(), self.input_fingerprints())
+
+    def run(self, *, progress: Progress | None = None, client: Any = None) -> Artifact:
+        """The stored result, computed and committed first if the store lacks it."""
+        name = self.name()
+        if self.store.exists(self.kind, name):
+            return self.store.open(self.kind, name)
+        with self.store.write(self.kind, name, self.key_params(), self.input_fingerprints()) as group:
+            self.compute(group, progress, client)
+        return self.store.open(self.kind, name)
+
+
+class ChunkJob(Protocol):
+    """What every chunk job carries besides its own inputs: where to write and which rows."""
+
+    staging_url: str
+    storage_options: dict[str, Any]
+    index: int
+    start: int
+    stop: int
+
+
+def run_chunk(worker: Callable[[Any], int], job: ChunkJob) -> int:
+    """Worker side: run one chunk, then mark it done (last, so a done chunk is complete)."""
+    count = worker(job)
+    zarr.open_group(open_zarr_store(job.staging_url, job.storage_options), mode="r+")["done"][job.index] = True
+    return count
+
+
+class ChunkedStage(Stage):
+    """A stage computed as independent row chunks on dask workers, resumable chunk by chunk.
+
+    Subclasses define the staging layout (:meth:`create_layout`, :meth:`layout_matches`), the
+    number of rows and rows per chunk, one picklable job per chunk (:meth:`job`) and the module-
+    level function that runs a job (:attr:`worker`, returning a count, e.g. rows computed).
+    After a run, ``chunks_resumed`` / ``chunks_total`` say how much an earlier run had done and
+    ``work_done`` sums what the workers returned.
+    """
+
+    worker: ClassVar[Callable[[Any], int]]
+    chunks_resumed: int = 0
+    chunks_total: int = 0
+    work_done: int = 0
+
+    @abstractmethod
+    def num_rows(self) -> int: ...
+
+    @abstractmethod
+    def chunk_rows(self) -> int: ...
+
+    @abstractmethod
+    def create_layout(self, group: zarr.Group) -> None:
+        """Create the output arrays (rows filled by chunk jobs)."""
+
+    @abstractmethod
+    def layout_matches(self, group: zarr.Group) -> bool:
+        """Whether a staging group left by an earlier run has this run's layout."""
+
+    @abstractmethod
+    def job(self, staging_url: str, index: int, start: int, stop: int) -> ChunkJob: ...
+
+    def finalize(self, group: zarr.Group) -> None:
+        """Called once every chunk is written, before the commit (e.g. summary attributes)."""
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        raise NotImplementedError("a ChunkedStage computes through run()")
+
+    def run(self, *, progress: Progress | None = None, client: Any = None) -> Artifact:
+        name = self.name()
+        if self.store.exists(self.kind, name):
+            return self.store.open(self.kind, name)
+        n, chunk_rows = self.num_rows(), self.chunk_rows()
+        n_chunks = -(-n // chunk_rows)
+        group, url = self.store.resumable(self.kind, name)
+        done_array = group.get("done")
+        if done_array is None or done_array.shape != (n_chunks,) or not self.layout_matches(group):
+            # Nothing usable from an earlier run (none, another layout, an interrupted commit).
+            self.store.discard_resumable(self.kind, name)
+            group, url = self.store.resumable(self.kind, name)
+            self.create_layout(group)
+            group.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False)
+        done = np.asarray(group["done"][:])
+        self.chunks_total, self.chunks_resumed = n_chunks, int(done.sum())
+        finished = self.chunks_resumed
+        if progress is not None:
+            progress(finished, n_chunks)
+        jobs = [self.job(url, k, k * chunk_rows, min(n, (k + 1) * chunk_rows)) for k in np.flatnonzero(~done).tolist()]
+        self.work_done = 0
+        if client is None:
+            for job in jobs:
+                self.work_done += run_chunk(type(self).worker, job)
+                finished += 1
+                if progress is not None:
+                    progress(finished, n_chunks)
+        else:
+            from distributed import as_completed
+
+            token = uuid.uuid4().hex[:8]  # fresh task keys: a rerun must not meet its cancelled predecessors
+            futures = [
+                client.submit(run_chunk, type(self).worker, job, key=f"dq-{self.kind}-{name}-{job.index}-{token}")
+                for job in jobs
+            ]
+            try:
+                for future in as_completed(futures):
+                    self.work_done += future.result()  # re-raises a worker's exception here
+                    finished += 1
+                    if progress is not None:
+                        progress(finished, n_chunks)
+            finally:
+                # On an error or an interruption stop what has not started; done chunks stay for a rerun.
+                client.cancel([f for f in futures if not f.done()])
+        group = self.store.resumable(self.kind, name)[0]
+        self.finalize(group)
+        del group["done"]
+        return self.store.commit_resumable(self.kind, name, self.key_params(), self.input_fingerprints())
