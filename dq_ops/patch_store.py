@@ -137,17 +137,22 @@ def stored_bytes(node: zarr.Group | zarr.Array) -> int:
     return sum(int(a.nbytes_stored()) for _, a in node.members(max_depth=None) if isinstance(a, zarr.Array))
 
 
+def _whole_image_array(stored: dict, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> zarr.Array:
+    return zarr.create_array(
+        zarr.storage.MemoryStore(stored), shape=shape, dtype=dtype,
+        chunks=(max(1, chunk_rows), *shape[1:]), compressors=default_compressor(),
+    )
+
+
 def whole_image_bytes(images: np.ndarray, chunk_rows: int) -> int:
-    """Stored bytes of ``images`` written whole into an in-memory Zarr array with the patch
-    store's codec in chunks of ``chunk_rows`` rows: the reference :class:`StorageReport` compares
-    against. Additive over row ranges that start on chunk boundaries, so workers measure their own
-    chunks and the sums are combined (the metadata document of each range is left out)."""
+    """Encoded chunk bytes of ``images`` written whole into an in-memory Zarr array with the
+    patch store's codec in chunks of ``chunk_rows`` rows: the reference :class:`StorageReport`
+    compares against. Additive over row ranges that start on chunk boundaries, so workers measure
+    their own chunks and the sums are combined (:func:`storage_report` adds the one metadata
+    document)."""
     images = np.asarray(images)
     stored: dict = {}
-    array = zarr.create_array(
-        zarr.storage.MemoryStore(stored), shape=images.shape, dtype=images.dtype,
-        chunks=(max(1, chunk_rows), *images.shape[1:]), compressors=default_compressor(),
-    )
+    array = _whole_image_array(stored, images.shape, images.dtype, chunk_rows)
     if images.size:
         array[...] = images
     return sum(len(value) for key, value in stored.items() if key != "zarr.json")
@@ -289,15 +294,19 @@ class StorageReport:
         return self.sample_ratio * self.patch_keep_ratio
 
 
-def storage_report(store: PatchStore, whole_bytes: int, sample_ratio: float = 1.0) -> StorageReport:
-    """Measure ``store`` against ``whole_bytes``, the :func:`whole_image_bytes` of the same images
-    in the store's row chunks (summed over chunks when workers measured them)."""
+def storage_report(store: PatchStore, whole_chunk_bytes: int, sample_ratio: float = 1.0) -> StorageReport:
+    """Measure ``store`` against the same images stored whole: ``whole_chunk_bytes`` is their
+    :func:`whole_image_bytes` in the store's row chunks (summed over chunks when workers measured
+    them), to which the whole array's metadata document is added, as the patch store's figure
+    includes its own two."""
     n, (gh, gw) = len(store), store.grid
-    itemsize = np.dtype(store._patches.dtype).itemsize
+    dtype = np.dtype(store._patches.dtype)
+    stored: dict = {}
+    _whole_image_array(stored, (n, *store.image_shape), dtype, store.chunk_rows)
     return StorageReport(
         n_images=n,
-        raw_image_bytes=n * int(np.prod(store.image_shape)) * itemsize,
-        whole_image_bytes=int(whole_bytes),
+        raw_image_bytes=n * int(np.prod(store.image_shape)) * dtype.itemsize,
+        whole_image_bytes=int(whole_chunk_bytes) + len(stored["zarr.json"]),
         patch_bytes=store.stored_bytes(),
         patch_keep_ratio=store.kept_per_image / (gh * gw),
         sample_ratio=sample_ratio,
