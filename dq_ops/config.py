@@ -67,7 +67,21 @@ class BinsConfig(_Section):
 
     num_bins: int = Field(10, ge=1, description="K: bins per class (the last is the remainder).")
     kernel: Literal["cosine", "dot"] = Field("cosine", description="'cosine': 0.5 + 0.5·cos (images); 'dot': raw dot product (reference text path).")
-    memory_budget_mb: int = Field(256, ge=1, description="Largest per-class Gram matrix kept in memory.")
+    budget_rule: Literal["per-class", "reference"] = Field(
+        "per-class",
+        description="Samples per bin: 'per-class' round(n_c_left/(K−b)) depends on the class alone (a refresh re-bins only "
+        "the classes it touched); 'reference' is the reference code's rule, coupled to the dataset size.",
+    )
+    memory_budget_mb: int = Field(256, ge=1, description="Largest per-class Gram matrix kept in memory (speed only).")
+    refresh: Literal["exact", "incremental"] = Field(
+        "exact",
+        description="On a refreshed dataset: 'exact' re-bins the classes whose samples changed, as a full run would; "
+        "'incremental' keeps existing samples in their bins and joins new ones by their GraphCut gain (a more stable selection).",
+    )
+    rebuild_fraction: float = Field(
+        0.2, gt=0, le=1,
+        description="incremental: rebuild exactly once the samples joined since the last rebuild exceed this share of the data.",
+    )
 
 
 class SamplingConfig(_Section):

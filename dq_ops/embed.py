@@ -171,7 +171,7 @@ class EmbeddingsStage(ChunkedStage):
             self.spec = ExtractorSpec("texts", config.text_model)
             self.dim = text_dim(config.text_model)
             self._params = {"text_model": config.text_model, "text_model_version": text_model_version(config.text_model)}
-        self._params.update(modality=self.samples, mode=config.mode)
+        self._params.update(split=split, modality=self.samples, mode=config.mode)
         self.gradient_classes = None
         if config.mode == "gradient":
             class_names = dataset.group.attrs.get("class_names")

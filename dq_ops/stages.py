@@ -27,13 +27,13 @@ import numpy as np
 import zarr
 
 from dq_ops.baselines import select_herding, select_kcenter, select_random
-from dq_ops.bins import bin_budgets, generate_class_bins
+from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
 from dq_ops.config import BinsConfig, EvaluationConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups
 from dq_ops.sampling import sample_bins, sample_sizes
 from dq_ops.stage import Progress, Stage
-from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, write_array
+from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, derive_key, write_array
 from dq_ops.text_eval import evaluate_text_subset
 from dq_ops.train import TrainConfig, train_and_evaluate
 
@@ -98,6 +98,12 @@ class BinsStage(Stage):
     re-running the greedy: the result is exactly what a full run computes, and a refresh re-bins
     only the classes whose samples (or budgets) changed. ``classes_rebinned`` lists them after
     :meth:`run`. ``memory_budget_mb`` changes only speed and stays out of the key.
+
+    With ``refresh="incremental"`` the stage instead continues the bins its lineage (same
+    dataset name and settings) published last: samples already binned keep their bins, new
+    ones join by their GraphCut gain (:func:`dq_ops.bins.join_bins`), and a full exact rebuild
+    happens once the samples joined since the last one exceed ``rebuild_fraction`` of the data.
+    The previous bins are then an input of the key.
     """
 
     kind = "bins"
@@ -109,10 +115,43 @@ class BinsStage(Stage):
         self.classes_rebinned: list[int] = []
 
     def params(self) -> dict[str, Any]:
-        return {"num_bins": self.config.num_bins, "kernel": self.config.kernel}
+        params: dict[str, Any] = {
+            "num_bins": self.config.num_bins, "kernel": self.config.kernel, "budget_rule": self.config.budget_rule,
+        }
+        if self.config.refresh == "incremental":
+            params |= {"refresh": "incremental", "rebuild_fraction": self.config.rebuild_fraction}
+        return params
+
+    def _lineage(self) -> str:
+        """The ref naming the bins last published for this dataset name and these settings."""
+        base = self.dataset.record.get("snapshot_of", self.dataset.name)
+        return f"{base}-{derive_key('bins-lineage', {'bins': self.key_params(), 'embeddings': self.embeddings.params})}"
+
+    def previous(self) -> Artifact | None:
+        """incremental: the bins this lineage published last, if still in the store."""
+        if self.config.refresh != "incremental":
+            return None
+        ref = self.store.read_ref(self.kind, self._lineage())
+        return self.store.open(self.kind, ref["latest"]) if ref and self.store.exists(self.kind, ref["latest"]) else None
+
+    def _continues(self, previous: Artifact | None) -> bool:
+        """Whether ``previous`` was made from this very dataset and embeddings (nothing to join)."""
+        return previous is not None and previous.record["inputs"][:2] == [self.dataset.fingerprint, self.embeddings.fingerprint]
 
     def inputs(self) -> list[Artifact]:
-        return [self.dataset, self.embeddings]
+        previous = self.previous()
+        extra = [previous] if previous is not None and not self._continues(previous) else []
+        return [self.dataset, self.embeddings, *extra]
+
+    def name(self) -> str:
+        previous = self.previous()
+        return previous.name if self._continues(previous) else super().name()
+
+    def run(self, *, progress: Progress | None = None, client: Any = None) -> Artifact:
+        artifact = super().run(progress=progress, client=client)
+        if self.config.refresh == "incremental":
+            self.store.write_ref(self.kind, self._lineage(), {"latest": artifact.name})
+        return artifact
 
     def _map(self, client: Any, function: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
         """``function(store_url, storage_options, embeddings_name, *job)`` for every job, on the
@@ -133,6 +172,58 @@ class BinsStage(Stage):
         return found
 
     def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+        previous = self.previous()
+        if previous is not None and self._join(group, previous):
+            return
+        self._compute_exact(group, progress, client)
+        group.attrs["joined_since_rebuild"] = 0
+
+    def _join(self, group: zarr.Group, previous: Artifact) -> bool:
+        """Join the new samples to ``previous``' bins; False when a full rebuild is due instead."""
+        labels = split_labels(self.dataset)
+        ids = [str(i) for i in self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]]
+        earlier = dict(zip((str(i) for i in previous["ids"][:]), np.asarray(previous["bin_of_sample"][:]).tolist()))
+        bin_of_sample = np.array([earlier.get(i, -1) for i in ids], dtype=np.int32)
+        joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + int((bin_of_sample < 0).sum())
+        if joined > self.config.rebuild_fraction * len(ids):
+            return False
+        classes, groups = class_groups(labels, len(ids))
+        classes = np.array([-1]) if classes is None else classes
+        num_bins, kernel = self.config.num_bins, self.config.kernel
+        self.classes_rebinned = []
+        for c, members in zip(classes, groups):
+            local = bin_of_sample[members]
+            if (local >= 0).all():
+                continue
+            rows = embedding_rows(self.embeddings, members)
+            if (local < 0).all():  # a class with no binned samples yet: its own exact greedy
+                budgets = bin_budgets([len(members)], num_bins, self.config.budget_rule)[0]
+                bins = generate_class_bins(rows, budgets, kernel=kernel, memory_budget_mb=self.config.memory_budget_mb)
+                for b, picked in enumerate(bins):
+                    local[picked] = b
+            else:
+                local = join_bins(rows, local, num_bins, kernel=kernel)
+            bin_of_sample[members] = local
+            self.classes_rebinned.append(int(c))
+        sizes = [[int((bin_of_sample[members] == b).sum()) for b in range(num_bins)] for members in groups]
+        self._write(group, bin_of_sample, labels, classes, sizes, [])
+        group.attrs["joined_since_rebuild"] = joined
+        return True
+
+    def _write(self, group: zarr.Group, bin_of_sample: np.ndarray, labels: np.ndarray | None, classes: np.ndarray,
+               sizes: list[list[int]], digests: list[str]) -> None:
+        n = len(bin_of_sample)
+        write_array(group, "bin_of_sample", bin_of_sample)
+        write_array(group, "ids", np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]))
+        write_array(group, "labels", np.full(n, -1, dtype=np.int64) if labels is None else labels)
+        group.attrs.update({
+            "num_bins": self.config.num_bins,
+            "classes": [int(c) for c in classes],
+            "bin_sizes": sizes,
+            "class_digests": digests,
+        })
+
+    def _compute_exact(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
         labels = split_labels(self.dataset)
         n = self.embeddings["features"].shape[0]
         if labels is not None and len(labels) != n:
@@ -142,7 +233,7 @@ class BinsStage(Stage):
         for c, members in zip(classes, groups):
             if len(members) < self.config.num_bins:
                 raise DQInputError(f"bins.num_bins={self.config.num_bins} is larger than class {c} ({len(members)} samples)")
-        budgets = bin_budgets([len(g) for g in groups], self.config.num_bins)
+        budgets = bin_budgets([len(g) for g in groups], self.config.num_bins, self.config.budget_rule)
         kernel = self.config.kernel
         digests = self._map(client, _class_digest_worker, [(members, budgets[c], kernel) for c, members in enumerate(groups)])
 
@@ -164,15 +255,7 @@ class BinsStage(Stage):
                 bin_of_sample[groups[c][local]] = b
         if progress:
             progress(len(groups), len(groups))
-        write_array(group, "bin_of_sample", bin_of_sample)
-        write_array(group, "ids", np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]))
-        write_array(group, "labels", np.full(n, -1, dtype=np.int64) if labels is None else labels)
-        group.attrs.update({
-            "num_bins": self.config.num_bins,
-            "classes": [int(c) for c in classes],
-            "bin_sizes": budgets.tolist(),
-            "class_digests": digests,
-        })
+        self._write(group, bin_of_sample, labels, classes, budgets.tolist(), digests)
 
 
 def bins_as_lists(bins: Artifact) -> list[np.ndarray]:

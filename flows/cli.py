@@ -107,6 +107,11 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", metavar="R", type=float, action="append", help="keep ratio in (0, 1]; repeat for several")
     parser.add_argument("--limit", metavar="N", type=int, help="use at most N samples per split (a quick run)")
     parser.add_argument("--seed", type=int, help="seed of every random choice")
+    parser.add_argument(
+        "--ephemeral-server", action="store_true",
+        help="use a temporary Prefect server for this run only (default: PREFECT_API_URL, else a local server kept "
+             "running on 127.0.0.1:4200, started if needed; also DQ_PREFECT_SERVER=ephemeral)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -134,6 +139,11 @@ def _run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise DQInputError(f"invalid option: {exc.errors()[0]['msg']}") from None
 
+    if args.ephemeral_server:
+        os.environ["DQ_PREFECT_SERVER"] = "ephemeral"
+    from flows.server import use_local_server
+
+    api_url = use_local_server()  # before Prefect is imported: it reads its settings once
     from tasks.common import set_offline_env
 
     set_offline_env()
@@ -156,7 +166,12 @@ def _run(args: argparse.Namespace) -> int:
     print(f"report       {summary['report_path']}")
     print()
     print("Open the UIs:")
-    print("  Prefect: prefect server start   → http://127.0.0.1:4200 (this run is in its database)")
+    if api_url:
+        print(f"  Prefect: {api_url.removesuffix('/api')} (a local server, kept running; stop: prefect server stop)")
+    elif os.environ.get("PREFECT_API_URL"):
+        print(f"  Prefect: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    else:
+        print("  Prefect: prefect server start   → http://127.0.0.1:4200 (this run is in its database)")
     print(f"  MLflow:  mlflow ui --backend-store-uri {summary['tracking_uri']} --workers 1 → http://127.0.0.1:5000")
     return 0
 
@@ -185,6 +200,23 @@ def _export(args: argparse.Namespace) -> int:
                                progress=progress)
     print(f"exported {result.samples:,} samples as {result.format} to {result.out_url}")
     print(f"manifest {result.manifest_url}")
+    return 0
+
+
+# -- dq gc --------------------------------------------------------------------------------------
+def _gc_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep", metavar="N", type=int, required=True, help="dataset snapshots to keep per dataset (newest first)")
+    parser.add_argument("--store", metavar="URL", default="./dq-store", help="store root (default ./dq-store)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from dq_ops.store import Store
+
+    removed = Store(args.store).gc(args.keep, dry_run=args.dry_run)
+    for path in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+    print(f"{len(removed)} artifact(s) {'to remove' if args.dry_run else 'removed'}; everything a kept snapshot needs stays")
     return 0
 
 
@@ -223,6 +255,17 @@ COMMANDS: list[Command] = [
         ),
         add_arguments=_export_arguments,
         run=_export,
+    ),
+    Command(
+        "gc",
+        help="remove old dataset snapshots and what only they need",
+        description=(
+            "Keep the N newest snapshots of every dataset, every artifact derived from them and "
+            "everything those were made from; remove the other snapshots and artifacts. Reports, "
+            "refs and the MLflow database stay."
+        ),
+        add_arguments=_gc_arguments,
+        run=_gc,
     ),
 ]
 

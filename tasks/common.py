@@ -20,6 +20,7 @@ import fsspec
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
+from dq_ops.errors import DQInputError
 from dq_ops.stage import Stage
 from dq_ops.store import Artifact, DQStoreError, Store, derive_key
 
@@ -75,6 +76,18 @@ class StageResult:
     @classmethod
     def from_artifact(cls, store: Store, artifact: Artifact, **summary: Any) -> StageResult:
         return cls(artifact.kind, artifact.name, store.url, artifact.fingerprint, dict(summary), str(flow_run.get_id()))
+
+
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """A ``retry_condition_fn``: retries are for transient faults (a lost worker, a flaky object
+    store); bad input (:class:`~dq_ops.errors.DQInputError`) fails at once, a retry cannot fix it."""
+    try:
+        state.result()
+    except DQInputError:
+        return False
+    except Exception:
+        return True
+    return True
 
 
 def store_tag(url: str) -> str:

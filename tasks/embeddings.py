@@ -8,7 +8,7 @@ from dq_ops.config import ClusterConfig, EmbeddingConfig
 from dq_ops.embed import EmbeddingsStage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, stage_cache_key
+from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, stage_cache_key
 
 
 def _stage(store_url: str, dataset: StageResult, split: str, params: EmbeddingConfig, seed: int, precision: str,
@@ -21,6 +21,7 @@ def _stage(store_url: str, dataset: StageResult, split: str, params: EmbeddingCo
     task_run_name="embed-{dataset.name}-{split}",
     cache_key_fn=stage_cache_key(_stage),
     retries=2,
+    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
 )
 def compute_embeddings(

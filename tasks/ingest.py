@@ -17,7 +17,7 @@ from prefect import task
 from dq_ops.config import DatasetConfig
 from dq_ops.ingest import INGEST_VERSION, ingest
 from dq_ops.store import Store
-from tasks.common import ProgressArtifact, StageResult, source_cache_key
+from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, source_cache_key
 
 
 def source_signature(url: str) -> str:
@@ -45,6 +45,7 @@ def _ingest_material(config: DatasetConfig, store_url: str) -> dict[str, Any]:
     task_run_name="ingest-{config.name}",
     cache_key_fn=source_cache_key("ingest", _ingest_material),
     retries=2,
+    retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
 )
 def ingest_dataset(config: DatasetConfig, store_url: str) -> StageResult:

@@ -6,7 +6,7 @@ from prefect import task
 
 from dq_ops.stages import BaselineStage, SampleStage
 from dq_ops.store import Store
-from tasks.common import StageResult, stage_cache_key
+from tasks.common import StageResult, retry_unless_bad_input, stage_cache_key
 
 
 def _dq(store_url: str, dataset: StageResult, bins: StageResult, ratio: float, seed: int) -> SampleStage:
@@ -19,7 +19,13 @@ def _baseline(
     return BaselineStage(Store(store_url), dataset.open(), embeddings.open(), bins.open(), method, ratio, seed)
 
 
-@task(name="sample", task_run_name="sample-dq-{ratio}", cache_key_fn=stage_cache_key(_dq), retries=1)
+@task(
+    name="sample",
+    task_run_name="sample-dq-{ratio}",
+    cache_key_fn=stage_cache_key(_dq),
+    retries=1,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def sample_subset(store_url: str, dataset: StageResult, bins: StageResult, ratio: float, seed: int) -> StageResult:
     """Draw ``ratio`` of every bin and class, stable per sample id; bins are reused for every ratio."""
     stage = _dq(store_url, dataset, bins, ratio, seed)
@@ -27,7 +33,13 @@ def sample_subset(store_url: str, dataset: StageResult, bins: StageResult, ratio
     return StageResult.from_artifact(stage.store, artifact, method="dq", ratio=ratio, size=artifact.group.attrs["size"])
 
 
-@task(name="baseline", task_run_name="sample-{method}-{ratio}", cache_key_fn=stage_cache_key(_baseline), retries=1)
+@task(
+    name="baseline",
+    task_run_name="sample-{method}-{ratio}",
+    cache_key_fn=stage_cache_key(_baseline),
+    retries=1,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def baseline_subset(
     store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, method: str, ratio: float, seed: int
 ) -> StageResult:

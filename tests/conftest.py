@@ -14,6 +14,8 @@ os.environ.update({
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # `dq run` subprocesses in tests use a temporary Prefect server: none is left running.
+    "DQ_PREFECT_SERVER": "ephemeral",
 })
 
 

@@ -131,3 +131,22 @@ def test_rejects_ratios_outside_unit_interval(golden_bins, ratio):
 def test_rejects_bad_bins_and_weights(bins, labels, weights, message):
     with pytest.raises(DQInputError, match=message):
         sample_bins(bins, labels, 0.5, seed=0, weights=weights)
+
+
+def test_a_samples_draw_depends_on_its_id_not_on_its_position_or_neighbours():
+    """Stable sampling: inserting and removing other samples never changes whether a kept
+    sample is drawn, unless its own (bin, class) group's count changes."""
+    ids = np.array([f"img-{i}" for i in range(400)])
+    labels = np.repeat([0, 1], 200)
+    first = sample_bins([np.arange(400)], labels, 0.25, seed=3, ids=ids)
+    # Shuffle the rows, drop none: the same ids are drawn.
+    order = np.random.default_rng(0).permutation(400)
+    shuffled = sample_bins([np.arange(400)], labels[order], 0.25, seed=3, ids=ids[order])
+    assert set(ids[order][shuffled]) == set(ids[first])
+    # Grow class 1 only: class 0's selection does not move.
+    grown_ids = np.concatenate([ids, [f"new-{i}" for i in range(20)]])
+    grown_labels = np.concatenate([labels, np.ones(20, dtype=int)])
+    grown = sample_bins([np.arange(420)], grown_labels, 0.25, seed=3, ids=grown_ids)
+    assert set(grown_ids[grown][grown_labels[grown] == 0]) == set(ids[first][labels[first] == 0])
+    # Another seed draws another subset.
+    assert set(sample_bins([np.arange(400)], labels, 0.25, seed=4, ids=ids)) != set(first)

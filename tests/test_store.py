@@ -169,3 +169,49 @@ def test_derive_key_is_a_stable_function_of_stage_params_and_inputs():
         derive_key("bins", {"num_bins": 10, "kernel": "cosine"}, ["f2"]),
         derive_key("subsets", {"num_bins": 10, "kernel": "cosine"}, ["f1"]),
     }) == 4
+
+
+def _snapshot(store: Store, base: str, values: np.ndarray):
+    with store.write_snapshot("datasets", base, {"format": "toy"}) as snapshot:
+        write_array(snapshot.group.create_group("train"), "labels", values)
+    return snapshot.artifact
+
+
+def test_snapshots_are_named_by_content_and_the_name_opens_the_latest(store: Store):
+    first = _snapshot(store, "toy", np.arange(5))
+    again = _snapshot(store, "toy", np.arange(5))
+    assert first.name == again.name and first.name.startswith("toy-") and first.fingerprint[:12] in first.name
+    second = _snapshot(store, "toy", np.arange(6))
+    assert second.name != first.name
+    assert store.open("datasets", "toy").name == second.name  # the dataset's name opens its latest snapshot
+    assert store.open("datasets", first.name)["train/labels"][:].tolist() == list(range(5))  # old ones stay
+    assert store.read_ref("datasets", "toy")["history"] == [first.name, second.name]
+    assert _staging(store, "datasets") == []
+
+
+def test_gc_removes_old_snapshots_and_only_what_depends_on_them(store: Store):
+    old = _snapshot(store, "toy", np.arange(5))
+    new = _snapshot(store, "toy", np.arange(6))
+    old_only = _write(store, "from-old", inputs=[old.fingerprint])
+    from_new = _write(store, "from-new", inputs=[new.fingerprint])
+    assert store.gc(keep=1, dry_run=True) == [f"datasets/{old.name}", "embeddings/from-old"]
+    assert store.exists("datasets", old.name)  # a dry run removes nothing
+    assert store.gc(keep=1) == [f"datasets/{old.name}", "embeddings/from-old"]
+    assert not store.exists("embeddings", old_only.name) and not store.exists("datasets", old.name)
+    assert store.open("embeddings", "from-new").fingerprint == from_new.fingerprint
+    assert store.open("datasets", "toy").name == new.name
+    assert store.read_ref("datasets", "toy")["history"] == [new.name]
+    with pytest.raises(DQInputError, match="at least 1"):
+        store.gc(keep=0)
+
+
+def test_gc_keeps_what_a_kept_artifact_was_made_from(store: Store):
+    old = _snapshot(store, "toy", np.arange(5))
+    model = _write(store, "model", values=np.ones((2, 2), np.float32), inputs=[old.fingerprint])
+    new = _snapshot(store, "toy", np.arange(6))
+    _write(store, "from-new", inputs=[new.fingerprint, model.fingerprint])
+    sibling = _write(store, "sibling", values=np.zeros((2, 2), np.float32), inputs=[old.fingerprint])
+    # The model (made from the old snapshot) is needed by the new chain: it and its snapshot stay;
+    # another artifact of the old snapshot that nothing kept needs goes.
+    assert store.gc(keep=1) == [f"embeddings/{sibling.name}"]
+    assert store.exists("datasets", old.name) and store.exists("embeddings", "model")

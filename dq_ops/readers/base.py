@@ -119,12 +119,14 @@ def resize_image(image: Image.Image, size: int) -> Image.Image:
 
 
 def image_batch(
-    images: np.ndarray, labels: np.ndarray, start: int, *, resize: int | None, where: str
+    images: np.ndarray, labels: np.ndarray, start: int, *, resize: int | None, where: str,
+    names: Sequence[str] | None = None,
 ) -> Batch:
     """Normalise rows ``start, start + 1, ...`` of an array source into a :class:`Batch`.
 
     Accepts ``(b, H, W)`` or ``(b, H, W, C)`` with C in {1, 3} and integer pixels in 0..255;
-    ``where`` names the source in errors.
+    ``where`` names the source in errors. ``names``: the rows' own names for their ids (stable
+    when rows are inserted or removed), else their positions.
     """
     images = np.asarray(images)
     if images.ndim == 3:
@@ -149,7 +151,8 @@ def image_batch(
         raise DQInputError(
             f"{where}: labels must be one integer per sample; got {labels.dtype} of shape {labels.shape[1:]} per sample"
         )
-    return Batch(images, labels.astype(np.int64), sample_ids(range(start, start + len(images)), images))
+    positions = range(start, start + len(images)) if names is None else [str(n) for n in names]
+    return Batch(images, labels.astype(np.int64), sample_ids(positions, images))
 
 
 def array_batches(

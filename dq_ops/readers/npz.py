@@ -1,5 +1,8 @@
 """NumPy ``.npz`` archives: ``images``/``labels`` (one "train" split) or ``x_<split>``/``y_<split>``
 pairs (``x_train``, ``y_train``, ``x_test``, ...). An optional ``class_names`` array names the labels.
+Optional ``ids`` (or ``ids_<split>``) string arrays name the samples: their ids are then
+``"<name>:<content hash>"`` instead of ``"<position>:<content hash>"``, so a refreshed archive with
+rows inserted or removed keeps every other sample's id (and its selection).
 
 Images stream out of the archive member in row batches (the ``.npy`` payload is read
 sequentially), so an archive larger than memory can be ingested; labels are read whole.
@@ -18,7 +21,6 @@ from dq_ops.errors import DQInputError
 from dq_ops.readers.base import (
     Batch,
     SkippedItem,
-    array_batches,
     check_counts,
     image_batch,
     open_fs,
@@ -59,11 +61,19 @@ class NpzReader:
                     raise DQInputError(f"{url}: missing labels: array {images!r} has no {labels!r} beside it")
             self._pairs = {split: pairs[split] for split in order_splits(set(pairs))}
             self._shapes = {key: self._shape(archive, key) for pair in pairs.values() for key in pair}
+            self._names = {
+                split: self._load(archive, key).astype(str)
+                for split in self._pairs
+                for key in (("ids",) if split == "train" and "images" in keys else (f"ids_{split}",))
+                if key in keys
+            }
             self._classes = (
                 [str(name) for name in self._load(archive, "class_names")] if "class_names" in keys else None
             )
         for split, (images, labels) in self._pairs.items():
             check_counts(url, split, self._shapes[images][0], self._shapes[labels][0])
+            if split in self._names and len(self._names[split]) != self._shapes[images][0]:
+                raise DQInputError(f"{url}: {len(self._names[split])} ids for {self._shapes[images][0]} images in split {split!r}")
 
     @contextmanager
     def _zip(self) -> Iterator[zipfile.ZipFile]:
@@ -112,11 +122,16 @@ class NpzReader:
             with archive.open(f"{images_key}.npy") as member:
                 shape, fortran, dtype = _header(member)
                 if fortran or dtype.hasobject:  # no contiguous rows to stream: load whole (refuses objects)
-                    images = self._load(archive, images_key)
-                    yield from array_batches(images, labels, total, batch_size, resize=self._resize, where=where)
+                    images = self._load(archive, images_key)[:total]
+                    names = self._names.get(split)
+                    for start in range(0, total, batch_size):
+                        rows = slice(start, start + batch_size)
+                        yield image_batch(images[rows], labels[rows], start, resize=self._resize, where=where,
+                                          names=None if names is None else names[rows])
                     return
                 row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
                 for start in range(0, total, batch_size):
                     rows = min(batch_size, total - start)
                     images = np.frombuffer(member.read(rows * row_bytes), dtype=dtype).reshape(rows, *shape[1:])
-                    yield image_batch(images, labels[start:start + rows], start, resize=self._resize, where=where)
+                    names = self._names[split][start:start + rows] if split in self._names else None
+                    yield image_batch(images, labels[start:start + rows], start, resize=self._resize, where=where, names=names)
