@@ -47,6 +47,9 @@ def _config(store_url: str, address: str, limit: int) -> dict:
 
 def run_flow_child(config_path: str, peak_path: str) -> None:
     """The measured flow process: run the flow in this process, then record its own peak RSS."""
+    from tasks.common import set_offline_env
+
+    set_offline_env()  # before Prefect starts its server: no telemetry
     from dq_ops.config import DQConfig
     from flows.quantize import quantize
 

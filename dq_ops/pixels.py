@@ -107,7 +107,7 @@ def get_mae(mae: Artifact) -> MaskedAutoencoder:
     return _cached(("mae", mae.fingerprint), lambda: load_mae_artifact(mae).to(default_device()))
 
 
-def drop_patches(classifier: Classifier, images: np.ndarray, patch_size: int, drop_ratio: float,
+def keep_top_patches(classifier: Classifier, images: np.ndarray, patch_size: int, drop_ratio: float,
                  batch_size: int = 64) -> PackedPatches:
     """Grad-CAM++ of each image for its own predicted class, pooled to the patch grid; the top
     ``1 − θ`` patches kept (pure: arrays in, packed patches out)."""
@@ -151,7 +151,7 @@ def _drop_patches_chunk(job: _Chunk) -> int:
     images, labels = _subset_images(store, settings["dataset"], settings["subset"], job.start, job.stop)
     ids = np.asarray(store.open("subsets", settings["subset"])["ids"][job.start:job.stop])
     classifier = get_classifier(settings["scorer"])
-    packed = drop_patches(classifier, images, settings["patch_size"], settings["drop_ratio"])
+    packed = keep_top_patches(classifier, images, settings["patch_size"], settings["drop_ratio"])
     staging = job.staging()
     patch_store = PatchStore(staging)
     patch_store.write(job.start, packed, ids, labels)

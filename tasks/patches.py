@@ -62,7 +62,7 @@ def drop_patches(
 def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int, cluster: ClusterConfig) -> StageResult:
     """Train the dataset's MAE as one task on a worker (or take the configured checkpoint) and keep it in the store."""
     stage = _mae(store_url, dataset, params, seed)
-    artifact = stage.run(client=dask_client(cluster))
+    artifact = stage.run(client=dask_client(cluster), progress=ProgressArtifact("Training the MAE on a dask worker"))
     history = artifact["loss_history"][:]
     return StageResult.from_artifact(
         stage.store, artifact,
