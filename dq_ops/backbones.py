@@ -385,6 +385,8 @@ class ExtractorSpec:
     name: str
     weights: str | None = None
     image_size: int = 32
+    # The weights' content digest: a file replaced in place must not be served from the cache.
+    weights_sha256: str | None = None
 
 
 _EXTRACTORS: dict[ExtractorSpec, ImageExtractor | TextExtractor] = {}

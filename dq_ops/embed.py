@@ -57,6 +57,9 @@ Progress = Callable[[int, int], None]
 # Default rows per task: tens of seconds of CPU work for a small backbone (enough to hide task
 # overhead), capped at about 64 MB of decoded input so that large images fit a worker's memory.
 MAX_CHUNK_ROWS = 4096
+# A refresh with at most this many samples to embed runs in the calling process: starting a
+# cluster and loading the model on its workers would cost more than the work.
+INLINE_ROWS = 1024
 _CHUNK_INPUT_BYTES = 64 * 2**20
 
 
@@ -159,11 +162,12 @@ class EmbeddingsStage(ChunkedStage):
         if self.samples is None:
             raise DQInputError(f"{dataset.url}/{split}: neither 'images' nor 'texts' (not an ingested dataset?)")
         if self.samples == "images":
-            self.spec = ExtractorSpec("images", config.backbone, config.weights, config.image_size)
+            digest = weights_digest(config.backbone, config.weights)
+            self.spec = ExtractorSpec("images", config.backbone, config.weights, config.image_size, digest)
             self.dim = backbone_dim(config.backbone)
             self._params: dict[str, Any] = {
                 "backbone": config.backbone,
-                "weights_sha256": weights_digest(config.backbone, config.weights),
+                "weights_sha256": digest,
                 "image_size": config.image_size,
                 "precision": precision,
             }
@@ -206,6 +210,15 @@ class EmbeddingsStage(ChunkedStage):
         features = group.get("features")
         return features is not None and features.shape == (self.num_rows(), self.dim) and features.chunks[0] == self._chunk_rows
 
+
+    def inline(self, jobs: list[_ChunkJob], cluster_running: bool) -> list[_ChunkJob]:
+        """Chunks that only copy from the donor; and, when no cluster runs yet, every chunk if
+        the rows to embed are few and this process computes at the stage's precision."""
+        to_embed = [(job.stop - job.start) - (0 if job.copied is None else len(job.copied)) for job in jobs]
+        same_precision = self.samples == "texts" or inference_precision() == self._params["precision"]
+        if not cluster_running and sum(to_embed) <= INLINE_ROWS and same_precision:
+            return jobs
+        return [job for job, rows in zip(jobs, to_embed) if rows == 0]
 
     def donor(self) -> tuple[Artifact | None, dict[str, int]]:
         """The earlier embeddings artifact (same parameters) sharing the most samples with this

@@ -60,7 +60,7 @@ from dq_ops.mae_store import load_mae, load_mae_artifact
 from dq_ops.patch_store import PackedPatches, PatchStore, pack_patches, storage_report, unpack_patches, whole_image_bytes
 from dq_ops.patch_store import default_chunk_rows as patch_chunk_rows
 from dq_ops.patches import gradcam_plus_plus, kept_patch_count, patch_grid, patch_scores, select_patches
-from dq_ops.stage import ChunkedStage, Progress, Stage
+from dq_ops.stage import ChunkedStage, ClientSource, Progress, Stage, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store, file_digest, open_zarr_store, write_array
 
@@ -298,8 +298,9 @@ class MAEStage(Stage):
     def inputs(self) -> list[Artifact]:
         return [] if self.config.mae_checkpoint else [self.dataset]
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         args = (self.store.url, self.store.storage_options, self.dataset.name, self.config.model_dump(mode="json"), self.seed)
+        client = resolve_client(client)
         if client is None:
             checkpoint, history = _train_mae_job(*args)
         else:

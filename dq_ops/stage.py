@@ -32,10 +32,18 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import zarr
+from distributed import Client
 
 from dq_ops.store import Artifact, Store, derive_key, open_zarr_store
 
 Progress = Callable[[int, int], None]
+# A dask client, or a function that starts one: stages call it only when they have cluster work.
+ClientSource = Client | Callable[[], Client] | None
+
+
+def resolve_client(client: ClientSource) -> Client | None:
+    """The client itself, or the one ``client()`` starts (a cluster is started only when needed)."""
+    return client() if callable(client) and not isinstance(client, Client) else client
 
 
 class Stage(ABC):
@@ -56,8 +64,8 @@ class Stage(ABC):
         """Artifacts the stage reads; their fingerprints enter its key."""
 
     @abstractmethod
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
-        """Write the result into ``group`` (a fresh staging group)."""
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
+        """Write the result into ``group`` (a fresh staging group); start ``client`` only for cluster work."""
 
     def key_params(self) -> dict[str, Any]:
         return {"stage_version": self.version, **self.params()}
@@ -69,7 +77,7 @@ class Stage(ABC):
         """The output artifact's name: a hash of version, parameters and input fingerprints."""
         return derive_key(self.kind, self.key_params(), self.input_fingerprints())
 
-    def run(self, *, progress: Progress | None = None, client: Any = None) -> Artifact:
+    def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
         """The stored result, computed and committed first if the store lacks it."""
         name = self.name()
         if self.store.exists(self.kind, name):
@@ -131,10 +139,15 @@ class ChunkedStage(Stage):
     def finalize(self, group: zarr.Group) -> None:
         """Called once every chunk is written, before the commit (e.g. summary attributes)."""
 
+    def inline(self, jobs: list[ChunkJob], cluster_running: bool) -> list[ChunkJob]:
+        """The jobs cheap enough to run in this process (default: none); ``cluster_running``:
+        whether the caller handed a running client rather than a way to start one."""
+        return []
+
     def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
         raise NotImplementedError("a ChunkedStage computes through run()")
 
-    def run(self, *, progress: Progress | None = None, client: Any = None) -> Artifact:
+    def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
         name = self.name()
         if self.store.exists(self.kind, name):
             return self.store.open(self.kind, name)
@@ -155,19 +168,23 @@ class ChunkedStage(Stage):
             progress(finished, n_chunks)
         jobs = [self.job(url, k, k * chunk_rows, min(n, (k + 1) * chunk_rows)) for k in np.flatnonzero(~done).tolist()]
         self.work_done = 0
-        if client is None:
-            for job in jobs:
-                self.work_done += run_chunk(type(self).worker, job)
-                finished += 1
-                if progress is not None:
-                    progress(finished, n_chunks)
-        else:
+        here = self.inline(jobs, cluster_running=isinstance(client, Client))
+        remote = [job for job in jobs if all(job is not other for other in here)]
+        cluster = resolve_client(client) if remote else None
+        if cluster is None:
+            here, remote = jobs, []
+        for job in here:
+            self.work_done += run_chunk(type(self).worker, job)
+            finished += 1
+            if progress is not None:
+                progress(finished, n_chunks)
+        if remote:
             from distributed import as_completed
 
             token = uuid.uuid4().hex[:8]  # fresh task keys: a rerun must not meet its cancelled predecessors
             futures = [
-                client.submit(run_chunk, type(self).worker, job, key=f"dq-{self.kind}-{name}-{job.index}-{token}")
-                for job in jobs
+                cluster.submit(run_chunk, type(self).worker, job, key=f"dq-{self.kind}-{name}-{job.index}-{token}")
+                for job in remote
             ]
             try:
                 for future in as_completed(futures):
@@ -177,7 +194,7 @@ class ChunkedStage(Stage):
                         progress(finished, n_chunks)
             finally:
                 # On an error or an interruption stop what has not started; done chunks stay for a rerun.
-                client.cancel([f for f in futures if not f.done()])
+                cluster.cancel([f for f in futures if not f.done()])
         group = self.store.resumable(self.kind, name)[0]
         self.finalize(group)
         del group["done"]

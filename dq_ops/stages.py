@@ -32,7 +32,7 @@ from dq_ops.config import BinsConfig, EvaluationConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups
 from dq_ops.sampling import sample_bins, sample_sizes
-from dq_ops.stage import Progress, Stage
+from dq_ops.stage import ClientSource, Progress, Stage, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, derive_key, write_array
 from dq_ops.text_eval import evaluate_text_subset
 from dq_ops.train import TrainConfig, train_and_evaluate
@@ -81,12 +81,6 @@ def _class_bins_worker(
     """One class's bins, run on a dask worker: read the class's rows from the store, run the greedy."""
     embeddings = Store(store_url, storage_options).open("embeddings", embeddings_name)
     return generate_class_bins(embedding_rows(embeddings, rows), budgets, kernel=kernel, memory_budget_mb=memory_budget_mb)
-
-
-def _class_digest_worker(
-    store_url: str, storage_options: dict[str, Any], embeddings_name: str, rows: np.ndarray, budgets: np.ndarray, kernel: str
-) -> str:
-    return _class_digest(Store(store_url, storage_options).open("embeddings", embeddings_name), rows, budgets, kernel)
 
 
 class BinsStage(Stage):
@@ -147,19 +141,20 @@ class BinsStage(Stage):
         previous = self.previous()
         return previous.name if self._continues(previous) else super().name()
 
-    def run(self, *, progress: Progress | None = None, client: Any = None) -> Artifact:
+    def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
         artifact = super().run(progress=progress, client=client)
         if self.config.refresh == "incremental":
             self.store.write_ref(self.kind, self._lineage(), {"latest": artifact.name})
         return artifact
 
-    def _map(self, client: Any, function: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
+    def _map(self, client: ClientSource, function: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
         """``function(store_url, storage_options, embeddings_name, *job)`` for every job, on the
-        client's workers when there is one, in job order."""
+        client's workers when there is one (started only when there are jobs), in job order."""
         shared = (self.store.url, self.store.storage_options, self.embeddings.name)
-        if client is None:
+        cluster = resolve_client(client) if jobs else None
+        if cluster is None:
             return [function(*shared, *job) for job in jobs]
-        return client.gather([client.submit(function, *shared, *job, pure=False) for job in jobs])
+        return cluster.gather([cluster.submit(function, *shared, *job, pure=False) for job in jobs])
 
     def _earlier_classes(self) -> dict[str, tuple[Artifact, int]]:
         """Class digest → (earlier bins artifact with this stage's parameters, its class label)."""
@@ -171,7 +166,7 @@ class BinsStage(Stage):
                     found.setdefault(digest, (earlier, label))
         return found
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         previous = self.previous()
         if previous is not None and self._join(group, previous):
             return
@@ -223,7 +218,7 @@ class BinsStage(Stage):
             "class_digests": digests,
         })
 
-    def _compute_exact(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def _compute_exact(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         labels = split_labels(self.dataset)
         n = self.embeddings["features"].shape[0]
         if labels is not None and len(labels) != n:
@@ -235,7 +230,8 @@ class BinsStage(Stage):
                 raise DQInputError(f"bins.num_bins={self.config.num_bins} is larger than class {c} ({len(members)} samples)")
         budgets = bin_budgets([len(g) for g in groups], self.config.num_bins, self.config.budget_rule)
         kernel = self.config.kernel
-        digests = self._map(client, _class_digest_worker, [(members, budgets[c], kernel) for c, members in enumerate(groups)])
+        # Digests read and hash each class's rows once: cheap, so they run here (no cluster start).
+        digests = [_class_digest(self.embeddings, members, budgets[c], kernel) for c, members in enumerate(groups)]
 
         bin_of_sample = np.empty(n, dtype=np.int32)
         earlier = self._earlier_classes()
@@ -277,7 +273,7 @@ class _SubsetStage(Stage):
     def select(self) -> np.ndarray:
         raise NotImplementedError
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         indices = np.sort(np.asarray(self.select(), dtype=np.int64))
         write_array(group, "indices", indices)
         split = self.dataset[QUANTIZED_SPLIT]
@@ -349,7 +345,7 @@ class EvaluateStage(Stage):
     def inputs(self) -> list[Artifact]:
         return [a for a in (self.dataset, self.subset, self.images) if a is not None]
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         split = self.dataset[QUANTIZED_SPLIT]
         if self.subset is None:
             rows = np.arange(split["labels"].shape[0])
@@ -387,7 +383,7 @@ class TextEvaluateStage(Stage):
     def inputs(self) -> list[Artifact]:
         return [a for a in (self.dataset, self.embeddings, self.test_embeddings, self.subset) if a is not None]
 
-    def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         labels = np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/labels"][:])
         rows = np.arange(len(labels)) if self.subset is None else np.asarray(self.subset["indices"][:])
         started = time.perf_counter()

@@ -229,7 +229,9 @@ def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str
     report_url = f"{config.store_url.rstrip('/')}/reports/{flow_run.get_name() or tracker.run_id}.md"
     with fsspec.open(report_url, "w", auto_mkdir=True) as fh:
         fh.write(report)
-    create_markdown_artifact(report, key="dq-report", description="Dataset Quantization report")
+    # One report artifact per dataset (Prefect keys: lowercase letters, digits, dashes).
+    report_key = "dq-report-" + config.dataset.name.lower().replace("_", "-").replace(".", "-")
+    create_markdown_artifact(report, key=report_key, description=f"Dataset Quantization report: {config.dataset.name}")
     create_table_artifact(bin_size_rows(summary), key="dq-bin-sizes", description="Samples per class and bin")
     create_link_artifact(tracker.run_url, link_text="MLflow run", key="dq-mlflow-run")
     metrics = {f"time_{stage}_s": seconds for stage, seconds in summary["timings_s"].items()}

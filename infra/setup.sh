@@ -6,10 +6,14 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-if ! [ -d /usr/share/datasets/fashion-mnist ] || ! [ -d /usr/share/games/fortunes ]; then
+# Fashion-MNIST (the default dataset) and the fortunes text corpus, both real data offline;
+# PostgreSQL and Chromium for the production-like stack and its tests (tests/test_ops.py, test_browser.py).
+PACKAGES="dataset-fashion-mnist fortunes postgresql chromium"
+MISSING="$(for p in $PACKAGES; do dpkg -s "$p" > /dev/null 2>&1 || echo "$p"; done)"
+if [ -n "$MISSING" ]; then
   $SUDO apt-get update -qq
-  # Fashion-MNIST (the default dataset) and the fortunes text corpus, both real data offline.
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist fortunes
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $MISSING
 fi
 
 PYTHON="${PYTHON:-python3}"
@@ -17,7 +21,7 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/pip install -q --upgrade pip
 # Torch first, pinned: these wheels are the ones this project is tested with.
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install -q -e ".[dev,text]"
+.venv/bin/pip install -q -e ".[dev,text,ops]"
 # Create the Prefect database once: the first cold start of a temporary server can exceed 20 s.
 .venv/bin/prefect server database upgrade -y > /dev/null
 echo "dq is set up: .venv/bin/dq --help"

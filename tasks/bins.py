@@ -33,7 +33,7 @@ def generate_bins_task(
     whose members did not change since an earlier run take their earlier bins."""
     stage = _stage(store_url, dataset, embeddings, params)
     artifact = stage.run(
-        client=dask_client(cluster) if cluster is not None else None,
+        client=(lambda: dask_client(cluster)) if cluster is not None else None,
         progress=ProgressArtifact(f"GraphCut bins ({params.num_bins}) per class"),
     )
     attrs = artifact.group.attrs

@@ -41,7 +41,7 @@ def compute_embeddings(
     """
     stage = _stage(store_url, dataset, split, params, seed, precision)
     model = params.backbone if "images" in stage.split_group else params.text_model
-    artifact = stage.run(client=dask_client(cluster), progress=ProgressArtifact(f"Embedding {dataset.name}/{split} with {model}"))
+    artifact = stage.run(client=lambda: dask_client(cluster), progress=ProgressArtifact(f"Embedding {dataset.name}/{split} with {model}"))
     if stage.chunks_resumed:
         get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
     features = artifact["features"]

@@ -46,7 +46,7 @@ def drop_patches(
     Chunked over the workers; a retry or a rerun after a crash resumes from the chunks already written.
     """
     stage = _drop(store_url, dataset, subset, params, embedding)
-    artifact = stage.run(client=dask_client(cluster),
+    artifact = stage.run(client=lambda: dask_client(cluster),
                          progress=ProgressArtifact(f"Grad-CAM++ patch scores for {subset.summary.get('size')} images"))
     _log_resumed(stage)
     return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))
@@ -62,7 +62,7 @@ def drop_patches(
 def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int, cluster: ClusterConfig) -> StageResult:
     """Train the dataset's MAE as one task on a worker (or take the configured checkpoint) and keep it in the store."""
     stage = _mae(store_url, dataset, params, seed)
-    artifact = stage.run(client=dask_client(cluster), progress=ProgressArtifact("Training the MAE on a dask worker"))
+    artifact = stage.run(client=lambda: dask_client(cluster), progress=ProgressArtifact("Training the MAE on a dask worker"))
     history = artifact["loss_history"][:]
     return StageResult.from_artifact(
         stage.store, artifact,
@@ -83,6 +83,6 @@ def reconstruct_patches(
 ) -> StageResult:
     """Restore every dropped patch with the MAE, chunk by chunk on the workers; kept pixels stay bit-exact."""
     stage = _reconstruct(store_url, dataset, patches, mae)
-    artifact = stage.run(client=dask_client(cluster), progress=ProgressArtifact(f"MAE reconstruction of {patches.name}"))
+    artifact = stage.run(client=lambda: dask_client(cluster), progress=ProgressArtifact(f"MAE reconstruction of {patches.name}"))
     _log_resumed(stage)
     return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))

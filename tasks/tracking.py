@@ -29,9 +29,13 @@ def _local_root(config: DQConfig) -> Path:
 
 
 def resolve_tracking_uri(config: DQConfig) -> str:
-    """The configured URI, else a sqlite database inside a local store, else ``./mlflow.db``."""
-    if config.tracking.tracking_uri:
-        return config.tracking.tracking_uri
+    """The configured URI, else ``MLFLOW_TRACKING_URI`` (a worker's server), else a sqlite database
+    inside a local store, else ``./mlflow.db``. A server's basic-auth credentials come from
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, which MLflow's client reads itself."""
+    return config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _store_database_uri(config)
+
+
+def _store_database_uri(config: DQConfig) -> str:
     return f"sqlite:///{_local_root(config) / MLFLOW_DB_NAME}"
 
 
@@ -56,7 +60,7 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(config.tracking.experiment)
         if experiment is None:
             # Beside a default sqlite database, artifacts live in the store too (not ./mlruns).
-            location = None if config.tracking.tracking_uri else (_local_root(config) / "mlartifacts").as_uri()
+            location = (_local_root(config) / "mlartifacts").as_uri() if self.uri == _store_database_uri(config) else None
             self.experiment_id = self.client.create_experiment(config.tracking.experiment, artifact_location=location)
         else:
             self.experiment_id = experiment.experiment_id
@@ -66,8 +70,9 @@ class Tracker:
 
     @property
     def run_url(self) -> str:
-        """Where the run shows up in ``mlflow ui`` for this tracking URI (default port)."""
-        return f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        """Where the run shows up: on the tracking server, or in ``mlflow ui`` on its default port."""
+        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

@@ -28,3 +28,7 @@ def prefect_harness(tmp_path_factory):
     storage = tmp_path_factory.mktemp("prefect-results")
     with prefect_test_harness(server_startup_timeout=180), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         yield
+
+
+# The production-like stack (servers on loopback, one deployment run), shared by test_ops and test_browser.
+from ops_fixtures import ops_run, ops_stack  # noqa: E402, F401

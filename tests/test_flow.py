@@ -79,8 +79,8 @@ def test_flow_produces_bins_subset_and_tracking(first_run):
     assert summary["subsets"][0]["size"] == len(indices)
 
     artifacts = _artifacts(state.state_details.flow_run_id)
-    assert {"dq-report", "dq-bin-sizes", "dq-mlflow-run"} <= set(artifacts)
-    assert "fashion-mnist" in artifacts["dq-report"].data and "50" in artifacts["dq-report"].data
+    assert {"dq-report-fashion-mnist", "dq-bin-sizes", "dq-mlflow-run"} <= set(artifacts)
+    assert "fashion-mnist" in artifacts["dq-report-fashion-mnist"].data and "50" in artifacts["dq-report-fashion-mnist"].data
     assert any(a.type == "progress" for a in artifacts.values())
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{config.store_url}/mlflow.db")
