@@ -21,8 +21,9 @@ Reports are combined from per-chunk sums that the workers store beside their row
 
 Grad-CAM++ is dq's own batched implementation (:func:`dq_ops.patches.gradcam_plus_plus`), not
 the ``grad-cam`` package (pytorch-grad-cam 1.5.7). On the same 256 Fashion-MNIST images at
-112 px, EfficientNet-Lite0, batches of 64 (``bench/gradcam.py``, 3 alternating rounds, 2 busy
-cores): 31.0 vs 9.4 img/s (medians; dq was faster in every round). The package back-propagates
+112 px, EfficientNet-Lite0, batches of 64 (``bench/gradcam.py``, alternating rounds, 2 busy
+cores): 31.0 vs 9.4 img/s and, in a second run of 5 rounds, 12.5 vs 5.4 img/s (medians, 2.3–3.3×;
+dq was faster in every round). The package back-propagates
 into every parameter of the backbone (``loss.backward``) rather than only to the target layer,
 computes the CAM in NumPy and resizes each map with OpenCV one image at a time (on a GPU that
 pulls every batch back to the host), and needs OpenCV, ttach and scikit-learn; its maps rank
