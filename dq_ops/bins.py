@@ -70,7 +70,9 @@ budgets of untouched classes can move by one and their bins with them. The ``"pe
 gives bin b of class c ``round(n_c_remaining / (K − b))`` (also n_c/K per bin, last bin the
 remainder) and depends on the class alone, so a refresh re-bins only the classes it touched;
 the pipeline uses it by default (``bins.budget_rule``), the reference rule reproduces the
-reference code exactly. Without labels the whole set is one class. :func:`bin_budgets` computes the full (class × bin) table up front from
+reference code exactly. Where a rule rounds to 0 for a class with samples left (the reference code
+then stops with "Illegal budget"), the class gives 1: a class smaller than K (long-tailed data)
+fills its first bins one sample each and later bins get none of it. Without labels the whole set is one class. :func:`bin_budgets` computes the full (class × bin) table up front from
 the class sizes alone, so classes are independent: :func:`generate_bins` is
 
     budgets = bin_budgets(class_sizes, K)
@@ -108,7 +110,7 @@ def bin_budgets(class_sizes: np.ndarray | list[int], num_bins: int, rule: str = 
     """Per-class, per-bin sample counts: an int64 (num_classes, num_bins) table.
 
     Row c sums to ``class_sizes[c]``; the last column is the remainder. See the module docstring
-    for the two rules.
+    for the two rules (a class smaller than ``num_bins`` leaves its last bins empty).
     """
     sizes = np.asarray(class_sizes, dtype=np.int64).reshape(-1)
     _check_num_bins(num_bins)
@@ -123,7 +125,7 @@ def bin_budgets(class_sizes: np.ndarray | list[int], num_bins: int, rule: str = 
     if rule == "per-class":
         for b in range(num_bins - 1):
             for c, r in enumerate(rem):
-                out[c, b] = min(round(r / (num_bins - b)), r)
+                out[c, b] = min(max(round(r / (num_bins - b)), 1), r) if r else 0
                 rem[c] = r - out[c, b]
         out[:, -1] = rem
         return out
@@ -134,7 +136,7 @@ def bin_budgets(class_sizes: np.ndarray | list[int], num_bins: int, rule: str = 
             break
         frac = bin_size / avail
         for c, r in enumerate(rem):
-            take = min(round(frac * r), r)  # same float expression as the reference
+            take = min(max(round(frac * r), 1), r) if r else 0  # the reference's float expression
             out[c, b] = take
             rem[c] = r - take
     out[:, -1] = rem
@@ -187,10 +189,6 @@ def generate_bins(
     _check_num_bins(num_bins)
     rows = checked_rows(features)
     classes, groups = class_groups(labels, len(rows))
-    for c, idx in enumerate(groups):
-        if len(idx) < num_bins:
-            culprit = "the samples" if classes is None else f"class {classes[c].item()!r}"
-            raise DQInputError(f"num_bins={num_bins} is larger than {culprit} ({len(idx)} samples)")
     budgets = bin_budgets([len(g) for g in groups], num_bins, budget_rule)
     per_bin: list[list[np.ndarray]] = [[] for _ in range(num_bins)]
     with single_threaded_blas():

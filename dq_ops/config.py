@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dq_ops.errors import DQInputError
 
-DatasetFormat = Literal["fashion-mnist", "idx", "image-folder", "npz", "zarr", "jsonl", "json"]
+DatasetFormat = Literal["fashion-mnist", "idx", "image-folder", "npz", "zarr", "jsonl", "json", "fortunes"]
 
 
 class _Section(BaseModel):
@@ -28,7 +28,7 @@ class DatasetConfig(_Section):
     format: DatasetFormat = Field("fashion-mnist", description="Source format.")
     url: str = Field(
         "/usr/share/datasets/fashion-mnist",
-        description="Path or fsspec URL of the source (a folder for idx/fashion-mnist/image-folder, a file for npz/jsonl/json, a group for zarr).",
+        description="Path or fsspec URL of the source (a folder for idx/fashion-mnist/image-folder, a file for npz/jsonl/json, a group for zarr, a folder of topic files or one file for fortunes).",
     )
     name: str = Field("fashion-mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Dataset name in the store.")
     limit: int | None = Field(None, ge=1, description="Ingest at most this many samples per split (quick runs).")
@@ -46,7 +46,7 @@ class DatasetConfig(_Section):
 
     @property
     def is_text(self) -> bool:
-        return self.format in ("jsonl", "json")
+        return self.format in ("jsonl", "json", "fortunes")
 
 
 class EmbeddingConfig(_Section):
@@ -56,6 +56,9 @@ class EmbeddingConfig(_Section):
     weights: str | None = Field(None, description="Local path or fsspec URL of backbone weights (safetensors or a state dict).")
     image_size: int = Field(32, ge=8, description="Images are resized to this square size before the backbone.")
     batch_size: int = Field(256, ge=1, description="Images per forward pass on a worker.")
+    chunk_rows: int | None = Field(
+        None, ge=1, description="Rows per dask task, the unit a killed run resumes from (default: up to 4096, ~64 MB of input)."
+    )
     mode: Literal["embedding", "gradient"] = Field(
         "embedding", description="'embedding': penultimate features; 'gradient': the reference's last-layer gradient embedding."
     )

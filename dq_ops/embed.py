@@ -181,7 +181,7 @@ class EmbeddingsStage(ChunkedStage):
             class_names = dataset.group.attrs.get("class_names")
             self.gradient_classes = _gradient_classes(self.split_group, class_names, f"{dataset.url}/{split}")
             self._params.update(seed=seed, num_classes=self.gradient_classes)
-        self._chunk_rows = chunk_rows or default_chunk_rows(self.split_group[self.samples], config.batch_size)
+        self._chunk_rows = chunk_rows or config.chunk_rows or default_chunk_rows(self.split_group[self.samples], config.batch_size)
         if self._chunk_rows < 1:
             raise DQInputError(f"chunk_rows must be positive, got {self._chunk_rows}")
         self._donor: tuple[Artifact | None, dict[str, int]] | None = None

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -24,6 +23,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.mae import ReconstructedPatchDataset
 from dq_ops.mae_store import load_mae_artifact
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, DQStoreError, Store
+from dq_ops.urls import filesystem
 
 ExportFormat = Literal["image-folder", "npz", "jsonl"]
 EXPORT_FORMATS: tuple[str, ...] = ("image-folder", "npz", "jsonl")
@@ -58,14 +58,21 @@ def export_subset(
     *,
     images: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write ``subsets/<subset_name>`` to ``out_url`` in ``fmt``, with ``manifest.jsonl`` beside it.
+
+    ``out_url`` must be empty or absent; with ``overwrite`` a previous export there (a folder
+    with a ``manifest.jsonl``) is removed first, so formats and stale files never mix. Other
+    content is never deleted.
 
     ``images(rows)`` supplies the pixels of the given split rows when they should not come from
     the dataset as ingested (e.g. MAE reconstructions after patch dropping).
     """
     if fmt not in EXPORT_FORMATS:
         raise DQInputError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    fs, root = filesystem(out_url)
+    previous = _check_target(fs, root, out_url, overwrite)
     subset = store.open("subsets", subset_name)
     dataset = subset_dataset(store, subset)
     split = dataset[QUANTIZED_SPLIT]
@@ -77,7 +84,8 @@ def export_subset(
     ids = np.asarray(subset["ids"][:])
     labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
     class_names = dataset.group.attrs.get("class_names")
-    fs, root = fsspec.core.url_to_fs(out_url)
+    if previous:
+        fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)
 
     manifest = [{"id": str(i), "row": int(r), "label": int(y)} for i, r, y in zip(ids, rows, labels)]
@@ -101,6 +109,24 @@ def export_subset(
     with fs.open(manifest_url, "w") as fh:
         fh.writelines(json.dumps(entry) + "\n" for entry in manifest)
     return ExportResult(out_url, fmt, len(rows), manifest_url)
+
+
+def _check_target(fs, root: str, out_url: str, overwrite: bool) -> bool:
+    """Whether ``root`` holds a previous export to replace (``overwrite``); raises when it holds
+    anything else. Nothing is deleted here: the subset is checked first."""
+    if fs.exists(root) and not fs.isdir(root):
+        raise DQInputError(f"{out_url}: exists and is a file; export into a folder")
+    entries = sorted(fs.ls(root, detail=False)) if fs.exists(root) else []
+    if entries:
+        shown = ", ".join(repr(str(e).rstrip("/").rsplit("/", 1)[-1]) for e in entries[:3])
+        if not overwrite:
+            raise DQInputError(
+                f"{out_url}: the export folder is not empty ({len(entries)} entries: {shown}{', ...' if len(entries) > 3 else ''}); "
+                "choose an empty folder, or pass --overwrite to replace a previous export"
+            )
+        if not fs.exists(f"{root}/manifest.jsonl"):
+            raise DQInputError(f"{out_url}: holds files that are not a dq export (no manifest.jsonl: {shown}); not deleting them")
+    return bool(entries)
 
 
 def _pixels(split, rows: np.ndarray, images: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:

@@ -78,12 +78,18 @@ class Stage(ABC):
         return derive_key(self.kind, self.key_params(), self.input_fingerprints())
 
     def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
-        """The stored result, computed and committed first if the store lacks it."""
+        """The stored result, computed and committed first if the store lacks it.
+
+        Two runs computing the same artifact at once: the second waits for the first's stage
+        lock, then finds the artifact stored (``Store.lock``).
+        """
         name = self.name()
         if self.store.exists(self.kind, name):
             return self.store.open(self.kind, name)
-        with self.store.write(self.kind, name, self.key_params(), self.input_fingerprints()) as group:
-            self.compute(group, progress, client)
+        with self.store.lock("stage", self.kind, name):
+            if not self.store.exists(self.kind, name):
+                with self.store.write(self.kind, name, self.key_params(), self.input_fingerprints()) as group:
+                    self.compute(group, progress, client)
         return self.store.open(self.kind, name)
 
 
@@ -148,9 +154,17 @@ class ChunkedStage(Stage):
         raise NotImplementedError("a ChunkedStage computes through run()")
 
     def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
+        """As :meth:`Stage.run`; the stage lock also keeps a second run out of the resumable
+        staging group while the first writes it (it waits, then finds the artifact stored)."""
         name = self.name()
         if self.store.exists(self.kind, name):
             return self.store.open(self.kind, name)
+        with self.store.lock("stage", self.kind, name):
+            if self.store.exists(self.kind, name):
+                return self.store.open(self.kind, name)
+            return self._run_chunks(name, progress, client)
+
+    def _run_chunks(self, name: str, progress: Progress | None, client: ClientSource) -> Artifact:
         n, chunk_rows = self.num_rows(), self.chunk_rows()
         n_chunks = -(-n // chunk_rows)
         group, url = self.store.resumable(self.kind, name)

@@ -225,9 +225,6 @@ class BinsStage(Stage):
             raise DQInputError(f"{self.embeddings.url}: {n} embeddings for {len(labels)} labelled samples in {self.dataset.url}")
         classes, groups = class_groups(labels, n)
         classes = np.array([-1]) if classes is None else classes
-        for c, members in zip(classes, groups):
-            if len(members) < self.config.num_bins:
-                raise DQInputError(f"bins.num_bins={self.config.num_bins} is larger than class {c} ({len(members)} samples)")
         budgets = bin_budgets([len(g) for g in groups], self.config.num_bins, self.config.budget_rule)
         kernel = self.config.kernel
         # Digests read and hash each class's rows once: cheap, so they run here (no cluster start).

@@ -41,25 +41,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 from dq_ops import __version__
 from dq_ops.errors import DQInputError
+from dq_ops.locks import file_lock, is_held
+from dq_ops.urls import filesystem
 
 # The split that bins, subsets and every derived artifact index into.
 QUANTIZED_SPLIT = "train"
 ARTIFACT_KINDS = ("datasets", "embeddings", "bins", "subsets", "patches", "models", "reconstructions", "evaluations")
 STAGING = ".staging"
+LOCKS = ".locks"  # lock files of local stores (dq_ops.locks)
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Rows hashed per read when digesting an array: bounds memory for arrays of any size.
 _DIGEST_BLOCK_BYTES = 64 * 2**20
 
@@ -89,7 +94,7 @@ _FILE_DIGESTS: dict[tuple[str, Any, Any], str] = {}
 def file_digest(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """sha256 of a file's bytes (path or fsspec URL): how files named by path enter artifact keys,
     so a file replaced in place changes the key. Cached per (URL, size, modification stamp)."""
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    fs, path = filesystem(url, storage_options)
     try:
         info = fs.info(path)
     except FileNotFoundError:
@@ -229,13 +234,14 @@ class Store:
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.fs, self._root = filesystem(self.url, self.storage_options)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
     def artifact_url(self, kind: str, name: str) -> str:
         _check_kind(kind)
+        check_artifact_name(name)
         return f"{self.url}/{kind}/{name}"
 
     def _path(self, *parts: str) -> str:
@@ -290,13 +296,14 @@ class Store:
         (if anything) is untouched.
         """
         staging = f"{name}-{uuid.uuid4().hex[:12]}"
-        group = self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w")
-        try:
-            yield group
-            self._commit(kind, name, staging, group, params, inputs)
-        except BaseException:
-            self._remove(kind, STAGING, staging)
-            raise
+        with self._staging_lock(kind, staging):
+            group = self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w")
+            try:
+                yield group
+                self._commit(kind, name, staging, group, params, inputs)
+            except BaseException:
+                self._remove(kind, STAGING, staging)
+                raise
 
     def resumable(self, kind: str, name: str) -> tuple[zarr.Group, str]:
         """A staging group with a stable name (created once, reopened on a rerun) and its URL.
@@ -359,21 +366,23 @@ class Store:
         (unchanged content) the new copy is discarded and the existing one becomes latest again.
         """
         staging = f"{base}-{uuid.uuid4().hex[:12]}"
-        write = SnapshotWrite(self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w"))
-        try:
-            yield write
-            record = self._record(kind, write.group, params, inputs)
-            name = f"{base}-{record['fingerprint'][:12]}"
-            if self.exists(kind, name):
+        with self._staging_lock(kind, staging):
+            write = SnapshotWrite(self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w"))
+            try:
+                yield write
+                record = self._record(kind, write.group, params, inputs)
+                name = f"{base}-{record['fingerprint'][:12]}"
+                with self.lock("snapshot", kind, name):  # check-then-publish as one step
+                    if self.exists(kind, name):
+                        self._remove(kind, STAGING, staging)
+                    else:
+                        write.group.attrs["dq"] = record | {"name": name, "snapshot_of": base}
+                        self._publish(kind, staging, name)
+                self._push_ref(kind, base, name)
+                write.artifact = self.open(kind, name)
+            except BaseException:
                 self._remove(kind, STAGING, staging)
-            else:
-                write.group.attrs["dq"] = record | {"name": name, "snapshot_of": base}
-                self._publish(kind, staging, name)
-            self._push_ref(kind, base, name)
-            write.artifact = self.open(kind, name)
-        except BaseException:
-            self._remove(kind, STAGING, staging)
-            raise
+                raise
 
     def write_sidecar(self, kind: str, name: str, filename: str, payload: bytes) -> None:
         """A file beside an artifact's arrays (e.g. a subset's ``selection_diff.json``): not part
@@ -405,8 +414,9 @@ class Store:
             self.fs.pipe_file(path, payload)
 
     def _push_ref(self, kind: str, base: str, name: str) -> None:
-        history = [n for n in (self.read_ref(kind, base) or {}).get("history", []) if n != name]
-        self.write_ref(kind, base, {"latest": name, "history": [*history, name]})
+        with self.lock("ref", kind, base):  # read-modify-write: concurrent runs must not lose an entry
+            history = [n for n in (self.read_ref(kind, base) or {}).get("history", []) if n != name]
+            self.write_ref(kind, base, {"latest": name, "history": [*history, name]})
 
     # -- garbage collection ------------------------------------------------------------------
     def gc(self, keep: int, *, dry_run: bool = False) -> list[str]:
@@ -460,19 +470,20 @@ class Store:
         """
         src, dst = self._path(kind, STAGING, staging), self._path(kind, name)
         old = self._path(kind, STAGING, f"{name}-replaced-{uuid.uuid4().hex[:8]}")
-        had_old = self.fs.exists(dst)
-        if had_old:
-            self._move(dst, old)
-        try:
-            self._move(src, dst)
-        except BaseException:
+        with self.lock("publish", kind, name):  # two writers of one name publish one after the other
+            had_old = self.fs.exists(dst)
             if had_old:
-                if self.fs.exists(dst):
-                    self.fs.rm(dst, recursive=True)
-                self._move(old, dst)
-            raise
-        if had_old:
-            self.fs.rm(old, recursive=True)
+                self._move(dst, old)
+            try:
+                self._move(src, dst)
+            except BaseException:
+                if had_old:
+                    if self.fs.exists(dst):
+                        self.fs.rm(dst, recursive=True)
+                    self._move(old, dst)
+                raise
+            if had_old:
+                self.fs.rm(old, recursive=True)
 
     def _move(self, src: str, dst: str) -> None:
         """Rename a group folder: atomic on local disks; elsewhere copy with the root
@@ -490,6 +501,75 @@ class Store:
         path = self._path(*parts)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    # -- locks and staging clean-up (dq_ops.locks) ----------------------------------------------
+    def _lock_path(self, *parts: str) -> str:
+        return self._path(LOCKS, "--".join(parts) + ".lock")
+
+    @contextmanager
+    def lock(self, *parts: str) -> Iterator[None]:
+        """An exclusive lock named by ``parts`` among the writers of this store (local stores;
+        a no-op on object stores, see :mod:`dq_ops.locks`)."""
+        if not _is_local(self.url):
+            yield
+            return
+        with file_lock(self._lock_path(*parts)):
+            yield
+
+    @contextmanager
+    def _staging_lock(self, kind: str, staging: str) -> Iterator[None]:
+        """Held by the writer of a one-off staging group for its whole life: the proof that it is
+        alive (:meth:`clean_staging`). Its lock file goes with it."""
+        with self.lock("staging", kind, staging):
+            try:
+                yield
+            finally:
+                if _is_local(self.url):
+                    Path(self._lock_path("staging", kind, staging)).unlink(missing_ok=True)
+
+    def clean_staging(self) -> list[str]:
+        """Remove the staging groups of writers that are gone (killed runs); return their paths.
+
+        A staging group is in use while its writer holds its staging lock (one-off groups of
+        :meth:`write`) or its stage lock (resumable groups, held by ``ChunkedStage.run``).
+        Resumable groups with finished chunks are kept: they are what a rerun resumes from.
+        Local stores only (elsewhere liveness cannot be told): returns ``[]`` there.
+        """
+        if not _is_local(self.url):
+            return []
+        removed = []
+        for kind in ARTIFACT_KINDS:
+            base = self._path(kind, STAGING)
+            if not self.fs.exists(base):
+                continue
+            for entry in sorted(self.fs.ls(base, detail=False)):
+                staging = entry.rstrip("/").rsplit("/", 1)[-1]
+                if is_held(self._lock_path("staging", kind, staging)) or is_held(self._lock_path("stage", kind, staging)):
+                    continue
+                if self._has_finished_chunks(kind, staging):
+                    continue
+                self._remove(kind, STAGING, staging)
+                Path(self._lock_path("staging", kind, staging)).unlink(missing_ok=True)
+                removed.append(f"{kind}/{STAGING}/{staging}")
+        return removed
+
+    def _has_finished_chunks(self, kind: str, staging: str) -> bool:
+        try:
+            group = self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "r")
+            return "done" in group and bool(np.asarray(group["done"][:]).any())
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
+            return False
+
+
+def check_artifact_name(name: str) -> None:
+    """An artifact name is one path component of letters, digits, ``.``, ``_`` and ``-`` starting
+    with a letter or digit (internally below ``.staging/``): no name can reach outside its
+    ``<kind>/`` folder of the store (``..``, ``/``, absolute paths, URLs are refused)."""
+    parts = str(name).split("/")
+    if parts[0] == STAGING and len(parts) == 2:
+        parts = parts[1:]
+    if len(parts) != 1 or not _ARTIFACT_NAME.fullmatch(parts[0]):
+        raise DQStoreError(f"{name!r} is not an artifact name (letters, digits, '.', '_', '-'; no '/' or '..')")
 
 
 def _check_kind(kind: str) -> None:

@@ -3,7 +3,8 @@
 Each subcommand is one :class:`Command` in :data:`COMMANDS`: a function that adds its arguments
 and a function that runs it. Add ``dq run`` or ``dq export`` by appending a ``Command``. Heavy
 imports (numpy, zarr, Prefect, ...) happen inside the run functions, so ``dq --help`` is fast.
-A :class:`~dq_ops.errors.DQInputError` prints ``error: <message>`` and exits with status 2.
+Any failure prints one line ``error: <message> (details: <log file>)`` and exits with status 2
+(``flows.console``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from flows.console import Console
 
 DESCRIPTION = """\
 Dataset Quantization (DQ): compress a training set into a small subset that trains models
@@ -33,7 +38,7 @@ class Command:
     help: str
     description: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace, Console], int]
 
 
 # -- dq ingest ---------------------------------------------------------------------------------
@@ -44,7 +49,7 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format", metavar="F",
-        help="source format: fashion-mnist, idx, image-folder, npz, zarr, jsonl or json",
+        help="source format: fashion-mnist, idx, image-folder, npz, zarr, jsonl, json or fortunes",
     )
     parser.add_argument("--url", metavar="U", help="path or fsspec URL of the source")
     parser.add_argument("--name", metavar="N", help="dataset name in the store")
@@ -57,13 +62,14 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _ingest(args: argparse.Namespace) -> int:
+def _ingest(args: argparse.Namespace, console: Console) -> int:
     from pydantic import ValidationError
     from tqdm import tqdm
 
     from dq_ops.config import DatasetConfig, DQConfig
     from dq_ops.errors import DQInputError
     from dq_ops.ingest import ingest
+    from dq_ops.preflight import check_store_writable
     from dq_ops.store import Store
 
     config = DQConfig.from_yaml(args.config) if args.config else DQConfig()
@@ -75,9 +81,12 @@ def _ingest(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         raise DQInputError(f"invalid option: {problems}") from None
-    store = Store(args.store or config.store_url)
+    store_url = args.store or config.store_url
+    check_store_writable(store_url)
+    store = Store(store_url)
+    store.clean_staging()  # what killed runs left behind
 
-    with tqdm(desc=f"ingest {dataset.name}", unit="sample", disable=None) as bar:
+    with tqdm(desc=f"ingest {dataset.name}", unit="sample", disable=not console.terminal.isatty(), file=console.terminal) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
@@ -114,7 +123,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, console: Console) -> int:
     import os
 
     # A fresh machine's first temporary Prefect server can take longer than Prefect's 20 s default.
@@ -123,6 +132,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from dq_ops.config import DQConfig
     from dq_ops.errors import DQInputError
+    from dq_ops.preflight import check_config
+    from dq_ops.store import Store
+    from dq_ops.urls import redact_credentials
 
     config = DQConfig.from_yaml(args.config) if args.config else DQConfig()
     raw = config.model_dump()
@@ -137,17 +149,17 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = DQConfig.model_validate(raw)
     except ValidationError as exc:
-        raise DQInputError(f"invalid option: {exc.errors()[0]['msg']}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise DQInputError(f"invalid option: {problems}") from None
 
+    check_config(config)  # before Prefect starts: a bad option fails in seconds
+    Store(config.store_url).clean_staging()  # what killed runs left behind
     if args.ephemeral_server:
         os.environ["DQ_PREFECT_SERVER"] = "ephemeral"
     from flows.server import use_local_server
 
     api_url = use_local_server()  # before Prefect is imported: it reads its settings once
-    from tasks.common import set_offline_env
-
-    set_offline_env()
-    from flows.quantize import quantize
+    from flows.quantize import quantize  # the telemetry switches are set: flows/__init__.py
 
     summary = quantize(config)
     print()
@@ -172,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  Prefect: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
     else:
         print("  Prefect: prefect server start   → http://127.0.0.1:4200 (this run is in its database)")
-    print(f"  MLflow:  mlflow ui --backend-store-uri {summary['tracking_uri']} --workers 1 → http://127.0.0.1:5000")
+    print(f"  MLflow:  mlflow ui --backend-store-uri {redact_credentials(summary['tracking_uri'])} --workers 1 → http://127.0.0.1:5000")
     return 0
 
 
@@ -183,21 +195,23 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=("image-folder", "npz", "jsonl"),
                         help="image-folder / npz for image datasets, jsonl for text datasets")
     parser.add_argument("--store", metavar="URL", default="./dq-store", help="store root (default ./dq-store)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous export in OUT (OUT must otherwise be empty or absent)")
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace, console: Console) -> int:
     from tqdm import tqdm
 
     from dq_ops.export import export_subset
     from dq_ops.store import Store
 
-    with tqdm(desc=f"export {args.subset}", unit="sample", disable=None) as bar:
+    with tqdm(desc=f"export {args.subset}", unit="sample", disable=not console.terminal.isatty(), file=console.terminal) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
         result = export_subset(Store(args.store), args.subset.rstrip("/").rsplit("/", 1)[-1], args.out, args.format,
-                               progress=progress)
+                               progress=progress, overwrite=args.overwrite)
     print(f"exported {result.samples:,} samples as {result.format} to {result.out_url}")
     print(f"manifest {result.manifest_url}")
     return 0
@@ -210,13 +224,17 @@ def _gc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
 
 
-def _gc(args: argparse.Namespace) -> int:
+def _gc(args: argparse.Namespace, console: Console) -> int:
     from dq_ops.store import Store
 
-    removed = Store(args.store).gc(args.keep, dry_run=args.dry_run)
+    store = Store(args.store)
+    removed = store.gc(args.keep, dry_run=args.dry_run)
     for path in removed:
         print(f"{'would remove' if args.dry_run else 'removed'} {path}")
     print(f"{len(removed)} artifact(s) {'to remove' if args.dry_run else 'removed'}; everything a kept snapshot needs stays")
+    if not args.dry_run:
+        staging = store.clean_staging()
+        print(f"{len(staging)} staging folder(s) of killed runs removed")
     return 0
 
 
@@ -270,32 +288,47 @@ COMMANDS: list[Command] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors ending in the same ``error: …`` line as every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in COMMANDS:
         sub = commands.add_parser(command.name, help=command.help, description=command.description)
         command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
+        sub.set_defaults(run=command.run, command=command.name)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit status."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit status.
+
+    Any failure ends in one ``error:`` line and status 2, Ctrl-C in ``interrupted`` and 130;
+    tracebacks and the commands' logs go to a log file (``flows.console``).
+    """
     args = build_parser().parse_args(argv)
     from dq_ops.errors import DQInputError  # light: no third-party imports
+    from flows.console import Console
 
+    console = Console.open(args.command)
+    console.handle_interrupts()
     try:
-        return args.run(args)
-    except DQInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return args.run(args, console)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return console.interrupted()
+    except DQInputError as exc:
+        return console.fail(str(exc))
+    except Exception as exc:  # anything else is still one line; the traceback is in the log
+        return console.fail(f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 
 from dq_ops.cluster import cluster_precision
 from dq_ops.config import DQConfig
+from dq_ops.preflight import preflight
 from dq_ops.selection import SelectionDiff, publish_selection, selection_key
 from dq_ops.store import QUANTIZED_SPLIT, Store
 from dq_ops.train import summarize_accuracies
@@ -67,6 +68,7 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         precision = cluster_precision(config.cluster)
         with timed("ingest"):
             dataset = ingest_dataset(config.dataset, store_url)
+        preflight(config, dataset.open())  # what the data must allow, before the expensive stages
         with timed("embeddings"):
             embeddings = compute_embeddings(
                 store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, precision, config.cluster

@@ -1,4 +1,4 @@
-"""What every stage task shares: the result it hands downstream, its cache key, the offline switches.
+"""What every stage task shares: the result it hands downstream and its cache key.
 
 Cache keys come from the stages themselves (:func:`stage_cache_key`): the store is the one
 source of truth, Prefect's cache only remembers where the store's answer is.
@@ -10,34 +10,19 @@ figures), never arrays: Prefect hashes and persists task inputs and results.
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from dq_ops.errors import DQInputError
 from dq_ops.stage import Stage
 from dq_ops.store import Artifact, DQStoreError, Store, derive_key
-
-# Nothing in a run may phone home (values measured in STACK_NOTES: MLflow accepts only "true").
-OFFLINE_ENV = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
-
-
-def set_offline_env() -> None:
-    """Set the telemetry/hub switches unless the user set them explicitly."""
-    for name, value in OFFLINE_ENV.items():
-        os.environ.setdefault(name, value)
+from dq_ops.urls import filesystem
+from tasks.offline import set_offline_env  # noqa: F401  (the flow calls it; defined without Prefect imports)
 
 
 @dataclass(frozen=True)
@@ -93,7 +78,7 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
 def store_tag(url: str) -> str:
     """8 hex digits naming a store root (local paths made absolute): part of every cache key, so
     the same stage against another store is computed there, never served from the first one."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url)
     return hashlib.sha256(fs.unstrip_protocol(root).encode()).hexdigest()[:8]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from prefect.runtime import task_run
 
 from dq_ops.config import ClusterConfig, EmbeddingConfig
 from dq_ops.embed import EmbeddingsStage
@@ -16,9 +17,20 @@ def _stage(store_url: str, dataset: StageResult, split: str, params: EmbeddingCo
     return EmbeddingsStage(Store(store_url), dataset.open(), split, params, seed=seed, precision=precision)
 
 
+def _model_name(dataset: StageResult, params: EmbeddingConfig) -> str:
+    """The model that embeds this dataset: the sentence model for texts, the backbone for images."""
+    return params.text_model if dataset.summary.get("modality") == "texts" else params.backbone
+
+
+def _run_name() -> str:
+    """``embed-<dataset>-<split>-<model>``: the task-run name says which model runs."""
+    arguments = task_run.parameters
+    return f"embed-{arguments['dataset'].name}-{arguments['split']}-{_model_name(arguments['dataset'], arguments['params'])}"
+
+
 @task(
     name="embeddings",
-    task_run_name="embed-{dataset.name}-{split}",
+    task_run_name=_run_name,
     cache_key_fn=stage_cache_key(_stage),
     retries=2,
     retry_condition_fn=retry_unless_bad_input,
@@ -40,8 +52,8 @@ def compute_embeddings(
     is part of the key: CUDA workers compute in bf16/fp16 and their features differ from CPU ones.
     """
     stage = _stage(store_url, dataset, split, params, seed, precision)
-    model = params.backbone if "images" in stage.split_group else params.text_model
-    artifact = stage.run(client=lambda: dask_client(cluster), progress=ProgressArtifact(f"Embedding {dataset.name}/{split} with {model}"))
+    progress = ProgressArtifact(f"Embedding {dataset.name}/{split} with {_model_name(dataset, params)}")
+    artifact = stage.run(client=lambda: dask_client(cluster), progress=progress)
     if stage.chunks_resumed:
         get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
     features = artifact["features"]

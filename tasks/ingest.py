@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import fsspec
 from prefect import task
 
 from dq_ops.config import DatasetConfig
 from dq_ops.ingest import INGEST_VERSION, ingest
 from dq_ops.store import Store
+from dq_ops.urls import filesystem
 from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, source_cache_key
 
 
@@ -26,7 +26,7 @@ def source_signature(url: str) -> str:
     Cheap on any fsspec filesystem (a listing, no reads); any added, removed, resized or
     rewritten file changes it.
     """
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url)
     paths = fs.find(root, withdirs=False, detail=True) if fs.isdir(root) else {root: fs.info(root)}
     digest = hashlib.sha256()
     for path, info in sorted(paths.items()):

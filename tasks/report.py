@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 from dq_ops.config import DQConfig
+from dq_ops.urls import redact_credentials
 
 
 def bin_size_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -93,4 +94,4 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
             )
     lines += ["", "## Stage timings (this run; cached stages take ~0 s)", ""]
     lines += [f"- {stage}: {seconds:.1f} s" for stage, seconds in summary["timings_s"].items()]
-    return "\n".join(lines) + "\n"
+    return redact_credentials("\n".join(lines) + "\n")  # URLs in the config may carry passwords

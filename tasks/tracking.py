@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from dq_ops.config import DQConfig
+from dq_ops.locks import file_lock
+from dq_ops.urls import redact_credentials
 
 MLFLOW_DB_NAME = "mlflow.db"
 
@@ -49,6 +52,13 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+def _setup_lock(uri: str) -> AbstractContextManager[None]:
+    """A lock beside a sqlite tracking database (its first use runs migrations); none for servers."""
+    if uri.startswith("sqlite:///"):
+        return file_lock(uri.removeprefix("sqlite:///") + ".lock")
+    return nullcontext()
+
+
 class Tracker:
     """The MLflow side of one flow run."""
 
@@ -56,14 +66,15 @@ class Tracker:
         import mlflow  # lazily: importing MLflow costs 1-2 s
 
         self.uri = resolve_tracking_uri(config)
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
-        experiment = self.client.get_experiment_by_name(config.tracking.experiment)
-        if experiment is None:
-            # Beside a default sqlite database, artifacts live in the store too (not ./mlruns).
-            location = (_local_root(config) / "mlartifacts").as_uri() if self.uri == _store_database_uri(config) else None
-            self.experiment_id = self.client.create_experiment(config.tracking.experiment, artifact_location=location)
-        else:
-            self.experiment_id = experiment.experiment_id
+        with _setup_lock(self.uri):  # concurrent runs: one creates (migrates) the database and the experiment
+            self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+            experiment = self.client.get_experiment_by_name(config.tracking.experiment)
+            if experiment is None:
+                # Beside a default sqlite database, artifacts live in the store too (not ./mlruns).
+                location = (_local_root(config) / "mlartifacts").as_uri() if self.uri == _store_database_uri(config) else None
+                self.experiment_id = self.client.create_experiment(config.tracking.experiment, artifact_location=location)
+            else:
+                self.experiment_id = experiment.experiment_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
         self.run_id = run.info.run_id
         self.log_params(self.run_id, flatten("", config.model_dump(mode="json")))
@@ -77,7 +88,7 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact_credentials(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(run_id, params=items[start:start + 100])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -17,6 +18,8 @@ os.environ.update({
     # `dq run` subprocesses in tests use a temporary Prefect server: none is left running.
     "DQ_PREFECT_SERVER": "ephemeral",
 })
+# CLI subprocesses write their logs here, not into the user's ~/.cache/dq/logs.
+os.environ.setdefault("DQ_LOG_DIR", tempfile.mkdtemp(prefix="dq-test-logs-"))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.features import gradient_embedding
 from dq_ops.sampling import keep_count, sample_sizes
 
-GOLDEN = Path("/work/shared/golden/graphcut_reference.npz")
+GOLDEN = Path(__file__).parent / "data" / "graphcut_reference.npz"
 SELECTORS = [select_random, select_kcenter, select_herding]
 
 

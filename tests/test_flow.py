@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dq_ops.config import DQConfig
+from dq_ops.errors import DQInputError
 from dq_ops.readers.idx import load_fashion_mnist
 from dq_ops.store import Store
 
@@ -159,6 +160,13 @@ def test_export_and_torch_dataset_of_the_subset(first_run, tmp_path):
     assert [m["id"] for m in manifest] == list(ids)
     first = np.asarray(Image.open(tmp_path / "folder" / manifest[0]["file"]))
     assert (first == originals[0, ..., 0]).all()
+
+    # A second export into the same folder: refused, or with overwrite the old export is replaced
+    # whole (never two formats side by side).
+    with pytest.raises(DQInputError, match="not empty"):
+        export_subset(store, name, str(tmp_path / "folder"), "npz")
+    export_subset(store, name, str(tmp_path / "folder"), "npz", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["manifest.jsonl", "subset.npz"]
 
     plain = subset_torch_dataset(store, name)
     image, label = plain[0]

@@ -48,3 +48,35 @@ def test_text_flow_bins_samples_evaluates_and_exports(prefect_harness, tmp_path)
     assert result.samples == len(lines) == len(manifest) == subset["size"]
     assert [m["id"] for m in manifest] == [line["id"] for line in lines]
     assert all(line["text"] for line in lines)
+
+
+def test_shipped_fortunes_config_runs_on_the_real_fortune_files(prefect_harness, tmp_path):
+    """deployments/configs/fortunes-text.yaml as shipped (the fortunes reader on /usr/share/games/fortunes),
+    made small: 600 entries interleaved over all 43 long-tailed topics, so several topics have fewer
+    entries than bins; they fill their first bins instead of failing the run."""
+    from prefect.client.orchestration import get_client
+
+    from flows.quantize import quantize
+
+    shipped = DQConfig.from_yaml(Path(__file__).resolve().parents[1] / "deployments/configs/fortunes-text.yaml")
+    assert shipped.dataset.format == "fortunes" and Path(shipped.dataset.url) == FORTUNES
+    raw = shipped.model_dump()
+    raw["store_url"] = str(tmp_path / "store")
+    raw["dataset"]["limit"] = 600
+    raw["sampling"]["ratios"] = [0.5]
+    raw["evaluation"]["arms"] = ["dq", "random"]
+    raw["cluster"] = {"kind": "local", "n_workers": 1, "threads_per_worker": 2}
+    config = DQConfig.model_validate(raw)
+    summary = quantize(config)
+
+    topics = sorted(p.name for p in FORTUNES.iterdir() if not p.is_symlink() and p.suffix != ".dat")
+    assert summary["class_names"] == topics
+    bins = Store(config.store_url).open("bins", summary["bins"]["url"].rsplit("/", 1)[-1])
+    sizes = bins.group.attrs["bin_sizes"]  # classes × bins
+    small = [row for row in sizes if sum(row) < config.bins.num_bins]
+    assert small and all(row == sorted(row, reverse=True) for row in small)  # first bins only
+    assert summary["subsets"][0]["size"] > 0
+    with get_client(sync_client=True) as client:
+        names = {run.name for run in client.read_task_runs()}
+    # The embedding task says which model runs (the dataset is named by its snapshot: fortunes-<fingerprint>).
+    assert any(name.startswith("embed-fortunes-") and name.endswith("-train-all-MiniLM-L6-v2") for name in names), names

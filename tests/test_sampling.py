@@ -10,7 +10,7 @@ import pytest
 from dq_ops.errors import DQInputError
 from dq_ops.sampling import keep_count, sample_bins, sample_sizes
 
-GOLDEN = Path("/work/shared/golden/graphcut_reference.npz")
+GOLDEN = Path(__file__).parent / "data" / "graphcut_reference.npz"
 
 
 @pytest.fixture(scope="module")

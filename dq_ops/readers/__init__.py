@@ -1,4 +1,4 @@
-"""Dataset readers: turn a source (IDX files, an image folder, npz/Zarr, JSON/JSONL) into batches
+"""Dataset readers: turn a source (IDX files, an image folder, npz/Zarr, JSON/JSONL, fortune files) into batches
 of samples with stable ids. Readers only read; ``dq_ops.ingest`` writes them into a store.
 
 Every reader follows :class:`~dq_ops.readers.base.Reader`; :func:`open_reader` picks one for a
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dq_ops.config import DatasetConfig
 from dq_ops.errors import DQInputError
 from dq_ops.readers.base import Batch, Reader, SkippedItem
+from dq_ops.readers.fortunes import FortunesReader
 from dq_ops.readers.idx import FASHION_MNIST_CLASSES, IdxReader
 from dq_ops.readers.image_folder import ImageFolderReader
 from dq_ops.readers.json_records import JsonRecordsReader
@@ -17,7 +18,7 @@ from dq_ops.readers.npz import NpzReader
 from dq_ops.readers.zarr_group import ZarrGroupReader
 
 __all__ = [
-    "Batch", "IdxReader", "ImageFolderReader", "JsonRecordsReader", "NpzReader", "Reader",
+    "Batch", "FortunesReader", "IdxReader", "ImageFolderReader", "JsonRecordsReader", "NpzReader", "Reader",
     "SkippedItem", "ZarrGroupReader", "open_reader",
 ]
 
@@ -34,6 +35,8 @@ def open_reader(config: DatasetConfig) -> Reader:
             return NpzReader(config.url, resize=config.resize, limit=config.limit)
         case "zarr":
             return ZarrGroupReader(config.url, resize=config.resize, limit=config.limit)
+        case "fortunes":
+            return FortunesReader(config.url, limit=config.limit)
         case "json" | "jsonl":
             return JsonRecordsReader(
                 config.url,

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dq_ops.errors import DQInputError
+from dq_ops.urls import filesystem
 
 Modality = Literal["images", "texts"]
 OnError = Literal["raise", "skip"]
@@ -90,7 +91,7 @@ class ItemErrors:
 
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and root path of a source URL (a plain path is a local file)."""
-    return fsspec.core.url_to_fs(url)
+    return filesystem(url)
 
 
 def order_splits(names: list[str] | set[str]) -> list[str]:
@@ -136,6 +137,9 @@ def image_batch(
             f"{where}: images must be (n, H, W) or (n, H, W, C) with C = 1 or 3; got shape {images.shape[1:]} per sample"
         )
     if images.dtype != np.uint8:
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            sample = start + int(np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))[0])
+            raise DQInputError(f"{where}: sample {sample} has non-finite pixel values (NaN or inf)")
         if images.dtype.kind not in "iu" or (images.size and (images.min() < 0 or images.max() > 255)):
             raise DQInputError(f"{where}: images must hold integer pixels in 0..255 (uint8); got {images.dtype}")
         images = images.astype(np.uint8)
@@ -151,8 +155,17 @@ def image_batch(
         raise DQInputError(
             f"{where}: labels must be one integer per sample; got {labels.dtype} of shape {labels.shape[1:]} per sample"
         )
+    check_labels(labels, start, where)
     positions = range(start, start + len(images)) if names is None else [str(n) for n in names]
     return Batch(images, labels.astype(np.int64), sample_ids(positions, images))
+
+
+def check_labels(labels: np.ndarray, start: int, where: str) -> None:
+    """Labels are class indices ≥ 0 or :data:`NO_LABEL` (-1); other negative values are rejected,
+    naming the sample (they would otherwise become classes of their own)."""
+    bad = np.flatnonzero(labels < NO_LABEL)
+    if bad.size:
+        raise DQInputError(f"{where}: sample {start + int(bad[0])} has label {int(labels[bad[0]])}: labels must be >= 0, or -1 for 'no label'")
 
 
 def array_batches(

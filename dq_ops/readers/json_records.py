@@ -113,9 +113,9 @@ class JsonRecordsReader:
             return text, NO_LABEL
         if isinstance(label, str):
             return text, self._class_index[label]
-        if isinstance(label, int) and not isinstance(label, bool) and not self._classes:
+        if isinstance(label, int) and not isinstance(label, bool) and not self._classes and label >= NO_LABEL:
             return text, label
-        expected = "a class name (other labels are strings)" if self._classes else "an integer or a class name"
+        expected = "a class name (other labels are strings)" if self._classes else "an integer >= -1 or a class name"
         return self._errors.bad(name, f"label {label!r} in field {self._label_field!r} is not {expected}")
 
     def splits(self) -> list[str]:

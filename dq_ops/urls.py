@@ -1,0 +1,52 @@
+"""Paths and fsspec URLs: the one place that turns a URL into a filesystem, with errors that name it.
+
+fsspec reports an unknown protocol as ``ValueError: Protocol not known: foo`` and a protocol whose
+package is missing as an ``ImportError``; both become a :class:`DQInputError` naming the URL and
+what to install (dq's own extra where there is one).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+from fsspec.registry import known_implementations
+
+from dq_ops.errors import DQInputError
+
+# ``scheme://user:password@`` in a URL: the password part is what must never be logged.
+_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^@\s/]+@")
+# Protocols served by one of dq's optional extras (pyproject.toml).
+EXTRA_FOR_PROTOCOL = {"s3": "s3", "s3a": "s3"}
+
+
+def protocol_of(url: str) -> str:
+    """``"s3"`` for ``s3://bucket/x``, ``"file"`` for a plain path."""
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of ``url`` (a plain path is local), or a :class:`DQInputError`."""
+    try:
+        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ValueError as exc:
+        if "Protocol not known" not in str(exc):
+            raise
+        protocol = protocol_of(url)
+        raise DQInputError(
+            f"{url}: unknown URL protocol '{protocol}://' (use a path or one of fsspec's protocols, e.g. file://, memory://, s3://)"
+        ) from None
+    except ImportError:
+        protocol = protocol_of(url)
+        extra = EXTRA_FOR_PROTOCOL.get(protocol)
+        package = known_implementations.get(protocol, {}).get("class", "").split(".")[0] or "its fsspec package"
+        install = f"pip install 'dq[{extra}]'" if extra else f"pip install {package}"
+        raise DQInputError(f"{url}: the '{protocol}://' protocol needs {package}, which is not installed ({install})") from None
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with every URL password replaced by ``***`` (``postgresql://dq:secret@db/x`` →
+    ``postgresql://dq:***@db/x``): for logs, MLflow parameters and reports."""
+    return _CREDENTIALS.sub(r"\g<head>:***@", text)

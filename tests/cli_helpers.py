@@ -1,0 +1,76 @@
+"""Running the real ``dq`` CLI in subprocesses: plain pipes, a pseudo-terminal, store snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pty
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The test process's environment plus this checkout first on the path, logs under ``tmp_path``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["DQ_LOG_DIR"] = str(tmp_path / "logs")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def last_line(self) -> str:
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    @property
+    def log_path(self) -> Path:
+        """The log file the ``error:`` line points to."""
+        return Path(self.last_line.rsplit("(details: ", 1)[1].rstrip(")"))
+
+
+def dq(*args: str, env: dict[str, str], cwd: Path, timeout: float = 600) -> Finished:
+    """``python -m flows.cli ARGS`` in a subprocess; its exit status and output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    return Finished(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_in_terminal(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run ``args`` with a pseudo-terminal as stdin/stdout/stderr (what an interactive user has)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd)
+    os.close(slave)
+    output = bytearray()
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        output += data
+    os.close(master)
+    return proc.wait(timeout=60), output.decode(errors="replace")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file below ``root`` by relative path (folders included, empty or not)."""
+    if not root.exists():
+        return {}
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        digest[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest

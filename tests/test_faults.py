@@ -1,0 +1,181 @@
+"""Faults with real processes and real signals: two ``dq run``s on one store at once, Ctrl-C and
+``kill -9`` during the embeddings, writers killed inside a store write.
+
+Light runs: 600 real Fashion-MNIST images, embeddings in chunks of 100 rows on one dask worker,
+no patch dropping, no evaluation. The uninterrupted runs are the reference for the interrupted
+one: the same bins and subsets, byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from dq_ops.store import STAGING, Store
+from tests.cli_helpers import Finished, cli_env, dq
+
+CHUNKS = 6  # 600 rows / 100
+
+
+def _config(root: Path, store: Path) -> Path:
+    path = root / f"{store.name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "store_url": str(store),
+        "dataset": {"limit": 600},
+        "embedding": {"batch_size": 50, "chunk_rows": 100},
+        "bins": {"num_bins": 4},
+        "patches": {"enabled": False},
+        "evaluation": {"enabled": False},
+        "cluster": {"kind": "local", "n_workers": 1, "threads_per_worker": 1},
+    }))
+    return path
+
+
+def _start(config: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """``dq run CONFIG`` in its own process group (the group is what a terminal signals)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(config)], env=env, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 900) -> Finished:
+    stdout, stderr = proc.communicate(timeout=timeout)  # a hang guard, not a speed check
+    return Finished(proc.returncode, stdout, stderr)
+
+
+def _chunks_done(store: Path) -> int:
+    """Finished chunks in the store's resumable embedding staging group (0 when there is none)."""
+    staging = store / "embeddings" / STAGING
+    for group in staging.glob("*/done") if staging.exists() else []:
+        try:
+            return int(np.asarray(zarr.open_array(str(group), mode="r")[:]).sum())
+        except Exception:  # being created right now: look again
+            return 0
+    return 0
+
+
+def _wait_for_chunks(proc: subprocess.Popen, store: Path, at_least: int) -> None:
+    while _chunks_done(store) < at_least:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+
+
+def _results(store: Path, finished: Finished) -> dict[str, str]:
+    """Fingerprints (content + parameters + inputs) of the run's embeddings, bins and subset."""
+    urls = {line.split()[0]: line.split()[-1] for line in finished.stdout.splitlines() if line.startswith(("bins", "subset"))}
+    s = Store(str(store))
+    bins = s.open("bins", urls["bins"].rsplit("/", 1)[-1])
+    subset = s.open("subsets", urls["subset"].rsplit("/", 1)[-1])
+    embeddings = s.open("embeddings", s.list("embeddings")[0])
+    return {"embeddings": embeddings.record["content_digest"], "bins": bins.record["content_digest"],
+            "subset": subset.record["content_digest"], "subset_name": subset.name}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    return {"root": root, "env": cli_env(root, PREFECT_HOME=str(root / "prefect-home"))}
+
+
+@pytest.fixture(scope="module")
+def reference(workspace):
+    """Two runs on one store at the same time, both to the end: the uninterrupted reference."""
+    root, env = workspace["root"], workspace["env"]
+    store = root / "shared-store"
+    config = _config(root, store)
+    procs = [_start(config, env, root) for _ in range(2)]
+    runs = [_finish(p) for p in procs]
+    return store, runs
+
+
+def test_two_runs_on_one_store_at_once_both_succeed(reference):
+    store, runs = reference
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "Traceback" not in run.stderr
+    first, second = (_results(store, run) for run in runs)
+    assert first == second  # one set of artifacts, written once, read by both
+    leftovers = [p for p in store.glob(f"*/{STAGING}/*")]
+    assert leftovers == []  # no shared or orphaned staging left behind
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dq")
+    finished = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    assert len(finished) == 2
+
+
+def test_ctrl_c_then_kill_9_during_embeddings_then_a_rerun_resumes_to_identical_results(workspace, reference):
+    root, env = workspace["root"], workspace["env"]
+    store = root / "interrupted-store"
+    config = _config(root, store)
+
+    # Ctrl-C (SIGINT to the whole process group, as a terminal sends it) once a chunk is done.
+    proc = _start(config, env, root)
+    _wait_for_chunks(proc, store, 1)
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted = _finish(proc, timeout=120)
+    assert interrupted.returncode == 130
+    assert interrupted.last_line == "interrupted"
+    assert "Traceback" not in interrupted.stdout + interrupted.stderr
+
+    # kill -9 of everything (the run, its dask worker, its Prefect server) a chunk later.
+    proc = _start(config, env, root)
+    _wait_for_chunks(proc, store, min(CHUNKS - 1, _chunks_done(store) + 1))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    done_before = _chunks_done(store)
+    assert 0 < done_before < CHUNKS
+
+    resumed = _finish(_start(config, env, root))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = [line for line in resumed.stderr.splitlines() if "resumed: " in line]
+    assert said and f"of {CHUNKS} chunks already done" in said[0]
+    assert int(said[0].split("resumed: ")[1].split()[0]) >= done_before
+    reference_store, reference_runs = reference
+    assert _results(store, resumed) == _results(reference_store, reference_runs[0])
+    assert list(store.glob(f"*/{STAGING}/*")) == []
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from dq_ops.store import Store
+    store = Store(sys.argv[1])
+    with store.write("subsets", sys.argv[2], {}) as group:
+        group.attrs["partial"] = True
+        print("writing", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_staging_of_a_killed_writer_is_cleaned_and_a_live_writers_is_kept(tmp_path):
+    """``dq gc`` (and every ``dq run`` / ``dq ingest``) removes what a killed writer left."""
+    env = cli_env(tmp_path)
+    store = tmp_path / "store"
+    writers = {
+        name: subprocess.Popen([sys.executable, "-c", WRITER, str(store), name], env=env, stdout=subprocess.PIPE, text=True)
+        for name in ("killed", "alive")
+    }
+    try:
+        for proc in writers.values():
+            assert proc.stdout.readline().strip() == "writing"
+        writers["killed"].kill()
+        writers["killed"].wait(timeout=60)
+        gc = dq("gc", "--keep", "1", "--store", str(store), env=env, cwd=tmp_path)
+        assert gc.returncode == 0 and "1 staging folder(s) of killed runs removed" in gc.stdout, gc.stderr
+        left = [p.name for p in (store / "subsets" / STAGING).iterdir()]
+        assert len(left) == 1 and left[0].startswith("alive-")
+    finally:
+        writers["alive"].kill()
+        writers["alive"].wait(timeout=60)
