@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from dq_ops.config import ClusterConfig, EmbeddingConfig, PatchConfig
 from dq_ops.pixels import DropPatchesStage, MAEStage, ReconstructStage
 from dq_ops.stage import ChunkedStage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, stage_cache_key
+from tasks.common import ProgressArtifact, StageResult, stage_task
 
 
 def _drop(store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig,
@@ -30,13 +30,7 @@ def _log_resumed(stage: ChunkedStage) -> None:
         get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
 
 
-@task(
-    name="patches",
-    task_run_name="drop-patches-{subset.name}",
-    cache_key_fn=stage_cache_key(_drop),
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-)
+@stage_task("patches", "drop-patches-{subset.name}", _drop)
 def drop_patches(
     store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig,
     cluster: ClusterConfig,
@@ -52,13 +46,7 @@ def drop_patches(
     return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))
 
 
-@task(
-    name="mae",
-    task_run_name="mae-{dataset.name}",
-    cache_key_fn=stage_cache_key(_mae),
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-)
+@stage_task("mae", "mae-{dataset.name}", _mae)
 def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int, cluster: ClusterConfig) -> StageResult:
     """Train the dataset's MAE as one task on a worker (or take the configured checkpoint) and keep it in the store."""
     stage = _mae(store_url, dataset, params, seed)
@@ -71,13 +59,7 @@ def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed:
     )
 
 
-@task(
-    name="reconstruct",
-    task_run_name="reconstruct-{patches.name}",
-    cache_key_fn=stage_cache_key(_reconstruct),
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-)
+@stage_task("reconstruct", "reconstruct-{patches.name}", _reconstruct)
 def reconstruct_patches(
     store_url: str, dataset: StageResult, patches: StageResult, mae: StageResult, cluster: ClusterConfig
 ) -> StageResult:
