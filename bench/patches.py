@@ -3,7 +3,7 @@
 1. Grad-CAM++ (pretrained EfficientNet-Lite0, 112 px, last feature map ``bn2``) scores the 4×4
    patches of ``--images`` training images; the top ``1 − θ`` are kept for θ ∈ {0.2, 0.4}.
 2. Kept patches + mask go into a patch store on local disk; its stored bytes are compared with
-   the same images stored whole (same codec, same chunking rule).
+   the same images stored whole (same codec, same row chunks).
 3. An MAE (default sizes, ~1M parameters) is trained on the training split (disjoint from the
    held-out images) and restores the dropped patches of ``--heldout`` test images; PSNR on the
    dropped pixels is compared with three model-free fills.
@@ -24,7 +24,7 @@ import zarr
 
 from dq_ops.backbones import load_classifier
 from dq_ops.mae import MAEConfig, baseline_fill, picture_grid, reconstruct, reconstruction_psnr, train_mae
-from dq_ops.patch_store import PatchStore, pack_patches, storage_report
+from dq_ops.patch_store import PatchStore, pack_patches, storage_report, whole_image_bytes
 from dq_ops.patches import gradcam_plus_plus, patch_scores, select_patches
 from dq_ops.readers.idx import load_fashion_mnist
 
@@ -66,9 +66,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for theta in THETAS:
             group = zarr.open_group(zarr.storage.LocalStore(f"{tmp}/theta-{theta}"), mode="w")
-            store = PatchStore.create(group, (28, 28), PATCH)
-            store.append(pack_patches(images, keep[theta], PATCH), np.arange(len(images)), train_labels[: len(images)])
-            report = storage_report(store, images, sample_ratio=0.125)
+            packed = pack_patches(images, keep[theta], PATCH)
+            store = PatchStore.create(group, len(images), (28, 28), PATCH, packed.kept_per_image)
+            store.write(0, packed, np.arange(len(images)), train_labels[: len(images)])
+            report = storage_report(store, whole_image_bytes(images, store.chunk_rows), sample_ratio=0.125)
             print(f"{theta:>4} {int(keep[theta][0].sum()):>8} {report.raw_image_bytes:>9} {report.whole_image_bytes:>9} "
                   f"{report.patch_bytes:>9} {report.byte_ratio:>10.3f} {report.patch_keep_ratio:>10.3f} {report.keep_ratio:>17.4f}")
 

@@ -115,6 +115,9 @@ class PatchConfig(_Section):
         description="Random masking ratio in MAE training; 0.4 restored Grad-CAM++ drop patterns better than MAE's usual 0.75 (bench/patches.py).",
     )
     mae_train_samples: int = Field(6000, ge=1, description="Images of the split (seeded sample) the MAE trains on.")
+    chunk_rows: int | None = Field(
+        None, ge=1, description="Images per dask task and per Zarr chunk of the patch store (default: about 1 MiB of kept patches).",
+    )
 
 
 class EvaluationConfig(_Section):

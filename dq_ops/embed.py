@@ -29,6 +29,7 @@ left out; the numeric precision is in (float32 on CPU, bf16/fp16 autocast on CUD
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class _ChunkJob:
     donor_url: str | None = None
     copied: np.ndarray | None = None  # positions in [start, stop) whose features the donor holds
     donor_rows: np.ndarray | None = None  # their rows in the donor
+    fresh: np.ndarray | None = None  # features of the other rows, when computed before the job (inline)
 
 
 def _embed_chunk(job: _ChunkJob) -> int:
@@ -96,7 +98,9 @@ def _embed_chunk(job: _ChunkJob) -> int:
         features[job.copied] = donor["features"].get_orthogonal_selection((job.donor_rows, slice(None)))
         computed[job.copied] = False
     rows = job.start + np.flatnonzero(computed)
-    if len(rows):
+    if job.fresh is not None:
+        features[computed] = job.fresh
+    elif len(rows):
         features[computed] = get_extractor(job.spec)(split[job.samples].get_orthogonal_selection((rows,)), job.batch_size)
     out["features"][job.start:job.stop] = features
     if job.gradient_classes is not None:
@@ -211,14 +215,21 @@ class EmbeddingsStage(ChunkedStage):
         return features is not None and features.shape == (self.num_rows(), self.dim) and features.chunks[0] == self._chunk_rows
 
 
-    def inline(self, jobs: list[_ChunkJob], cluster_running: bool) -> list[_ChunkJob]:
-        """Chunks that only copy from the donor; and, when no cluster runs yet, every chunk if
-        the rows to embed are few and this process computes at the stage's precision."""
-        to_embed = [(job.stop - job.start) - (0 if job.copied is None else len(job.copied)) for job in jobs]
+    def inline(self, jobs: list[_ChunkJob], cluster_running: bool) -> tuple[list[_ChunkJob], list[_ChunkJob]]:
+        """Chunks that only copy from the donor run here. When no cluster runs yet, the rows to
+        embed are few and this process computes at the stage's precision, those rows are embedded
+        here in one pass of full batches (rows scattered over many chunks would otherwise each pad
+        a batch of their own) and every chunk runs here with its fresh rows."""
+        to_embed = [np.setdiff1d(np.arange(job.stop - job.start), job.copied if job.copied is not None else []) for job in jobs]
         same_precision = self.samples == "texts" or inference_precision() == self._params["precision"]
-        if not cluster_running and sum(to_embed) <= INLINE_ROWS and same_precision:
-            return jobs
-        return [job for job, rows in zip(jobs, to_embed) if rows == 0]
+        if cluster_running or sum(len(p) for p in to_embed) > INLINE_ROWS or not same_precision:
+            copy_only = [job for job, positions in zip(jobs, to_embed) if len(positions) == 0]
+            return copy_only, [job for job, positions in zip(jobs, to_embed) if len(positions)]
+        rows = np.concatenate([job.start + positions for job, positions in zip(jobs, to_embed)]).astype(np.int64)
+        fresh = get_extractor(self.spec)(self.split_group[self.samples].get_orthogonal_selection((rows,)), self.config.batch_size) \
+            if len(rows) else np.empty((0, self.dim), dtype=np.float32)
+        bounds = np.cumsum([0] + [len(p) for p in to_embed])
+        return [dataclasses.replace(job, fresh=fresh[a:b]) for job, a, b in zip(jobs, bounds[:-1], bounds[1:])], []
 
     def donor(self) -> tuple[Artifact | None, dict[str, int]]:
         """The earlier embeddings artifact (same parameters) sharing the most samples with this

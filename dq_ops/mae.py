@@ -45,7 +45,6 @@ from torch.utils.data import Dataset
 from dq_ops.errors import DQInputError
 from dq_ops.patch_store import PatchStore, unpack_patches
 from dq_ops.patches import kept_patch_count, patch_grid, patchify, pixel_mask, unpatchify
-from dq_ops.store import default_compressor
 
 CONFIG_KEY = "dq_mae_config"
 # A dropped patch predicted below this everywhere, in an image with a flat black background, is
@@ -235,6 +234,7 @@ def train_mae(
     lr: float = 1.5e-3,
     weight_decay: float = 0.05,
     progress: Callable[[int, int, float], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[MaskedAutoencoder, list[float]]:
     """Train an MAE on uint8 ``images`` ``(n, H, W[, C])`` with random masking at ``config.mask_ratio``.
 
@@ -242,7 +242,9 @@ def train_mae(
     a fresh permutation; a short last batch is skipped). AdamW (β = 0.9, 0.95) with a linear warm-up over the first 5% of steps and a
     cosine decay to 0. Everything random (initialisation, batches, masks) derives from ``seed``;
     the global torch RNG is left as it was. ``progress(step, total_steps, loss)`` is called after
-    every step. Returns the model (in eval mode) and the per-step training losses.
+    every step. Batches, masks and shuffles are drawn on the CPU and the model trains on
+    ``device`` (the same seed gives the same model on one device type). Returns the model (in
+    eval mode, on ``device``) and the per-step training losses.
     """
     if (steps is None) == (epochs is None):
         raise DQInputError("train_mae needs exactly one of steps or epochs")
@@ -255,7 +257,7 @@ def train_mae(
         raise DQInputError(f"steps/epochs must be positive, got steps={steps}, epochs={epochs}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MaskedAutoencoder(config)
+        model = MaskedAutoencoder(config).to(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     warmup = max(1, total // 20)
@@ -269,9 +271,9 @@ def train_mae(
     for step in range(total):
         if cursor + batch_size > n and cursor > 0:  # new epoch: reshuffle instead of a short batch
             order, cursor = torch.randperm(n, generator=generator), 0
-        batch = tokens[order[cursor:cursor + batch_size]].float() / 255.0
+        batch = tokens[order[cursor:cursor + batch_size]].to(device).float() / 255.0
         cursor += batch_size
-        keep = random_keep_mask(len(batch), config.num_patches, config.mask_ratio, generator)
+        keep = random_keep_mask(len(batch), config.num_patches, config.mask_ratio, generator).to(device)
         loss = model.loss(batch, keep)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -286,7 +288,7 @@ def train_mae(
 
 def mae_checkpoint_bytes(model: MaskedAutoencoder) -> bytes:
     """A safetensors checkpoint of ``model`` with its config JSON in the metadata."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return save_safetensors(state, metadata={CONFIG_KEY: model.config.to_json()})
 
 
@@ -309,7 +311,8 @@ def reconstruct(
 
     ``keep_mask`` is ``(n, gh, gw)``. Kept pixels are copied from ``images`` unchanged (bit
     exact); dropped pixels are ``round(255 · clip(pred, 0, 1))``. The content of dropped patches
-    in ``images`` is ignored (zero-filled images from ``unpack_patches`` are fine).
+    in ``images`` is ignored (zero-filled images from ``unpack_patches`` are fine). Runs on the
+    model's device.
 
     Background snap: in an image with a flat black background (at least one kept patch entirely
     0), a dropped patch whose prediction stays below ``BACKGROUND_SNAP`` everywhere is background
@@ -333,16 +336,17 @@ def reconstruct(
     if not keep_mask.reshape(len(images), -1).any(axis=1).all():
         raise DQInputError("every image needs at least one kept patch to be reconstructed")
     model.eval()
+    device = next(model.parameters()).device
     predicted = np.empty_like(tokens)
     with torch.inference_mode():
         for start in range(0, len(tokens), batch_size):
-            batch = torch.from_numpy(tokens[start:start + batch_size]).float() / 255.0
-            keep = torch.from_numpy(keep_mask[start:start + batch_size].reshape(len(batch), -1))
+            batch = torch.from_numpy(tokens[start:start + batch_size]).to(device).float() / 255.0
+            keep = torch.from_numpy(keep_mask[start:start + batch_size].reshape(len(batch), -1)).to(device)
             pred = model(batch, keep).clamp(0, 1)
             black_background = ((batch.amax(-1) == 0) & keep).any(1)  # (b,) a kept patch is all zeros
             background = black_background[:, None] & ~keep & (pred.amax(-1) < BACKGROUND_SNAP)
             pred = torch.where(background[..., None], 0.0, pred)
-            predicted[start:start + batch_size] = pred.mul(255).round().to(torch.uint8).numpy()
+            predicted[start:start + batch_size] = pred.mul(255).round().to(torch.uint8).cpu().numpy()
     p = config.patch_size
     filled = unpatchify(predicted.reshape(len(images), config.num_patches, p, p, config.in_chans), config.grid, p)
     filled = filled.reshape(images.shape)
@@ -367,7 +371,7 @@ class ReconstructedPatchDataset(Dataset):
         self.store = PatchStore(group)
         self.model = model.eval()
         self.transform = transform
-        self.labels = np.asarray(self.store.labels, dtype=np.int64)
+        self.labels = np.asarray(self.store.labels[:], dtype=np.int64)
         self.ids = self.store.ids
 
     def __len__(self) -> int:
@@ -389,27 +393,26 @@ class ReconstructedPatchDataset(Dataset):
         return self._items(indices)
 
 
-def materialise_reconstruction(
-    patch_group: zarr.Group, model: MaskedAutoencoder, out_group: zarr.Group, batch_size: int = 2048
-) -> zarr.Array:
-    """Reconstruct every image of a patch store into ``out_group`` in batches.
+def dropped_squared_error(original: np.ndarray, reconstructed: np.ndarray, keep_mask: np.ndarray) -> tuple[float, int]:
+    """``(Σ (x − x̂)², count)`` over the dropped pixels (and channels) of a batch: additive over
+    batches, so PSNR of a whole subset is computed chunk by chunk (:func:`psnr_db`)."""
+    original, reconstructed = np.asarray(original), np.asarray(reconstructed)
+    if original.shape != reconstructed.shape:
+        raise DQInputError(f"original {original.shape} and reconstructed {reconstructed.shape} differ in shape")
+    keep_mask = np.asarray(keep_mask)
+    dropped = ~pixel_mask(keep_mask, (original.shape[1] // keep_mask.shape[1], original.shape[2] // keep_mask.shape[2]))
+    if original.ndim == 4:
+        dropped = np.broadcast_to(dropped[..., None], original.shape)
+    diff = original[dropped].astype(np.float64) - reconstructed[dropped].astype(np.float64)
+    return float(np.dot(diff, diff)), int(diff.size)
 
-    Writes ``images`` ``(n, *image_shape)`` uint8 (chunks of ``batch_size`` images, the
-    project's compressor), ``labels`` and ``ids``, mirroring a dataset split; returns ``images``.
-    """
-    store = PatchStore(patch_group)
-    n = len(store)
-    images = out_group.create_array(
-        "images", shape=(n, *store.image_shape), dtype=np.uint8,
-        chunks=(max(1, min(batch_size, n)), *store.image_shape), compressors=default_compressor(), overwrite=True,
-    )
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        batch, keep_mask = unpack_patches(store.read(slice(start, stop)))
-        images[start:stop] = reconstruct(model, batch, keep_mask)
-    out_group.create_array("labels", data=np.asarray(store.labels, dtype=np.int64), overwrite=True)
-    out_group.create_array("ids", data=store.ids, overwrite=True)
-    return images
+
+def psnr_db(squared_error: float, count: int) -> float:
+    """PSNR = 10 · log10(255² / MSE) with MSE = squared_error / count (``inf`` when the error is
+    0, ``nan`` when nothing was dropped)."""
+    if count == 0:
+        return float("nan")
+    return float("inf") if squared_error == 0 else 10 * math.log10(255.0**2 * count / squared_error)
 
 
 def reconstruction_psnr(original: np.ndarray, reconstructed: np.ndarray, keep_mask: np.ndarray) -> float:
@@ -419,17 +422,7 @@ def reconstruction_psnr(original: np.ndarray, reconstructed: np.ndarray, keep_ma
 
     (``inf`` when the dropped pixels are restored exactly, ``nan`` when nothing was dropped).
     """
-    original, reconstructed = np.asarray(original, np.float64), np.asarray(reconstructed, np.float64)
-    if original.shape != reconstructed.shape:
-        raise DQInputError(f"original {original.shape} and reconstructed {reconstructed.shape} differ in shape")
-    patch = original.shape[1] // np.asarray(keep_mask).shape[1]
-    dropped = ~pixel_mask(keep_mask, (patch, original.shape[2] // np.asarray(keep_mask).shape[2]))
-    if original.ndim == 4:
-        dropped = np.broadcast_to(dropped[..., None], original.shape)
-    if not dropped.any():
-        return float("nan")
-    mse = float(np.mean((original[dropped] - reconstructed[dropped]) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return psnr_db(*dropped_squared_error(original, reconstructed, keep_mask))
 
 
 def baseline_fill(images: np.ndarray, keep_mask: np.ndarray, method: str = "mean") -> np.ndarray:

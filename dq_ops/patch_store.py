@@ -1,22 +1,27 @@
 """Compact storage of the patches DQ keeps: only the kept patch pixels, the keep mask and the
 grid geometry, in a Zarr v3 group on any store.
 
+Every image keeps the same number ``k = kept_patch_count(L, θ)`` of its ``L = gh·gw`` patches
+(:func:`dq_ops.patches.select_patches`), so rows have a fixed size and the store is
+preallocated: dask workers write disjoint row ranges side by side.
+
 Group layout (``PatchStore``)::
 
-    <group>/                 attrs: {"dq_patches": {"version": 1, "image_shape": [H, W(, C)],
-                                                    "patch_size": [ph, pw], "grid": [gh, gw]}}
-        patches  (total_kept, ph, pw, C) image dtype   kept patches, image by image, each image's
-                                                       kept patches in row-major grid order
-        mask     (n, gh, gw) bool                      True = kept
-        ids      (n,) str or int64                     stable sample ids
-        labels   (n,) int64                            -1 = no label
+    <group>/                 attrs: {"dq_patches": {"version": 2, "image_shape": [H, W(, C)],
+                                     "patch_size": [ph, pw], "grid": [gh, gw], "kept_per_image": k,
+                                     "chunk_rows": r}}
+        patches  (n, k, ph, pw, C) image dtype   image i's kept patches in row-major grid order
+        mask     (n, gh, gw) bool                True = kept (k per row)
+        ids      (n,) str or int64               stable sample ids
+        labels   (n,) int64                      -1 = no label
 
-Image ``i``'s patches are ``patches[offsets[i]:offsets[i + 1]]`` with
-``offsets = [0, cumsum(mask[i].sum())]``; offsets are derived from the mask, not stored.
-Every array uses the project's compressor (``dq_ops.store.default_compressor``: Blosc-zstd
-level 5, byte shuffle) in chunks of about 1 MiB of raw rows; the whole-image reference in
-:func:`storage_report` uses the same codec and chunking rule, so the two byte counts compare
-layouts, not codecs.
+Every array is chunked along rows by the same ``r`` rows, so a writer of rows ``[a·r, b·r)``
+touches only its own chunks (a Zarr chunk is the unit of a safe concurrent write). ``r``
+defaults to about 1 MiB of kept-patch pixels per chunk: on Fashion-MNIST larger chunks gained
+< 0.5% in compressed size, smaller ones (64 KiB) lost ~1%, and a reader decodes a whole chunk per
+random access. Pixel arrays use the project's compressor (``dq_ops.store.default_compressor``:
+Blosc-zstd level 5, byte shuffle); :func:`whole_image_bytes` stores the same images whole with
+the same codec in the same row chunks, so the two byte counts compare layouts, not codecs.
 """
 
 from __future__ import annotations
@@ -32,23 +37,20 @@ from dq_ops.patches import patch_grid, patch_shape, patchify, unpatchify
 from dq_ops.store import default_compressor
 
 FORMAT_KEY = "dq_patches"
-FORMAT_VERSION = 1
-# About 1 MiB of raw data per chunk: on Fashion-MNIST larger chunks gained < 0.5% in compressed
-# size, smaller ones (64 KiB) lost ~1%, and a reader decodes a whole chunk per random access.
+FORMAT_VERSION = 2
 CHUNK_BYTES = 2**20
 
 
 @dataclass(frozen=True)
 class PackedPatches:
-    """Kept patches of ``n`` images.
+    """Kept patches of ``n`` images, ``k`` each.
 
-    ``patches`` is ``(total_kept, ph, pw, C)`` (C = 1 for grayscale), ``offsets`` ``(n + 1,)``
-    int64 with image ``i``'s patches at ``patches[offsets[i]:offsets[i + 1]]``, ``keep_mask``
-    ``(n, gh, gw)`` bool and ``image_shape`` the per-image shape ``(H, W)`` or ``(H, W, C)``.
+    ``patches`` is ``(n, k, ph, pw, C)`` (C = 1 for grayscale), image ``i``'s kept patches in
+    row-major grid order; ``keep_mask`` ``(n, gh, gw)`` bool with ``k`` True per row;
+    ``image_shape`` the per-image shape ``(H, W)`` or ``(H, W, C)``.
     """
 
     patches: np.ndarray
-    offsets: np.ndarray
     keep_mask: np.ndarray
     image_shape: tuple[int, ...]
 
@@ -62,17 +64,11 @@ class PackedPatches:
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return int(self.patches.shape[1]), int(self.patches.shape[2])
+        return int(self.patches.shape[2]), int(self.patches.shape[3])
 
     @property
-    def keep_fraction(self) -> float:
-        """Kept patches / all patches."""
-        return float(self.keep_mask.mean()) if self.keep_mask.size else 0.0
-
-
-def _offsets(keep_mask: np.ndarray) -> np.ndarray:
-    counts = keep_mask.reshape(len(keep_mask), -1).sum(axis=1)
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    def kept_per_image(self) -> int:
+        return int(self.patches.shape[1])
 
 
 def _check_mask(keep_mask: np.ndarray, n: int, grid: tuple[int, int]) -> np.ndarray:
@@ -81,44 +77,54 @@ def _check_mask(keep_mask: np.ndarray, n: int, grid: tuple[int, int]) -> np.ndar
         raise DQInputError(
             f"keep_mask must be a bool array of shape {(n, *grid)}, got {keep_mask.dtype} {keep_mask.shape}"
         )
+    counts = keep_mask.reshape(n, -1).sum(axis=1)
+    if n and (counts != counts[0]).any():
+        raise DQInputError(
+            f"every image must keep the same number of patches; got between {counts.min()} and {counts.max()}"
+        )
     return keep_mask
 
 
 def pack_patches(images: np.ndarray, keep_mask: np.ndarray, patch_size: int | Sequence[int]) -> PackedPatches:
-    """Keep only the patches where ``keep_mask`` is True (pure; no I/O)."""
+    """Keep only the patches where ``keep_mask`` is True (the same count per image; pure, no I/O)."""
     images = np.asarray(images)
     patches = patchify(images, patch_size)  # validates shapes and divisibility
     n, grid = len(images), patch_grid(images.shape[1:3], patch_size)
     keep_mask = _check_mask(keep_mask, n, grid)
-    kept = patches[keep_mask.reshape(n, -1)]
+    k = int(keep_mask[0].sum()) if n else 0
+    kept = patches[keep_mask.reshape(n, -1)]  # boolean indexing keeps row-major order
     if kept.ndim == 3:
         kept = kept[..., None]
-    return PackedPatches(kept, _offsets(keep_mask), keep_mask, tuple(int(s) for s in images.shape[1:]))
+    return PackedPatches(kept.reshape(n, k, *kept.shape[1:]), keep_mask, tuple(int(s) for s in images.shape[1:]))
 
 
 def unpack_patches(packed: PackedPatches) -> tuple[np.ndarray, np.ndarray]:
     """Images ``(n, *image_shape)`` with the dropped patches zero-filled, and the keep mask."""
     n, (gh, gw), (ph, pw) = packed.n, packed.grid, packed.patch_size
-    channels = packed.patches.shape[3]
+    channels = packed.patches.shape[4]
     full = np.zeros((n, gh * gw, ph, pw, channels), dtype=packed.patches.dtype)
-    full[packed.keep_mask.reshape(n, -1)] = packed.patches
+    full[packed.keep_mask.reshape(n, -1)] = packed.patches.reshape(-1, ph, pw, channels)
     images = unpatchify(full, (gh, gw), (ph, pw))
     return images.reshape(n, *packed.image_shape), packed.keep_mask
 
 
-def _chunk_rows(row_shape: Sequence[int], dtype: np.dtype) -> int:
-    return max(1, CHUNK_BYTES // max(1, int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize))
+def default_chunk_rows(kept_per_image: int, patch_size: int | Sequence[int], channels: int = 1, itemsize: int = 1) -> int:
+    """Rows per chunk holding about :data:`CHUNK_BYTES` of kept-patch pixels (at least 1)."""
+    ph, pw = patch_shape(patch_size)
+    return max(1, CHUNK_BYTES // max(1, kept_per_image * ph * pw * channels * itemsize))
 
 
-def _create(group: zarr.Group, name: str, row_shape: tuple[int, ...], dtype: np.dtype | type) -> zarr.Array:
-    if dtype is str:
-        return group.create_array(name, shape=(0,), dtype=str, chunks=(2**16,), overwrite=True)
+def _create(
+    group: zarr.Group, name: str, n: int, row_shape: tuple[int, ...], dtype: np.dtype | type, chunk_rows: int
+) -> zarr.Array:
+    text = dtype is str
     return group.create_array(
         name,
-        shape=(0, *row_shape),
-        dtype=dtype,
-        chunks=(_chunk_rows(row_shape, dtype), *row_shape),
-        compressors=default_compressor(),
+        shape=(n, *row_shape),
+        dtype=str if text else dtype,
+        chunks=(chunk_rows, *row_shape),
+        compressors=None if text else default_compressor(),
+        fill_value="" if text else None,
         overwrite=True,
     )
 
@@ -131,97 +137,131 @@ def stored_bytes(node: zarr.Group | zarr.Array) -> int:
     return sum(int(a.nbytes_stored()) for _, a in node.members(max_depth=None) if isinstance(a, zarr.Array))
 
 
+def _whole_image_array(stored: dict, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> zarr.Array:
+    return zarr.create_array(
+        zarr.storage.MemoryStore(stored), shape=shape, dtype=dtype,
+        chunks=(max(1, chunk_rows), *shape[1:]), compressors=default_compressor(),
+    )
+
+
+def whole_image_bytes(images: np.ndarray, chunk_rows: int) -> int:
+    """Encoded chunk bytes of ``images`` written whole into an in-memory Zarr array with the
+    patch store's codec in chunks of ``chunk_rows`` rows: the reference :class:`StorageReport`
+    compares against. Additive over row ranges that start on chunk boundaries, so workers measure
+    their own chunks and the sums are combined (:func:`storage_report` adds the one metadata
+    document)."""
+    images = np.asarray(images)
+    stored: dict = {}
+    array = _whole_image_array(stored, images.shape, images.dtype, chunk_rows)
+    if images.size:
+        array[...] = images
+    return sum(len(value) for key, value in stored.items() if key != "zarr.json")
+
+
 class PatchStore:
-    """A patch group (layout in the module docstring) opened for reading and appending."""
+    """A patch group (layout in the module docstring) opened for reading and writing rows."""
 
     def __init__(self, group: zarr.Group) -> None:
         info = group.attrs.get(FORMAT_KEY)
         if not isinstance(info, dict) or info.get("version") != FORMAT_VERSION:
-            raise DQInputError(f"zarr group {group.store_path} is not a dq patch store (no '{FORMAT_KEY}' attributes)")
+            raise DQInputError(
+                f"zarr group {group.store_path} is not a dq patch store of format {FORMAT_VERSION} "
+                f"(no '{FORMAT_KEY}' attributes with version {FORMAT_VERSION})"
+            )
         self.group = group
         self.image_shape: tuple[int, ...] = tuple(info["image_shape"])
         self.patch_size: tuple[int, int] = tuple(info["patch_size"])
         self.grid: tuple[int, int] = tuple(info["grid"])
+        self.kept_per_image: int = int(info["kept_per_image"])
+        self.chunk_rows: int = int(info["chunk_rows"])
         self._patches, self._mask = group["patches"], group["mask"]
         self._ids, self._labels = group["ids"], group["labels"]
-        self._offsets: np.ndarray | None = None
 
     @classmethod
     def create(
         cls,
         group: zarr.Group,
+        n: int,
         image_shape: Sequence[int],
         patch_size: int | Sequence[int],
+        kept_per_image: int,
+        *,
+        chunk_rows: int | None = None,
         dtype: np.dtype | str = "uint8",
         id_dtype: type | str = str,
     ) -> PatchStore:
-        """Write an empty patch store into ``group`` (replacing its arrays); fill it with :meth:`append`.
+        """Preallocate a store of ``n`` images in ``group`` (replacing its arrays); fill it with :meth:`write`.
 
-        ``image_shape`` is ``(H, W)`` or ``(H, W, C)``; ``id_dtype`` is ``str`` or an integer dtype.
+        ``image_shape`` is ``(H, W)`` or ``(H, W, C)``; ``id_dtype`` is ``str`` or an integer
+        dtype; ``chunk_rows`` defaults to :func:`default_chunk_rows`.
         """
         image_shape = tuple(int(s) for s in image_shape)
         if len(image_shape) not in (2, 3):
             raise DQInputError(f"image_shape must be (H, W) or (H, W, C), got {image_shape}")
         grid, (ph, pw) = patch_grid(image_shape[:2], patch_size), patch_shape(patch_size)
+        if not 1 <= kept_per_image <= grid[0] * grid[1]:
+            raise DQInputError(f"kept_per_image must be in [1, {grid[0] * grid[1]}], got {kept_per_image}")
         channels = image_shape[2] if len(image_shape) == 3 else 1
-        _create(group, "patches", (ph, pw, channels), np.dtype(dtype))
-        _create(group, "mask", grid, np.dtype(bool))
-        _create(group, "ids", (), str if id_dtype is str else np.dtype(np.int64))
-        _create(group, "labels", (), np.dtype(np.int64))
+        dtype = np.dtype(dtype)
+        chunk_rows = chunk_rows or default_chunk_rows(kept_per_image, (ph, pw), channels, dtype.itemsize)
+        _create(group, "patches", n, (kept_per_image, ph, pw, channels), dtype, chunk_rows)
+        _create(group, "mask", n, grid, np.dtype(bool), chunk_rows)
+        _create(group, "ids", n, (), str if id_dtype is str else np.dtype(np.int64), chunk_rows)
+        _create(group, "labels", n, (), np.dtype(np.int64), chunk_rows)
         group.attrs[FORMAT_KEY] = {
             "version": FORMAT_VERSION, "image_shape": list(image_shape), "patch_size": [ph, pw], "grid": list(grid),
+            "kept_per_image": kept_per_image, "chunk_rows": chunk_rows,
         }
         return cls(group)
 
     def __len__(self) -> int:
         return int(self._mask.shape[0])
 
-    def append(self, packed: PackedPatches, ids: Sequence[str] | np.ndarray, labels: np.ndarray | None = None) -> None:
-        """Append a batch of packed images with their sample ids (and labels, default -1)."""
-        if packed.image_shape != self.image_shape or packed.grid != self.grid:
+    def write(
+        self, start: int, packed: PackedPatches, ids: Sequence[str] | np.ndarray, labels: np.ndarray | None = None
+    ) -> None:
+        """Write packed images into rows ``[start, start + n)`` with their sample ids (and labels,
+        default -1). ``start`` must be a multiple of ``chunk_rows`` so that concurrent writers of
+        different row ranges never share a chunk."""
+        if (packed.image_shape, packed.grid, packed.kept_per_image) != (self.image_shape, self.grid, self.kept_per_image):
             raise DQInputError(
-                f"packed images {packed.image_shape} on grid {packed.grid} do not match the store's "
-                f"{self.image_shape} on grid {self.grid}"
+                f"packed images {packed.image_shape} on grid {packed.grid} keeping {packed.kept_per_image} patches "
+                f"do not match the store's {self.image_shape} on grid {self.grid} keeping {self.kept_per_image}"
+            )
+        stop = start + packed.n
+        if start % self.chunk_rows or not 0 <= start <= stop <= len(self):
+            raise DQInputError(
+                f"rows [{start}, {stop}) are outside the store's {len(self)} rows or do not start on a "
+                f"{self.chunk_rows}-row chunk boundary"
             )
         ids = np.asarray(ids)
         labels = np.full(packed.n, -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
         if ids.shape != (packed.n,) or labels.shape != (packed.n,):
             raise DQInputError(f"ids {ids.shape} and labels {labels.shape} must both have shape ({packed.n},)")
-        self._patches.append(packed.patches.astype(self._patches.dtype, copy=False))
-        self._ids.append(ids.astype(np.dtypes.StringDType()) if self._ids.dtype.kind in "OTU" else ids.astype(np.int64))
-        self._labels.append(labels)
-        # The mask goes last: a reader sizes the store by it, so a failed append shows no image.
-        self._mask.append(packed.keep_mask)
-        self._offsets = None
+        self._patches[start:stop] = packed.patches.astype(self._patches.dtype, copy=False)
+        self._mask[start:stop] = packed.keep_mask
+        self._ids[start:stop] = ids.astype(np.dtypes.StringDType()) if self._ids.dtype.kind in "OTU" else ids.astype(np.int64)
+        self._labels[start:stop] = labels
 
     @property
-    def offsets(self) -> np.ndarray:
-        """``(n + 1,)`` int64 start of each image's patches, derived from the whole mask."""
-        if self._offsets is None:
-            self._offsets = _offsets(self._mask[...])
-        return self._offsets
+    def ids(self) -> zarr.Array:
+        """The ``ids`` array (read rows with slicing; never loaded whole here)."""
+        return self._ids
 
     @property
-    def ids(self) -> np.ndarray:
-        return self._ids[: len(self)]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels[: len(self)]
+    def labels(self) -> zarr.Array:
+        return self._labels
 
     def read(self, indices: slice | Sequence[int] | np.ndarray = slice(None)) -> PackedPatches:
         """Packed patches of the images at ``indices`` (a slice or integer positions, in that order)."""
-        offsets = self.offsets
-        positions = np.arange(len(self))[indices] if isinstance(indices, slice) else np.asarray(indices, np.int64)
+        if isinstance(indices, slice):
+            return PackedPatches(self._patches[indices], self._mask[indices], self.image_shape)
+        positions = np.asarray(indices, np.int64)
         if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
             raise DQInputError(f"patch store has {len(self)} images; indices out of range: {positions}")
-        mask = self._mask.oindex[positions] if positions.size else np.zeros((0, *self.grid), bool)
-        if positions.size and np.all(np.diff(positions) == 1):  # contiguous: one range read
-            patches = self._patches[offsets[positions[0]]:offsets[positions[-1] + 1]]
-        else:
-            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in positions] or [np.zeros(0, np.int64)])
-            patches = self._patches.oindex[rows] if rows.size else self._patches[0:0]
-        return PackedPatches(patches, _offsets(mask), mask, self.image_shape)
+        if not positions.size:
+            return self.read(slice(0, 0))
+        return PackedPatches(self._patches.oindex[positions], self._mask.oindex[positions], self.image_shape)
 
     def stored_bytes(self) -> int:
         """Stored bytes of the pixel payload: the ``patches`` and ``mask`` arrays (ids and labels,
@@ -254,19 +294,20 @@ class StorageReport:
         return self.sample_ratio * self.patch_keep_ratio
 
 
-def storage_report(store: PatchStore, images: np.ndarray, sample_ratio: float = 1.0) -> StorageReport:
-    """Measure ``store`` against ``images`` (the same images, same order) written whole into an
-    in-memory Zarr array with the same codec and chunking rule."""
-    images = np.asarray(images)
-    if images.shape != (len(store), *store.image_shape):
-        raise DQInputError(f"images {images.shape} are not the {len(store)} images of shape {store.image_shape} in the store")
-    whole = _create(zarr.open_group(zarr.storage.MemoryStore(), mode="w"), "images", images.shape[1:], images.dtype)
-    whole.append(images)
+def storage_report(store: PatchStore, whole_chunk_bytes: int, sample_ratio: float = 1.0) -> StorageReport:
+    """Measure ``store`` against the same images stored whole: ``whole_chunk_bytes`` is their
+    :func:`whole_image_bytes` in the store's row chunks (summed over chunks when workers measured
+    them), to which the whole array's metadata document is added, as the patch store's figure
+    includes its own two."""
+    n, (gh, gw) = len(store), store.grid
+    dtype = np.dtype(store._patches.dtype)
+    stored: dict = {}
+    _whole_image_array(stored, (n, *store.image_shape), dtype, store.chunk_rows)
     return StorageReport(
-        n_images=len(store),
-        raw_image_bytes=int(images.nbytes),
-        whole_image_bytes=stored_bytes(whole),
+        n_images=n,
+        raw_image_bytes=n * int(np.prod(store.image_shape)) * dtype.itemsize,
+        whole_image_bytes=int(whole_chunk_bytes) + len(stored["zarr.json"]),
         patch_bytes=store.stored_bytes(),
-        patch_keep_ratio=float(store.offsets[-1]) / max(1, len(store) * store.grid[0] * store.grid[1]),
+        patch_keep_ratio=store.kept_per_image / (gh * gw),
         sample_ratio=sample_ratio,
     )

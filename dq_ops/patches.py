@@ -92,7 +92,8 @@ def gradcam_plus_plus(
     """Grad-CAM++ maps (Chattopadhay et al., WACV 2018) for the model's own predicted class.
 
     ``images`` is a float tensor ``(n, C, H, W)`` already in the model's input space (resized,
-    normalised); the result is ``(n, H, W)`` float32 in ``[0, 1]`` (each map divided by its
+    normalised; on any device: batches move to the model's device); the result is ``(n, H, W)``
+    float32 in ``[0, 1]`` (each map divided by its
     maximum; an all-zero map stays zero). With ``A`` the target layer's output ``(K, h, w)``,
     ``S`` the predicted class's logit and ``g = ∂S/∂A``, the paper's closed form for the
     exponential score ``exp(S)`` gives
@@ -114,13 +115,14 @@ def gradcam_plus_plus(
         captured.append(output)
 
     model.eval()
+    device = next(model.parameters()).device
     maps = []
     handle = target_layer.register_forward_hook(keep_output)
     try:
         for start in range(0, len(images), batch_size):
             captured.clear()
             # Gradients must flow even when the model's parameters are frozen.
-            x = images[start:start + batch_size].detach().float().requires_grad_(True)
+            x = images[start:start + batch_size].detach().to(device).float().requires_grad_(True)
             with torch.enable_grad():
                 logits = model(x)
                 if not captured:
@@ -136,7 +138,7 @@ def gradcam_plus_plus(
             cam = (weights * acts).sum(1, keepdim=True).clamp(min=0)
             cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             peak = cam.amax(dim=(1, 2), keepdim=True)
-            maps.append((cam / torch.where(peak > 0, peak, 1.0)).clamp(0, 1).numpy())
+            maps.append((cam / torch.where(peak > 0, peak, 1.0)).clamp(0, 1).cpu().numpy())
     finally:
         handle.remove()
     return np.concatenate(maps).astype(np.float32, copy=False)

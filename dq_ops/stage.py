@@ -145,10 +145,12 @@ class ChunkedStage(Stage):
     def finalize(self, group: zarr.Group) -> None:
         """Called once every chunk is written, before the commit (e.g. summary attributes)."""
 
-    def inline(self, jobs: list[ChunkJob], cluster_running: bool) -> list[ChunkJob]:
-        """The jobs cheap enough to run in this process (default: none); ``cluster_running``:
-        whether the caller handed a running client rather than a way to start one."""
-        return []
+    def inline(self, jobs: list[ChunkJob], cluster_running: bool) -> tuple[list[ChunkJob], list[ChunkJob]]:
+        """Split the pending jobs into those to run in this process (cheap ones, which spare a
+        cluster start; the stage may hand them precomputed inputs) and those for the cluster.
+        ``cluster_running``: whether the caller handed a running client rather than a way to
+        start one. Default: everything on the cluster."""
+        return [], jobs
 
     def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
         raise NotImplementedError("a ChunkedStage computes through run()")
@@ -182,11 +184,10 @@ class ChunkedStage(Stage):
             progress(finished, n_chunks)
         jobs = [self.job(url, k, k * chunk_rows, min(n, (k + 1) * chunk_rows)) for k in np.flatnonzero(~done).tolist()]
         self.work_done = 0
-        here = self.inline(jobs, cluster_running=isinstance(client, Client))
-        remote = [job for job in jobs if all(job is not other for other in here)]
+        here, remote = self.inline(jobs, cluster_running=isinstance(client, Client))
         cluster = resolve_client(client) if remote else None
         if cluster is None:
-            here, remote = jobs, []
+            here, remote = here + remote, []
         for job in here:
             self.work_done += run_chunk(type(self).worker, job)
             finished += 1

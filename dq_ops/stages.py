@@ -1,5 +1,6 @@
 """The pipeline's stages (:class:`dq_ops.stage.Stage`): read artifacts, run the pure algorithm,
-write the next artifact. Embeddings are :class:`dq_ops.embed.EmbeddingsStage`.
+write the next artifact. Embeddings are :class:`dq_ops.embed.EmbeddingsStage`; patch dropping,
+the MAE and reconstruction are in :mod:`dq_ops.pixels`.
 
 These are what the Prefect tasks wrap and what a library user calls to run DQ without Prefect::
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -27,27 +27,14 @@ from typing import Any
 import numpy as np
 import zarr
 
-from dq_ops.backbones import load_classifier, weights_digest
 from dq_ops.baselines import select_herding, select_kcenter, select_random
 from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
-from dq_ops.config import BinsConfig, EmbeddingConfig, EvaluationConfig, PatchConfig
+from dq_ops.config import BinsConfig, EvaluationConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups
-from dq_ops.mae import (
-    MAEConfig,
-    baseline_fill,
-    mae_checkpoint_bytes,
-    materialise_reconstruction,
-    picture_grid,
-    reconstruction_psnr,
-    train_mae,
-)
-from dq_ops.mae_store import load_mae, load_mae_artifact
-from dq_ops.patch_store import PatchStore, pack_patches, storage_report
-from dq_ops.patches import gradcam_plus_plus, patch_grid, patch_scores, select_patches
 from dq_ops.sampling import sample_bins, sample_sizes
 from dq_ops.stage import ClientSource, Progress, Stage, resolve_client
-from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, derive_key, file_digest, write_array
+from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, derive_key, write_array
 from dq_ops.text_eval import evaluate_text_subset
 from dq_ops.train import TrainConfig, train_and_evaluate
 
@@ -442,137 +429,3 @@ class TextEvaluateStage(Stage):
             "test_accuracy": result.logistic_regression_accuracy, "val_accuracy": None, "n_val": 0,
             "train_seconds": time.perf_counter() - started,
         })
-
-
-class DropPatchesStage(Stage):
-    """Stage 4: score each subset image's patches by Grad-CAM++ of the pretrained backbone for
-    its own predicted class, keep the top ``1 − θ`` and store only those (``dq_ops.patch_store``).
-
-    Rows of the patch store follow the subset's ``indices``. The attributes report stored bytes
-    against the same images stored whole with the same codec, and the keep ratios.
-    """
-
-    kind = "patches"
-    batch_size = 256
-
-    def __init__(self, store: Store, dataset: Artifact, subset: Artifact, config: PatchConfig, embedding: EmbeddingConfig):
-        if "images" not in dataset[QUANTIZED_SPLIT]:
-            raise DQInputError(f"{dataset.url} holds texts: patch dropping applies to image datasets only")
-        super().__init__(store)
-        self.dataset, self.subset, self.config, self.embedding = dataset, subset, config, embedding
-
-    def params(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "patch_size": c.patch_size, "drop_ratio": c.drop_ratio, "cam_image_size": c.cam_image_size,
-            "backbone": self.embedding.backbone,
-            "weights_sha256": weights_digest(self.embedding.backbone, self.embedding.weights),
-        }
-
-    def inputs(self) -> list[Artifact]:
-        return [self.dataset, self.subset]
-
-    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
-        split = self.dataset[QUANTIZED_SPLIT]
-        rows = np.asarray(self.subset["indices"][:])
-        ids, labels = np.asarray(self.subset["ids"][:]), np.asarray(split["labels"].get_orthogonal_selection((rows,)))
-        image_shape = split["images"].shape[1:]
-        patch_size = self.config.patch_size
-        grid = patch_grid(image_shape[:2], patch_size)
-        classifier = load_classifier(self.embedding.backbone, self.embedding.weights, image_size=self.config.cam_image_size)
-        patch_store = PatchStore.create(group, image_shape, patch_size)
-        for start in range(0, len(rows), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            images = np.asarray(split["images"].get_orthogonal_selection((rows[chunk],)))
-            cam = gradcam_plus_plus(classifier.model, classifier.target_layer, classifier.preprocess(images))
-            keep = select_patches(patch_scores(cam, grid), self.config.drop_ratio)
-            patch_store.append(pack_patches(images, keep, patch_size), ids[chunk], labels[chunk])
-            if progress:
-                progress(min(start + self.batch_size, len(rows)), len(rows))
-        report = storage_report(patch_store, np.asarray(split["images"].get_orthogonal_selection((rows,))),
-                                sample_ratio=len(rows) / split["labels"].shape[0])
-        group.attrs.update({
-            "subset": self.subset.name, "stored_bytes": report.patch_bytes, "whole_image_bytes": report.whole_image_bytes,
-            "byte_ratio": report.byte_ratio, "patch_keep_ratio": report.patch_keep_ratio,
-            "sample_keep_ratio": report.sample_ratio, "keep_ratio": report.keep_ratio,
-        })
-
-
-class MAEStage(Stage):
-    """Stage 5a: the MAE checkpoint in ``models/<key>`` (a safetensors blob with its config).
-
-    Trained on a seeded sample of ``config.mae_train_samples`` images of the quantized split, or
-    copied from ``config.mae_checkpoint`` (validated by loading it; it enters the key by digest).
-    """
-
-    kind = "models"
-
-    def __init__(self, store: Store, dataset: Artifact, config: PatchConfig, seed: int):
-        super().__init__(store)
-        self.dataset, self.config, self.seed = dataset, config, seed
-
-    def params(self) -> dict[str, Any]:
-        c = self.config
-        if c.mae_checkpoint:
-            return {"checkpoint_sha256": file_digest(c.mae_checkpoint)}
-        return {"patch_size": c.patch_size, "epochs": c.mae_epochs, "samples": c.mae_train_samples,
-                "mask_ratio": c.mae_mask_ratio, "seed": self.seed}
-
-    def inputs(self) -> list[Artifact]:
-        return [] if self.config.mae_checkpoint else [self.dataset]
-
-    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
-        c = self.config
-        if c.mae_checkpoint:
-            model = load_mae(c.mae_checkpoint)
-            history: list[float] = []
-        else:
-            split = self.dataset[QUANTIZED_SPLIT]
-            n = split["images"].shape[0]
-            rows = np.sort(np.random.default_rng(self.seed).permutation(n)[: min(n, c.mae_train_samples)])
-            images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
-            config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=c.patch_size,
-                               mask_ratio=c.mae_mask_ratio)
-            model, history = train_mae(images, config, seed=self.seed, epochs=c.mae_epochs,
-                                       progress=(lambda step, total, loss: progress(step, total)) if progress else None)
-        write_array(group, "checkpoint", np.frombuffer(mae_checkpoint_bytes(model), dtype=np.uint8))
-        write_array(group, "loss_history", np.asarray(history, dtype=np.float32))
-        group.attrs["mae_config"] = json.loads(model.config.to_json())
-
-
-class ReconstructStage(Stage):
-    """Stage 5b: restore the dropped patches of every stored image (``reconstructions/<key>``:
-    ``images`` in subset order). Attributes: PSNR on the dropped pixels for the MAE and for a
-    mean-fill and a zero-fill baseline, measured against the ingested originals, and
-    ``preview_png``: original | kept patches | reconstruction of the first images."""
-
-    kind = "reconstructions"
-
-    def __init__(self, store: Store, dataset: Artifact, patches: Artifact, mae: Artifact):
-        super().__init__(store)
-        self.dataset, self.patches, self.mae = dataset, patches, mae
-
-    def params(self) -> dict[str, Any]:
-        return {}
-
-    def inputs(self) -> list[Artifact]:
-        return [self.patches, self.mae]
-
-    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
-        model = load_mae_artifact(self.mae)
-        subset = self.store.open("subsets", self.patches.group.attrs["subset"])
-        rows = np.asarray(subset["indices"][:])
-        original = np.asarray(self.dataset[QUANTIZED_SPLIT]["images"].get_orthogonal_selection((rows,)))
-        restored = np.asarray(materialise_reconstruction(self.patches.group, model, group)[:])
-        keep = np.asarray(PatchStore(self.patches.group).read().keep_mask)
-        preview = slice(0, min(8, len(rows)))
-        png = picture_grid(original[preview], keep[preview], restored[preview])
-        write_array(group, "preview_png", np.frombuffer(png, dtype=np.uint8))
-        group.attrs.update({
-            "subset": subset.name,
-            "psnr_mae_db": reconstruction_psnr(original, restored, keep),
-            "psnr_mean_fill_db": reconstruction_psnr(original, baseline_fill(original, keep, "mean"), keep),
-            "psnr_zero_fill_db": reconstruction_psnr(original, baseline_fill(original, keep, "zero"), keep),
-        })
-        if progress:
-            progress(1, 1)

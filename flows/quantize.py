@@ -8,6 +8,8 @@ Entrypoint for ``prefect.yaml``: ``flows/quantize.py:quantize``.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import zarr
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
@@ -85,7 +88,7 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
                 )
         if pixels:
             with timed("mae"):
-                mae = prepare_mae(store_url, dataset, config.patches, config.seed)
+                mae = prepare_mae(store_url, dataset, config.patches, config.seed, config.cluster)
 
         subsets: list[dict[str, Any]] = []
         for ratio in config.sampling.ratios:
@@ -97,9 +100,9 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
             }
             if pixels:
                 with timed("patches"):
-                    patches = drop_patches(store_url, dataset, subset, config.patches, config.embedding)
+                    patches = drop_patches(store_url, dataset, subset, config.patches, config.embedding, config.cluster)
                 with timed("reconstruction"):
-                    reconstruction = reconstruct_patches(store_url, dataset, patches, mae)
+                    reconstruction = reconstruct_patches(store_url, dataset, patches, mae, config.cluster)
                 entry["patches"] = patches.summary | {
                     "url": patches.url, "reconstruction_url": reconstruction.url, "mae_final_loss": mae.summary["final_loss"],
                 } | {k: v for k, v in reconstruction.summary.items() if k.startswith("psnr_")}
@@ -345,9 +348,20 @@ def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str
     tracker.log_text(report, "report.md")
     tracker.log_bytes(bin_size_plot(summary), "plots/bin_sizes.png")
     for s in summary["subsets"]:
-        ids = store.open("subsets", s["name"])["ids"][:]
-        tracker.log_text("\n".join(map(str, ids)) + "\n", f"manifests/subset_r{s['ratio']}_ids.txt")
+        _log_id_manifest(tracker, store.open("subsets", s["name"])["ids"], f"manifests/subset_r{s['ratio']}_ids.txt")
         if s["patches"]:
             reconstruction = store.open("reconstructions", s["patches"]["reconstruction_url"].rsplit("/", 1)[-1])
             tracker.log_bytes(reconstruction["preview_png"][:].tobytes(), f"pictures/reconstruction_r{s['ratio']}.png")
     return report_url
+
+
+def _log_id_manifest(tracker: Tracker, ids: zarr.Array, artifact_file: str) -> None:
+    """Log a subset's sample ids, one per line, streamed chunk by chunk into a temporary file
+    (a subset of an ImageNet-sized dataset has hundreds of thousands of ids)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, artifact_file.rsplit("/", 1)[-1])
+        with open(path, "w") as fh:
+            step = ids.chunks[0]
+            for start in range(0, ids.shape[0], step):
+                fh.writelines(f"{i}\n" for i in ids[start:start + step])
+        tracker.log_file(path, artifact_file.rsplit("/", 1)[0])

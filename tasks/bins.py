@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from prefect import task
-
 from dq_ops.config import BinsConfig, ClusterConfig
 from dq_ops.stages import BinsStage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, stage_cache_key
+from tasks.common import ProgressArtifact, StageResult, stage_task
 
 
 def _stage(store_url: str, dataset: StageResult, embeddings: StageResult, params: BinsConfig, **_: object) -> BinsStage:
     return BinsStage(Store(store_url), dataset.open(), embeddings.open(), params)
 
 
-@task(
-    name="bins",
-    task_run_name="bins-{params.num_bins}-{params.kernel}",
-    cache_key_fn=stage_cache_key(_stage),
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-)
+@stage_task("bins", "bins-{params.num_bins}-{params.kernel}", _stage)
 def generate_bins_task(
     store_url: str,
     dataset: StageResult,

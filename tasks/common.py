@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefect import task
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
@@ -106,6 +107,14 @@ def stage_cache_key(build: Callable[..., Stage]) -> Callable[[TaskRunContext, di
         return _served_only_if_stored(context, f"{stage.kind}-{stage.name()}-{store_tag(stage.store.url)}")
 
     return key_fn
+
+
+def stage_task(name: str, task_run_name: str | Callable[[], str], build: Callable[..., Stage], *, retries: int = 1,
+               **options: Any) -> Callable[[Callable[..., StageResult]], Any]:
+    """The Prefect task decorator of a stage: its cache key from ``build`` (:func:`stage_cache_key`)
+    and retries for transient faults only (:func:`retry_unless_bad_input`)."""
+    return task(name=name, task_run_name=task_run_name, cache_key_fn=stage_cache_key(build), retries=retries,
+                retry_condition_fn=retry_unless_bad_input, **options)
 
 
 def source_cache_key(stage: str, material: Callable[..., dict[str, Any]]) -> Callable[[TaskRunContext, dict[str, Any]], str]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.runtime import task_run
 
 from dq_ops.config import ClusterConfig, EmbeddingConfig
 from dq_ops.embed import EmbeddingsStage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, stage_cache_key
+from tasks.common import ProgressArtifact, StageResult, stage_task
 
 
 def _stage(store_url: str, dataset: StageResult, split: str, params: EmbeddingConfig, seed: int, precision: str,
@@ -28,14 +28,7 @@ def _run_name() -> str:
     return f"embed-{arguments['dataset'].name}-{arguments['split']}-{_model_name(arguments['dataset'], arguments['params'])}"
 
 
-@task(
-    name="embeddings",
-    task_run_name=_run_name,
-    cache_key_fn=stage_cache_key(_stage),
-    retries=2,
-    retry_condition_fn=retry_unless_bad_input,
-    retry_delay_seconds=5,
-)
+@stage_task("embeddings", _run_name, _stage, retries=2, retry_delay_seconds=5)
 def compute_embeddings(
     store_url: str,
     dataset: StageResult,

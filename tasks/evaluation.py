@@ -3,13 +3,11 @@ or, for text, cheap classifiers fitted on the draw's sentence embeddings in the 
 
 from __future__ import annotations
 
-from prefect import task
-
 from dq_ops.config import ClusterConfig, EvaluationConfig
 from dq_ops.stages import EvaluateStage, TextEvaluateStage
 from dq_ops.store import Store
 from tasks.cluster import dask_client
-from tasks.common import StageResult, stage_cache_key
+from tasks.common import StageResult, stage_task
 
 
 def _train(
@@ -28,7 +26,7 @@ def _text(
                              embeddings.open(), test_embeddings.open())
 
 
-@task(name="evaluate", task_run_name="train-{arm}-seed{seed}", cache_key_fn=stage_cache_key(_train))
+@stage_task("evaluate", "train-{arm}-seed{seed}", _train)
 def evaluate_arm(
     store_url: str,
     dataset: StageResult,
@@ -46,7 +44,7 @@ def evaluate_arm(
     return StageResult.from_artifact(stage.store, artifact, arm=arm, **dict(artifact.group.attrs))
 
 
-@task(name="evaluate-text", task_run_name="text-eval-{arm}", cache_key_fn=stage_cache_key(_text))
+@stage_task("evaluate-text", "text-eval-{arm}", _text)
 def evaluate_text_arm(
     store_url: str,
     dataset: StageResult,

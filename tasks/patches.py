@@ -1,54 +1,56 @@
-"""Pixel-quantization tasks: patch dropping, the MAE, reconstruction."""
+"""Pixel-quantization tasks: patch dropping, the MAE, reconstruction, all on dask workers."""
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger
 
-from dq_ops.config import EmbeddingConfig, PatchConfig
-from dq_ops.stages import DropPatchesStage, MAEStage, ReconstructStage
+from dq_ops.config import ClusterConfig, EmbeddingConfig, PatchConfig
+from dq_ops.pixels import DropPatchesStage, MAEStage, ReconstructStage
+from dq_ops.stage import ChunkedStage
 from dq_ops.store import Store
-from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, stage_cache_key
+from tasks.cluster import dask_client
+from tasks.common import ProgressArtifact, StageResult, stage_task
 
 
-def _drop(store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig) -> DropPatchesStage:
+def _drop(store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig,
+          **_: object) -> DropPatchesStage:
     return DropPatchesStage(Store(store_url), dataset.open(), subset.open(), params, embedding)
 
 
-def _mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int) -> MAEStage:
+def _mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int, **_: object) -> MAEStage:
     return MAEStage(Store(store_url), dataset.open(), params, seed)
 
 
-def _reconstruct(store_url: str, dataset: StageResult, patches: StageResult, mae: StageResult) -> ReconstructStage:
+def _reconstruct(store_url: str, dataset: StageResult, patches: StageResult, mae: StageResult, **_: object) -> ReconstructStage:
     return ReconstructStage(Store(store_url), dataset.open(), patches.open(), mae.open())
 
 
-@task(
-    name="patches",
-    task_run_name="drop-patches-{subset.name}",
-    cache_key_fn=stage_cache_key(_drop),
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-)
+def _log_resumed(stage: ChunkedStage) -> None:
+    if stage.chunks_resumed:
+        get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
+
+
+@stage_task("patches", "drop-patches-{subset.name}", _drop)
 def drop_patches(
-    store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig
+    store_url: str, dataset: StageResult, subset: StageResult, params: PatchConfig, embedding: EmbeddingConfig,
+    cluster: ClusterConfig,
 ) -> StageResult:
-    """Keep the top 1 − θ patches of every subset image by Grad-CAM++; store only those."""
+    """Keep the top 1 − θ patches of every subset image by Grad-CAM++; store only those.
+
+    Chunked over the workers; a retry or a rerun after a crash resumes from the chunks already written.
+    """
     stage = _drop(store_url, dataset, subset, params, embedding)
-    artifact = stage.run(progress=ProgressArtifact(f"Grad-CAM++ patch scores for {subset.summary.get('size')} images"))
+    artifact = stage.run(client=lambda: dask_client(cluster),
+                         progress=ProgressArtifact(f"Grad-CAM++ patch scores for {subset.summary.get('size')} images"))
+    _log_resumed(stage)
     return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))
 
 
-@task(
-    name="mae",
-    task_run_name="mae-{dataset.name}",
-    cache_key_fn=stage_cache_key(_mae),
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-)
-def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int) -> StageResult:
-    """Train the dataset's MAE (or take the configured checkpoint) and keep it in the store."""
+@stage_task("mae", "mae-{dataset.name}", _mae)
+def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int, cluster: ClusterConfig) -> StageResult:
+    """Train the dataset's MAE as one task on a worker (or take the configured checkpoint) and keep it in the store."""
     stage = _mae(store_url, dataset, params, seed)
-    artifact = stage.run(progress=ProgressArtifact("Training the MAE"))
+    artifact = stage.run(client=lambda: dask_client(cluster), progress=ProgressArtifact("Training the MAE on a dask worker"))
     history = artifact["loss_history"][:]
     return StageResult.from_artifact(
         stage.store, artifact,
@@ -57,15 +59,12 @@ def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed:
     )
 
 
-@task(
-    name="reconstruct",
-    task_run_name="reconstruct-{patches.name}",
-    cache_key_fn=stage_cache_key(_reconstruct),
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-)
-def reconstruct_patches(store_url: str, dataset: StageResult, patches: StageResult, mae: StageResult) -> StageResult:
-    """Restore every dropped patch with the MAE; kept pixels stay bit-exact."""
+@stage_task("reconstruct", "reconstruct-{patches.name}", _reconstruct)
+def reconstruct_patches(
+    store_url: str, dataset: StageResult, patches: StageResult, mae: StageResult, cluster: ClusterConfig
+) -> StageResult:
+    """Restore every dropped patch with the MAE, chunk by chunk on the workers; kept pixels stay bit-exact."""
     stage = _reconstruct(store_url, dataset, patches, mae)
-    artifact = stage.run()
+    artifact = stage.run(client=lambda: dask_client(cluster), progress=ProgressArtifact(f"MAE reconstruction of {patches.name}"))
+    _log_resumed(stage)
     return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from prefect import task
-
 from dq_ops.stages import BaselineStage, SampleStage
 from dq_ops.store import Store
-from tasks.common import StageResult, retry_unless_bad_input, stage_cache_key
+from tasks.common import StageResult, stage_task
 
 
 def _dq(store_url: str, dataset: StageResult, bins: StageResult, ratio: float, seed: int) -> SampleStage:
@@ -19,13 +17,7 @@ def _baseline(
     return BaselineStage(Store(store_url), dataset.open(), embeddings.open(), bins.open(), method, ratio, seed)
 
 
-@task(
-    name="sample",
-    task_run_name="sample-dq-{ratio}",
-    cache_key_fn=stage_cache_key(_dq),
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-)
+@stage_task("sample", "sample-dq-{ratio}", _dq)
 def sample_subset(store_url: str, dataset: StageResult, bins: StageResult, ratio: float, seed: int) -> StageResult:
     """Draw ``ratio`` of every bin and class, stable per sample id; bins are reused for every ratio."""
     stage = _dq(store_url, dataset, bins, ratio, seed)
@@ -33,13 +25,7 @@ def sample_subset(store_url: str, dataset: StageResult, bins: StageResult, ratio
     return StageResult.from_artifact(stage.store, artifact, method="dq", ratio=ratio, size=artifact.group.attrs["size"])
 
 
-@task(
-    name="baseline",
-    task_run_name="sample-{method}-{ratio}",
-    cache_key_fn=stage_cache_key(_baseline),
-    retries=1,
-    retry_condition_fn=retry_unless_bad_input,
-)
+@stage_task("baseline", "sample-{method}-{ratio}", _baseline)
 def baseline_subset(
     store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, method: str, ratio: float, seed: int
 ) -> StageResult:

@@ -118,7 +118,11 @@ class Tracker:
             path = os.path.join(tmp, filename)
             with open(path, "wb") as fh:
                 fh.write(data)
-            self.client.log_artifact(run_id or self.run_id, path, artifact_path=directory or None)
+            self.log_file(path, directory or None, run_id)
+
+    def log_file(self, path: str, artifact_path: str | None = None, run_id: str | None = None) -> None:
+        """Log a local file (large artifacts are written to disk first, never held in memory)."""
+        self.client.log_artifact(run_id or self.run_id, path, artifact_path=artifact_path)
 
     def finish(self, run_id: str | None = None, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id or self.run_id, status=status)

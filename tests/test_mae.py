@@ -15,8 +15,9 @@ from dq_ops.mae import (
     MaskedAutoencoder,
     ReconstructedPatchDataset,
     baseline_fill,
-    materialise_reconstruction,
+    dropped_squared_error,
     picture_grid,
+    psnr_db,
     random_keep_mask,
     reconstruct,
     reconstruction_psnr,
@@ -151,14 +152,14 @@ def test_checkpoint_round_trip_and_errors(trained, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("backend", ["local", "memory"])
-def test_dataset_and_materialise_from_patch_store(data, trained, tmp_path, backend) -> None:
+def test_dataset_reconstructs_from_patch_store(data, trained, tmp_path, backend) -> None:
     model, _ = trained
     images, labels = data["test"][:40], data["test_labels"][:40]
     keep = centre_keep_mask(len(images))
     make = (lambda name: zarr.storage.LocalStore(tmp_path / name)) if backend == "local" else (lambda _: zarr.storage.MemoryStore())
     group = zarr.open_group(make("patches"), mode="w")
-    store = PatchStore.create(group, (28, 28), 4)
-    store.append(pack_patches(images, keep, 4), np.array([f"test/{i}" for i in range(40)]), labels)
+    store = PatchStore.create(group, 40, (28, 28), 4, 39)
+    store.write(0, pack_patches(images, keep, 4), np.array([f"test/{i}" for i in range(40)]), labels)
     expected = reconstruct(model, images, keep)
 
     dataset = ReconstructedPatchDataset(group, model)
@@ -168,11 +169,19 @@ def test_dataset_and_materialise_from_patch_store(data, trained, tmp_path, backe
     assert torch.equal((image[0] * 255).round().to(torch.uint8), torch.from_numpy(expected[7]))
     batch_images, batch_labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=False)))
     assert batch_images.shape == (16, 1, 28, 28) and torch.equal(batch_labels, torch.from_numpy(labels[:16]))
+    assert dataset.ids[3] == "test/3"
 
-    out = zarr.open_group(make("reconstructed"), mode="w")
-    written = materialise_reconstruction(group, model, out, batch_size=16)
-    assert np.array_equal(written[...], expected)
-    assert list(out["labels"][...]) == list(labels) and out["ids"][3] == "test/3"
+
+def test_psnr_combines_from_chunk_sums(data, trained) -> None:
+    """PSNR of a whole subset from per-chunk (squared error, count) sums, as workers report them."""
+    model, _ = trained
+    images = data["test"][:90]
+    keep = centre_keep_mask(len(images))
+    restored = reconstruct(model, images, keep)
+    parts = [dropped_squared_error(images[s:s + 32], restored[s:s + 32], keep[s:s + 32]) for s in range(0, 90, 32)]
+    combined = psnr_db(sum(sse for sse, _ in parts), sum(count for _, count in parts))
+    assert sum(count for _, count in parts) == (~pixel_mask(keep, 4)).sum()
+    assert combined == pytest.approx(reconstruction_psnr(images, restored, keep), rel=1e-12)
 
 
 def test_flat_black_background_is_restored_exactly():

@@ -9,7 +9,14 @@ import torch
 import zarr
 
 from dq_ops.errors import DQInputError
-from dq_ops.patch_store import PatchStore, pack_patches, storage_report, stored_bytes, unpack_patches
+from dq_ops.patch_store import (
+    PatchStore,
+    pack_patches,
+    storage_report,
+    stored_bytes,
+    unpack_patches,
+    whole_image_bytes,
+)
 from dq_ops.patches import (
     gradcam_plus_plus,
     kept_patch_count,
@@ -146,12 +153,23 @@ def test_pack_unpack_zero_fills_dropped_patches(shape) -> None:
     grid = patch_grid(shape[1:3], 4)
     keep = select_patches(rng.random((shape[0], *grid)), 0.3)
     packed = pack_patches(images, keep, 4)
-    assert packed.patches.shape == (keep.sum(), 4, 4, shape[3] if len(shape) == 4 else 1)
-    assert packed.offsets[-1] == keep.sum() and packed.grid == grid
+    k = kept_patch_count(grid[0] * grid[1], 0.3)
+    assert packed.patches.shape == (shape[0], k, 4, 4, shape[3] if len(shape) == 4 else 1)
+    assert packed.kept_per_image == k and packed.grid == grid
+    # Row i holds image i's kept patches in row-major grid order.
+    first = patchify(images, 4)[0][keep[0].ravel()]
+    assert np.array_equal(packed.patches[0].reshape(first.shape), first)
     restored, mask = unpack_patches(packed)
     pixels = pixel_mask(keep, 4) if len(shape) == 3 else pixel_mask(keep, 4)[..., None]
     assert restored.shape == images.shape and np.array_equal(mask, keep)
     assert np.array_equal(np.where(pixels, images, 0), restored)
+
+
+def test_pack_refuses_masks_with_different_kept_counts() -> None:
+    keep = np.ones((2, 7, 7), bool)
+    keep[1, 0, 0] = False
+    with pytest.raises(DQInputError, match="same number of patches; got between 48 and 49"):
+        pack_patches(np.zeros((2, 28, 28), np.uint8), keep, 4)
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -160,24 +178,30 @@ def group(request, tmp_path) -> zarr.Group:
     return zarr.open_group(store, mode="w")
 
 
-def test_patch_store_round_trip(group) -> None:
+def test_patch_store_round_trip_written_by_chunk(group) -> None:
+    """Rows are preallocated and written chunk by chunk in any order, as dask workers do."""
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
     keep = select_patches(rng.random((30, 7, 7)), 0.2)
     ids = np.array([f"train/{i}:abc" for i in range(30)])
-    store = PatchStore.create(group, (28, 28), 4)
-    for start in (0, 17):  # appended in two batches
-        part = slice(start, 17 if start == 0 else 30)
-        store.append(pack_patches(images[part], keep[part], 4), ids[part], np.arange(30)[part] % 10)
+    store = PatchStore.create(group, 30, (28, 28), 4, 39, chunk_rows=8)
+    for start in (24, 8, 0, 16):
+        part = slice(start, start + 8)
+        store.write(start, pack_patches(images[part], keep[part], 4), ids[part], np.arange(30)[part] % 10)
     reopened = PatchStore(group)
     assert len(reopened) == 30 and reopened.grid == (7, 7) and reopened.patch_size == (4, 4)
-    assert list(reopened.ids) == list(ids) and list(reopened.labels) == list(np.arange(30) % 10)
+    assert reopened.kept_per_image == 39 and reopened.chunk_rows == 8 and group["patches"].chunks[0] == 8
+    assert list(reopened.ids[:]) == list(ids) and list(reopened.labels[:]) == list(np.arange(30) % 10)
     for indices in (slice(None), slice(5, 9), [29, 0, 12]):
         restored, mask = unpack_patches(reopened.read(indices))
         expected = np.arange(30)[indices]
         assert np.array_equal(mask, keep[expected])
         assert np.array_equal(restored, np.where(pixel_mask(keep[expected], 4), images[expected], 0))
     assert 0 < reopened.stored_bytes() < stored_bytes(group)
+    with pytest.raises(DQInputError, match="chunk boundary"):
+        store.write(4, pack_patches(images[4:8], keep[4:8], 4), ids[4:8])
+    with pytest.raises(DQInputError, match="keeping 49 patches do not match the store's .* keeping 39"):
+        store.write(0, pack_patches(images[:8], np.ones((8, 7, 7), bool), 4), ids[:8])
     with pytest.raises(DQInputError, match="not a dq patch store"):
         PatchStore(zarr.open_group(zarr.storage.MemoryStore(), mode="w"))
 
@@ -185,10 +209,18 @@ def test_patch_store_round_trip(group) -> None:
 def test_patch_store_accepts_integer_ids_and_channels(group) -> None:
     images = np.random.default_rng(4).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     keep = np.ones((3, 2, 2), bool)
-    store = PatchStore.create(group, (8, 8, 3), 4, id_dtype=np.int64)
-    store.append(pack_patches(images, keep, 4), np.array([7, 8, 9]))
-    assert list(PatchStore(group).ids) == [7, 8, 9] and list(PatchStore(group).labels) == [-1, -1, -1]
+    store = PatchStore.create(group, 3, (8, 8, 3), 4, 4, id_dtype=np.int64)
+    store.write(0, pack_patches(images, keep, 4), np.array([7, 8, 9]))
+    assert list(PatchStore(group).ids[:]) == [7, 8, 9] and list(PatchStore(group).labels[:]) == [-1, -1, -1]
     assert np.array_equal(unpack_patches(PatchStore(group).read())[0], images)
+
+
+def test_whole_image_bytes_add_up_over_chunk_aligned_ranges() -> None:
+    """What lets workers measure the whole-image reference of their own chunks."""
+    images, _ = load_fashion_mnist("test")
+    images = images[:100]
+    parts = sum(whole_image_bytes(images[start:start + 32], 16) for start in range(0, 100, 32))
+    assert parts == whole_image_bytes(images, 16) < images.nbytes
 
 
 def test_stored_bytes_ratio_on_real_images(cams) -> None:
@@ -198,9 +230,9 @@ def test_stored_bytes_ratio_on_real_images(cams) -> None:
     much smaller than the 20% of patches dropped (measured: ~0.96)."""
     images, cam = cams
     keep = select_patches(patch_scores(cam, (7, 7)), 0.2)
-    store = PatchStore.create(zarr.open_group(zarr.storage.MemoryStore(), mode="w"), (28, 28), 4)
-    store.append(pack_patches(images, keep, 4), np.arange(len(images)))
-    report = storage_report(store, images, sample_ratio=0.125)
+    store = PatchStore.create(zarr.open_group(zarr.storage.MemoryStore(), mode="w"), len(images), (28, 28), 4, 39)
+    store.write(0, pack_patches(images, keep, 4), np.arange(len(images)))
+    report = storage_report(store, whole_image_bytes(images, store.chunk_rows), sample_ratio=0.125)
     print(
         f"\nθ=0.2 on {report.n_images} Fashion-MNIST images: patch store {report.patch_bytes} B, "
         f"whole images {report.whole_image_bytes} B (raw {report.raw_image_bytes} B), "
