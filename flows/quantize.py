@@ -170,8 +170,8 @@ def _draw_arms(
             if arm == "dq":
                 draws[arm].append(Draw(seed, dq))
             elif arm == "dq_pixels":
-                patches = drop_patches(store_url, dataset, dq, config.patches, config.embedding)
-                draws[arm].append(Draw(seed, dq, reconstruct_patches(store_url, dataset, patches, mae)))
+                patches = drop_patches(store_url, dataset, dq, config.patches, config.embedding, config.cluster)
+                draws[arm].append(Draw(seed, dq, reconstruct_patches(store_url, dataset, patches, mae, config.cluster)))
             else:
                 draw_seed = seed if arm == "random" else config.seed
                 draws[arm].append(Draw(seed, baseline_subset(store_url, dataset, embeddings, bins, arm, ratio, draw_seed)))
