@@ -1,5 +1,6 @@
 """Faults with real processes and real signals: two ``dq run``s on one store at once, Ctrl-C and
-``kill -9`` during the embeddings, writers killed inside a store write.
+``kill -9`` during the embeddings, ``kill -9`` during patch scoring and during evaluation
+training, writers killed inside a store write (the path a killed ingest takes).
 
 Light runs: 600 real Fashion-MNIST images, embeddings in chunks of 100 rows on one dask worker,
 no patch dropping, no evaluation. The uninterrupted runs are the reference for the interrupted
@@ -145,6 +146,66 @@ def test_ctrl_c_then_kill_9_during_embeddings_then_a_rerun_resumes_to_identical_
     assert int(said[0].split("resumed: ")[1].split()[0]) >= done_before
     reference_store, reference_runs = reference
     assert _results(store, resumed) == _results(reference_store, reference_runs[0])
+    assert list(store.glob(f"*/{STAGING}/*")) == []
+
+
+def _pixel_config(root: Path, store: Path) -> Path:
+    """The light run with the pixel stages (patch scoring in 4 chunks) and evaluation on."""
+    path = _config(root, store)
+    config = yaml.safe_load(path.read_text())
+    config["patches"] = {"enabled": True, "cam_image_size": 64, "mae_epochs": 1, "mae_train_samples": 200, "chunk_rows": 16}
+    config["evaluation"] = {"enabled": True, "arms": ["dq", "random"], "epochs": 1, "min_steps": 20, "seeds": [0]}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _digests(store: Path) -> dict[str, str]:
+    """Content digest of every artifact that is a pure function of the inputs (not evaluations:
+    they hold timings), by kind/name."""
+    s = Store(str(store))
+    return {f"{kind}/{name}": s.open(kind, name).record["content_digest"]
+            for kind in ("datasets", "embeddings", "bins", "subsets", "models", "patches", "reconstructions")
+            for name in s.list(kind)}
+
+
+@pytest.fixture(scope="module")
+def pixel_reference(workspace):
+    root, env = workspace["root"], workspace["env"]
+    store = root / "pixel-reference"
+    run = _finish(_start(_pixel_config(root, store), env, root))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return store
+
+
+def _pixel_chunks_done(store: Path) -> int:
+    staging = store / "patches" / STAGING
+    for group in staging.glob("*/done") if staging.exists() else []:
+        try:
+            return int(np.asarray(zarr.open_array(str(group), mode="r")[:]).sum())
+        except Exception:
+            return 0
+    return 0
+
+
+@pytest.mark.parametrize("stage", ["patch scoring", "evaluation"])
+def test_kill_9_during_a_stage_then_a_rerun_completes_with_identical_results(workspace, pixel_reference, stage):
+    root, env = workspace["root"], workspace["env"]
+    store = root / f"killed-during-{stage.replace(' ', '-')}"
+    config = _pixel_config(root, store)
+    proc = _start(config, env, root)
+    staging = store / "evaluations" / STAGING
+    while not (_pixel_chunks_done(store) >= 1 if stage == "patch scoring" else staging.exists() and any(staging.iterdir())):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+    resumed = _finish(_start(config, env, root))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if stage == "patch scoring":
+        assert any("resumed: " in line for line in resumed.stderr.splitlines())
+    assert _digests(store) == _digests(pixel_reference)
+    assert len(Store(str(store)).list("evaluations")) == len(Store(str(pixel_reference)).list("evaluations"))
     assert list(store.glob(f"*/{STAGING}/*")) == []
 
 
