@@ -217,14 +217,16 @@ class EmbeddingsStage(ChunkedStage):
 
     def inline(self, jobs: list[_ChunkJob], cluster_running: bool) -> tuple[list[_ChunkJob], list[_ChunkJob]]:
         """Chunks that only copy from the donor run here. When no cluster runs yet, the rows to
-        embed are few and this process computes at the stage's precision, those rows are embedded
-        here in one pass of full batches (rows scattered over many chunks would otherwise each pad
-        a batch of their own) and every chunk runs here with its fresh rows."""
+        embed are few and this process computes at the stage's precision, every chunk runs here
+        (no cluster start); on a refresh, the new rows (scattered over many chunks, each of which
+        would pad a batch of its own) are first embedded together in full batches."""
         to_embed = [np.setdiff1d(np.arange(job.stop - job.start), job.copied if job.copied is not None else []) for job in jobs]
         same_precision = self.samples == "texts" or inference_precision() == self._params["precision"]
         if cluster_running or sum(len(p) for p in to_embed) > INLINE_ROWS or not same_precision:
             copy_only = [job for job, positions in zip(jobs, to_embed) if len(positions) == 0]
             return copy_only, [job for job, positions in zip(jobs, to_embed) if len(positions)]
+        if all(job.copied is None for job in jobs):  # a first run: chunk by chunk, resumable as usual
+            return jobs, []
         rows = np.concatenate([job.start + positions for job, positions in zip(jobs, to_embed)]).astype(np.int64)
         fresh = get_extractor(self.spec)(self.split_group[self.samples].get_orthogonal_selection((rows,)), self.config.batch_size) \
             if len(rows) else np.empty((0, self.dim), dtype=np.float32)
