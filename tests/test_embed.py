@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.features import GradientEmbedding, gradient_embedding
 from dq_ops.readers.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dq_ops.store import Store, write_array
+from tests.dask_helpers import Interrupted, wait_until_idle
 
 N_IMAGES = 384
 CHUNK_ROWS = 32  # 12 chunks: an interruption after the first leaves most of them to do
@@ -88,31 +88,19 @@ def test_a_committed_embedding_is_reused(image_run, image_store, client):
     assert again.rows_computed == 0 and again.samples_per_second is None
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _wait_until_idle(client: Client, timeout: float = 60.0) -> None:
-    """Wait for tasks that were already running when their futures were cancelled."""
-    deadline = time.monotonic() + timeout
-    while any(client.run(lambda dask_worker: dask_worker.state.executing_count).values()):
-        assert time.monotonic() < deadline, "workers still busy"
-        time.sleep(0.1)
-
-
 def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, fashion, image_run, client):
     store = _write_dataset(tmp_path, "images", *fashion, list(FASHION_MNIST_CLASSES))
     config = EmbeddingConfig(batch_size=16)
 
     def interrupt_after_first_chunk(done: int, total: int) -> None:
         if done >= 1:
-            raise _Interrupted
+            raise Interrupted
 
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         embed_dataset(
             store, "data", "train", config, client, seed=0, progress=interrupt_after_first_chunk, chunk_rows=CHUNK_ROWS
         )
-    _wait_until_idle(client)
+    wait_until_idle(client)
     key = image_run[0].artifact.name
     assert not store.exists("embeddings", key)
     staging = zarr.open_group(f"{tmp_path}/embeddings/.staging/{key}", mode="r")

@@ -55,9 +55,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 900) -> Finished:
     return Finished(proc.returncode, stdout, stderr)
 
 
-def _chunks_done(store: Path) -> int:
-    """Finished chunks in the store's resumable embedding staging group (0 when there is none)."""
-    staging = store / "embeddings" / STAGING
+def _chunks_done(store: Path, kind: str = "embeddings") -> int:
+    """Finished chunks in the store's resumable staging group of ``kind`` (0 when there is none)."""
+    staging = store / kind / STAGING
     for group in staging.glob("*/done") if staging.exists() else []:
         try:
             return int(np.asarray(zarr.open_array(str(group), mode="r")[:]).sum())
@@ -177,16 +177,6 @@ def pixel_reference(workspace):
     return store
 
 
-def _pixel_chunks_done(store: Path) -> int:
-    staging = store / "patches" / STAGING
-    for group in staging.glob("*/done") if staging.exists() else []:
-        try:
-            return int(np.asarray(zarr.open_array(str(group), mode="r")[:]).sum())
-        except Exception:
-            return 0
-    return 0
-
-
 @pytest.mark.parametrize("stage", ["patch scoring", "evaluation"])
 def test_kill_9_during_a_stage_then_a_rerun_completes_with_identical_results(workspace, pixel_reference, stage):
     root, env = workspace["root"], workspace["env"]
@@ -194,7 +184,7 @@ def test_kill_9_during_a_stage_then_a_rerun_completes_with_identical_results(wor
     config = _pixel_config(root, store)
     proc = _start(config, env, root)
     staging = store / "evaluations" / STAGING
-    while not (_pixel_chunks_done(store) >= 1 if stage == "patch scoring" else staging.exists() and any(staging.iterdir())):
+    while not (_chunks_done(store, "patches") >= 1 if stage == "patch scoring" else staging.exists() and any(staging.iterdir())):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -3,8 +3,6 @@ on a worker, reconstruction, chunk-wise reports, and resuming an interrupted run
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import zarr
@@ -19,6 +17,7 @@ from dq_ops.patches import patchify, pixel_mask
 from dq_ops.pixels import DropPatchesStage, MAEStage, ReconstructStage
 from dq_ops.readers.idx import load_fashion_mnist
 from dq_ops.store import Store, write_array
+from tests.dask_helpers import Interrupted, wait_until_idle
 
 N_IMAGES, SUBSET, CHUNK_ROWS = 240, 96, 16  # 6 chunks
 PARAMS = PatchConfig(cam_image_size=64, mae_epochs=1, mae_train_samples=128, chunk_rows=CHUNK_ROWS)
@@ -113,28 +112,16 @@ def test_mae_trains_on_a_worker_and_reconstruction_reports_from_chunk_sums(patch
     assert load_mae_artifact(mae).config.patch_size == 4
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _wait_until_idle(client: Client, timeout: float = 120.0) -> None:
-    """Wait for tasks that were already running when their futures were cancelled."""
-    deadline = time.monotonic() + timeout
-    while any(client.run(lambda dask_worker: dask_worker.state.executing_count).values()):
-        assert time.monotonic() < deadline, "workers still busy"
-        time.sleep(0.1)
-
-
 def test_an_interrupted_patch_run_resumes_bit_for_bit(tmp_path, fashion, patches, client):
     store = _store(tmp_path, fashion)
 
     def interrupt_after_first_chunk(done: int, total: int) -> None:
         if done >= 1:
-            raise _Interrupted
+            raise Interrupted
 
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         _drop(store).run(client=client, progress=interrupt_after_first_chunk)
-    _wait_until_idle(client)
+    wait_until_idle(client)
     key = patches[1].name
     assert not store.exists("patches", key)
     done_before = int(zarr.open_group(f"{tmp_path}/patches/.staging/{key}", mode="r")["done"][:].sum())
