@@ -15,12 +15,13 @@ WORKDIR /opt/dq
 # Torch first, pinned as in infra/setup.sh.
 RUN pip install torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md ./
+COPY infra/constraints.txt infra/constraints.txt
 COPY dq_ops dq_ops
 COPY tasks tasks
 COPY flows flows
 # The project stays at /opt/dq: `prefect deploy` runs here, so flow runs start here (prefect.yaml entrypoints).
 ARG DQ_EXTRAS=server
-RUN pip install -e ".[${DQ_EXTRAS}]"
+RUN pip install -c infra/constraints.txt -e ".[${DQ_EXTRAS}]"
 COPY deployments deployments
 COPY infra infra
 

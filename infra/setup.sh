@@ -21,7 +21,9 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/pip install -q --upgrade pip
 # Torch first, pinned: these wheels are the ones this project is tested with.
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install -q -e ".[dev,text,ops]"
+# Pinned to a tested set (infra/constraints.txt): an unconstrained resolve of moto + s3fs
+# backtracks into releases that fail to build.
+.venv/bin/pip install -q -c infra/constraints.txt -e ".[dev,text,ops]"
 # Create the Prefect database once: the first cold start of a temporary server can exceed 20 s.
 .venv/bin/prefect server database upgrade -y > /dev/null
 echo "dq is set up: .venv/bin/dq --help"
