@@ -1,6 +1,6 @@
 """Faults with real processes and real signals: two ``dq run``s on one store at once, Ctrl-C and
-``kill -9`` during the embeddings, ``kill -9`` during patch scoring and during evaluation
-training, writers killed inside a store write (the path a killed ingest takes).
+``kill -9`` during the embeddings, ``kill -9`` during ingest, patch scoring and evaluation
+training, writers killed inside a store write.
 
 Light runs: 600 real Fashion-MNIST images, embeddings in chunks of 100 rows on one dask worker,
 no patch dropping, no evaluation. The uninterrupted runs are the reference for the interrupted
@@ -230,3 +230,28 @@ def test_staging_of_a_killed_writer_is_cleaned_and_a_live_writers_is_kept(tmp_pa
     finally:
         writers["alive"].kill()
         writers["alive"].wait(timeout=60)
+
+
+def test_kill_9_during_ingest_then_a_rerun_stores_the_same_snapshot(tmp_path):
+    """A killed ingest leaves no dataset (and no pointer) behind; the rerun stores exactly what an
+    uninterrupted ingest stores, and the killed writer's staging is gone."""
+    env = cli_env(tmp_path)
+    reference = dq("ingest", "--store", str(tmp_path / "reference"), env=env, cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", "--store", str(store)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    staging = store / "datasets" / STAGING
+    while not (staging.exists() and any(staging.glob("*/train/images"))):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert Store(str(store)).list("datasets") == [] and Store(str(store)).read_ref("datasets", "fashion-mnist") is None
+
+    rerun = dq("ingest", "--store", str(store), env=env, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    ours, theirs = Store(str(store)).open("datasets", "fashion-mnist"), Store(str(tmp_path / "reference")).open("datasets", "fashion-mnist")
+    assert ours.name == theirs.name and ours.record["content_digest"] == theirs.record["content_digest"]
+    assert list(store.glob(f"*/{STAGING}/*")) == []
