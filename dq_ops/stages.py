@@ -98,7 +98,8 @@ class BinsStage(Stage):
     dataset name and settings) published last: samples already binned keep their bins, new
     ones join by their GraphCut gain (:func:`dq_ops.bins.join_bins`), and a full exact rebuild
     happens once the samples joined since the last one exceed ``rebuild_fraction`` of the data.
-    The previous bins are then an input of the key.
+    The previous bins are an input of a joining run's key (not of a rebuild's, so ``dq gc`` can
+    drop what came before the last rebuild).
     """
 
     kind = "bins"
@@ -123,11 +124,17 @@ class BinsStage(Stage):
         return f"{base}-{derive_key('bins-lineage', {'bins': self.key_params(), 'embeddings': self.embeddings.params})}"
 
     def previous(self) -> Artifact | None:
-        """incremental: the bins this lineage published last, if still in the store."""
+        """incremental: the bins this lineage published last, when this run joins samples to them
+        (None: exact mode, a first run, or a full rebuild is due)."""
         if self.config.refresh != "incremental":
             return None
         ref = self.store.read_ref(self.kind, self._lineage())
-        return self.store.open(self.kind, ref["latest"]) if ref and self.store.exists(self.kind, ref["latest"]) else None
+        if not ref or not self.store.exists(self.kind, ref["latest"]):
+            return None
+        previous = self.store.open(self.kind, ref["latest"])
+        ids = {str(i) for i in self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]}
+        joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + len(ids - {str(i) for i in previous["ids"][:]})
+        return previous if joined <= self.config.rebuild_fraction * len(ids) else None
 
     def _continues(self, previous: Artifact | None) -> bool:
         """Whether ``previous`` was made from this very dataset and embeddings (nothing to join)."""
@@ -169,20 +176,19 @@ class BinsStage(Stage):
 
     def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         previous = self.previous()
-        if previous is not None and self._join(group, previous):
-            return
-        self._compute_exact(group, progress, client)
-        group.attrs["joined_since_rebuild"] = 0
+        if previous is not None:
+            self._join(group, previous)
+        else:
+            self._compute_exact(group, progress, client)
+            group.attrs["joined_since_rebuild"] = 0
 
-    def _join(self, group: zarr.Group, previous: Artifact) -> bool:
-        """Join the new samples to ``previous``' bins; False when a full rebuild is due instead."""
+    def _join(self, group: zarr.Group, previous: Artifact) -> None:
+        """Join the new samples to ``previous``' bins."""
         labels = split_labels(self.dataset)
         ids = [str(i) for i in self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]]
         earlier = dict(zip((str(i) for i in previous["ids"][:]), np.asarray(previous["bin_of_sample"][:]).tolist()))
         bin_of_sample = np.array([earlier.get(i, -1) for i in ids], dtype=np.int32)
         joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + int((bin_of_sample < 0).sum())
-        if joined > self.config.rebuild_fraction * len(ids):
-            return False
         classes, groups = class_groups(labels, len(ids))
         classes = np.array([-1]) if classes is None else classes
         num_bins, kernel = self.config.num_bins, self.config.kernel
@@ -204,7 +210,6 @@ class BinsStage(Stage):
         sizes = [[int((bin_of_sample[members] == b).sum()) for b in range(num_bins)] for members in groups]
         self._write(group, bin_of_sample, labels, classes, sizes, [])
         group.attrs["joined_since_rebuild"] = joined
-        return True
 
     def _write(self, group: zarr.Group, bin_of_sample: np.ndarray, labels: np.ndarray | None, classes: np.ndarray,
                sizes: list[list[int]], digests: list[str]) -> None:

@@ -274,3 +274,25 @@ def test_incremental_bins_keep_existing_samples_in_their_bins(prefect_harness, t
     assert 0 < second["subsets"][0]["selection"]["churn"] <= 2 * (len(ADDED) + len(REMOVED)) / FIRST
     _, states = _run(config)
     assert set(states.values()) == {"Cached"}, states
+
+
+def test_an_incremental_rebuild_forgets_the_chain(tmp_path):
+    """Past ``rebuild_fraction`` the bins are rebuilt exactly and no longer name the previous
+    bins as an input (so `dq gc` can drop what came before the last rebuild). Library level."""
+    from dq_ops.config import BinsConfig, DatasetConfig, EmbeddingConfig
+    from dq_ops.embed import embed_dataset
+    from dq_ops.ingest import ingest
+    from dq_ops.stages import BinsStage
+
+    store, source = Store(str(tmp_path / "store")), tmp_path / "source.npz"
+    config = BinsConfig(num_bins=2, refresh="incremental", rebuild_fraction=0.02)
+    artifacts = []
+    for rows in (np.arange(200), np.arange(200 + len(ADDED))):  # +20 samples: 9% > 2%
+        _write_npz(source, rows)
+        snapshot = ingest(DatasetConfig(format="npz", url=str(source), name="fm"), store)
+        dataset = store.open("datasets", snapshot.name)
+        embeddings = embed_dataset(store, snapshot.name, "train", EmbeddingConfig(batch_size=64), None, seed=0).artifact
+        artifacts.append(BinsStage(store, dataset, embeddings, config).run())
+    first, rebuilt = artifacts
+    assert first.name != rebuilt.name
+    assert len(rebuilt.record["inputs"]) == 2 and rebuilt.group.attrs["joined_since_rebuild"] == 0
