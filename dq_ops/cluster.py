@@ -64,8 +64,15 @@ def cluster_precision(config: ClusterConfig) -> str:
 
         return inference_precision(torch.device("cuda"))
     with dask_client(config) as client:
-        client.wait_for_workers(1)
-        return "+".join(sorted(set(client.run(inference_precision).values())))
+        return workers_precision(client)
+
+
+def workers_precision(client: Client) -> str:
+    """The precision a running cluster's workers compute in; mixed clusters list every precision."""
+    from dq_ops.backbones import inference_precision
+
+    client.wait_for_workers(1)
+    return "+".join(sorted(set(client.run(inference_precision).values())))
 
 
 @contextmanager

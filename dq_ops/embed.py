@@ -48,6 +48,7 @@ from dq_ops.backbones import (
     text_model_version,
     weights_digest,
 )
+from dq_ops.cluster import workers_precision
 from dq_ops.config import EmbeddingConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import gradient_embedding
@@ -296,7 +297,7 @@ def embed_dataset(
 ) -> EmbeddingResult:
     """Run :class:`EmbeddingsStage` for ``datasets/<dataset_name>`` (a snapshot, or a dataset's
     name for its latest snapshot) on ``client``'s workers, or inline without one."""
-    precision = inference_precision() if client is None else "+".join(sorted(set(client.run(inference_precision).values())))
+    precision = inference_precision() if client is None else workers_precision(client)
     stage = EmbeddingsStage(store, store.open("datasets", dataset_name), split, config, seed=seed, precision=precision,
                             chunk_rows=chunk_rows)
     started = time.perf_counter()
