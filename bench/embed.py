@@ -34,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from dq_ops.backbones import ExtractorSpec, get_extractor
+from dq_ops.backbone_spec import ExtractorSpec
+from dq_ops.backbones import get_extractor
 from dq_ops.cluster import dask_client, resolve_kind
 from dq_ops.config import ClusterConfig, DatasetConfig, EmbeddingConfig
 from dq_ops.embed import embed_dataset

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from dq_ops.backbones import load_classifier
-from dq_ops.patches import gradcam_plus_plus, patch_scores, select_patches
+from dq_ops.gradcam import gradcam_plus_plus, patch_scores
+from dq_ops.patches import select_patches
 from dq_ops.readers.idx import load_fashion_mnist
 
 BATCH = 64

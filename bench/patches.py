@@ -23,9 +23,10 @@ import torch
 import zarr
 
 from dq_ops.backbones import load_classifier
+from dq_ops.gradcam import gradcam_plus_plus, patch_scores
 from dq_ops.mae import MAEConfig, baseline_fill, picture_grid, reconstruct, reconstruction_psnr, train_mae
 from dq_ops.patch_store import PatchStore, pack_patches, storage_report, whole_image_bytes
-from dq_ops.patches import gradcam_plus_plus, patch_scores, select_patches
+from dq_ops.patches import select_patches
 from dq_ops.readers.idx import load_fashion_mnist
 
 THETAS = (0.2, 0.4)

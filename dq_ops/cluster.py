@@ -54,13 +54,13 @@ def cluster_precision(config: ClusterConfig) -> str:
     """The numeric precision image extractors compute in on this cluster (it changes features,
     so it enters embedding keys): float32 on CPU workers, bf16/fp16 autocast on CUDA workers.
     A remote scheduler is asked (connecting starts nothing); mixed clusters list every precision."""
-    from dq_ops.backbones import inference_precision
-
     kind = resolve_kind(config)
     if kind == "local":
         return "float32"
     if kind == "local-cuda":
         import torch
+
+        from dq_ops.backbones import inference_precision
 
         return inference_precision(torch.device("cuda"))
     with dask_client(config) as client:

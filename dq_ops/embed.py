@@ -24,12 +24,15 @@ rest go through the backbone. The extractor runs fixed-size batches (see
 :class:`~dq_ops.backbones.ImageExtractor`), so a computed row has the same bytes as in a full run.
 
 The key's parameters say what was computed, not how: the batch size, chunk size and cluster are
-left out; the numeric precision is in (float32 on CPU, bf16/fp16 autocast on CUDA workers).
+left out; the numeric precision is in (float32 on CPU, bf16/fp16 autocast on CUDA workers). The
+key comes from :mod:`dq_ops.backbone_spec`; :mod:`dq_ops.backbones` (torch) is imported only
+where rows are computed, so finding the artifact done costs no model library.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,15 +42,7 @@ import numpy as np
 import zarr
 from distributed import Client
 
-from dq_ops.backbones import (
-    ExtractorSpec,
-    backbone_dim,
-    get_extractor,
-    inference_precision,
-    text_dim,
-    text_model_version,
-    weights_digest,
-)
+from dq_ops.backbone_spec import ExtractorSpec, text_dim, text_model_version, weights_digest
 from dq_ops.cluster import workers_precision
 from dq_ops.config import EmbeddingConfig
 from dq_ops.errors import DQInputError
@@ -87,7 +82,7 @@ class _ChunkJob:
     fresh: np.ndarray | None = None  # features of the other rows, when computed before the job (inline)
 
 
-def _embed_chunk(job: _ChunkJob) -> int:
+def embed_chunk(job: _ChunkJob) -> int:
     """Worker side: fill rows [start, stop) of the staging group; return the rows computed."""
     source = zarr.open_group(open_zarr_store(job.dataset_url, job.storage_options, read_only=True), mode="r")
     split = source[job.split]
@@ -102,6 +97,8 @@ def _embed_chunk(job: _ChunkJob) -> int:
     if job.fresh is not None:
         features[computed] = job.fresh
     elif len(rows):
+        from dq_ops.backbones import get_extractor
+
         features[computed] = get_extractor(job.spec)(split[job.samples].get_orthogonal_selection((rows,)), job.batch_size)
     out["features"][job.start:job.stop] = features
     if job.gradient_classes is not None:
@@ -151,7 +148,7 @@ class EmbeddingsStage(ChunkedStage):
 
     kind = "embeddings"
     version = 1
-    worker = staticmethod(_embed_chunk)
+    worker = "dq_ops.embed:embed_chunk"
 
     def __init__(
         self, store: Store, dataset: Artifact, split: str, config: EmbeddingConfig, *,
@@ -169,7 +166,6 @@ class EmbeddingsStage(ChunkedStage):
         if self.samples == "images":
             digest = weights_digest(config.backbone, config.weights)
             self.spec = ExtractorSpec("images", config.backbone, config.weights, config.image_size, digest)
-            self.dim = backbone_dim(config.backbone)
             self._params: dict[str, Any] = {
                 "backbone": config.backbone,
                 "weights_sha256": digest,
@@ -178,7 +174,7 @@ class EmbeddingsStage(ChunkedStage):
             }
         else:
             self.spec = ExtractorSpec("texts", config.text_model)
-            self.dim = text_dim(config.text_model)
+            text_dim(config.text_model)  # an unknown model fails here, naming the known ones
             self._params = {"text_model": config.text_model, "text_model_version": text_model_version(config.text_model)}
         self._params.update(split=split, modality=self.samples, mode=config.mode)
         self.gradient_classes = None
@@ -196,6 +192,15 @@ class EmbeddingsStage(ChunkedStage):
 
     def inputs(self) -> list[Artifact]:
         return [self.dataset]
+
+    @functools.cached_property
+    def dim(self) -> int:
+        """Feature dimension (an image backbone's needs its architecture: computing only)."""
+        if self.samples == "texts":
+            return text_dim(self.config.text_model)
+        from dq_ops.backbones import backbone_dim
+
+        return backbone_dim(self.config.backbone)
 
     def num_rows(self) -> int:
         return int(self.split_group["ids"].shape[0])
@@ -221,6 +226,8 @@ class EmbeddingsStage(ChunkedStage):
         embed are few and this process computes at the stage's precision, every chunk runs here
         (no cluster start); on a refresh, the new rows (scattered over many chunks, each of which
         would pad a batch of its own) are first embedded together in full batches."""
+        from dq_ops.backbones import get_extractor, inference_precision
+
         to_embed = [np.setdiff1d(np.arange(job.stop - job.start), job.copied if job.copied is not None else []) for job in jobs]
         same_precision = self.samples == "texts" or inference_precision() == self._params["precision"]
         if cluster_running or sum(len(p) for p in to_embed) > INLINE_ROWS or not same_precision:
@@ -297,6 +304,8 @@ def embed_dataset(
 ) -> EmbeddingResult:
     """Run :class:`EmbeddingsStage` for ``datasets/<dataset_name>`` (a snapshot, or a dataset's
     name for its latest snapshot) on ``client``'s workers, or inline without one."""
+    from dq_ops.backbones import inference_precision
+
     precision = inference_precision() if client is None else workers_precision(client)
     stage = EmbeddingsStage(store, store.open("datasets", dataset_name), split, config, seed=seed, precision=precision,
                             chunk_rows=chunk_rows)

@@ -15,17 +15,18 @@ approximately. With n = 1 there is no spread to estimate: the gap is reported wi
 Verdict: ``ahead`` when the interval lies entirely above 0, ``behind`` when entirely below,
 ``indistinguishable`` when it contains 0 (or does not exist). An interval that merely touches 0
 counts as containing it.
+
+:func:`summarize_accuracies` gives each arm's mean ± sample standard deviation over its seeds.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import stats
 
 from dq_ops.errors import DQInputError
 
@@ -84,5 +85,32 @@ def paired_gap(a: Sequence[float], b: Sequence[float], confidence: float = CONFI
     mean = float(differences.mean())
     if n == 1:
         return PairedGap(mean=mean, ci_low=None, ci_high=None, n=1, confidence=confidence)
+    from scipy import stats  # ~1 s to import: only runs with several seeds need it
+
     half_width = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * float(differences.std(ddof=1)) / math.sqrt(n)
     return PairedGap(mean=mean, ci_low=mean - half_width, ci_high=mean + half_width, n=n, confidence=confidence)
+
+
+@dataclass(frozen=True)
+class AccuracySummary:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value) over seeds, as fractions."""
+
+    mean: float
+    std: float
+    n: int
+
+    def as_percent(self) -> str:
+        """``"85.12 ± 0.31"`` (percentage points)."""
+        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
+
+
+def summarize_accuracies(accuracies: Mapping[str, Sequence[float]]) -> dict[str, AccuracySummary]:
+    """Per arm (e.g. ``"dq@10%"``), the mean ± std of its accuracies over seeds; arms keep their order."""
+    summary = {}
+    for arm, values in accuracies.items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.size == 0:
+            raise DQInputError(f"arm {arm!r} has no accuracies")
+        std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+        summary[arm] = AccuracySummary(mean=float(values.mean()), std=std, n=int(values.size))
+    return summary

@@ -20,7 +20,7 @@ touches only its own chunks (a Zarr chunk is the unit of a safe concurrent write
 defaults to about 1 MiB of kept-patch pixels per chunk: on Fashion-MNIST larger chunks gained
 < 0.5% in compressed size, smaller ones (64 KiB) lost ~1%, and a reader decodes a whole chunk per
 random access. Pixel arrays use the project's compressor (``dq_ops.store.default_compressor``:
-Blosc-zstd level 5, byte shuffle); :func:`whole_image_bytes` stores the same images whole with
+Blosc-zstd, byte shuffle) at level :data:`STORAGE_CLEVEL`, 5: here the bytes are the point; :func:`whole_image_bytes` stores the same images whole with
 the same codec in the same row chunks, so the two byte counts compare layouts, not codecs.
 """
 
@@ -39,6 +39,7 @@ from dq_ops.store import default_compressor
 FORMAT_KEY = "dq_patches"
 FORMAT_VERSION = 2
 CHUNK_BYTES = 2**20
+STORAGE_CLEVEL = 5
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _create(
         shape=(n, *row_shape),
         dtype=str if text else dtype,
         chunks=(chunk_rows, *row_shape),
-        compressors=None if text else default_compressor(),
+        compressors=None if text else default_compressor(STORAGE_CLEVEL),
         fill_value="" if text else None,
         overwrite=True,
     )
@@ -140,7 +141,7 @@ def stored_bytes(node: zarr.Group | zarr.Array) -> int:
 def _whole_image_array(stored: dict, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> zarr.Array:
     return zarr.create_array(
         zarr.storage.MemoryStore(stored), shape=shape, dtype=dtype,
-        chunks=(max(1, chunk_rows), *shape[1:]), compressors=default_compressor(),
+        chunks=(max(1, chunk_rows), *shape[1:]), compressors=default_compressor(STORAGE_CLEVEL),
     )
 
 

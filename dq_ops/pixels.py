@@ -19,7 +19,7 @@ Reports are combined from per-chunk sums that the workers store beside their row
   and ``preview_png`` (original | kept patches | reconstruction of the first images).
 * ``models/<key>``: the MAE, trained as one task on a worker (a GPU worker when there is one).
 
-Grad-CAM++ is dq's own batched implementation (:func:`dq_ops.patches.gradcam_plus_plus`), not
+Grad-CAM++ is dq's own batched implementation (:func:`dq_ops.gradcam.gradcam_plus_plus`), not
 the ``grad-cam`` package (pytorch-grad-cam 1.5.7). On the same 256 Fashion-MNIST images at
 112 px, EfficientNet-Lite0, batches of 64 (``bench/gradcam.py``, alternating rounds, 2 busy
 cores): 31.0 vs 9.4 img/s and, in a second run of 5 rounds, 12.5 vs 5.4 img/s (medians, 2.3–3.3×;
@@ -33,34 +33,19 @@ patches almost identically (same θ = 0.2 keep mask for 97.7% of images, mean Ja
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
 
-from dq_ops.backbones import Classifier, default_device, load_classifier, weights_digest
+from dq_ops.backbone_spec import weights_digest
 from dq_ops.config import EmbeddingConfig, PatchConfig
 from dq_ops.errors import DQInputError
-from dq_ops.mae import (
-    MAEConfig,
-    MaskedAutoencoder,
-    baseline_fill,
-    dropped_squared_error,
-    mae_checkpoint_bytes,
-    mae_from_checkpoint_bytes,
-    picture_grid,
-    psnr_db,
-    reconstruct,
-    train_mae,
-)
-from dq_ops.mae_store import load_mae, load_mae_artifact
-from dq_ops.patch_store import PackedPatches, PatchStore, pack_patches, storage_report, unpack_patches, whole_image_bytes
+from dq_ops.patch_store import PatchStore, storage_report
 from dq_ops.patch_store import default_chunk_rows as patch_chunk_rows
-from dq_ops.patches import gradcam_plus_plus, kept_patch_count, patch_grid, patch_scores, select_patches
+from dq_ops.patches import kept_patch_count, patch_grid
 from dq_ops.stage import ChunkedStage, ClientSource, Progress, Stage, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store, file_digest, open_zarr_store, write_array
@@ -70,7 +55,7 @@ PREVIEW_IMAGES = 8
 RECONSTRUCTION_STATS = ("dropped_values", "sse_mae", "sse_mean_fill", "sse_zero_fill")
 
 
-# -- models, once per worker process ---------------------------------------------------------------
+# -- job descriptions (built here, run by dq_ops.pixel_work on the workers) ---------------------------
 @dataclass(frozen=True)
 class ScorerSpec:
     """What identifies a loaded Grad-CAM++ classifier; hashable and cheap to send to workers."""
@@ -80,47 +65,8 @@ class ScorerSpec:
     cam_image_size: int
 
 
-_MODELS: dict[Any, Classifier | MaskedAutoencoder] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def _cached(key: Any, load: Callable[[], Any]) -> Any:
-    with _MODELS_LOCK:  # one load even when several worker threads ask at once
-        if key not in _MODELS:
-            _MODELS[key] = load()
-        return _MODELS[key]
-
-
-def get_classifier(spec: ScorerSpec) -> Classifier:
-    """The Grad-CAM++ classifier for ``spec`` on this process's device, loaded once per process."""
-
-    def load() -> Classifier:
-        classifier = load_classifier(spec.backbone, spec.weights, image_size=spec.cam_image_size)
-        classifier.model.to(default_device())
-        return classifier
-
-    return _cached(spec, load)
-
-
-def get_mae(mae: Artifact) -> MaskedAutoencoder:
-    """The MAE of a ``models/<key>`` artifact on this process's device, loaded once per process
-    (keyed by fingerprint: a replaced artifact is loaded afresh)."""
-    return _cached(("mae", mae.fingerprint), lambda: load_mae_artifact(mae).to(default_device()))
-
-
-def keep_top_patches(classifier: Classifier, images: np.ndarray, patch_size: int, drop_ratio: float,
-                 batch_size: int = 64) -> PackedPatches:
-    """Grad-CAM++ of each image for its own predicted class, pooled to the patch grid; the top
-    ``1 − θ`` patches kept (pure: arrays in, packed patches out)."""
-    device = next(classifier.model.parameters()).device
-    cam = gradcam_plus_plus(classifier.model, classifier.target_layer, classifier.preprocess(images, device), batch_size)
-    keep = select_patches(patch_scores(cam, patch_grid(images.shape[1:3], patch_size)), drop_ratio)
-    return pack_patches(images, keep, patch_size)
-
-
-# -- chunk jobs (worker side) ----------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Chunk:
+class PixelChunkJob:
     """One task's whole input: where to read and write, and its row range."""
 
     store_url: str
@@ -136,61 +82,6 @@ class _Chunk:
 
     def staging(self) -> zarr.Group:
         return zarr.open_group(open_zarr_store(self.staging_url, self.storage_options), mode="r+")
-
-
-def _subset_images(store: Store, dataset: str, subset: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of subset rows ``[start, stop)``, read from the dataset's Zarr."""
-    split = store.open("datasets", dataset)[SPLIT]
-    rows = np.asarray(store.open("subsets", subset)["indices"][start:stop])
-    return (np.asarray(split["images"].get_orthogonal_selection((rows,))),
-            np.asarray(split["labels"].get_orthogonal_selection((rows,))))
-
-
-def _drop_patches_chunk(job: _Chunk) -> int:
-    """Score, select and store one chunk of subset images; returns its row count."""
-    store, settings = job.store(), job.inputs
-    images, labels = _subset_images(store, settings["dataset"], settings["subset"], job.start, job.stop)
-    ids = np.asarray(store.open("subsets", settings["subset"])["ids"][job.start:job.stop])
-    classifier = get_classifier(settings["scorer"])
-    packed = keep_top_patches(classifier, images, settings["patch_size"], settings["drop_ratio"])
-    staging = job.staging()
-    patch_store = PatchStore(staging)
-    patch_store.write(job.start, packed, ids, labels)
-    staging["chunk_stats"][job.index] = [whole_image_bytes(images, patch_store.chunk_rows)]
-    return job.stop - job.start
-
-
-def _reconstruct_chunk(job: _Chunk) -> int:
-    """Restore one chunk of a patch store with the MAE and add its PSNR sums; returns its row count."""
-    store, settings = job.store(), job.inputs
-    patches = PatchStore(store.open("patches", settings["patches"]).group)
-    zero_filled, keep = unpack_patches(patches.read(slice(job.start, job.stop)))
-    restored = reconstruct(get_mae(store.open("models", settings["mae"])), zero_filled, keep)
-    original, _ = _subset_images(store, settings["dataset"], settings["subset"], job.start, job.stop)
-    errors = [dropped_squared_error(original, filled, keep)
-              for filled in (restored, baseline_fill(zero_filled, keep, "mean"), baseline_fill(zero_filled, keep, "zero"))]
-    staging = job.staging()
-    staging["images"][job.start:job.stop] = restored
-    staging["labels"][job.start:job.stop] = patches.labels[job.start:job.stop]
-    staging["ids"][job.start:job.stop] = patches.ids[job.start:job.stop]
-    staging["chunk_stats"][job.index] = [errors[0][1], *(sse for sse, _ in errors)]
-    return job.stop - job.start
-
-
-def _train_mae_job(store_url: str, storage_options: dict[str, Any], dataset: str, config: dict[str, Any],
-                   seed: int) -> tuple[bytes, list[float]]:
-    """Train (or load) the MAE where this runs (a worker, on its device); returns the checkpoint
-    bytes and the per-step losses (a model-sized payload, never data)."""
-    if config["mae_checkpoint"]:
-        return mae_checkpoint_bytes(load_mae(config["mae_checkpoint"])), []
-    split = Store(store_url, storage_options).open("datasets", dataset)[SPLIT]
-    n = split["images"].shape[0]
-    rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, config["mae_train_samples"])])
-    images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
-    mae_config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=config["patch_size"],
-                           mask_ratio=config["mae_mask_ratio"])
-    model, history = train_mae(images, mae_config, seed=seed, epochs=config["mae_epochs"], device=default_device())
-    return mae_checkpoint_bytes(model), history
 
 
 # -- stages (client side) --------------------------------------------------------------------------
@@ -215,7 +106,7 @@ class DropPatchesStage(ChunkedStage):
 
     kind = "patches"
     version = 2  # fixed-size rows written by chunk
-    worker = staticmethod(_drop_patches_chunk)
+    worker = "dq_ops.pixel_work:drop_patches_chunk"
 
     def __init__(self, store: Store, dataset: Artifact, subset: Artifact, config: PatchConfig, embedding: EmbeddingConfig):
         super().__init__(store)
@@ -258,9 +149,9 @@ class DropPatchesStage(ChunkedStage):
         return patches is not None and "chunk_stats" in group and patches.shape[:2] == (self.num_rows(), self.kept) \
             and patches.chunks[0] == self._chunk_rows
 
-    def job(self, staging_url: str, index: int, start: int, stop: int) -> _Chunk:
+    def job(self, staging_url: str, index: int, start: int, stop: int) -> PixelChunkJob:
         c = self.config
-        return _Chunk(self.store.url, self.store.storage_options, staging_url, index, start, stop, {
+        return PixelChunkJob(self.store.url, self.store.storage_options, staging_url, index, start, stop, {
             "dataset": self.dataset.name, "subset": self.subset.name, "patch_size": c.patch_size,
             "drop_ratio": c.drop_ratio, "scorer": ScorerSpec(self.embedding.backbone, self.embedding.weights, c.cam_image_size),
         })
@@ -300,12 +191,15 @@ class MAEStage(Stage):
         return [] if self.config.mae_checkpoint else [self.dataset]
 
     def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
+        from dq_ops.mae import mae_from_checkpoint_bytes
+        from dq_ops.pixel_work import train_mae_job
+
         args = (self.store.url, self.store.storage_options, self.dataset.name, self.config.model_dump(mode="json"), self.seed)
         client = resolve_client(client)
         if client is None:
-            checkpoint, history = _train_mae_job(*args)
+            checkpoint, history = train_mae_job(*args)
         else:
-            checkpoint, history = client.submit(_train_mae_job, *args, key=f"dq-mae-{self.name()}-{uuid.uuid4().hex[:8]}").result()
+            checkpoint, history = client.submit(train_mae_job, *args, key=f"dq-mae-{self.name()}-{uuid.uuid4().hex[:8]}").result()
         write_array(group, "checkpoint", np.frombuffer(checkpoint, dtype=np.uint8))
         write_array(group, "loss_history", np.asarray(history, dtype=np.float32))
         group.attrs["mae_config"] = json.loads(mae_from_checkpoint_bytes(checkpoint, self.name()).config.to_json())
@@ -319,7 +213,7 @@ class ReconstructStage(ChunkedStage):
 
     kind = "reconstructions"
     version = 2  # written by chunk; PSNR from per-chunk sums
-    worker = staticmethod(_reconstruct_chunk)
+    worker = "dq_ops.pixel_work:reconstruct_chunk"
 
     def __init__(self, store: Store, dataset: Artifact, patches: Artifact, mae: Artifact):
         super().__init__(store)
@@ -350,17 +244,20 @@ class ReconstructStage(ChunkedStage):
         return images is not None and "chunk_stats" in group and images.shape[0] == self.num_rows() \
             and images.chunks[0] == self.chunk_rows()
 
-    def job(self, staging_url: str, index: int, start: int, stop: int) -> _Chunk:
-        return _Chunk(self.store.url, self.store.storage_options, staging_url, index, start, stop, {
+    def job(self, staging_url: str, index: int, start: int, stop: int) -> PixelChunkJob:
+        return PixelChunkJob(self.store.url, self.store.storage_options, staging_url, index, start, stop, {
             "dataset": self.dataset.name, "subset": self.patches.group.attrs["subset"],
             "patches": self.patches.name, "mae": self.mae.name,
         })
 
     def finalize(self, group: zarr.Group) -> None:
+        from dq_ops.mae import picture_grid, psnr_db
+        from dq_ops.pixel_work import subset_images
+
         count, *errors = _pop_chunk_stats(group).sum(axis=0)
         shown = min(PREVIEW_IMAGES, self.num_rows())
         subset = self.patches.group.attrs["subset"]
-        original, _ = _subset_images(self.store, self.dataset.name, subset, 0, shown)
+        original, _ = subset_images(self.store, self.dataset.name, subset, 0, shown)
         png = picture_grid(original, self.patch_store.read(slice(0, shown)).keep_mask, np.asarray(group["images"][:shown]))
         write_array(group, "preview_png", np.frombuffer(png, dtype=np.uint8))
         group.attrs.update({"subset": subset} | {

@@ -39,7 +39,7 @@ def check_config(config: DQConfig) -> None:
     filesystem(config.dataset.url)
     check_store_writable(config.store_url)
     if config.dataset.is_text:
-        from dq_ops.backbones import text_dim
+        from dq_ops.backbone_spec import text_dim
 
         text_dim(config.embedding.text_model)
     else:
@@ -139,17 +139,26 @@ def check_reachable(address: str | None) -> None:
 
 
 def _check_backbone(config: DQConfig) -> None:
-    """The backbone name is known and its weights file exists and loads (only the file is read)."""
-    from dq_ops.backbones import RANDOM_WEIGHTS, backbone_dim, read_state_dict, weights_digest
+    """The backbone name is known and its weights file exists. A prefixed architecture is also
+    built (on the meta device) to check that it has a linear classifier to take features from,
+    and a weights file the user names is parsed. The packaged default needs neither, so a re-run
+    of the default configuration never imports torch."""
+    from dq_ops.backbone_spec import DEFAULT_BACKBONE, RANDOM_WEIGHTS, parse_backbone_name, weights_digest
 
     embedding = config.embedding
     try:
-        backbone_dim(embedding.backbone)
+        parse_backbone_name(embedding.backbone)
+        if embedding.backbone != DEFAULT_BACKBONE:
+            from dq_ops.backbones import backbone_dim
+
+            backbone_dim(embedding.backbone)
     except DQInputError as exc:
         raise DQInputError(f"embedding.backbone: {exc}") from None
     try:
         weights_digest(embedding.backbone, embedding.weights)
         if embedding.weights not in (None, RANDOM_WEIGHTS):
+            from dq_ops.backbones import read_state_dict
+
             read_state_dict(embedding.weights)
     except DQInputError as exc:
         raise DQInputError(f"embedding.weights: {exc}") from None

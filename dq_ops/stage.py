@@ -25,6 +25,7 @@ This is datatrove's pipeline step with completion markers, applied to Zarr chunk
 
 from __future__ import annotations
 
+import importlib
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -103,9 +104,11 @@ class ChunkJob(Protocol):
     stop: int
 
 
-def run_chunk(worker: Callable[[Any], int], job: ChunkJob) -> int:
-    """Worker side: run one chunk, then mark it done (last, so a done chunk is complete)."""
-    count = worker(job)
+def run_chunk(worker: str, job: ChunkJob) -> int:
+    """Worker side: run one chunk with the function ``worker`` names (``"module:function"``),
+    then mark it done (last, so a done chunk is complete)."""
+    module, function = worker.split(":")
+    count = getattr(importlib.import_module(module), function)(job)
     zarr.open_group(open_zarr_store(job.staging_url, job.storage_options), mode="r+")["done"][job.index] = True
     return count
 
@@ -115,12 +118,14 @@ class ChunkedStage(Stage):
 
     Subclasses define the staging layout (:meth:`create_layout`, :meth:`layout_matches`), the
     number of rows and rows per chunk, one picklable job per chunk (:meth:`job`) and the module-
-    level function that runs a job (:attr:`worker`, returning a count, e.g. rows computed).
+    level function that runs a job (:attr:`worker`, returning a count, e.g. rows computed). The
+    function is named by import path and imported where it runs, so a stage module need not
+    import its model libraries: finding an artifact done never loads torch.
     After a run, ``chunks_resumed`` / ``chunks_total`` say how much an earlier run had done and
     ``work_done`` sums what the workers returned.
     """
 
-    worker: ClassVar[Callable[[Any], int]]
+    worker: ClassVar[str]  # "module:function" taking a job, returning a count
     chunks_resumed: int = 0
     chunks_total: int = 0
     work_done: int = 0
@@ -189,7 +194,7 @@ class ChunkedStage(Stage):
         if cluster is None:
             here, remote = here + remote, []
         for job in here:
-            self.work_done += run_chunk(type(self).worker, job)
+            self.work_done += run_chunk(self.worker, job)
             finished += 1
             if progress is not None:
                 progress(finished, n_chunks)
@@ -198,7 +203,7 @@ class ChunkedStage(Stage):
 
             token = uuid.uuid4().hex[:8]  # fresh task keys: a rerun must not meet its cancelled predecessors
             futures = [
-                cluster.submit(run_chunk, type(self).worker, job, key=f"dq-{self.kind}-{name}-{job.index}-{token}")
+                cluster.submit(run_chunk, self.worker, job, key=f"dq-{self.kind}-{name}-{job.index}-{token}")
                 for job in remote
             ]
             try:

@@ -136,9 +136,13 @@ def group_digest(group: zarr.Group) -> str:
     return digest.hexdigest()
 
 
-def default_compressor() -> zarr.codecs.BloscCodec:
-    """Blosc-zstd with byte shuffle: fast, and strong on images and float features."""
-    return zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+def default_compressor(clevel: int = 1) -> zarr.codecs.BloscCodec:
+    """Blosc-zstd with byte shuffle. Level 1 by default: every refresh rewrites whole artifacts
+    (a new snapshot, embeddings with copied rows), and level 5 encodes 4–6× slower for 1–10%
+    fewer bytes (measured on Fashion-MNIST: images 254 vs 55 MB/s for ratios 0.565 vs 0.553;
+    EfficientNet features 445 vs 69 MB/s for 0.087 vs 0.078). Stores whose point is their size
+    (the patch store) ask for more."""
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")
 
 
 def write_array(

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -349,28 +349,3 @@ def train_and_evaluate(
         steps=steps, batch_size=batch, epochs=steps * batch / n_train,
         train_seconds=train_seconds, samples_per_second=steps * batch / train_seconds, device=str(dev),
     )
-
-
-@dataclass(frozen=True)
-class AccuracySummary:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value) over seeds, as fractions."""
-
-    mean: float
-    std: float
-    n: int
-
-    def as_percent(self) -> str:
-        """``"85.12 ± 0.31"`` (percentage points)."""
-        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
-
-
-def summarize_accuracies(accuracies: Mapping[str, Sequence[float]]) -> dict[str, AccuracySummary]:
-    """Per arm (e.g. ``"dq@10%"``), the mean ± std of its accuracies over seeds; arms keep their order."""
-    summary = {}
-    for arm, values in accuracies.items():
-        values = np.asarray(values, dtype=np.float64)
-        if values.size == 0:
-            raise DQInputError(f"arm {arm!r} has no accuracies")
-        std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-        summary[arm] = AccuracySummary(mean=float(values.mean()), std=std, n=int(values.size))
-    return summary

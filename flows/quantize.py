@@ -25,11 +25,10 @@ from prefect.runtime import flow_run
 
 from dq_ops.cluster import cluster_precision
 from dq_ops.config import DQConfig
-from dq_ops.paired import paired_gap
+from dq_ops.paired import paired_gap, summarize_accuracies
 from dq_ops.preflight import preflight
 from dq_ops.selection import SelectionDiff, publish_selection, selection_key
 from dq_ops.store import QUANTIZED_SPLIT, Store
-from dq_ops.train import summarize_accuracies
 from tasks.bins import generate_bins_task
 from tasks.cluster import close_dask_clients
 from tasks.common import StageResult, set_offline_env
@@ -131,7 +130,8 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         tracker.finish()
         return summary
     except BaseException:
-        tracker.finish(status="FAILED")
+        if tracker.connected():  # else the run's own error is the one to report
+            tracker.finish(status="FAILED")
         raise
     finally:
         close_dask_clients()

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from dq_ops.errors import DQInputError
 
@@ -32,6 +33,22 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
+def _clear_stale_pid_file() -> None:
+    """Remove the PID file a dead background server left behind (a reboot, a killed machine):
+    ``prefect server start --background`` refuses to start while it exists."""
+    pid_file = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser() / "server.pid"
+    try:
+        pid = int(pid_file.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+    except PermissionError:
+        pass  # alive, owned by someone else
+
+
 def use_local_server(port: int | None = None) -> str | None:
     """Point this process at a local Prefect server, starting one if needed; return its API URL
     (None in ephemeral mode or when ``PREFECT_API_URL`` is already set). Call before Prefect runs."""
@@ -41,6 +58,7 @@ def use_local_server(port: int | None = None) -> str | None:
     api_url = f"http://127.0.0.1:{port}/api"
     if not _healthy(api_url):
         print(f"starting a local Prefect server on 127.0.0.1:{port} (stop it with: prefect server stop)", file=sys.stderr)
+        _clear_stale_pid_file()
         started = subprocess.run(
             [sys.executable, "-m", "prefect", "server", "start", "--background", "--host", "127.0.0.1", "--port", str(port)],
             capture_output=True, text=True,
@@ -48,10 +66,10 @@ def use_local_server(port: int | None = None) -> str | None:
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _healthy(api_url):
-            if time.monotonic() > deadline:
-                detail = (started.stderr or started.stdout).strip().splitlines()[-1:] or ["no output"]
+            if started.returncode != 0 or time.monotonic() > deadline:
+                detail = " ".join((started.stderr or started.stdout).split()) or "no output"
                 raise DQInputError(
-                    f"could not start a Prefect server on 127.0.0.1:{port} ({detail[0]}); set PREFECT_API_URL, "
+                    f"could not start a Prefect server on 127.0.0.1:{port} ({detail}); set PREFECT_API_URL, "
                     "PREFECT_SERVER_API_PORT, or DQ_PREFECT_SERVER=ephemeral"
                 )
             time.sleep(0.5)

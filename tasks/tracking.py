@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -59,25 +60,60 @@ def _setup_lock(uri: str) -> AbstractContextManager[None]:
     return nullcontext()
 
 
+def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, redact_credentials(str(v))[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
 class Tracker:
-    """The MLflow side of one flow run."""
+    """The MLflow side of one flow run.
+
+    Connecting (importing MLflow, opening its database, creating the run and logging the
+    configuration: about 2 s) happens in a background thread, so it overlaps the first stages;
+    the first call that needs the run waits for it and re-raises its error, if any.
+    """
 
     def __init__(self, config: DQConfig, run_name: str, tags: Mapping[str, str] | None = None):
+        self.uri = resolve_tracking_uri(config)
+        connecting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dq-mlflow")
+        self._connection = connecting.submit(self._connect, config, run_name, dict(tags or {}))
+        connecting.shutdown(wait=False)
+
+    def _connect(self, config: DQConfig, run_name: str, tags: dict[str, str]) -> tuple[Any, str, str]:
         import mlflow  # lazily: importing MLflow costs 1-2 s
 
-        self.uri = resolve_tracking_uri(config)
         with _setup_lock(self.uri):  # concurrent runs: one creates (migrates) the database and the experiment
-            self.client = mlflow.MlflowClient(tracking_uri=self.uri)
-            experiment = self.client.get_experiment_by_name(config.tracking.experiment)
+            client = mlflow.MlflowClient(tracking_uri=self.uri)
+            experiment = client.get_experiment_by_name(config.tracking.experiment)
             if experiment is None:
                 # Beside a default sqlite database, artifacts live in the store too (not ./mlruns).
                 location = (_local_root(config) / "mlartifacts").as_uri() if self.uri == _store_database_uri(config) else None
-                self.experiment_id = self.client.create_experiment(config.tracking.experiment, artifact_location=location)
+                experiment_id = client.create_experiment(config.tracking.experiment, artifact_location=location)
             else:
-                self.experiment_id = experiment.experiment_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
-        self.run_id = run.info.run_id
-        self.log_params(self.run_id, flatten("", config.model_dump(mode="json")))
+                experiment_id = experiment.experiment_id
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        _log_params(client, run_id, flatten("", config.model_dump(mode="json")))
+        return client, experiment_id, run_id
+
+    @property
+    def client(self) -> Any:
+        """The ``mlflow.MlflowClient`` (waits for the connection)."""
+        return self._connection.result()[0]
+
+    @property
+    def experiment_id(self) -> str:
+        return self._connection.result()[1]
+
+    @property
+    def run_id(self) -> str:
+        return self._connection.result()[2]
+
+    def connected(self) -> bool:
+        """Whether the run exists (waits for the connection; False when it failed)."""
+        return self._connection.exception() is None
 
     @property
     def run_url(self) -> str:
@@ -86,11 +122,7 @@ class Tracker:
         return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, redact_credentials(str(v))[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(run_id, params=items[start:start + 100])
+        _log_params(self.client, run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], run_id: str | None = None, step: int = 0) -> None:
         import time

@@ -7,16 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dq_ops.backbones import (
-    RANDOM_WEIGHTS,
-    backbone_dim,
-    load_classifier,
-    load_image_extractor,
-    read_state_dict,
-    weights_digest,
-)
+from dq_ops.backbone_spec import RANDOM_WEIGHTS, weights_digest
+from dq_ops.backbones import backbone_dim, load_classifier, load_image_extractor, read_state_dict
 from dq_ops.errors import DQInputError
-from dq_ops.patches import gradcam_plus_plus
+from dq_ops.gradcam import gradcam_plus_plus
 from dq_ops.readers.idx import load_fashion_mnist
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dq_ops.errors import DQInputError
-from dq_ops.paired import paired_gap
+from dq_ops.paired import paired_gap, summarize_accuracies
 
 
 def test_gap_ahead_with_hand_computed_t_interval():
@@ -49,3 +49,10 @@ def test_a_single_pair_has_no_interval():
 def test_unpaired_input_is_refused(a, b):
     with pytest.raises(DQInputError, match="paired accuracies"):
         paired_gap(a, b)
+
+
+def test_summary_is_mean_and_sample_std_per_arm():
+    summary = summarize_accuracies({"dq": [0.8, 0.9], "random": [0.85]})
+    assert list(summary) == ["dq", "random"]
+    assert summary["dq"].mean == pytest.approx(0.85) and summary["dq"].std == pytest.approx(0.0707107)
+    assert summary["random"].std == 0.0 and summary["dq"].as_percent() == "85.00 ± 7.07"

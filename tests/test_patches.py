@@ -9,6 +9,7 @@ import torch
 import zarr
 
 from dq_ops.errors import DQInputError
+from dq_ops.gradcam import gradcam_plus_plus, patch_scores
 from dq_ops.patch_store import (
     PatchStore,
     pack_patches,
@@ -18,10 +19,8 @@ from dq_ops.patch_store import (
     whole_image_bytes,
 )
 from dq_ops.patches import (
-    gradcam_plus_plus,
     kept_patch_count,
     patch_grid,
-    patch_scores,
     patchify,
     pixel_mask,
     select_patches,

@@ -15,7 +15,6 @@ from dq_ops.train import (
     TrainConfig,
     augment,
     split_validation,
-    summarize_accuracies,
     train_and_evaluate,
     training_steps,
 )
@@ -145,13 +144,6 @@ def test_bad_input_names_the_problem(change, message):
 def test_bad_config_is_rejected():
     with pytest.raises(DQInputError, match="val_fraction"):
         TrainConfig(val_fraction=1.0)
-
-
-def test_summary_is_mean_and_sample_std_per_arm():
-    summary = summarize_accuracies({"dq": [0.8, 0.9], "random": [0.85]})
-    assert list(summary) == ["dq", "random"]
-    assert summary["dq"].mean == pytest.approx(0.85) and summary["dq"].std == pytest.approx(0.0707107)
-    assert summary["random"].std == 0.0 and summary["dq"].as_percent() == "85.00 ± 7.07"
 
 
 def test_full_training_set_reaches_85_percent(fashion):
