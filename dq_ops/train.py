@@ -25,10 +25,11 @@ Recipe (the reference's CIFAR recipe, with its test-set model selection removed)
   consecutive slices of a fresh permutation every epoch; a partial last batch is dropped.
 - Streaming: images come from an :class:`~dq_ops.train_data.ImageRows` source (in-memory
   arrays, or Zarr arrays of the store), and at most ``shuffle_window_mb`` of training images
-  are held at once. A training part that fits is read once and shuffled exactly as above; a
-  larger one is read a window per step of a block shuffle (``dq_ops.train_data.epoch_windows``:
-  every image once per epoch, the order then depends on the window). Channel statistics,
-  validation and test accuracy read ``eval_batch_size`` images at a time.
+  are held at once (plus a batch that spans two windows). A training part that fits is read
+  once and shuffled exactly as above; a larger one is read one window at a time in the
+  block-shuffled order of ``dq_ops.train_data.epoch_windows`` (every image once per epoch; the
+  order then depends on the window). Channel statistics, validation and test accuracy read
+  ``eval_batch_size`` images at a time.
 - Report: test accuracy of the *final* network (the reference reported the best epoch on the
   test set), final validation accuracy, wall time of the training loop, steps, samples/s.
 
