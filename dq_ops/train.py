@@ -353,6 +353,7 @@ def train_and_evaluate(
     resident = _read_nchw(images, train_pos, dev) if n_train <= window else None
 
     def read_window(positions: np.ndarray) -> torch.Tensor:
+        """Pixels of one window's ascending positions (resident: the one window, every position)."""
         return resident if resident is not None else _read_nchw(images, train_pos[positions], dev)
 
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
