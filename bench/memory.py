@@ -14,7 +14,15 @@ dataset: a small backbone with random weights (``timm:mobilenetv3_small_050``; m
 depend on the weights) for embeddings at 32 px and Grad-CAM++ at 64 px, keep ratio 10%, an MAE
 of one epoch on 2 000 images. Prints a table and the 60k/10k ratio of the flow process's peak.
 
-Usage: ``PYTHONPATH=$PWD .venv/bin/python bench/memory.py [--sizes 10000 60000] [--workers 2]``
+``--evaluate`` measures evaluation training instead: keep ratio 50%, no pixel stages, arms
+``dq`` and ``full`` trained with ``small_cnn`` for 50 steps (``--window-mb``: the evaluation's
+shuffle window; default: the configured one). The flow runs twice on the same cluster and
+store: first with evaluation off (ingest, embeddings, bins, subsets), then, after
+``client.restart()`` has given every worker a fresh process, with evaluation on; only the
+trainings compute in the second run, so the workers' peaks are those of training.
+
+Usage: ``PYTHONPATH=$PWD .venv/bin/python bench/memory.py [--sizes 10000 60000] [--workers 2]
+[--evaluate [--window-mb 2]]``
 """
 
 from __future__ import annotations
@@ -45,6 +53,16 @@ def _config(store_url: str, address: str, limit: int) -> dict:
     }
 
 
+def _evaluation_configs(store_url: str, address: str, limit: int, window_mb: float | None) -> tuple[dict, dict]:
+    """(the preparing run's config, the training run's config) of ``--evaluate``."""
+    prepare = _config(store_url, address, limit) | {"sampling": {"ratios": [0.5]}, "patches": {"enabled": False}}
+    evaluation = {"enabled": True, "arms": ["dq", "full"], "architecture": "small_cnn",
+                  "epochs": 0.1, "min_steps": 50, "max_steps": 50}
+    if window_mb is not None:
+        evaluation["shuffle_window_mb"] = window_mb
+    return prepare, prepare | {"evaluation": evaluation}
+
+
 def run_flow_child(config_path: str, peak_path: str) -> None:
     """The measured flow process: run the flow in this process, then record its own peak RSS."""
     from tasks.common import set_offline_env
@@ -72,8 +90,19 @@ def _worker_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(limit: int, workers: int, folder: Path) -> dict:
-    """One size: a fresh cluster, one flow run, the peaks."""
+def _run_flow(config: dict, folder: Path, log: str) -> dict:
+    """One flow run in a child process; its own peak RSS and timings."""
+    config_path, peak_path = folder / "config.json", folder / "peak.json"
+    config_path.write_text(json.dumps(config))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, __file__, "--flow-child", str(config_path), str(peak_path)],
+                   check=True, env=env, cwd=REPO, stdout=(folder / log).open("wb"), stderr=subprocess.STDOUT)
+    return json.loads(peak_path.read_text())
+
+
+def measure(limit: int, workers: int, folder: Path, evaluate: bool, window_mb: float | None) -> dict:
+    """One size: a fresh cluster, one flow run (``evaluate``: a preparing run, fresh worker
+    processes, then the training run), the peaks."""
     from distributed import Client
 
     scheduler_file = folder / "scheduler.json"
@@ -89,12 +118,15 @@ def measure(limit: int, workers: int, folder: Path) -> dict:
         address = json.loads(scheduler_file.read_text())["address"]
         with Client(address) as client:
             client.wait_for_workers(workers, timeout=300)
-        config_path, peak_path = folder / "config.json", folder / "peak.json"
-        config_path.write_text(json.dumps(_config(str(folder / "store"), address, limit)))
-        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        subprocess.run([sys.executable, __file__, "--flow-child", str(config_path), str(peak_path)],
-                       check=True, env=env, cwd=REPO, stdout=(folder / "flow.log").open("wb"), stderr=subprocess.STDOUT)
-        flow = json.loads(peak_path.read_text())
+        store_url = str(folder / "store")
+        if evaluate:
+            prepare, train = _evaluation_configs(store_url, address, limit, window_mb)
+            _run_flow(prepare, folder, "prepare.log")
+            with Client(address) as client:
+                client.restart(wait_for_workers=True)
+            flow = _run_flow(train, folder, "flow.log")
+        else:
+            flow = _run_flow(_config(store_url, address, limit), folder, "flow.log")
         with Client(address) as client:
             worker_peaks = client.run(_worker_peak_mb)
         return flow | {"workers_mb": sorted(worker_peaks.values())}
@@ -109,6 +141,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 60_000])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--evaluate", action="store_true", help="measure evaluation training (see the docstring)")
+    parser.add_argument("--window-mb", type=float, help="--evaluate: evaluation.shuffle_window_mb")
     parser.add_argument("--flow-child", nargs=2, metavar=("CONFIG", "PEAK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flow_child:
@@ -118,12 +152,13 @@ def main() -> None:
     results = {}
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            results[size] = measure(size, args.workers, Path(tmp))
+            results[size] = measure(size, args.workers, Path(tmp), args.evaluate, args.window_mb)
         r = results[size]
         print(f"{size} images done in {r['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in r['timings_s'].items())})",
               flush=True)
     print(f"load after: {os.getloadavg()}")
-    print(f"\n| images | subset | flow process peak RSS | worker peak RSS ({args.workers} workers) | wall |")
+    workers = "training worker" if args.evaluate else "worker"
+    print(f"\n| images | subset | flow process peak RSS | {workers} peak RSS ({args.workers} workers) | wall |")
     print("|---|---|---|---|---|")
     for size, r in results.items():
         print(f"| {size:,} | {r['subset']:,} | {r['peak_rss_mb']:.0f} MB | "

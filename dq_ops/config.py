@@ -139,6 +139,11 @@ class EvaluationConfig(_Section):
     epochs: float = Field(30.0, gt=0, description="Passes over the training part (see dq_ops.train).")
     min_steps: int = Field(500, ge=1, description="At least this many SGD steps, so tiny subsets still converge.")
     max_steps: int | None = Field(None, ge=1, description="Cap on SGD steps (keeps the full-data arm affordable).")
+    shuffle_window_mb: float = Field(
+        1024.0, gt=0,
+        description="Most training images (uint8 MiB) a training run holds at once. A larger training part streams from the "
+        "store in block-shuffled windows of this size (the order then depends on it, and so does the evaluation's key).",
+    )
 
     @field_validator("seeds")
     @classmethod

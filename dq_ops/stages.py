@@ -25,7 +25,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -40,6 +40,9 @@ from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_gro
 from dq_ops.sampling import sample_bins, sample_sizes
 from dq_ops.stage import ClientSource, Progress, Stage, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
+
+if TYPE_CHECKING:
+    from dq_ops.train import TrainConfig
 
 BASELINES: dict[str, Callable[..., np.ndarray]] = {
     "random": select_random,
@@ -355,33 +358,43 @@ class TrainJob:
     seed: int
 
 
+def train_config(config: EvaluationConfig) -> TrainConfig:
+    """The library recipe with the evaluation section's budget and shuffle window."""
+    from dq_ops.train import TrainConfig
+
+    return TrainConfig(epochs=config.epochs, min_steps=config.min_steps, max_steps=config.max_steps,
+                       shuffle_window_mb=config.shuffle_window_mb)
+
+
 def run_training(job: TrainJob, progress: Progress | None = None) -> dict[str, Any]:
     """Train ``job.config.architecture`` on the job's samples and test it; the ``TrainResult`` as a dict.
 
-    Plain function of a :class:`TrainJob`, so a dask worker can run it: it reads its rows from the
-    store itself. On a worker torch uses the worker's thread budget (dask sets ``OMP_NUM_THREADS``).
+    Plain function of a :class:`TrainJob`, so a dask worker can run it: it streams its images from
+    the store (:class:`dq_ops.train_data.ZarrRows`: the subset's rows of the split, the
+    reconstructions, the test split), holding at most the shuffle window of training images and
+    one evaluation batch; only labels are read whole. On a worker torch uses the worker's thread
+    budget (dask sets ``OMP_NUM_THREADS``).
     """
-    from dq_ops.train import TrainConfig, train_and_evaluate
+    from dq_ops.train import train_and_evaluate
+    from dq_ops.train_data import ZarrRows
 
     store = Store(job.store_url, job.storage_options)
     dataset = store.open("datasets", job.dataset)
     split = dataset[QUANTIZED_SPLIT]
     if job.subset is None:
-        rows = np.arange(split["labels"].shape[0])
-        pixels = np.asarray(split["images"][:])
+        images = ZarrRows(split["images"])
+        labels = np.asarray(split["labels"][:])
     else:
         rows = np.asarray(store.open("subsets", job.subset)["indices"][:])
-        pixels = np.asarray(store.open("reconstructions", job.images)["images"][:] if job.images is not None
-                            else split["images"].get_orthogonal_selection((rows,)))
-    labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
+        images = (ZarrRows(store.open("reconstructions", job.images)["images"]) if job.images is not None
+                  else ZarrRows(split["images"], rows))
+        labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
     test = dataset["test"]
     class_names = dataset.group.attrs.get("class_names")
-    c = job.config
     result = train_and_evaluate(
-        pixels, labels, np.asarray(test["images"][:]), np.asarray(test["labels"][:]),
-        model=c.architecture, num_classes=len(class_names) if class_names else None,
-        config=TrainConfig(epochs=c.epochs, min_steps=c.min_steps, max_steps=c.max_steps),
-        seed=job.seed, progress=progress,
+        images, labels, ZarrRows(test["images"]), np.asarray(test["labels"][:]),
+        model=job.config.architecture, num_classes=len(class_names) if class_names else None,
+        config=train_config(job.config), seed=job.seed, progress=progress,
     )
     return dataclasses.asdict(result)
 
@@ -391,6 +404,8 @@ class EvaluateStage(Stage):
 
     ``images``: a reconstructions artifact whose ``images`` (one row per subset sample) replace
     the ingested pixels: the ``dq_pixels`` arm, trained on what patch dropping + MAE restore.
+    The shuffle window enters the key only for samples more than it holds: below, training
+    shuffles exactly and the result does not depend on it (``dq_ops.train_data``).
     With a dask ``client`` the training is one task on a worker (:func:`run_training`); without,
     it runs here. The result (``dq_ops.train.TrainResult`` fields) is stored in
     ``evaluations/<key>``' attributes.
@@ -409,7 +424,13 @@ class EvaluateStage(Stage):
 
     def params(self) -> dict[str, Any]:
         c = self.config
-        return {"architecture": c.architecture, "epochs": c.epochs, "min_steps": c.min_steps, "max_steps": c.max_steps, "seed": self.seed}
+        params = {"architecture": c.architecture, "epochs": c.epochs, "min_steps": c.min_steps, "max_steps": c.max_steps, "seed": self.seed}
+        images = self.dataset[f"{QUANTIZED_SPLIT}/images"]
+        samples = images.shape[0] if self.subset is None else self.subset["indices"].shape[0]
+        if samples * int(np.prod(images.shape[1:])) <= c.shuffle_window_mb * 2**20:
+            return params  # the window holds them all (decided without importing torch)
+        window = train_config(c).window_rows(images.shape[1:])
+        return params | ({"shuffle_window_rows": window} if samples > window else {})
 
     def inputs(self) -> list[Artifact]:
         return [a for a in (self.dataset, self.subset, self.images) if a is not None]

@@ -23,6 +23,13 @@ Recipe (the reference's CIFAR recipe, with its test-set model selection removed)
   at ``max_steps`` when set. ``epochs`` gives large subsets full passes; ``min_steps`` gives tiny
   subsets enough optimisation steps (600 samples would otherwise get ~150 steps). Batches are
   consecutive slices of a fresh permutation every epoch; a partial last batch is dropped.
+- Streaming: images come from an :class:`~dq_ops.train_data.ImageRows` source (in-memory
+  arrays, or Zarr arrays of the store), and at most ``shuffle_window_mb`` of training images
+  are held at once (plus a batch that spans two windows). A training part that fits is read
+  once and shuffled exactly as above; a larger one is read one window at a time in the
+  block-shuffled order of ``dq_ops.train_data.epoch_windows`` (every image once per epoch; the
+  order then depends on the window). Channel statistics, validation and test accuracy read
+  ``eval_batch_size`` images at a time.
 - Report: test accuracy of the *final* network (the reference reported the best epoch on the
   test set), final validation accuracy, wall time of the training loop, steps, samples/s.
 
@@ -48,6 +55,7 @@ from torch import nn
 
 from dq_ops.errors import DQInputError
 from dq_ops.models import DEFAULT_MODEL, build_model
+from dq_ops.train_data import ArrayRows, ImageRows, epoch_windows, window_rows
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -74,6 +82,7 @@ class TrainConfig:
     flip: bool = True
     amp: bool = True  # bfloat16 autocast and channels-last, CUDA only
     eval_batch_size: int = 1024
+    shuffle_window_mb: float = 1024.0  # training images (uint8) held at once; see "Streaming"
 
     def __post_init__(self) -> None:
         if not self.epochs > 0:
@@ -88,6 +97,12 @@ class TrainConfig:
             raise DQInputError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.crop_padding < 0:
             raise DQInputError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if not self.shuffle_window_mb > 0:
+            raise DQInputError(f"shuffle_window_mb must be > 0, got {self.shuffle_window_mb}")
+
+    def window_rows(self, image_shape: tuple[int, ...]) -> int:
+        """Training images of ``image_shape`` (uint8) held at once: the shuffle window in rows."""
+        return window_rows(int(np.prod(image_shape)), self.shuffle_window_mb, self.batch_size)
 
 
 # The reference used batch 16 at keep ratios <= 10%: replace(CIFAR_RESNET18_RECIPE, batch_size=16).
@@ -142,18 +157,24 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return train, val
 
 
-def _as_nchw(images: np.ndarray, what: str) -> np.ndarray:
-    """uint8 NHW or NHWC → contiguous NCHW, checking dtype and squareness."""
-    images = np.asarray(images)
+def _image_shape(images: ImageRows, what: str) -> tuple[int, int, int]:
+    """(C, H, W) of a uint8 NHW or NHWC source, checking dtype and squareness."""
+    shape = images.shape
     if images.dtype != np.uint8:
         raise DQInputError(f"{what}: expected uint8 pixels, got {images.dtype}")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4:
-        raise DQInputError(f"{what}: expected NHW or NHWC images, got shape {images.shape}")
-    if images.shape[1] != images.shape[2]:
-        raise DQInputError(f"{what}: images must be square, got {images.shape[1]}×{images.shape[2]}")
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    if len(shape) not in (3, 4):
+        raise DQInputError(f"{what}: expected NHW or NHWC images, got shape {shape}")
+    if shape[1] != shape[2]:
+        raise DQInputError(f"{what}: images must be square, got {shape[1]}×{shape[2]}")
+    return (shape[3] if len(shape) == 4 else 1, shape[1], shape[2])
+
+
+def _read_nchw(images: ImageRows, positions: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The images at ``positions`` as a contiguous uint8 (k, C, H, W) tensor on ``device``."""
+    pixels = torch.from_numpy(np.asarray(images.read(positions)))
+    if pixels.ndim == 3:
+        pixels = pixels[..., None]
+    return pixels.permute(0, 3, 1, 2).contiguous().to(device)
 
 
 def _check_labels(labels: np.ndarray, n_images: int, what: str) -> np.ndarray:
@@ -190,16 +211,18 @@ def augment(batch: torch.Tensor, padding: int, flip: bool, generator: torch.Gene
     return batch.contiguous()
 
 
-def _channel_stats(pixels: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation of uint8 (N, C, H, W) pixels scaled to [0, 1], as
-    (1, C, 1, 1) float32; accumulated in float64 chunk by chunk (no float copy of the whole set)."""
-    total = torch.zeros(pixels.shape[1], dtype=torch.float64, device=pixels.device)
+def _channel_stats(images: ImageRows, positions: np.ndarray, channels: int, chunk: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of the images at ``positions`` scaled to [0, 1], as
+    (1, C, 1, 1) float32; read ``chunk`` images at a time and accumulated in float64."""
+    total = torch.zeros(channels, dtype=torch.float64, device=device)
     squares = torch.zeros_like(total)
-    for start in range(0, len(pixels), chunk):
-        x = pixels[start:start + chunk].to(torch.float64) / 255.0
+    count = 0
+    for start in range(0, len(positions), chunk):
+        x = _read_nchw(images, positions[start:start + chunk], device).to(torch.float64) / 255.0
         total += x.sum(dim=(0, 2, 3))
         squares += (x * x).sum(dim=(0, 2, 3))
-    count = pixels.numel() / pixels.shape[1]
+        count += x.numel() // channels
     mean = total / count
     std = (squares / count - mean * mean).clamp_min(0.0).sqrt()
     # A constant channel must not divide by zero.
@@ -226,22 +249,51 @@ def _deterministic_cudnn(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
-def _accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
-              std: torch.Tensor, batch_size: int, use_amp: bool, memory_format: torch.memory_format) -> float:
+def _accuracy(model: nn.Module, images: ImageRows, positions: np.ndarray, labels: np.ndarray, mean: torch.Tensor,
+              std: torch.Tensor, batch_size: int, use_amp: bool, memory_format: torch.memory_format,
+              device: torch.device) -> float:
+    """Accuracy on the images at ``positions`` (labels: theirs, in that order), ``batch_size`` at a time."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=pixels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-        for start in range(0, len(pixels), batch_size):
-            x = (pixels[start:start + batch_size].float() / 255.0 - mean) / std
+        for start in range(0, len(positions), batch_size):
+            x = (_read_nchw(images, positions[start:start + batch_size], device).float() / 255.0 - mean) / std
             logits = model(x.contiguous(memory_format=memory_format))
-            correct += (logits.argmax(dim=1) == labels[start:start + batch_size]).sum()
-    return correct.item() / len(pixels)
+            y = torch.from_numpy(labels[start:start + batch_size]).to(device)
+            correct += (logits.argmax(dim=1) == y).sum()
+    return correct.item() / len(positions)
+
+
+def _epoch_batches(
+    windows: list[torch.Tensor], read_window: Callable[[np.ndarray], torch.Tensor], labels: torch.Tensor, batch: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's (uint8 pixels, labels) batches: consecutive slices of the concatenated
+    ``windows`` (training positions), a partial last batch dropped. ``read_window(sorted
+    positions)`` gives their pixels; one window is held at a time (plus a batch spanning two)."""
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    pending = 0
+    for window in windows:
+        ascending, rank = torch.sort(window)
+        local = torch.empty_like(rank)
+        local[rank] = torch.arange(len(rank))  # window[i] is row local[i] of the pixels read
+        pixels = read_window(ascending.numpy())
+        local, window = local.to(pixels.device), window.to(labels.device)
+        start = 0
+        while start < len(window):
+            take = min(batch - pending, len(window) - start)
+            parts.append((pixels[local[start:start + take]], labels[window[start:start + take]]))
+            pending, start = pending + take, start + take
+            if pending == batch:
+                xs, ys = zip(*parts)
+                yield (xs[0], ys[0]) if len(parts) == 1 else (torch.cat(xs), torch.cat(ys))
+                parts, pending = [], 0
+        del pixels  # before the next window is read
 
 
 def train_and_evaluate(
-    images: np.ndarray,
+    images: np.ndarray | ImageRows,
     labels: np.ndarray,
-    test_images: np.ndarray,
+    test_images: np.ndarray | ImageRows,
     test_labels: np.ndarray,
     *,
     model: str = DEFAULT_MODEL,
@@ -253,22 +305,25 @@ def train_and_evaluate(
 ) -> TrainResult:
     """Train ``model`` from scratch on (``images``, ``labels``) and measure it on the test split.
 
-    ``images`` / ``test_images``: uint8, (N, H, W) or (N, H, W, C), square, same H, W, C.
+    ``images`` / ``test_images``: uint8, (N, H, W) or (N, H, W, C), square, same H, W, C; arrays
+    or :class:`~dq_ops.train_data.ImageRows` sources (read in batches, never whole).
     ``labels`` / ``test_labels``: integer class ids in ``[0, num_classes)``; ``num_classes``
     defaults to 1 + the largest label seen in either split. ``device``: "auto" (CUDA when
     present), "cpu", "cuda", ... ``progress(step, total)`` is called after every optimisation
     step (1-based). See the module docstring for the recipe; raises ``DQInputError`` on bad input.
     """
-    pixels = _as_nchw(images, "training subset")
-    test_pixels = _as_nchw(test_images, "test split")
-    labels = _check_labels(labels, len(pixels), "training subset")
-    test_labels = _check_labels(test_labels, len(test_pixels), "test split")
-    if len(pixels) == 0:
+    images = images if isinstance(images, ImageRows) else ArrayRows(images)
+    test_images = test_images if isinstance(test_images, ImageRows) else ArrayRows(test_images)
+    image_shape = _image_shape(images, "training subset")
+    test_shape = _image_shape(test_images, "test split")
+    labels = _check_labels(labels, len(images), "training subset")
+    test_labels = _check_labels(test_labels, len(test_images), "test split")
+    if len(images) == 0:
         raise DQInputError("training subset is empty")
-    if len(test_pixels) == 0:
+    if len(test_images) == 0:
         raise DQInputError("test split is empty")
-    if pixels.shape[1:] != test_pixels.shape[1:]:
-        raise DQInputError(f"training images are {pixels.shape[1:]} (C, H, W) but test images {test_pixels.shape[1:]}")
+    if image_shape != test_shape:
+        raise DQInputError(f"training images are {image_shape} (C, H, W) but test images {test_shape}")
     seen = int(max(labels.max(), test_labels.max())) + 1
     if num_classes is None:
         num_classes = seen
@@ -280,6 +335,7 @@ def train_and_evaluate(
     batch = min(config.batch_size, n_train)
     steps = training_steps(n_train, config)
     steps_per_epoch = n_train // batch
+    window = config.window_rows(image_shape)
 
     dev = _resolve_device(device)
     use_amp = config.amp and dev.type == "cuda"
@@ -287,14 +343,18 @@ def train_and_evaluate(
     # Network init from the seed without disturbing the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = build_model(model, pixels.shape[1], num_classes, pixels.shape[2])
+        net = build_model(model, image_shape[0], num_classes, image_shape[1])
     net = net.to(dev, memory_format=memory_format)
     generator = torch.Generator().manual_seed(seed)
 
-    # The whole training part stays on the device as uint8 (Fashion-MNIST/CIFAR scale).
-    train_x = torch.from_numpy(pixels[train_pos]).to(dev)
+    mean, std = _channel_stats(images, train_pos, image_shape[0], config.eval_batch_size, dev)
     train_y = torch.from_numpy(labels[train_pos]).to(dev)
-    mean, std = _channel_stats(train_x, config.eval_batch_size)
+    # A training part that fits the window is read once and stays on the device as uint8.
+    resident = _read_nchw(images, train_pos, dev) if n_train <= window else None
+
+    def read_window(positions: np.ndarray) -> torch.Tensor:
+        """Pixels of one window's ascending positions (resident: the one window, every position)."""
+        return resident if resident is not None else _read_nchw(images, train_pos[positions], dev)
 
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -315,14 +375,13 @@ def train_and_evaluate(
         started = time.perf_counter()
         net.train()
         for step in range(steps):
-            slot = step % steps_per_epoch
-            if slot == 0:
-                order = torch.randperm(n_train, generator=generator).to(dev)
-            idx = order[slot * batch:(slot + 1) * batch]
-            x = augment(train_x[idx].float() / 255.0, config.crop_padding, config.flip, generator)
+            if step % steps_per_epoch == 0:
+                batches = _epoch_batches(epoch_windows(n_train, window, generator), read_window, train_y, batch)
+            pixels, y = next(batches)
+            x = augment(pixels.float() / 255.0, config.crop_padding, config.flip, generator)
             x = ((x - mean) / std).contiguous(memory_format=memory_format)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                loss = F.cross_entropy(net(x), train_y[idx])
+                loss = F.cross_entropy(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -334,16 +393,17 @@ def train_and_evaluate(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         train_seconds = time.perf_counter() - started
+        del batches
+        resident = None  # frees the training images before testing reads its own
 
-        def accuracy_on(x: np.ndarray, y: np.ndarray) -> float:
-            return _accuracy(net, torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev), mean, std,
-                             config.eval_batch_size, use_amp, memory_format)
+        def accuracy_on(source: ImageRows, positions: np.ndarray, y: np.ndarray) -> float:
+            return _accuracy(net, source, positions, y, mean, std, config.eval_batch_size, use_amp, memory_format, dev)
 
-        test_accuracy = accuracy_on(test_pixels, test_labels)
-        val_accuracy = accuracy_on(pixels[val_pos], labels[val_pos]) if len(val_pos) else None
+        test_accuracy = accuracy_on(test_images, np.arange(len(test_images)), test_labels)
+        val_accuracy = accuracy_on(images, val_pos, labels[val_pos]) if len(val_pos) else None
 
     return TrainResult(
-        model=model, seed=seed, n_train=n_train, n_val=len(val_pos), n_test=len(test_pixels),
+        model=model, seed=seed, n_train=n_train, n_val=len(val_pos), n_test=len(test_images),
         test_accuracy=test_accuracy, val_accuracy=val_accuracy,
         final_train_loss=tail_loss.item() / tail,
         steps=steps, batch_size=batch, epochs=steps * batch / n_train,
