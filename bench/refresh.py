@@ -10,7 +10,8 @@ first run reuses the exact mode's embeddings by content, which is the point of t
 Prints per stage the refresh time against the first run, samples embedded, classes re-binned,
 the selection's churn (overall and in classes the change did not touch) and the wall time of
 the unchanged re-run. Every ``dq run`` is a real CLI subprocess against a local Prefect server
-that the first run starts and this script stops at the end (unless ``--keep-server``).
+that this script starts (or finds) before the first timed run and stops at the end (unless
+``--keep-server``); ``PREFECT_SERVER_API_PORT`` picks its port.
 
     python bench/refresh.py [--limit N] [--store DIR]
 """
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--keep-server", action="store_true", help="leave the local Prefect server running")
     args = parser.parse_args()
     os.environ.pop("DQ_PREFECT_SERVER", None)
+    from flows.server import use_local_server
+
+    use_local_server()  # started untimed; the runs inherit its PREFECT_API_URL
 
     folder = Path(tempfile.mkdtemp(prefix="dq-refresh-"))
     store = args.store or str(folder / "store")

@@ -4,8 +4,9 @@ The subset is cut into row chunks of ``r`` images (the patch store's Zarr chunk,
 write the same chunk). The client sends each task URLs and a row range, never arrays; the worker
 reads its rows from the store, computes, and writes them into a resumable staging group; the
 stages are :class:`~dq_ops.stage.ChunkedStage` s, which mark ``done[chunk]`` last and on a
-rerun submit only the chunks not marked done. Models are loaded once per worker process
-(:func:`get_classifier`, :func:`get_mae`) on the worker's device (its GPU under dask-cuda).
+rerun submit only the chunks not marked done. This module holds the stages (keys, layouts, job
+descriptions: no torch); what the workers run is :mod:`dq_ops.pixel_work`, which loads each
+model once per worker process on the worker's device (its GPU under dask-cuda).
 
 Reports are combined from per-chunk sums that the workers store beside their rows
 (``chunk_stats``), so the flow process never holds subset-sized arrays:

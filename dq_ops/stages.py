@@ -51,9 +51,11 @@ BASELINES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 # When no cluster is running, changed classes holding at most this many rows in all are re-binned
-# in this process: a local cluster's start (several seconds on 2 cores) costs more than their
-# greedies (five Fashion-MNIST classes, 30k rows × 1280: about 6 s either way).
+# in this process rather than on a cluster started for them. Measured on bench/refresh.py's five
+# changed Fashion-MNIST classes (29,700 rows × 1280, 2 busy cores): 4.4–5.4 s here, 8.0 s with a
+# local cluster started for them.
 BINS_INLINE_ROWS = 32_768
+
 
 def split_labels(dataset: Artifact, split: str = QUANTIZED_SPLIT) -> np.ndarray | None:
     """The split's labels, or None when the dataset is unlabelled (all -1)."""

@@ -108,7 +108,7 @@ def test_a_two_worker_cluster_and_a_one_worker_cluster_give_identical_artifacts(
         local = quantize(_config(local_store, {"kind": "local", "n_workers": 1, "threads_per_worker": 1}))
     with Client(scheduler_address) as client:
         # Both worker processes scored patches: each loaded its own Grad-CAM++ classifier.
-        loaded = client.run(lambda: sorted(type(k).__name__ for k in importlib.import_module("dq_ops.pixels")._MODELS))
+        loaded = client.run(lambda: sorted(type(k).__name__ for k in importlib.import_module("dq_ops.pixel_work")._MODELS))
     assert len(loaded) == 2 and all("ScorerSpec" in models for models in loaded.values()), loaded
 
     remote_digests, local_digests = _digests(remote_store, remote), _digests(local_store, local)
