@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,7 +38,7 @@ from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
 from dq_ops.config import BinsConfig, EvaluationConfig
 from dq_ops.embed import content_keys
 from dq_ops.errors import DQInputError
-from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups
+from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups, single_threaded_blas
 from dq_ops.sampling import sample_bins, sample_sizes
 from dq_ops.stage import ClientSource, Progress, Stage, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
@@ -269,11 +271,18 @@ class BinsStage(Stage):
             class_bins = self._map(client, _class_bins_worker, jobs)
         else:
             # A refresh's few changed classes: here, their rows read in one pass (classes interleave
-            # across every chunk; reading class by class would decode each chunk once per class).
+            # across every chunk; reading class by class would decode each chunk once per class),
+            # their greedies on threads (BLAS releases the GIL; one BLAS thread each, limited once
+            # around them all). Five Fashion-MNIST classes: 2.7 s on 2 threads, 4.0 s one by one.
             changed = np.sort(np.concatenate([groups[c] for c in todo])) if todo else np.zeros(0, dtype=np.int64)
             rows = embedding_rows(self.embeddings, changed)
-            class_bins = [generate_class_bins(rows.take(np.searchsorted(changed, groups[c])), budgets[c], kernel=kernel,
-                                              memory_budget_mb=self.config.memory_budget_mb) for c in todo]
+
+            def bin_class(c: int) -> list[np.ndarray]:
+                return generate_class_bins(rows.take(np.searchsorted(changed, groups[c])), budgets[c], kernel=kernel,
+                                           memory_budget_mb=self.config.memory_budget_mb)
+
+            with single_threaded_blas(), ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+                class_bins = list(pool.map(bin_class, todo))
         for c, bins in zip(todo, class_bins):
             for b, local in enumerate(bins):
                 bin_of_sample[groups[c][local]] = b
