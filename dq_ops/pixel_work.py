@@ -5,6 +5,7 @@ run (a dask worker, or the flow process when it computes inline), never to look 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -109,16 +110,17 @@ def reconstruct_chunk(job: PixelChunkJob) -> int:
 
 
 def train_mae_job(store_url: str, storage_options: dict[str, Any], dataset: str, config: dict[str, Any],
-                   seed: int) -> tuple[bytes, list[float]]:
+                  seed: int) -> tuple[bytes, list[float], dict[str, Any]]:
     """Train (or load) the MAE where this runs (a worker, on its device); returns the checkpoint
-    bytes and the per-step losses (a model-sized payload, never data)."""
+    bytes, the per-step losses and the model's configuration (a model-sized payload, never data)."""
     if config["mae_checkpoint"]:
-        return mae_checkpoint_bytes(load_mae(config["mae_checkpoint"])), []
-    split = Store(store_url, storage_options).open("datasets", dataset)[SPLIT]
-    n = split["images"].shape[0]
-    rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, config["mae_train_samples"])])
-    images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
-    mae_config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=config["patch_size"],
-                           mask_ratio=config["mae_mask_ratio"])
-    model, history = train_mae(images, mae_config, seed=seed, epochs=config["mae_epochs"], device=default_device())
-    return mae_checkpoint_bytes(model), history
+        model, history = load_mae(config["mae_checkpoint"]), []
+    else:
+        split = Store(store_url, storage_options).open("datasets", dataset)[SPLIT]
+        n = split["images"].shape[0]
+        rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, config["mae_train_samples"])])
+        images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
+        mae_config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=config["patch_size"],
+                               mask_ratio=config["mae_mask_ratio"])
+        model, history = train_mae(images, mae_config, seed=seed, epochs=config["mae_epochs"], device=default_device())
+    return mae_checkpoint_bytes(model), history, json.loads(model.config.to_json())

@@ -33,7 +33,6 @@ patches almost identically (same θ = 0.2 keep mask for 97.7% of images, mean Ja
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +46,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.patch_store import PatchStore, storage_report
 from dq_ops.patch_store import default_chunk_rows as patch_chunk_rows
 from dq_ops.patches import kept_patch_count, patch_grid
-from dq_ops.stage import ChunkedStage, ClientSource, Progress, Stage, resolve_client
+from dq_ops.stage import ChunkedStage, ClientSource, Progress, Stage, call, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store, file_digest, open_zarr_store, write_array
 
@@ -192,18 +191,16 @@ class MAEStage(Stage):
         return [] if self.config.mae_checkpoint else [self.dataset]
 
     def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
-        from dq_ops.mae import mae_from_checkpoint_bytes
-        from dq_ops.pixel_work import train_mae_job
-
-        args = (self.store.url, self.store.storage_options, self.dataset.name, self.config.model_dump(mode="json"), self.seed)
+        job = ("dq_ops.pixel_work:train_mae_job", self.store.url, self.store.storage_options, self.dataset.name,
+               self.config.model_dump(mode="json"), self.seed)
         client = resolve_client(client)
         if client is None:
-            checkpoint, history = train_mae_job(*args)
+            checkpoint, history, mae_config = call(*job)
         else:
-            checkpoint, history = client.submit(train_mae_job, *args, key=f"dq-mae-{self.name()}-{uuid.uuid4().hex[:8]}").result()
+            checkpoint, history, mae_config = client.submit(call, *job, key=f"dq-mae-{self.name()}-{uuid.uuid4().hex[:8]}").result()
         write_array(group, "checkpoint", np.frombuffer(checkpoint, dtype=np.uint8))
         write_array(group, "loss_history", np.asarray(history, dtype=np.float32))
-        group.attrs["mae_config"] = json.loads(mae_from_checkpoint_bytes(checkpoint, self.name()).config.to_json())
+        group.attrs["mae_config"] = mae_config
         if progress is not None:
             progress(1, 1)
 

@@ -104,11 +104,17 @@ class ChunkJob(Protocol):
     stop: int
 
 
+def call(function: str, *args: Any) -> Any:
+    """Call the function ``function`` names (``"module:function"``), imported where this runs:
+    a stage hands work to a worker without importing the work's libraries itself."""
+    module, name = function.split(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
 def run_chunk(worker: str, job: ChunkJob) -> int:
-    """Worker side: run one chunk with the function ``worker`` names (``"module:function"``),
-    then mark it done (last, so a done chunk is complete)."""
-    module, function = worker.split(":")
-    count = getattr(importlib.import_module(module), function)(job)
+    """Worker side: run one chunk with the function ``worker`` names, then mark it done (last,
+    so a done chunk is complete)."""
+    count = call(worker, job)
     zarr.open_group(open_zarr_store(job.staging_url, job.storage_options), mode="r+")["done"][job.index] = True
     return count
 
