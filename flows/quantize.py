@@ -71,6 +71,7 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         with timed("ingest"):
             dataset = ingest_dataset(config.dataset, store_url)
         preflight(config, dataset.open())  # what the data must allow, before the expensive stages
+        tracker.wait()  # and a reachable MLflow (it connected while ingest ran)
         with timed("embeddings"):
             embeddings = compute_embeddings(
                 store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, precision, config.cluster

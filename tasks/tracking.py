@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dq_ops.config import DQConfig
+from dq_ops.errors import DQInputError
 from dq_ops.locks import file_lock
 from dq_ops.urls import redact_credentials
 
@@ -110,6 +111,16 @@ class Tracker:
     @property
     def run_id(self) -> str:
         return self._connection.result()[2]
+
+    def wait(self) -> None:
+        """Wait for the connection; called before the expensive stages, so a wrong or unreachable
+        tracking URI fails the run early, in one line naming it."""
+        error = self._connection.exception()
+        if error is not None:
+            detail = (str(error).strip().splitlines() or [""])[0][:300]
+            raise DQInputError(
+                f"tracking.tracking_uri {redact_credentials(self.uri)}: MLflow is not usable ({type(error).__name__}: {detail})"
+            ) from error
 
     def connected(self) -> bool:
         """Whether the run exists (waits for the connection; False when it failed)."""

@@ -4,8 +4,8 @@ the real ``dq`` CLI in a subprocess, ends the same way: exit status 2, a last li
 details, no traceback on the terminal, and the store byte for byte as it was.
 
 The store starts with a good dataset of the same name (so a failed ingest must not touch it).
-Runs that fail on what the data must allow (patch size, an empty subset) find the dataset
-ingested by an earlier run in Prefect's cache, so they too leave every byte as it was; the MLflow
+Runs that fail after ingest (on what the data must allow: patch size, an empty subset; or on an
+unreachable MLflow server) find the dataset ingested by an earlier run in Prefect's cache, so they too leave every byte as it was; the MLflow
 database lives outside the store in these configs.
 """
 
@@ -36,7 +36,8 @@ def _idx(name: str, offset: int, count: int, shape: tuple[int, ...]) -> np.ndarr
 def ws(tmp_path_factory):
     """A workspace: real Fashion-MNIST sources (good and broken), a store holding the good one."""
     root = tmp_path_factory.mktemp("bad-input")
-    env = cli_env(root, PREFECT_HOME=str(root / "prefect-home"))
+    # An unreachable MLflow server is reported at once, not after MLflow's backed-off retries.
+    env = cli_env(root, PREFECT_HOME=str(root / "prefect-home"), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     images = _idx("train-images-idx3-ubyte.gz", 16, 300, (28, 28))
     labels = _idx("train-labels-idx1-ubyte.gz", 8, 300, ()).astype(np.int64)
     good = root / "good.npz"
@@ -133,11 +134,13 @@ CASES = [
     ("patch-size-does-not-divide", lambda ws: ["run", str(_config(ws, "patch", patches={"enabled": True, "patch_size": 5}))],
      "patches.patch_size=5"),
     ("ratio-gives-empty-subset", lambda ws: ["run", str(_config(ws, "tiny-ratio")), "--ratio", "0.01"], "keep ratio 0.01"),
+    ("unreachable-tracking-server", lambda ws: ["run", str(_config(ws, "mlflow-down", sampling={"ratios": [0.5]}, tracking={
+        "tracking_uri": f"http://127.0.0.1:{_free_port()}"}))], "tracking.tracking_uri http://127.0.0.1:"),
 ]
 
 
-# Cases that fail on what the ingested data allows: after ingest, served from Prefect's cache.
-NEEDS_INGESTED_DATA = ("patch-size-does-not-divide", "ratio-gives-empty-subset")
+# Cases that fail after ingest (served from Prefect's cache), before the expensive stages.
+NEEDS_INGESTED_DATA = ("patch-size-does-not-divide", "ratio-gives-empty-subset", "unreachable-tracking-server")
 
 
 @pytest.fixture(scope="module")
