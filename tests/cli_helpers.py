@@ -5,12 +5,20 @@ from __future__ import annotations
 import hashlib
 import os
 import pty
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (the OS's pick, released at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ database lives outside the store in these configs.
 from __future__ import annotations
 
 import gzip
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import yaml
 from PIL import Image
 
 from dq_ops.readers.idx import FASHION_MNIST_DIR
-from tests.cli_helpers import cli_env, dq, tree_digest
+from tests.cli_helpers import cli_env, dq, free_port, tree_digest
 
 NAME = "fm"
 
@@ -63,12 +62,6 @@ def _config(ws, name: str, **sections) -> Path:
     path = ws["root"] / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write(ws, name: str, data: bytes) -> Path:
@@ -125,7 +118,7 @@ CASES = [
         "backbone": "timm:resnet18", "weights": str(_write(ws, "weights.safetensors", b"\x00garbage" * 64))}))],
      "weights.safetensors"),
     ("unreachable-cluster", lambda ws: ["run", str(_config(ws, "cluster", cluster={
-        "kind": "address", "address": f"tcp://127.0.0.1:{_free_port()}"}))], "cluster.address"),
+        "kind": "address", "address": f"tcp://127.0.0.1:{free_port()}"}))], "cluster.address"),
     ("unwritable-store", lambda ws: ["run", str(_config(ws, "ro-store", store_url="/proc/dq-store"))], "/proc/dq-store"),
     ("subset-gone", lambda ws: ["export", "0123456789abcdef", str(ws["root"] / "out"), "--format", "npz",
                                 "--store", str(ws["store"])], "subsets/0123456789abcdef"),
@@ -135,7 +128,7 @@ CASES = [
      "patches.patch_size=5"),
     ("ratio-gives-empty-subset", lambda ws: ["run", str(_config(ws, "tiny-ratio")), "--ratio", "0.01"], "keep ratio 0.01"),
     ("unreachable-tracking-server", lambda ws: ["run", str(_config(ws, "mlflow-down", sampling={"ratios": [0.5]}, tracking={
-        "tracking_uri": f"http://127.0.0.1:{_free_port()}"}))], "tracking.tracking_uri http://127.0.0.1:"),
+        "tracking_uri": f"http://127.0.0.1:{free_port()}"}))], "tracking.tracking_uri http://127.0.0.1:"),
 ]
 
 

@@ -9,14 +9,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli_helpers import REPO, free_port
+
 USE_LOCAL_SERVER = "from flows.server import use_local_server; print(use_local_server())"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _local_server_env(home: Path, port: int) -> dict[str, str]:
@@ -28,7 +23,7 @@ def test_a_stale_pid_file_does_not_block_the_local_server(tmp_path):
     """A background server that died uncleanly (a reboot, a killed machine) leaves
     ``$PREFECT_HOME/server.pid`` behind, and ``prefect server start --background`` then refuses
     to start; dq removes the stale file and starts its server."""
-    home, port = tmp_path / "prefect-home", _free_port()
+    home, port = tmp_path / "prefect-home", free_port()
     home.mkdir()
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
