@@ -1,4 +1,4 @@
-"""Grad-CAM++ for batched patch scoring: dq's own (``dq_ops.patches.gradcam_plus_plus``) vs the
+"""Grad-CAM++ for batched patch scoring: dq's own (``dq_ops.gradcam.gradcam_plus_plus``) vs the
 maintained ``grad-cam`` package (pytorch-grad-cam's ``GradCAMPlusPlus``).
 
 Both score the same real Fashion-MNIST images with the pretrained EfficientNet-Lite0 at 112 px

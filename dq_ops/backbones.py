@@ -326,7 +326,7 @@ def load_classifier(name: str = DEFAULT_BACKBONE, weights: str | None = None, im
     """The whole backbone with its classifier (eval mode, CPU) and, as ``target_layer``, the module
     giving its last feature map (timm: ``bn2`` where the model has one, else the last ``feature_info`` stage; torchvision: ``layer4``,
     ``trunk_output`` or ``features``). For CNNs that map is ``(n, K, h, w)``; a transformer's
-    last stage gives tokens, which ``dq_ops.patches.gradcam_plus_plus`` rejects."""
+    last stage gives tokens, which ``dq_ops.gradcam.gradcam_plus_plus`` rejects."""
     built = _load_architecture(name, weights)
     if built.target_layer is None:
         raise DQInputError(f"backbone {name!r} has no convolutional feature map to take activation maps from")
