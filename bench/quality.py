@@ -15,7 +15,7 @@ Arms:
   first DQ arm's subset (``sample_sizes``). DQ with 1 bin is this arm: uniform sampling of one bin
   that holds the whole class is uniform random sampling.
 - ``dq-pca``, ``dq-emb``, ``dq-grad``: DQ with 10 GraphCut bins on PCA-64 of the pixels, on the
-  ImageNet EfficientNet-Lite0 embedding (32 px, 1280-d; the pipeline's default features), or on
+  ImageNet EfficientNet-Lite0 embedding (``--image-size`` px, default 32 as in the pipeline; 1280-d), or on
   the reference's last-layer gradient embedding of that backbone (random head, seed 0).
 - ``dq-emb-20``: 20 bins on the embedding.
 - ``dq-emb-adq``: 10 bins on the embedding with ADQ's adaptive per-bin budget
@@ -63,13 +63,13 @@ def pca_features(images: np.ndarray, dim: int = 64) -> np.ndarray:
     return x @ vectors[:, ::-1][:, :dim].astype(np.float32)
 
 
-def backbone_embedding(images: np.ndarray, cache: Path) -> np.ndarray:
-    """EfficientNet-Lite0 (ImageNet weights) penultimate features at 32 px, cached in ``cache``."""
-    path = cache / "fashion-mnist-train-efficientnet-lite0-32px.npy"
+def backbone_embedding(images: np.ndarray, cache: Path, image_size: int) -> np.ndarray:
+    """EfficientNet-Lite0 (ImageNet weights) penultimate features at ``image_size`` px, cached in ``cache``."""
+    path = cache / f"fashion-mnist-train-efficientnet-lite0-{image_size}px.npy"
     if not path.exists():
         from dq_ops.backbones import load_image_extractor
 
-        extractor = load_image_extractor(image_size=32, device=torch.device("cpu"))
+        extractor = load_image_extractor(image_size=image_size, device=torch.device("cpu"))
         features = np.concatenate([extractor(images[i:i + 2048]) for i in range(0, len(images), 2048)])
         np.save(path, features.astype(np.float32))
     return np.load(path)
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="SGD steps of batch 128 per training run")
     parser.add_argument("--alpha", type=float, default=0.5, help="ADQ mix of importance and size shares")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="backbone input size for the embedding arms (the pipeline's default: 32)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dq-quality-cache")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 draws, 1%% and 10%%, 20 steps, PCA only")
     args = parser.parse_args()
@@ -118,7 +120,7 @@ def main() -> None:
         features: dict[str, object] = {"pca": pca_features(images)}
     if any(arm.startswith(("dq-emb", "dq-grad")) for arm in arms):
         with timed("features emb (cached after the first run)"):
-            features["emb"] = backbone_embedding(images, args.cache)
+            features["emb"] = backbone_embedding(images, args.cache, args.image_size)
     if "dq-grad" in arms:
         with timed("features grad"):
             features["grad"] = gradient_embedding(features["emb"], labels, seed=0)
