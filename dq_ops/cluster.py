@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
-
-import dask
-from distributed import Client, LocalCluster
+from typing import TYPE_CHECKING, Literal
 
 from dq_ops.config import ClusterConfig
 from dq_ops.errors import DQInputError
+
+if TYPE_CHECKING:  # imported where a cluster starts: distributed costs 0.25 s
+    from distributed import Client
 
 ClusterKind = Literal["local", "local-cuda", "address"]
 
@@ -82,6 +82,9 @@ def dask_client(config: ClusterConfig) -> Iterator[Client]:
     ``n_workers`` / ``threads_per_worker`` left unset take dask's defaults (local: about one
     worker per core group; local-cuda: one worker per GPU, one thread each).
     """
+    import dask
+    from distributed import Client, LocalCluster
+
     kind = resolve_kind(config)
     if kind == "address":
         with Client(config.address) as client:

@@ -36,11 +36,10 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from distributed import Client
 
 from dq_ops.backbone_spec import ExtractorSpec, text_dim, text_model_version, weights_digest
 from dq_ops.cluster import workers_precision
@@ -48,7 +47,10 @@ from dq_ops.config import EmbeddingConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import gradient_embedding
 from dq_ops.stage import ChunkedStage
-from dq_ops.store import Artifact, Store, open_zarr_store, write_array
+from dq_ops.store import Artifact, Store, feature_compressor, open_zarr_store, write_array
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 Progress = Callable[[int, int], None]
 # Default rows per task: tens of seconds of CPU work for a small backbone (enough to hide task
@@ -195,7 +197,11 @@ class EmbeddingsStage(ChunkedStage):
 
     @functools.cached_property
     def dim(self) -> int:
-        """Feature dimension (an image backbone's needs its architecture: computing only)."""
+        """Feature dimension: the donor's, else the model's (an image backbone's needs its
+        architecture, so a refresh that only removes samples never imports torch)."""
+        donor, _ = self.donor()
+        if donor is not None:
+            return int(donor["features"].shape[1])
         if self.samples == "texts":
             return text_dim(self.config.text_model)
         from dq_ops.backbones import backbone_dim
@@ -210,9 +216,11 @@ class EmbeddingsStage(ChunkedStage):
 
     def create_layout(self, group: zarr.Group) -> None:
         n = self.num_rows()
-        write_array(group, "features", shape=(n, self.dim), dtype=np.float32, chunk_rows=self._chunk_rows)
+        write_array(group, "features", shape=(n, self.dim), dtype=np.float32, chunk_rows=self._chunk_rows,
+                    compressor=feature_compressor())
         if self.gradient_classes is not None:
-            write_array(group, "gradients", shape=(n, self.gradient_classes), dtype=np.float32, chunk_rows=self._chunk_rows)
+            write_array(group, "gradients", shape=(n, self.gradient_classes), dtype=np.float32, chunk_rows=self._chunk_rows,
+                        compressor=feature_compressor())
             write_array(group, "labels", self.split_group["labels"][:], chunk_rows=self._chunk_rows)  # gradients depend on them
         write_array(group, "ids", self.split_group["ids"][:], chunk_rows=self._chunk_rows)
 
@@ -240,6 +248,10 @@ class EmbeddingsStage(ChunkedStage):
             if len(rows) else np.empty((0, self.dim), dtype=np.float32)
         bounds = np.cumsum([0] + [len(p) for p in to_embed])
         return [dataclasses.replace(job, fresh=fresh[a:b]) for job, a, b in zip(jobs, bounds[:-1], bounds[1:])], []
+
+    def moves_bytes_only(self, job: _ChunkJob) -> bool:
+        """Jobs whose new rows were computed before (``fresh``) or that only copy."""
+        return job.fresh is not None or (job.copied is not None and len(job.copied) == job.stop - job.start)
 
     def donor(self) -> tuple[Artifact | None, dict[str, int]]:
         """The earlier embeddings artifact (same parameters) sharing the most samples with this

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -46,9 +46,12 @@ from dq_ops.errors import DQInputError
 from dq_ops.patch_store import PatchStore, storage_report
 from dq_ops.patch_store import default_chunk_rows as patch_chunk_rows
 from dq_ops.patches import kept_patch_count, patch_grid
-from dq_ops.stage import ChunkedStage, ClientSource, Progress, Stage, call, resolve_client
+from dq_ops.stage import ChunkedStage, Progress, Stage, call, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store, file_digest, open_zarr_store, write_array
+
+if TYPE_CHECKING:
+    from dq_ops.stage import ClientSource
 
 PREVIEW_IMAGES = 8
 # Per-chunk sums of the reconstruction report, in this column order.

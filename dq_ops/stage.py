@@ -26,25 +26,35 @@ This is datatrove's pipeline step with completion markers, applied to Zarr chunk
 from __future__ import annotations
 
 import importlib
+import os
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import zarr
-from distributed import Client
 
 from dq_ops.store import Artifact, Store, derive_key, open_zarr_store
 
+if TYPE_CHECKING:  # distributed is imported only where a cluster runs (0.25 s)
+    from distributed import Client
+
+    # A dask client, or a function that starts one: stages call it only when they have cluster work.
+    ClientSource = Client | Callable[[], Client] | None
+
 Progress = Callable[[int, int], None]
-# A dask client, or a function that starts one: stages call it only when they have cluster work.
-ClientSource = Client | Callable[[], Client] | None
 
 
 def resolve_client(client: ClientSource) -> Client | None:
     """The client itself, or the one ``client()`` starts (a cluster is started only when needed)."""
-    return client() if callable(client) and not isinstance(client, Client) else client
+    return client() if callable(client) else client
+
+
+def is_running(client: ClientSource) -> bool:
+    """Whether ``client`` is a client (a cluster already runs) rather than a way to start one."""
+    return client is not None and not callable(client)
 
 
 class Stage(ABC):
@@ -163,6 +173,12 @@ class ChunkedStage(Stage):
         start one. Default: everything on the cluster."""
         return [], jobs
 
+    def moves_bytes_only(self, job: ChunkJob) -> bool:
+        """Whether a job run in this process only copies or writes rows (no model): such jobs run
+        on threads, since decoding, encoding and file writes release the GIL; the others run one
+        at a time, each free to use every core. Default: False."""
+        return False
+
     def compute(self, group: zarr.Group, progress: Progress | None, client: Any) -> None:
         raise NotImplementedError("a ChunkedStage computes through run()")
 
@@ -195,17 +211,31 @@ class ChunkedStage(Stage):
             progress(finished, n_chunks)
         jobs = [self.job(url, k, k * chunk_rows, min(n, (k + 1) * chunk_rows)) for k in np.flatnonzero(~done).tolist()]
         self.work_done = 0
-        here, remote = self.inline(jobs, cluster_running=isinstance(client, Client))
+        here, remote = self.inline(jobs, cluster_running=is_running(client))
         cluster = resolve_client(client) if remote else None
-        if cluster is None:
-            here, remote = here + remote, []
-        for job in here:
-            self.work_done += run_chunk(self.worker, job)
+
+        def ran(count: int) -> None:
+            nonlocal finished
+            self.work_done += count
             finished += 1
             if progress is not None:
                 progress(finished, n_chunks)
+
+        if cluster is None:  # no cluster: everything runs here
+            here, remote = here + remote, []
+        threaded = [job for job in here if self.moves_bytes_only(job)]
+        pool = ThreadPoolExecutor(max(1, min(len(threaded), len(os.sched_getaffinity(0)))))
+        try:
+            for job_done in as_completed([pool.submit(run_chunk, self.worker, job) for job in threaded]):
+                ran(job_done.result())
+        finally:
+            # On an error or an interruption, jobs not started yet never start (as on the cluster).
+            pool.shutdown(cancel_futures=True)
+        for job in here:
+            if not self.moves_bytes_only(job):
+                ran(run_chunk(self.worker, job))
         if remote:
-            from distributed import as_completed
+            import distributed
 
             token = uuid.uuid4().hex[:8]  # fresh task keys: a rerun must not meet its cancelled predecessors
             futures = [
@@ -213,11 +243,8 @@ class ChunkedStage(Stage):
                 for job in remote
             ]
             try:
-                for future in as_completed(futures):
-                    self.work_done += future.result()  # re-raises a worker's exception here
-                    finished += 1
-                    if progress is not None:
-                        progress(finished, n_chunks)
+                for future in distributed.as_completed(futures):
+                    ran(future.result())  # re-raises a worker's exception here
             finally:
                 # On an error or an interruption stop what has not started; done chunks stay for a rerun.
                 cluster.cancel([f for f in futures if not f.done()])

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from distributed import Client
 
 from dq_ops.baselines import select_herding, select_kcenter, select_random
 from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
@@ -40,10 +39,11 @@ from dq_ops.embed import content_keys
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups, single_threaded_blas
 from dq_ops.sampling import sample_bins, sample_sizes
-from dq_ops.stage import ClientSource, Progress, Stage, resolve_client
+from dq_ops.stage import Progress, Stage, is_running, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
 
 if TYPE_CHECKING:
+    from dq_ops.stage import ClientSource
     from dq_ops.train import TrainConfig
 
 BASELINES: dict[str, Callable[..., np.ndarray]] = {
@@ -266,7 +266,7 @@ class BinsStage(Stage):
             else:
                 todo.append(c)
         self.classes_rebinned = [int(classes[c]) for c in todo]
-        if isinstance(client, Client) or sum(len(groups[c]) for c in todo) > BINS_INLINE_ROWS:
+        if is_running(client) or sum(len(groups[c]) for c in todo) > BINS_INLINE_ROWS:
             jobs = [(groups[c], budgets[c], kernel, self.config.memory_budget_mb) for c in todo]
             class_bins = self._map(client, _class_bins_worker, jobs)
         else:

@@ -44,6 +44,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -116,12 +117,21 @@ def array_digest(array: zarr.Array) -> str:
         return digest.hexdigest()
     row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * max(array.dtype.itemsize, 8))
     step = max(1, _DIGEST_BLOCK_BYTES // row_bytes)
-    for start in range(0, array.shape[0], step):
-        block = np.asarray(array[start:start + step])
-        if block.dtype.kind in "OTU":  # strings: hash their UTF-8 bytes with separators
-            digest.update("\x1f".join(map(str, block.ravel())).encode())
-        else:
-            digest.update(np.ascontiguousarray(block).tobytes())
+
+    def read(start: int) -> np.ndarray:
+        return np.asarray(array[start:start + step])
+
+    # Block k+1 is read while block k is hashed (decoding and hashing both release the GIL).
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(read, 0)
+        for start in range(0, array.shape[0], step):
+            block = ahead.result()
+            if start + step < array.shape[0]:
+                ahead = reader.submit(read, start + step)
+            if block.dtype.kind in "OTU":  # strings: hash their UTF-8 bytes with separators
+                digest.update("\x1f".join(map(str, block.ravel())).encode())
+            else:
+                digest.update(memoryview(np.ascontiguousarray(block)).cast("B"))
     return digest.hexdigest()
 
 
@@ -138,11 +148,20 @@ def group_digest(group: zarr.Group) -> str:
 
 def default_compressor(clevel: int = 1) -> zarr.codecs.BloscCodec:
     """Blosc-zstd with byte shuffle. Level 1 by default: every refresh rewrites whole artifacts
-    (a new snapshot, embeddings with copied rows), and level 5 encodes 4–6× slower for 1–10%
-    fewer bytes (measured on Fashion-MNIST: images 254 vs 55 MB/s for ratios 0.565 vs 0.553;
-    EfficientNet features 445 vs 69 MB/s for 0.087 vs 0.078). Stores whose point is their size
-    (the patch store) ask for more."""
+    (a new snapshot), and level 5 encodes 4–6× slower for 1–10% fewer bytes (measured on
+    Fashion-MNIST: images 254 vs 55 MB/s for ratios 0.565 vs 0.553). Stores whose point is their
+    size (the patch store) ask for more; float features use :func:`feature_compressor`."""
     return zarr.codecs.BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")
+
+
+def feature_compressor() -> zarr.codecs.BloscCodec:
+    """Blosc-LZ4 without shuffle, for float features: a refresh copies most rows of an
+    embeddings artifact, so its codec speed is a refresh's cost. ReLU features are mostly
+    exact zeros, which LZ4 finds in the unshuffled bytes: measured on 4,096 EfficientNet-Lite0
+    features of Fashion-MNIST, ratio 0.081 vs zstd-1+shuffle's 0.087, encoding 6× and decoding
+    10× faster (0.007 / 0.003 s vs 0.045 / 0.032 s per 21 MB chunk). Dense unit-norm features
+    (sentence embeddings) stay about whole (1.00 vs 0.92) and code 4–8× faster."""
+    return zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
 
 
 def write_array(
@@ -153,11 +172,13 @@ def write_array(
     shape: tuple[int, ...] | None = None,
     dtype: Any = None,
     chunk_rows: int | None = None,
+    compressor: zarr.codecs.BloscCodec | None = None,
 ) -> zarr.Array:
     """Create ``group/name`` chunked along rows (whole rows per chunk) and optionally fill it.
 
     ``chunk_rows`` defaults to about 8 MB of rows per chunk: large enough for fast reads, small
-    enough that a dask worker holds a few chunks at once.
+    enough that a dask worker holds a few chunks at once. ``compressor`` defaults to
+    :func:`default_compressor` (texts are stored uncompressed).
     """
     if data is not None:
         data = np.asarray(data)
@@ -173,7 +194,7 @@ def write_array(
         shape=shape,
         dtype=str if is_text else dtype,
         chunks=(chunk_rows, *shape[1:]),
-        compressors=None if is_text else default_compressor(),
+        compressors=None if is_text else compressor or default_compressor(),
         overwrite=True,
     )
     if data is not None and data.size:

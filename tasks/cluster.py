@@ -12,11 +12,13 @@ import contextvars
 import logging
 import threading
 from contextlib import ExitStack
-
-from distributed import Client
+from typing import TYPE_CHECKING
 
 from dq_ops.cluster import dask_client as open_dask_client
 from dq_ops.config import ClusterConfig
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 _lock = threading.Lock()
 _clients: dict[str, Client] = {}

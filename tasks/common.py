@@ -10,6 +10,7 @@ figures), never arrays: Prefect hashes and persists task inputs and results.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,9 +132,13 @@ def source_cache_key(stage: str, material: Callable[..., dict[str, Any]]) -> Cal
 class ProgressArtifact:
     """Progress of one stage: a Prefect progress artifact, and a bar on an interactive terminal.
 
-    Fed by a dq_ops ``progress(done, total)`` callback. Artifact updates are throttled to
-    whole-percent steps: each one is an API call.
+    Fed by a dq_ops ``progress(done, total)`` callback. Each artifact update is an API call
+    (~10 ms), so updates are throttled to whole-percent steps at most once per
+    :attr:`interval_s`, plus the final 100%: a stage reporting every batch (ingest: ~140 batches
+    of Fashion-MNIST in 2 s) would otherwise spend more time on its progress than on its work.
     """
+
+    interval_s = 1.0
 
     def __init__(self, description: str):
         from prefect.artifacts import create_progress_artifact
@@ -141,6 +146,7 @@ class ProgressArtifact:
 
         self._id = create_progress_artifact(0.0, description=description)
         self._last = 0
+        self._last_at = time.monotonic()
         self._bar = tqdm(desc=description, disable=None, leave=False)  # disable=None: off unless a TTY
 
     def __call__(self, done: int, total: int) -> None:
@@ -149,8 +155,9 @@ class ProgressArtifact:
         self._bar.total = total
         self._bar.update(done - self._bar.n)
         percent = int(100 * done / max(total, 1))
-        if percent > self._last:
-            self._last = percent
+        now = time.monotonic()
+        if percent > self._last and (percent >= 100 or now - self._last_at >= self.interval_s):
+            self._last, self._last_at = percent, now
             update_progress_artifact(self._id, float(percent))
         if done >= total:
             self._bar.close()

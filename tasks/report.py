@@ -20,30 +20,60 @@ def bin_size_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def bin_size_plot(summary: dict[str, Any]) -> bytes:
-    """PNG of stacked samples per bin for every class."""
-    import matplotlib
+# matplotlib's "tab10" colours: bin b gets colour b (mod 10).
+_BIN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+
+def bin_size_plot(summary: dict[str, Any], width: int = 800, height: int = 400) -> bytes:
+    """PNG of stacked samples per bin for every class: one bar per class, bin 0 at the bottom.
+
+    Drawn with PIL (a plotting library's import would cost a refresh more than its work).
+    """
+    from PIL import Image, ImageDraw, ImageFont
 
     rows = bin_size_rows(summary)
-    sizes = np.array([[row[f"bin {b}"] for b in range(len(rows[0]) - 2)] for row in rows])
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bottom = np.zeros(len(rows))
-    for b in range(sizes.shape[1]):
-        ax.bar([row["class"] for row in rows], sizes[:, b], bottom=bottom, label=f"bin {b}")
-        bottom += sizes[:, b]
-    ax.set_ylabel("samples")
-    ax.set_title("Samples per class and bin")
-    ax.legend(ncol=5, fontsize=7)
-    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
-    fig.tight_layout()
+    num_bins = len(rows[0]) - 2
+    font = ImageFont.load_default()
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 10, 50, height - 40
+    tallest = max(1, max(row["total"] for row in rows))
+    step = _tick_step(tallest)
+    for tick in range(0, tallest + 1, step):
+        y = bottom - (bottom - top) * tick / tallest
+        draw.line([(left - 4, y), (right, y)], fill="#dddddd")
+        draw.text((left - 8, y), f"{tick:,}", fill="black", font=font, anchor="rm")
+    slot = (right - left) / len(rows)
+    for i, row in enumerate(rows):
+        x0, x1 = left + slot * (i + 0.15), left + slot * (i + 0.85)
+        y = float(bottom)
+        for b in range(num_bins):
+            h = (bottom - top) * row[f"bin {b}"] / tallest
+            if h > 0:
+                draw.rectangle([x0, y - h, x1, y], fill=_BIN_COLOURS[b % len(_BIN_COLOURS)])
+            y -= h
+        label = row["class"] if draw.textlength(row["class"], font=font) <= slot else row["class"][: max(1, int(slot // 7))] + "…"
+        draw.text(((x0 + x1) / 2, bottom + 6), label, fill="black", font=font, anchor="mt")
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
+    draw.text((width / 2, 8), "Samples per class and bin", fill="black", font=font, anchor="mt")
+    for b in range(min(num_bins, len(_BIN_COLOURS))):  # legend
+        x = left + b * 70
+        draw.rectangle([x, 26, x + 10, 36], fill=_BIN_COLOURS[b])
+        draw.text((x + 14, 31), f"bin {b}", fill="black", font=font, anchor="lm")
+    if num_bins > len(_BIN_COLOURS):
+        draw.text((right, 8), f"colours repeat every {len(_BIN_COLOURS)} bins", fill="black", font=font, anchor="rt")
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _tick_step(largest: int) -> int:
+    """A 1-2-5 step giving about five axis ticks up to ``largest``."""
+    step = 1
+    while largest / step > 6:
+        step *= 5 if str(step)[0] == "2" else 2
+    return step
 
 
 def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) -> str:

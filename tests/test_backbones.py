@@ -141,3 +141,30 @@ def test_unknown_backbones_list_the_known_ones():
         weights_digest("torchvision:no_such_arch", RANDOM_WEIGHTS)
     with pytest.raises(DQInputError, match="has no packaged weights"):
         load_image_extractor("timm:test_resnet")
+
+
+@pytest.mark.parametrize("weights", [None, RANDOM_WEIGHTS])
+def test_default_backbone_is_timms_tf_efficientnet_lite0_bit_for_bit(fashion_sample, weights):
+    # dq_ops.efficientnet_lite rebuilds the network without importing timm: same modules and
+    # parameter order, same seeded random init, same features and gradients to the last bit.
+    import timm
+
+    from dq_ops.backbone_spec import packaged_lite0_path
+    from dq_ops.backbones import _load_architecture, _load_in_order, _seeded_init, read_state_dict
+
+    ours = _load_architecture("efficientnet-lite0", weights).model
+    with _seeded_init():
+        reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights is None:
+        _load_in_order(reference, read_state_dict(packaged_lite0_path()), "packaged")
+    reference.eval()
+    ours_state, reference_state = ours.state_dict(), reference.state_dict()
+    assert list(ours_state) == list(reference_state)
+    assert all(torch.equal(ours_state[k], reference_state[k]) for k in ours_state)
+    x = torch.from_numpy(fashion_sample[0][:64]).permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
+    for size in (32, 75):  # odd sizes exercise the asymmetric "SAME" padding
+        batch = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear").requires_grad_(True)
+        outputs = [model(batch) for model in (ours, reference)]
+        assert torch.equal(outputs[0], outputs[1])
+        gradients = [torch.autograd.grad(out[:, 3].sum(), batch)[0] for out in outputs]
+        assert torch.equal(gradients[0], gradients[1])

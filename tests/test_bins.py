@@ -341,3 +341,27 @@ def test_join_bins_keeps_existing_rows_and_puts_rows_back_where_the_greedy_had_t
     assert (joined[kept] == bin_of[kept]).all() and (joined >= 0).all()
     assert (joined[taken] == bin_of[taken]).mean() >= 0.8
     assert (join_bins(features, joined, 4) == joined).all()  # nothing new: unchanged
+
+
+@pytest.mark.parametrize("memory_budget_mb", [256.0, LAZY_MB], ids=["gram", "lazy"])
+def test_coordinates_no_row_uses_change_no_bin(golden, memory_budget_mb):
+    # The greedy drops them (FeatureRows.compact): ReLU features leave most of them zero.
+    features, labels, num_bins, expected = case(golden, "fmnist_pooled_classwise")
+    rng = np.random.default_rng(0)
+    padded = np.zeros((len(features), features.shape[1] + 64), dtype=features.dtype)
+    keep = np.sort(rng.choice(padded.shape[1], features.shape[1], replace=False))
+    padded[:, keep] = features
+    assert DenseRows(padded).compact().dim == (features != 0).any(axis=0).sum()
+    bins = generate_bins(padded, labels, num_bins, memory_budget_mb=memory_budget_mb)
+    np.testing.assert_array_equal(bin_of_sample(bins, len(features)), expected)
+
+
+def test_compact_gradient_embedding_keeps_every_product(gradient_case):
+    emb, _ = gradient_case
+    e = np.zeros((len(emb), emb.e.shape[1] + 5))
+    e[:, 5:] = emb.e
+    padded = GradientEmbedding(emb.g, e)
+    compact = padded.compact()
+    assert compact.dim == emb.g.shape[1] * (1 + int((e != 0).any(axis=0).sum()))
+    np.testing.assert_allclose(compact.sq_norms(), padded.sq_norms(), rtol=1e-12)
+    np.testing.assert_allclose(compact.approx_gram()[0], padded.approx_gram()[0], rtol=1e-6)

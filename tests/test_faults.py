@@ -33,7 +33,8 @@ def _config(root: Path, store: Path) -> Path:
     path.write_text(yaml.safe_dump({
         "store_url": str(store),
         "dataset": {"limit": 600},
-        "embedding": {"batch_size": 50, "chunk_rows": 100},
+        # 64 px: a chunk takes ~0.7 s on the worker, a window wide enough to kill a run between chunks.
+        "embedding": {"batch_size": 50, "chunk_rows": 100, "image_size": 64},
         "bins": {"num_bins": 4},
         "patches": {"enabled": False},
         "evaluation": {"enabled": False},

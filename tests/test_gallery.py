@@ -79,3 +79,19 @@ def test_mismatched_lengths_are_refused(fashion):
     images, labels, bin_of_sample = fashion
     with pytest.raises(DQInputError, match="600 bin assignments"):
         image_gallery(images[:10], bin_of_sample, labels, [0])
+
+
+def test_bin_size_plot_stacks_each_class_in_proportion():
+    from tasks.report import _BIN_COLOURS, bin_size_plot
+
+    summary = {"class_names": ["coat", "bag"], "bins": {"classes": [0, 1], "bin_sizes": [[30, 10], [10, 0]]}}
+    image = np.asarray(Image.open(io.BytesIO(bin_size_plot(summary, width=400, height=300))).convert("RGB"))
+    colours = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in _BIN_COLOURS[:2]]
+
+    def bar_heights(x: int) -> list[int]:
+        return [int((image[:, x] == colour).all(axis=1).sum()) for colour in colours]
+
+    left, right = 60, 400 - 10
+    coat, bag = bar_heights(left + (right - left) // 4), bar_heights(left + 3 * (right - left) // 4)
+    assert abs(coat[0] - 3 * coat[1]) <= 2 and bag[1] == 0
+    assert abs(coat[0] - 3 * bag[0]) <= 2 and coat[0] + coat[1] > 200  # the tallest bar spans the plot
