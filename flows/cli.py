@@ -154,6 +154,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
     check_config(config)  # before Prefect starts: a bad option fails in seconds
     Store(config.store_url).clean_staging()  # what killed runs left behind
+    from tasks.tracking import prewarm
+
+    prewarm(config)  # MLflow connects in its own process while Prefect starts
     if args.ephemeral_server:
         os.environ["DQ_PREFECT_SERVER"] = "ephemeral"
     from flows.server import use_local_server

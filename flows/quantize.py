@@ -136,6 +136,7 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         raise
     finally:
         close_dask_clients()
+        tracker.close()
 
 
 @dataclass(frozen=True)

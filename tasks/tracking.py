@@ -1,17 +1,21 @@
 """MLflow tracking: one parent run per flow run, nested runs per evaluation arm.
 
 Everything goes through an explicit ``MlflowClient`` and run ids rather than MLflow's
-thread-local "active run", because Prefect runs tasks in worker threads. Only the flow process
-logs (dask workers never touch the sqlite database).
+thread-local "active run", because Prefect runs tasks in worker threads. Only the flow's own
+tracking process (:class:`Tracker`) logs; dask workers never touch the sqlite database.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -69,62 +73,186 @@ def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
         client.log_batch(run_id, params=items[start:start + 100])
 
 
-class Tracker:
-    """The MLflow side of one flow run.
+class _Session:
+    """The MLflow client of one flow run, inside the tracking process (:func:`_serve`)."""
 
-    Connecting (importing MLflow, opening its database, creating the run and logging the
-    configuration: about 2 s) happens in a background thread, so it overlaps the first stages;
-    the first call that needs the run waits for it and re-raises its error, if any.
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None):
+        import mlflow
+
+        with _setup_lock(uri):  # concurrent runs: one creates (migrates) the database and the experiment
+            self.client = mlflow.MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (found.experiment_id if found is not None
+                                  else self.client.create_experiment(experiment, artifact_location=artifact_location))
+        self.run_id = ""
+
+    def start_run(self, run_name: str, tags: dict[str, str], params: Mapping[str, Any]) -> tuple[str, str]:
+        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        _log_params(self.client, self.run_id, params)
+        return self.experiment_id, self.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        _log_params(self.client, run_id, params)
+
+    def log_metrics(self, metrics: Mapping[str, float], run_id: str, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
+    def nested_run(self, name: str, params: Mapping[str, Any]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "dq_role": "arm"}
+        )
+        _log_params(self.client, run.info.run_id, params)
+        return run.info.run_id
+
+    def log_text(self, text: str, artifact_file: str, run_id: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_file(self, path: str, artifact_path: str | None, run_id: str) -> None:
+        self.client.log_artifact(run_id, path, artifact_path=artifact_path)
+
+    def finish(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def _failure(exc: BaseException) -> tuple[str, str, str]:
+    return "error", type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def _serve(connection: Connection, uri: str, experiment: str, artifact_location: str | None) -> None:
+    """The tracking process: connect to MLflow, then run the flow's calls (the first one starts
+    its run) one at a time until it sends ``None`` or goes away; a failed connection is the
+    answer to every call."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the flow's: it still ends its run
+    session, failed = None, None
+    try:
+        session = _Session(uri, experiment, artifact_location)
+    except Exception as exc:
+        failed = _failure(exc)
+    try:
+        for method, args in iter(connection.recv, None):
+            try:
+                connection.send(failed or ("ok", getattr(session, method)(*args)))
+            except Exception as exc:
+                connection.send(_failure(exc))
+    except (EOFError, OSError):  # the flow's process is gone
+        pass
+    os._exit(0)  # every call was answered; the interpreter's teardown would only cost time
+
+
+class TrackingError(RuntimeError):
+    """An MLflow call failed in the tracking process (its type and first line)."""
+
+
+def _location(config: DQConfig, uri: str) -> str | None:
+    """Beside a default sqlite database, artifacts live in the store too (not ./mlruns)."""
+    return (_local_root(config) / "mlartifacts").as_uri() if uri == _store_database_uri(config) else None
+
+
+# Tracking processes started ahead of their flow (:func:`prewarm`), by (uri, experiment, location).
+_prewarmed: dict[tuple[str, str, str | None], tuple[multiprocessing.Process, Connection]] = {}
+
+
+def _spawn(target: tuple[str, str, str | None]) -> tuple[multiprocessing.Process, Connection]:
+    context = multiprocessing.get_context("spawn")  # the flow's process has threads: never fork it
+    connection, child = context.Pipe()
+    process = context.Process(target=_serve, args=(child, *target), name="dq-mlflow", daemon=True)
+    process.start()
+    child.close()
+    return process, connection
+
+
+def prewarm(config: DQConfig) -> None:
+    """Start the tracking process for ``config`` now (it connects while Prefect starts); the
+    flow's :class:`Tracker` takes it over. ``dq run`` calls this before importing Prefect."""
+    uri = resolve_tracking_uri(config)
+    target = (uri, config.tracking.experiment, _location(config, uri))
+    _prewarmed.setdefault(target, _spawn(target))
+
+
+class Tracker:
+    """The MLflow side of one flow run, driven from a process of its own.
+
+    MLflow with its sqlite store imports ~1.7 s of Python (mlflow, SQLAlchemy, alembic) and
+    then talks to its database. In a thread that work held the flow's GIL against the first
+    stages (ingest ran 2.5× slower beside it); in a process it runs on another core. The process
+    (started here, or earlier by :func:`prewarm`) connects and creates the run while the first
+    stages run, then serves the flow's calls one at a time; the first call that needs the run
+    waits for it and raises its error, if any. :meth:`close` ends it.
     """
 
     def __init__(self, config: DQConfig, run_name: str, tags: Mapping[str, str] | None = None):
         self.uri = resolve_tracking_uri(config)
-        connecting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dq-mlflow")
-        self._connection = connecting.submit(self._connect, config, run_name, dict(tags or {}))
-        connecting.shutdown(wait=False)
+        target = (self.uri, config.tracking.experiment, _location(config, self.uri))
+        self._process, self._connection = _prewarmed.pop(target, None) or _spawn(target)
+        self._lock = threading.Lock()  # one call at a time: Prefect runs tasks in threads
+        self._ids: tuple[str, str] | None = None
+        self._error: tuple[str, str, str] | None = None
+        # Sent now, answered when the run is first needed (_connect).
+        self._send("start_run", run_name, dict(tags or {}), flatten("", config.model_dump(mode="json")))
 
-    def _connect(self, config: DQConfig, run_name: str, tags: dict[str, str]) -> tuple[Any, str, str]:
-        import mlflow  # lazily: importing MLflow costs 1-2 s
+    def _send(self, method: str, *args: Any) -> None:
+        try:
+            self._connection.send((method, args))
+        except OSError:
+            raise TrackingError("the MLflow process exited") from None
 
-        with _setup_lock(self.uri):  # concurrent runs: one creates (migrates) the database and the experiment
-            client = mlflow.MlflowClient(tracking_uri=self.uri)
-            experiment = client.get_experiment_by_name(config.tracking.experiment)
-            if experiment is None:
-                # Beside a default sqlite database, artifacts live in the store too (not ./mlruns).
-                location = (_local_root(config) / "mlartifacts").as_uri() if self.uri == _store_database_uri(config) else None
-                experiment_id = client.create_experiment(config.tracking.experiment, artifact_location=location)
-            else:
-                experiment_id = experiment.experiment_id
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        _log_params(client, run_id, flatten("", config.model_dump(mode="json")))
-        return client, experiment_id, run_id
+    def _receive(self) -> Any:
+        try:
+            return self._connection.recv()
+        except (EOFError, OSError):
+            return "error", "EOFError", "the MLflow process exited"
 
-    @property
-    def client(self) -> Any:
-        """The ``mlflow.MlflowClient`` (waits for the connection)."""
-        return self._connection.result()[0]
+    def _connect(self) -> tuple[str, str]:
+        with self._lock:
+            if self._ids is None and self._error is None:
+                answer = self._receive()
+                if answer[0] == "ok":
+                    self._ids = tuple(answer[1])
+                else:
+                    self._error = answer
+        if self._ids is None:
+            raise TrackingError(f"{self._error[1]}: {self._error[2]}")
+        return self._ids
+
+    def _call(self, method: str, *args: Any) -> Any:
+        self._connect()
+        with self._lock:
+            self._send(method, *args)
+            answer = self._receive()
+        if answer[0] != "ok":
+            raise TrackingError(f"MLflow {method}: {answer[1]}: {answer[2]}")
+        return answer[1]
 
     @property
     def experiment_id(self) -> str:
-        return self._connection.result()[1]
+        return self._connect()[0]
 
     @property
     def run_id(self) -> str:
-        return self._connection.result()[2]
+        return self._connect()[1]
 
     def wait(self) -> None:
         """Wait for the connection; called before the expensive stages, so a wrong or unreachable
         tracking URI fails the run early, in one line naming it."""
-        error = self._connection.exception()
-        if error is not None:
-            detail = (str(error).strip().splitlines() or [""])[0][:300]
+        try:
+            self._connect()
+        except TrackingError as error:
             raise DQInputError(
-                f"tracking.tracking_uri {redact_credentials(self.uri)}: MLflow is not usable ({type(error).__name__}: {detail})"
-            ) from error
+                f"tracking.tracking_uri {redact_credentials(self.uri)}: MLflow is not usable ({error})"
+            ) from None
 
     def connected(self) -> bool:
         """Whether the run exists (waits for the connection; False when it failed)."""
-        return self._connection.exception() is None
+        try:
+            self._connect()
+        except TrackingError:
+            return False
+        return True
 
     @property
     def run_url(self) -> str:
@@ -133,27 +261,16 @@ class Tracker:
         return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        _log_params(self.client, run_id, params)
+        self._call("log_params", run_id, dict(params))
 
     def log_metrics(self, metrics: Mapping[str, float], run_id: str | None = None, step: int = 0) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id or self.run_id, metrics=items[start:start + 1000])
+        self._call("log_metrics", dict(metrics), run_id or self.run_id, step)
 
     def nested_run(self, name: str, params: Mapping[str, Any]) -> str:
-        run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, "dq_role": "arm"}
-        )
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        return self._call("nested_run", name, dict(params))
 
     def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
-        self.client.log_text(run_id or self.run_id, text, artifact_file)
+        self._call("log_text", text, artifact_file, run_id or self.run_id)
 
     def log_bytes(self, data: bytes, artifact_file: str, run_id: str | None = None) -> None:
         directory, _, filename = artifact_file.rpartition("/")
@@ -165,7 +282,20 @@ class Tracker:
 
     def log_file(self, path: str, artifact_path: str | None = None, run_id: str | None = None) -> None:
         """Log a local file (large artifacts are written to disk first, never held in memory)."""
-        self.client.log_artifact(run_id or self.run_id, path, artifact_path=artifact_path)
+        self._call("log_file", path, artifact_path, run_id or self.run_id)
 
     def finish(self, run_id: str | None = None, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id or self.run_id, status=status)
+        self._call("finish", run_id or self.run_id, status)
+
+    def close(self) -> None:
+        """End the tracking process (after its last call); idempotent."""
+        with self._lock:
+            if self._process.is_alive():
+                try:
+                    self._connection.send(None)
+                except OSError:
+                    pass
+                self._process.join(timeout=30)
+            if self._process.is_alive():
+                self._process.kill()
+            self._connection.close()

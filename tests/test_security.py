@@ -92,6 +92,7 @@ def test_no_password_in_mlflow_params(tmp_path):
     })
     tracker = Tracker(config, run_name="redaction")
     tracker.finish()
+    tracker.close()
     params = mlflow.MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id).data.params
     assert params["dataset.url"] == "https://reader:***@data.example/records.jsonl"
     assert not any("hunter2" in value for value in params.values())
