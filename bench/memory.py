@@ -5,7 +5,8 @@ starts a fresh ``dask scheduler`` and ``--workers`` single-threaded ``dask worke
 loopback, then runs the whole flow (ingest → embeddings → bins → sampling → Grad-CAM++ patch
 dropping → MAE → reconstruction; evaluation off) in a child process with ``cluster.kind:
 address``, into a fresh store. Peaks are each process's own ``ru_maxrss`` (the kernel's
-high-water mark of its resident set): the flow child reports its own at exit, each worker
+high-water mark of its resident set): the flow child reports its own at exit (and its MLflow
+tracking process's, the largest child it waited for), each worker
 reports its own through ``client.run`` before the cluster is stopped. The Prefect server the
 flow starts runs in a separate process and is not counted.
 
@@ -75,6 +76,8 @@ def run_flow_child(config_path: str, peak_path: str) -> None:
     summary = quantize(DQConfig.model_validate(json.loads(Path(config_path).read_text())))
     Path(peak_path).write_text(json.dumps({
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        # The largest child the flow waited for: its MLflow tracking process (tasks.tracking).
+        "tracking_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "seconds": time.perf_counter() - started,
         "timings_s": summary["timings_s"],
         "subset": summary["subsets"][0]["size"],
@@ -158,10 +161,11 @@ def main() -> None:
               flush=True)
     print(f"load after: {os.getloadavg()}")
     workers = "training worker" if args.evaluate else "worker"
-    print(f"\n| images | subset | flow process peak RSS | {workers} peak RSS ({args.workers} workers) | wall |")
-    print("|---|---|---|---|---|")
+    print(f"\n| images | subset | flow process peak RSS | its MLflow process | {workers} peak RSS ({args.workers} workers) "
+          "| wall |")
+    print("|---|---|---|---|---|---|")
     for size, r in results.items():
-        print(f"| {size:,} | {r['subset']:,} | {r['peak_rss_mb']:.0f} MB | "
+        print(f"| {size:,} | {r['subset']:,} | {r['peak_rss_mb']:.0f} MB | {r['tracking_rss_mb']:.0f} MB | "
               f"{' / '.join(f'{w:.0f}' for w in r['workers_mb'])} MB | {r['seconds']:.0f} s |")
     if len(results) >= 2:
         small, large = args.sizes[0], args.sizes[-1]
