@@ -202,7 +202,8 @@ def generate_bins(
 def _class_bins(rows: FeatureRows, budgets: np.ndarray, kernel: str, memory_budget_mb: float) -> list[np.ndarray]:
     n = len(rows)
     # Coordinates no row of the class uses change no similarity; dropping them makes the Gram
-    # matrix and every product cheaper (Fashion-MNIST at 32 px: 2.0x faster Gram per class).
+    # matrix and every product cheaper (Fashion-MNIST at 32 px: a class uses 440–780 of 1,280
+    # coordinates, its Gram matrix is 1.8× faster).
     rows = rows.compact()
     sq = rows.sq_norms()
     if kernel == "cosine":

@@ -136,8 +136,9 @@ class ChunkedStage(Stage):
     number of rows and rows per chunk, one picklable job per chunk (:meth:`job`) and the module-
     level function that runs a job (:attr:`worker`, returning a count, e.g. rows computed). The
     function is named by import path and imported where it runs, so a stage module need not
-    import its model libraries: finding an artifact done never loads torch.
-    After a run, ``chunks_resumed`` / ``chunks_total`` say how much an earlier run had done and
+    import its model libraries: finding an artifact done never loads torch. Jobs a stage keeps
+    in the calling process (:meth:`inline`) run there, on threads when they only move bytes
+    (:meth:`moves_bytes_only`). After a run, ``chunks_resumed`` / ``chunks_total`` say how much an earlier run had done and
     ``work_done`` sums what the workers returned.
     """
 
