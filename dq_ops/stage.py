@@ -138,8 +138,8 @@ class ChunkedStage(Stage):
     function is named by import path and imported where it runs, so a stage module need not
     import its model libraries: finding an artifact done never loads torch. Jobs a stage keeps
     in the calling process (:meth:`inline`) run there, on threads when they only move bytes
-    (:meth:`moves_bytes_only`). After a run, ``chunks_resumed`` / ``chunks_total`` say how much an earlier run had done and
-    ``work_done`` sums what the workers returned.
+    (:meth:`moves_bytes_only`). After a run, ``chunks_resumed`` / ``chunks_total`` say how much
+    an earlier run had done and ``work_done`` sums what the workers returned.
     """
 
     worker: ClassVar[str]  # "module:function" taking a job, returning a count
