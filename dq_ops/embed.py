@@ -233,10 +233,13 @@ class EmbeddingsStage(ChunkedStage):
         """Chunks that only copy from the donor run here. When no cluster runs yet, the rows to
         embed are few and this process computes at the stage's precision, every chunk runs here
         (no cluster start); on a refresh, the new rows (scattered over many chunks, each of which
-        would pad a batch of its own) are first embedded together in full batches."""
+        would pad a batch of its own) are first embedded together in full batches. With nothing
+        to embed (a refresh that only removed samples) the model library is never imported."""
+        to_embed = [np.setdiff1d(np.arange(job.stop - job.start), job.copied if job.copied is not None else []) for job in jobs]
+        if not any(len(positions) for positions in to_embed):
+            return jobs, []
         from dq_ops.backbones import get_extractor, inference_precision
 
-        to_embed = [np.setdiff1d(np.arange(job.stop - job.start), job.copied if job.copied is not None else []) for job in jobs]
         same_precision = self.samples == "texts" or inference_precision() == self._params["precision"]
         if cluster_running or sum(len(p) for p in to_embed) > INLINE_ROWS or not same_precision:
             copy_only = [job for job, positions in zip(jobs, to_embed) if len(positions) == 0]

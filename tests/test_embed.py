@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +193,33 @@ def test_cluster_kind_resolution(monkeypatch, client):
 def test_local_cuda_without_dask_cuda_names_the_extra():
     with pytest.raises(DQInputError, match=r"dq\[gpu\]"), dask_client(ClusterConfig(kind="local-cuda")):
         pass
+
+
+def test_a_refresh_that_only_removes_samples_copies_rows_without_importing_torch(image_run, image_store, tmp_path):
+    # Every row of the smaller snapshot is in the committed embeddings: the stage copies them in
+    # a fresh process that never imports the model library.
+    source = image_store.open("datasets", "data")["train"]
+    keep = np.arange(0, N_IMAGES, 3)
+    with image_store.write("datasets", "data-fewer", {"source": "images"}) as group:
+        split = group.create_group("train")
+        for name in ("images", "labels", "ids"):
+            write_array(split, name, source[name].get_orthogonal_selection((keep,)), chunk_rows=100)
+        group.attrs.update(image_store.open("datasets", "data").group.attrs.asdict())
+    script = textwrap.dedent(f"""
+        import json, sys
+        from dq_ops.config import EmbeddingConfig
+        from dq_ops.embed import EmbeddingsStage
+        from dq_ops.store import Store
+        store = Store({str(image_store.url)!r})
+        stage = EmbeddingsStage(store, store.open("datasets", "data-fewer"), "train", EmbeddingConfig(chunk_rows=64),
+                                seed=0, precision="float32")
+        artifact = stage.run()
+        print(json.dumps({{"torch": "torch" in sys.modules, "embedded": stage.work_done, "name": artifact.name}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report == {"torch": False, "embedded": 0, "name": report["name"]}
+    copied = np.asarray(image_store.open("embeddings", report["name"])["features"][:])
+    np.testing.assert_array_equal(copied, np.asarray(image_run[0].artifact["features"][:])[keep])
