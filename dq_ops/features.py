@@ -60,7 +60,7 @@ class FeatureRows(Protocol):
     def compact(self) -> Self:
         """The rows without the coordinates that are zero in every row: every norm, dot product
         and Gram entry is the same sum minus zero terms, and its cost falls with the dimension
-        (ReLU features: 1,280 EfficientNet-Lite0 coordinates, ~500–700 used by a class)."""
+        (ReLU features: of 1,280 EfficientNet-Lite0 coordinates, a Fashion-MNIST class at 32 px uses 440–780)."""
         ...
 
     def row(self, i: int) -> np.ndarray:
