@@ -1,184 +1,352 @@
-"""Does a DQ subset train better than a random one of the same size? Paired draws on Fashion-MNIST.
+"""Does a DQ subset train better than a random one of the same size? Paired draws, the flow's training budget.
 
-    python bench/quality.py [--draws 5] [--ratios 0.01 0.05 0.1 0.3] [--steps 100] [--threads 1]
-                            [--arms random dq-emb] [--ablation-arms dq-pca dq-grad dq-emb-20 dq-emb-adq]
-                            [--ablation-ratios 0.01 0.1] [--cache DIR] [--quick]
+    python bench/quality.py [--dataset fashion-mnist|digits|fortunes] [--arms random dq ...]
+                            [--ratios 0.01 0.02 0.05 0.1 0.3] [--draws 10] [--jobs 2]
+                            [--budget-curve RATIO [--budget-scales 0.25 0.5 1 2]] [--cache DIR]
 
-For every keep ratio and every draw s = 0..draws-1, each arm draws its own subset with seed s
-and the default evaluation network (``dq_ops.models.DEFAULT_MODEL``) is trained on it from
-scratch with seed s (``dq_ops.train.train_and_evaluate``, the library recipe with a fixed number
-of SGD steps so that every run costs the same). ``--arms`` run at every ratio, the
-``--ablation-arms`` only at ``--ablation-ratios`` (2 CPU cores cannot afford the whole grid).
-Arms:
+For every keep ratio and every draw s = 0..draws-1, each arm selects its own subset with seed s
+and is evaluated as ``dq run`` evaluates it, with seed s: images train the flow's default
+network with the flow's default recipe and budget (``EvaluationConfig()`` through
+``dq_ops.stages.train_config``: 30 epochs of the training part, at least 500 SGD steps), texts fit
+the flow's logistic regression on sentence embeddings (``dq_ops.text_eval``). Arm grammar:
 
-- ``random``: uniform per class (``select_random``), with exactly the per-class sizes of the
-  first DQ arm's subset (``sample_sizes``). DQ with 1 bin is this arm: uniform sampling of one bin
-  that holds the whole class is uniform random sampling.
-- ``dq-pca``, ``dq-emb``, ``dq-grad``: DQ with 10 GraphCut bins on PCA-64 of the pixels, on the
-  ImageNet EfficientNet-Lite0 embedding (``--image-size`` px, default 32 as in the pipeline; 1280-d), or on
-  the reference's last-layer gradient embedding of that backbone (random head, seed 0).
-- ``dq-emb-20``: 20 bins on the embedding.
-- ``dq-emb-adq``: 10 bins on the embedding with ADQ's adaptive per-bin budget
-  (``dq_ops.adaptive``, α = ``--alpha``).
+- ``random``: uniform per class, with exactly the per-class sizes of the flow's DQ subset
+  (``sample_sizes`` of the default bins); uniform sampling of one bin that holds the whole class
+  is this arm.
+- ``dq[:FEATURES[:WEIGHTS]]``: 10 GraphCut bins (the flow's defaults: per-class budgets; cosine
+  kernel for images, dot for texts) on FEATURES, drawn as the flow draws them
+  (``dq_ops.sampling.sample_bins`` with the ``bin_intensities`` of WEIGHTS: ``uniform``, the
+  paper's rule; ``later-bins``; ``adaptive``, ADQ with α = 0.5). ``dq`` alone is the flow's
+  default (``DQConfig()``'s embedding and ``sampling.bin_weights``).
 
-Per arm and ratio: mean ± sample std of test accuracy over the draws, and for each DQ arm the
-paired gap to ``random`` (same s) with its 95% Student-t interval (``dq_ops.paired``). The test
-split is never used for any choice. Embeddings are computed once (EfficientNet-Lite0 over 60,000
-images: minutes on 2 cores) and cached as ``.npy`` in ``--cache`` (default: a folder in the
-system's temporary directory), so later runs start at once.
+FEATURES (each cached as ``.npy`` in ``--cache`` with its cost in seconds per 1,000 images):
+``effnet32`` / ``effnet64`` / ``effnet112`` (ImageNet EfficientNet-Lite0 at that input size,
+penultimate 1,280-d), ``pixels-pca`` (PCA-64 of the pixels), ``gradient32`` (the reference's
+last-layer gradient embedding on ``effnet32`` with a random head), ``minilm`` (texts).
+
+Output: per arm and ratio, mean ± sample std of test accuracy over the draws; per DQ arm, the
+paired gap to ``random`` (same s) with its 95% Student-t interval and verdict
+(``dq_ops.paired``); the coverage of each arm's subsets (``dq_ops.coverage``, in the default
+features, averaged over the draws). ``--budget-curve R`` trains ``random`` and the first DQ arm
+at ratio R with the flow's budget scaled by each ``--budget-scales`` factor (epochs and minimum
+steps alike; ``--curve-draws`` draws each), to show that the budget is past convergence. Every training result is appended to
+``<cache>/results-<dataset>.jsonl`` and reused by later runs with the same arm, ratio, draw and
+budget, so a table can be extended with more draws or arms without re-training. ``--jobs``
+trainings run at once, each in its own process with one torch thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import multiprocessing
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
-from dq_ops.adaptive import adaptive_bin_weights
 from dq_ops.baselines import select_random
 from dq_ops.bins import generate_bins
-from dq_ops.features import gradient_embedding
-from dq_ops.models import DEFAULT_MODEL
+from dq_ops.config import BinsConfig, DQConfig, EvaluationConfig, SamplingConfig
+from dq_ops.coverage import subset_coverage
 from dq_ops.paired import paired_gap, summarize_accuracies
-from dq_ops.readers.idx import load_fashion_mnist
-from dq_ops.sampling import sample_bins, sample_sizes
-from dq_ops.train import TrainConfig, train_and_evaluate
+from dq_ops.sampling import bin_intensities, sample_bins, sample_sizes
 
-ARMS = ("random", "dq-pca", "dq-emb", "dq-grad", "dq-emb-20", "dq-emb-adq")
-
-
-def pca_features(images: np.ndarray, dim: int = 64) -> np.ndarray:
-    """(n, dim) float32 projections of the centred [0, 1] pixels on the leading covariance eigenvectors."""
-    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    x -= x.mean(axis=0)
-    _, vectors = np.linalg.eigh((x.T @ x).astype(np.float64))  # ascending eigenvalues
-    return x @ vectors[:, ::-1][:, :dim].astype(np.float32)
+DEFAULT_RATIOS = [0.01, 0.02, 0.05, 0.1, 0.3]
+ROUNDING = "per-bin" if BinsConfig().budget_rule == "reference" else "per-class"  # as the flow rounds
+_WORKER: dict[str, Any] = {}  # the dataset, loaded once per training process
 
 
-def backbone_embedding(images: np.ndarray, cache: Path, image_size: int) -> np.ndarray:
-    """EfficientNet-Lite0 (ImageNet weights) penultimate features at ``image_size`` px, cached in ``cache``."""
-    path = cache / f"fashion-mnist-train-efficientnet-lite0-{image_size}px.npy"
-    if not path.exists():
+# -- datasets ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dataset:
+    name: str
+    train: Any  # uint8 images (n, H, W) or a list of texts
+    labels: np.ndarray
+    test: Any
+    test_labels: np.ndarray
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.train, list)
+
+
+def load_dataset(name: str) -> Dataset:
+    """Fashion-MNIST (all 60,000 / 10,000), scikit-learn's digits upscaled to 32 px (a seeded,
+    stratified 70/30 split) or Debian's fortunes (the flow's 20% id-hash hold-out)."""
+    if name == "fashion-mnist":
+        from dq_ops.readers.idx import load_fashion_mnist
+
+        return Dataset(name, *load_fashion_mnist("train"), *load_fashion_mnist("test"))
+    if name == "digits":
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.stack([np.asarray(Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((32, 32), Image.BILINEAR))
+                           for img in digits.images])
+        test = np.zeros(len(images), dtype=bool)
+        rng = np.random.default_rng(0)
+        for c in np.unique(digits.target):
+            members = np.flatnonzero(digits.target == c)
+            test[rng.choice(members, round(0.3 * len(members)), replace=False)] = True
+        return Dataset(name, images[~test], digits.target[~test], images[test], digits.target[test])
+    if name == "fortunes":
+        from dq_ops.ingest import held_out
+        from dq_ops.readers import FortunesReader
+
+        config = DQConfig.from_yaml(Path(__file__).parent.parent / "deployments/configs/fortunes-text.yaml").dataset
+        texts, labels, ids = [], [], []
+        for batch in FortunesReader(config.url).iter_batches("train", 4096):
+            texts += [str(t) for t in batch.samples]
+            labels.append(batch.labels)
+            ids.append(batch.ids)
+        labels, test = np.concatenate(labels), held_out(np.concatenate(ids), config.test_fraction)
+        return Dataset(name, [t for t, h in zip(texts, test) if not h], labels[~test], [t for t, h in zip(texts, test) if h],
+                       labels[test])
+    raise SystemExit(f"unknown dataset {name!r}")
+
+
+def features(data: Dataset, name: str, cache: Path, split: str = "train") -> tuple[Any, float]:
+    """(features, seconds per 1,000 samples), computed once and cached as ``.npy``; ``gradient32``
+    is a ``GradientEmbedding`` (never materialised: C·D values per sample) built on ``effnet32``."""
+    if name == "gradient32":
+        from dq_ops.features import gradient_embedding
+
+        embedding, seconds = features(data, "effnet32", cache, split)
+        return gradient_embedding(embedding, data.labels, seed=0), seconds
+    path = cache / f"{data.name}-{split}-{name}.npy"
+    timing = path.with_suffix(".seconds")
+    if path.exists():
+        return np.load(path), float(timing.read_text())
+    samples = data.train if split == "train" else data.test
+    started = time.perf_counter()
+    if name == "minilm":
+        from dq_ops.backbones import load_text_extractor
+
+        values = load_text_extractor()(samples)
+    elif name == "pixels-pca":
+        x = samples.reshape(len(samples), -1).astype(np.float32) / 255.0
+        x -= x.mean(axis=0)
+        _, vectors = np.linalg.eigh((x.T @ x).astype(np.float64))  # ascending eigenvalues
+        values = x @ vectors[:, ::-1][:, :64].astype(np.float32)
+    elif name.startswith("effnet"):
+        import torch
+
         from dq_ops.backbones import load_image_extractor
 
-        extractor = load_image_extractor(image_size=image_size, device=torch.device("cpu"))
-        features = np.concatenate([extractor(images[i:i + 2048]) for i in range(0, len(images), 2048)])
-        np.save(path, features.astype(np.float32))
-    return np.load(path)
+        extractor = load_image_extractor(image_size=int(name[len("effnet"):]), device=torch.device("cpu"))
+        values = np.concatenate([extractor(samples[i:i + 2048]) for i in range(0, len(samples), 2048)])
+    else:
+        raise SystemExit(f"unknown features {name!r}")
+    seconds = 1000 * (time.perf_counter() - started) / len(samples)
+    np.save(path, np.asarray(values, dtype=np.float32))
+    timing.write_text(f"{seconds:.4f}")
+    return np.load(path), seconds
+
+
+# -- arms ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str
+    features: str | None = None  # None: random
+    weights: str = "uniform"
+
+    @classmethod
+    def parse(cls, text: str, data: Dataset) -> Arm:
+        if text == "random":
+            return cls(text)
+        parts = text.split(":")
+        defaults = DQConfig()
+        feature = "minilm" if data.is_text else f"effnet{defaults.embedding.image_size}"
+        if parts[0] != "dq" or len(parts) > 3:
+            raise SystemExit(f"arm {text!r}: expected random or dq[:FEATURES[:WEIGHTS]]")
+        feature = parts[1] if len(parts) > 1 else feature
+        default_rule = defaults.sampling.rule_for("texts" if data.is_text else "images")
+        return cls(text, feature, parts[2] if len(parts) > 2 else default_rule)
+
+
+class Selector:
+    """Subsets of every arm, with bins computed once per feature space."""
+
+    def __init__(self, data: Dataset, cache: Path):
+        self.data, self.cache = data, cache
+        self.kernel = "dot" if data.is_text else BinsConfig().kernel
+        self.default_features = "minilm" if data.is_text else f"effnet{DQConfig().embedding.image_size}"
+        self._bins: dict[str, list[np.ndarray]] = {}
+        self.seconds: dict[str, float] = {}
+
+    def features(self, name: str) -> np.ndarray:
+        values, per_thousand = features(self.data, name, self.cache)
+        self.seconds[f"features {name} (s per 1,000)"] = per_thousand
+        return values
+
+    def bins(self, name: str) -> list[np.ndarray]:
+        """The flow's default bins on features ``name``, cached in ``<cache>/`` next to the features."""
+        if name not in self._bins:
+            config = BinsConfig()
+            path = self.cache / f"{self.data.name}-train-{name}-bins-{config.num_bins}-{self.kernel}-{config.budget_rule}.npz"
+            if not path.exists():
+                started = time.perf_counter()
+                bins = generate_bins(self.features(name), self.data.labels, config.num_bins, kernel=self.kernel,
+                                     budget_rule=config.budget_rule)
+                np.savez(path, *bins)
+                self.seconds[f"bins {name} (s)"] = time.perf_counter() - started
+            with np.load(path) as stored:
+                self._bins[name] = [stored[f"arr_{b}"] for b in range(len(stored.files))]
+        return self._bins[name]
+
+    def select(self, arm: Arm, ratio: float, seed: int) -> np.ndarray:
+        labels = self.data.labels
+        if arm.features is None:
+            sizes = sample_sizes(self.bins(self.default_features), labels, ratio, ROUNDING)
+            return select_random(np.zeros((len(labels), 1), np.float32), labels, ratio, seed, sizes=sizes)
+        bins = self.bins(arm.features)
+        weights = bin_intensities(arm.weights, bins, labels, lambda: self.features(arm.features), SamplingConfig().adaptive_alpha)
+        return sample_bins(bins, labels, ratio, seed, weights=weights, rounding=ROUNDING)
+
+
+# -- training ------------------------------------------------------------------------------------
+def _load_worker(dataset: str, cache: Path) -> None:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)  # the text classifier's BLAS too: one core per job
+    data = load_dataset(dataset)
+    _WORKER["data"] = data
+    if data.is_text:
+        _WORKER["train"] = features(data, "minilm", cache)[0]
+        _WORKER["test"] = features(data, "minilm", cache, "test")[0]
+
+
+def evaluate(subset: np.ndarray, seed: int, budget_scale: float) -> float:
+    """Test accuracy of the flow's evaluation on ``subset`` (runs in a worker process)."""
+    data: Dataset = _WORKER["data"]
+    if data.is_text:
+        from dq_ops.text_eval import evaluate_text_subset
+
+        return evaluate_text_subset(_WORKER["train"][subset], data.labels[subset], _WORKER["test"],
+                                    data.test_labels).logistic_regression_accuracy
+    from dq_ops.stages import train_config
+    from dq_ops.train import train_and_evaluate
+
+    config = EvaluationConfig()
+    config = config.model_copy(update={"epochs": config.epochs * budget_scale,
+                                       "min_steps": max(1, round(config.min_steps * budget_scale))})
+    result = train_and_evaluate(data.train[subset], data.labels[subset], data.test, data.test_labels,
+                                model=config.architecture, config=train_config(config), seed=seed)
+    return result.test_accuracy
+
+
+def run_jobs(jobs: list[tuple[Arm, float, int, float]], selector: Selector, results: dict, path: Path, workers: int) -> None:
+    """Train every (arm, ratio, seed, budget scale) not in ``results``; append each result to ``path``."""
+    todo = [job for job in jobs if _key(*job) not in results]
+    if not todo:
+        return
+    print(f"{len(todo)} evaluations to run ({len(jobs) - len(todo)} cached)", file=sys.stderr, flush=True)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_load_worker,
+                             initargs=(selector.data.name, selector.cache)) as pool:
+        futures = {}
+        for arm, ratio, seed, scale in todo:
+            subset = selector.select(arm, ratio, seed)
+            futures[pool.submit(evaluate, subset, seed, scale)] = (arm, ratio, seed, scale, len(subset))
+        for future in as_completed(futures):
+            arm, ratio, seed, scale, size = futures[future]
+            accuracy = future.result()
+            record = {"arm": arm.name, "ratio": ratio, "seed": seed, "budget_scale": scale, "size": size, "accuracy": accuracy}
+            results[_key(arm, ratio, seed, scale)] = record
+            with path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            print(f"{arm.name:>24} {ratio:6.1%} ×{scale:<4} draw {seed}: {size:6d} samples, test {accuracy:.4f}",
+                  file=sys.stderr, flush=True)
+
+
+def _key(arm: Arm, ratio: float, seed: int, scale: float) -> tuple:
+    return arm.name, ratio, seed, scale
+
+
+# -- report --------------------------------------------------------------------------------------
+def print_table(arms: list[Arm], ratios: list[float], draws: int, results: dict, selector: Selector) -> None:
+    sizes = {r: len(selector.select(arms[0], r, 0)) for r in ratios}
+    header = f"{'arm':<24}" + "".join(f"{f'{r:.0%} (n={sizes[r]})':>20}" for r in ratios)
+    print(header)
+    print("-" * len(header))
+    accuracy = {(a.name, r): [results[_key(a, r, s, 1.0)]["accuracy"] for s in range(draws)] for a in arms for r in ratios}
+    for arm in arms:
+        cells = summarize_accuracies({r: accuracy[(arm.name, r)] for r in ratios})
+        print(f"{arm.name:<24}" + "".join(f"{cells[r].as_percent():>20}" for r in ratios))
+    print("\nGap to random (same draws), points: mean [95% t-interval] verdict")
+    for arm in arms:
+        if arm.features is None:
+            continue
+        cells = []
+        for r in ratios:
+            gap = paired_gap(accuracy[(arm.name, r)], accuracy[("random", r)])
+            cells.append(f"{100 * gap.mean:+.2f} [{100 * gap.ci_low:+.2f},{100 * gap.ci_high:+.2f}] {gap.verdict[:6]}")
+        print(f"{arm.name:<24}" + "".join(f"{c:>30}" for c in cells))
+    print(f"\nCoverage in {selector.default_features} (mean / p95 distance to the nearest selected sample of the class; "
+          f"mean over the draws)")
+    space = selector.features(selector.default_features)
+    for arm in arms:
+        cells = []
+        for r in ratios:
+            measured = [subset_coverage(space, selector.data.labels, selector.select(arm, r, s)) for s in range(min(draws, 3))]
+            cells.append(f"{np.mean([m.mean for m in measured]):.4f} / {np.mean([m.p95 for m in measured]):.4f}")
+        print(f"{arm.name:<24}" + "".join(f"{c:>20}" for c in cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=5, help="paired draws per arm and ratio (seeds 0..N-1)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.3])
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=["random", "dq-emb"], help="arms at every ratio")
-    parser.add_argument("--ablation-arms", nargs="*", choices=ARMS, default=["dq-pca", "dq-grad", "dq-emb-20", "dq-emb-adq"])
-    parser.add_argument("--ablation-ratios", type=float, nargs="*", default=[0.01, 0.1])
-    parser.add_argument("--steps", type=int, default=100, help="SGD steps of batch 128 per training run")
-    parser.add_argument("--alpha", type=float, default=0.5, help="ADQ mix of importance and size shares")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--image-size", type=int, default=32,
-                        help="backbone input size for the embedding arms (the pipeline's default: 32)")
+    parser.add_argument("--dataset", choices=["fashion-mnist", "digits", "fortunes"], default="fashion-mnist")
+    parser.add_argument("--arms", nargs="+", default=["random", "dq"], help="random, dq[:FEATURES[:WITHIN]]")
+    parser.add_argument("--ratios", type=float, nargs="+", default=DEFAULT_RATIOS)
+    parser.add_argument("--draws", type=int, default=10, help="paired draws per arm and ratio (seeds 0..N-1)")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at once (one process and torch thread each)")
+    parser.add_argument("--budget-curve", type=float, default=None, metavar="RATIO")
+    parser.add_argument("--budget-scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    parser.add_argument("--curve-draws", type=int, default=5, help="paired draws per point of the budget curve")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dq-quality-cache")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 draws, 1%% and 10%%, 20 steps, PCA only")
     args = parser.parse_args()
-    if args.quick:
-        args.draws, args.ratios, args.steps, args.arms, args.ablation_arms = 2, [0.01, 0.1], 20, ["random", "dq-pca"], []
-    if any(not 0 < r < 1 for r in [*args.ratios, *args.ablation_ratios]) or args.draws < 1:
-        parser.error("--ratios must lie in (0, 1) and --draws be >= 1")
-    arms = ["random", *dict.fromkeys(a for a in [*args.arms, *args.ablation_arms] if a != "random")]
-    ratios = sorted(set(args.ratios) | set(args.ablation_ratios if args.ablation_arms else []))
-
-    def runs_at(arm: str, ratio: float) -> bool:
-        return arm == "random" or (arm in args.arms and ratio in args.ratios) or (
-            arm in args.ablation_arms and ratio in args.ablation_ratios)
-
-    torch.set_num_threads(args.threads)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(epochs=1, min_steps=args.steps, max_steps=args.steps)
-
+    if any(not 0 < r < 1 for r in args.ratios) or args.draws < 2:
+        parser.error("--ratios must lie in (0, 1) and --draws be >= 2 (an interval needs two draws)")
     started = time.perf_counter()
-    images, labels = load_fashion_mnist("train")
-    test_images, test_labels = load_fashion_mnist("test")
-    seconds: dict[str, float] = defaultdict(float)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(args.dataset)
+    arms = [Arm.parse(a, data) for a in dict.fromkeys(["random", *args.arms])]
+    selector = Selector(data, args.cache)
+    path = args.cache / f"results-{data.name}.jsonl"
+    results = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            results[(r["arm"], r["ratio"], r["seed"], r["budget_scale"])] = r
+    jobs = [(arm, r, s, 1.0) for r in args.ratios for s in range(args.draws) for arm in arms]
+    curve_arms = arms[:2]
+    if args.budget_curve is not None:
+        jobs += [(arm, args.budget_curve, s, scale) for scale in args.budget_scales for s in range(args.curve_draws)
+                 for arm in curve_arms]
+    run_jobs(jobs, selector, results, path, args.jobs)
 
-    @contextmanager
-    def timed(what: str) -> Iterator[None]:
-        tick = time.perf_counter()
-        yield
-        seconds[what] += time.perf_counter() - tick
-
-    with timed("features pca"):
-        features: dict[str, object] = {"pca": pca_features(images)}
-    if any(arm.startswith(("dq-emb", "dq-grad")) for arm in arms):
-        with timed("features emb (cached after the first run)"):
-            features["emb"] = backbone_embedding(images, args.cache, args.image_size)
-    if "dq-grad" in arms:
-        with timed("features grad"):
-            features["grad"] = gradient_embedding(features["emb"], labels, seed=0)
-    bin_specs = {"dq-pca": ("pca", 10), "dq-emb": ("emb", 10), "dq-grad": ("grad", 10),
-                 "dq-emb-20": ("emb", 20), "dq-emb-adq": ("emb", 10)}
-    bins = {}
-    for arm in arms:
-        if arm in bin_specs:
-            feature, k = bin_specs[arm]
-            if (feature, k) not in bins:
-                with timed(f"bins {feature} x{k}"):
-                    bins[(feature, k)] = generate_bins(features[feature], labels, k)
-    # random gets the per-class sizes of the first DQ arm's subset
-    reference_bins = bins[bin_specs[next(arm for arm in arms if arm in bin_specs)]]
-    weights = None
-    if "dq-emb-adq" in arms:
-        with timed("adq weights"):
-            weights = adaptive_bin_weights(features["emb"], labels, bins[("emb", 10)], args.alpha)
-
-    def draw(arm: str, ratio: float, seed: int) -> np.ndarray:
-        if arm == "random":
-            return select_random(features["pca"], labels, ratio, seed, sizes=sample_sizes(reference_bins, labels, ratio))
-        return sample_bins(bins[bin_specs[arm]], labels, ratio, seed, weights=weights if arm == "dq-emb-adq" else None)
-
-    accuracies: dict[tuple[str, float], list[float]] = defaultdict(list)
-    sizes: dict[tuple[str, float], int] = {}
-    for ratio in ratios:
-        for seed in range(args.draws):
-            for arm in (a for a in arms if runs_at(a, ratio)):
-                subset = draw(arm, ratio, seed)
-                sizes[(arm, ratio)] = len(subset)
-                result = train_and_evaluate(images[subset], labels[subset], test_images, test_labels,
-                                            model=DEFAULT_MODEL, config=config, seed=seed)
-                seconds["training"] += result.train_seconds
-                accuracies[(arm, ratio)].append(result.test_accuracy)
-                print(f"{arm:>11} {ratio:5.0%} draw {seed}: {len(subset):6d} images, test {result.test_accuracy:.4f}, "
-                      f"{result.train_seconds:5.1f} s", file=sys.stderr, flush=True)
-
-    print(f"Fashion-MNIST, {DEFAULT_MODEL} trained from scratch, {args.steps} SGD steps × 128 per run, "
-          f"{args.draws} paired draws (seed s draws the subset and seeds the training); final-step test accuracy, %")
-    header = f"{'arm':<11}" + "".join(f"{f'{r:.0%} (n={sizes[(arms[0], r)]})':>18}" for r in ratios)
-    print(header)
-    print("-" * len(header))
-    for arm in arms:
-        cells = summarize_accuracies({r: accuracies[(arm, r)] for r in ratios if runs_at(arm, r)})
-        print(f"{arm:<11}" + "".join(f"{cells[r].as_percent() if r in cells else '':>18}" for r in ratios))
-    print("\nGap to random (same draws), points: mean [95% t-interval] verdict")
-    for arm in arms[1:]:
-        cells = []
-        for r in ratios:
-            if not runs_at(arm, r):
-                cells.append("")
-                continue
-            gap = paired_gap(accuracies[(arm, r)], accuracies[("random", r)])
-            interval = "" if gap.ci_low is None else f" [{100 * gap.ci_low:+.2f},{100 * gap.ci_high:+.2f}]"
-            cells.append(f"{100 * gap.mean:+.2f}{interval} {gap.verdict[:5]}")
-        print(f"{arm:<11}" + "".join(f"{c:>30}" for c in cells))
-    print(f"\nwall time {time.perf_counter() - started:.0f} s; " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    config = EvaluationConfig()
+    evaluation = ("logistic regression on MiniLM embeddings (dq_ops.text_eval)" if data.is_text else
+                  f"{config.architecture} from scratch, the flow's budget ({config.epochs:g} epochs, ≥ {config.min_steps} steps)")
+    print(f"{data.name}: {len(data.labels):,} train / {len(data.test_labels):,} test; {evaluation}; {args.draws} paired draws "
+          f"(seed s draws the subset and seeds the training); final test accuracy, %")
+    print_table(arms, args.ratios, args.draws, results, selector)
+    if args.budget_curve is not None:
+        print(f"\nBudget curve at {args.budget_curve:.0%}: the flow's budget × scale, mean ± std over the draws")
+        for arm in curve_arms:
+            cells = summarize_accuracies({scale: [results[_key(arm, args.budget_curve, s, scale)]["accuracy"]
+                                                  for s in range(args.curve_draws)] for scale in args.budget_scales})
+            print(f"{arm.name:<24}" + "".join(f"{f'×{scale:g} ' + cells[scale].as_percent():>22}" for scale in args.budget_scales))
+    print(f"\nwall time {time.perf_counter() - started:.0f} s; " + ", ".join(f"{k} {v:.2f}" for k, v in selector.seconds.items()))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dq_ops.errors import DQInputError
+from dq_ops.sampling import BinWeights
 
 DatasetFormat = Literal["fashion-mnist", "idx", "image-folder", "npz", "zarr", "jsonl", "json", "fortunes"]
 
@@ -91,6 +92,20 @@ class SamplingConfig(_Section):
     """Stage 3: draw the subset from the bins."""
 
     ratios: list[float] = Field(default_factory=lambda: [0.1], min_length=1, description="Keep ratios in (0, 1]; bins are reused for each.")
+    bin_weights: Literal["auto"] | BinWeights = Field(
+        "auto",
+        description="How a class's samples are spread over its bins: 'uniform' the same ratio in every bin (the paper); "
+        "'later-bins' bin b drawn b+1 times as intensely as bin 0 (more rare and boundary samples); 'adaptive' ADQ's "
+        "per-bin ratios (dq_ops.adaptive); 'auto' later-bins for images, uniform for texts (what bench/quality.py "
+        "measured best). Class sizes are the same for every rule.",
+    )
+    adaptive_alpha: float = Field(0.5, ge=0, le=1, description="'adaptive': ADQ's α, the weight of bin importance against bin size.")
+
+    def rule_for(self, modality: str) -> BinWeights:
+        """The bin-weight rule a dataset of ``modality`` ('images' or 'texts') is drawn with."""
+        if self.bin_weights != "auto":
+            return self.bin_weights
+        return "later-bins" if modality == "images" else "uniform"
 
     @field_validator("ratios")
     @classmethod

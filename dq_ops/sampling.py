@@ -3,7 +3,13 @@
 Uniform rule (reference ``quantize_bin.py`` / DeepCore ``Uniform`` with ``balance=True``): from
 every bin b and every class c draw ``round(ratio · n_bc)`` samples uniformly without replacement,
 with Python's ``round`` (banker's: round(62.5) = 62, so the reference's 12.5% CIFAR-10 subset
-has 6,200 samples, not 6,250). The subset is the union.
+has 6,200 samples, not 6,250). The subset is the union. That per-bin rounding reproduces the
+reference (``rounding="per-bin"``), but it gives a class of 12 samples per bin nothing at 1%.
+``rounding="per-class"`` (the pipeline's default, with ``bins.budget_rule: per-class``) keeps
+``k_c = round(ratio · n_c)`` of class c and apportions it over the class's bins in proportion
+to ``w_b · n_bc`` (``w_b`` = 1, or the bin weights), capped at ``n_bc``, by the Sainte-Laguë
+divisor method: seats go one at a time to the bin with the largest ``w_b · n_bc / (s_b + ½)``
+(s_b: seats it holds; ties to the lower bin). On balanced bins both rules give the same counts.
 
 Randomness is **stable**: every sample gets the draw key ``sha256(f"{seed}:{id}")`` (its first
 8 bytes as an integer; ``id`` is the stable sample id from ingest, or the sample index when no
@@ -11,18 +17,24 @@ ids are given), and each (bin, class) group keeps the samples with the smallest 
 sample is drawn depends on its own id and on its group, not on its position or on which other
 samples exist: when a dataset is refreshed, the selection changes only where the data or the
 bins changed. Keys do not depend on the ratio, so for a fixed seed the subset at a smaller ratio
-is contained in the subset at a larger one, and any ratio can be drawn later from the same bins.
+is contained in the subset at a larger one (seats are handed out one at a time, so a larger
+total never takes a seat away), and any ratio can be drawn later from the same bins.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 
+from dq_ops.adaptive import adaptive_bin_weights
 from dq_ops.errors import DQInputError
 from dq_ops.features import class_groups
+
+Rounding = Literal["per-bin", "per-class"]
+BinWeights = Literal["uniform", "later-bins", "adaptive"]
 
 
 def keep_count(n: int, ratio: float) -> int:
@@ -54,6 +66,7 @@ def sample_bins(
     *,
     ids: Sequence[str] | np.ndarray | None = None,
     weights: Sequence[float] | np.ndarray | None = None,
+    rounding: Rounding = "per-bin",
 ) -> np.ndarray:
     """Draw ``ratio`` of the data from the bins; sorted int64 sample indices.
 
@@ -61,60 +74,112 @@ def sample_bins(
     None to draw per bin only. ``ids``: the samples' stable ids (all samples, like labels), which
     make the draw stable across refreshes (module docstring); default: the sample indices.
 
-    ``weights=None`` is the reference's uniform rule (module docstring). With ``weights`` (one
-    non-negative score per bin, e.g. ADQ's bin importance) the total ``round(ratio · Σ|bin|)`` is
-    allocated across bins in proportion to the weights, capped at each bin's size, with what
-    capped bins cannot hold redistributed over the others (water-filling); integer counts by
-    largest remainder (ties to the lower bin). Inside a bin the count is split over classes in
-    proportion to their sizes, again by largest remainder. The draw itself is the same
-    smallest-keys rule as the uniform one.
+    ``rounding`` and ``weights`` decide how many samples each (bin, class) cell gives (module
+    docstring): ``weights=None`` with ``"per-bin"`` is the reference's uniform rule. ``weights``
+    (one non-negative intensity per bin) moves samples between the bins of a class and never
+    between classes: every class keeps the size :func:`sample_sizes` reports for ``rounding``, so
+    a baseline drawn with those sizes matches the subset class by class. The draw inside a cell
+    is the same smallest-keys rule whatever the counts.
     """
     ratio = check_ratio(ratio)
     bins = _checked_bins(bins, labels)
-    sizes = np.array([len(b) for b in bins])
-    counts = None
-    if weights is not None:
-        total = keep_count(int(sizes.sum()), ratio)
-        counts = _largest_remainder(_water_fill(sizes, _checked_weights(weights, len(bins)), total))
+    intensities = np.ones(len(bins)) if weights is None else _checked_weights(weights, len(bins))
     every = np.concatenate(bins)
-    names = every.astype(str) if ids is None else np.asarray(ids)[every]
     if ids is not None and len(ids) <= every.max():
         raise DQInputError(f"bins hold sample {every.max()} but there are only {len(ids)} ids")
+    names = every.astype(str) if ids is None else np.asarray(ids)[every]
     keys = np.zeros(int(every.max()) + 1, dtype=np.uint64)
     keys[every] = draw_keys(names, seed)
     picked: list[np.ndarray] = []
-    for b, members in enumerate(bins):
-        member_labels = None if labels is None else np.asarray(labels)[members]
-        _, groups = class_groups(member_labels, len(members))
-        group_sizes = np.array([len(g) for g in groups])
-        if counts is None:
-            take = [keep_count(int(k), ratio) for k in group_sizes]
+    rounding = _checked_rounding(rounding)
+    for cells in _cells(bins, labels):
+        sizes = np.array([len(cell) for cell in cells])
+        if weights is None and rounding == "per-bin":
+            take = [keep_count(int(n), ratio) for n in sizes]
         else:
-            take = _largest_remainder(counts[b] * group_sizes / max(len(members), 1))
-        for group, k in zip(groups, take):
-            candidates = members[group]
-            picked.append(candidates[np.argsort(keys[candidates], kind="stable")[:k]])
+            take = apportion(intensities * sizes, sizes, _class_size(sizes, ratio, rounding))
+        for cell, k in zip(cells, take):
+            picked.append(cell[np.argsort(keys[cell], kind="stable")[:k]])
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
-def sample_sizes(bins: Sequence[np.ndarray], labels: np.ndarray | None, ratio: float) -> np.ndarray:
-    """Per-class sizes of :func:`sample_bins`' uniform subset, aligned with ``np.unique(labels)``.
+def bin_intensities(
+    rule: BinWeights, bins: Sequence[np.ndarray], labels: np.ndarray | None,
+    features: Callable[[], np.ndarray] | None = None, alpha: float = 0.5,
+) -> np.ndarray | None:
+    """The ``weights`` of :func:`sample_bins` for a named rule (None: uniform).
+
+    - ``"later-bins"``: ``w_b = b + 1``; GraphCut fills bins from the class's dense core to its
+      rare and boundary samples, so this shifts a class's draw towards the latter.
+    - ``"adaptive"``: ADQ's budget shares ``r_b`` (:func:`dq_ops.adaptive.adaptive_bin_weights` with
+      ``alpha``, on ``features()``, the (n, d) features the bins were built on) as per-sample
+      intensities ``r_b / |bin b|``.
+    """
+    if rule == "uniform":
+        return None
+    if rule == "later-bins":
+        return np.arange(1.0, len(bins) + 1)
+    if rule == "adaptive":
+        if features is None:
+            raise DQInputError("bin weights 'adaptive' need the features the bins were built on")
+        shares = adaptive_bin_weights(features(), labels, bins, alpha)
+        return shares / np.maximum([len(b) for b in bins], 1)
+    raise DQInputError(f"unknown bin weights {rule!r}; expected uniform, later-bins or adaptive")
+
+
+def apportion(wanted: np.ndarray, caps: np.ndarray, total: int) -> list[int]:
+    """``total`` seats over cells in proportion to ``wanted``, at most ``caps[i]`` each, by
+    Sainte-Laguë: seat by seat to the largest ``wanted_i / (seats_i + ½)``, ties to the lower index.
+
+    Computed at once: cell i's j-th seat has the quotient ``wanted_i / (j + ½)``, and the seats
+    handed out are the ``total`` largest quotients (ties to the lower cell), which is the same.
+    """
+    wanted, caps = np.asarray(wanted, dtype=np.float64), np.asarray(caps, dtype=np.int64)
+    caps = np.where(wanted > 0, caps, 0)
+    if total > caps.sum():
+        raise DQInputError(f"weights: the bins with positive weight hold {int(caps.sum())} samples, "
+                           f"fewer than the {total} requested")
+    cell = np.repeat(np.arange(len(wanted)), caps)
+    seat = np.arange(len(cell)) - np.repeat(np.cumsum(caps) - caps, caps)
+    quotient = wanted[cell] / (seat + 0.5)
+    chosen = np.lexsort((cell, -quotient))[:total]
+    return np.bincount(cell[chosen], minlength=len(wanted)).tolist()
+
+
+def _cells(bins: list[np.ndarray], labels: np.ndarray | None) -> list[list[np.ndarray]]:
+    """Per class (sorted), its members in each bin (ascending)."""
+    every = np.concatenate(bins)
+    bin_of = np.zeros(int(every.max()) + 1, dtype=np.int64)
+    for b, members in enumerate(bins):
+        bin_of[members] = b
+    _, groups = class_groups(None if labels is None else np.asarray(labels)[every], len(every))
+    return [[members[bin_of[members] == b] for b in range(len(bins))] for members in (np.sort(every[g]) for g in groups)]
+
+
+def _class_size(cell_sizes: np.ndarray, ratio: float, rounding: Rounding) -> int:
+    if _checked_rounding(rounding) == "per-bin":
+        return sum(keep_count(int(n), ratio) for n in cell_sizes)
+    return keep_count(int(cell_sizes.sum()), ratio)
+
+
+def _checked_rounding(rounding: str) -> Rounding:
+    if rounding not in ("per-bin", "per-class"):
+        raise DQInputError(f"rounding must be 'per-bin' or 'per-class', got {rounding!r}")
+    return rounding  # type: ignore[return-value]
+
+
+def sample_sizes(
+    bins: Sequence[np.ndarray], labels: np.ndarray | None, ratio: float, rounding: Rounding = "per-bin"
+) -> np.ndarray:
+    """Per-class sizes of :func:`sample_bins`' subsets (any weights), aligned with ``np.unique(labels)``.
 
     Pass them as ``sizes=`` to a baseline in :mod:`dq_ops.baselines` for a subset of exactly
     the same size per class (per-bin rounding makes them differ from ``round(ratio · n_c)``).
     Without labels: a one-element array with the total.
     """
     ratio = check_ratio(ratio)
-    bins = _checked_bins(bins, labels)
-    if labels is None:
-        return np.array([sum(keep_count(len(b), ratio) for b in bins)], dtype=np.int64)
-    labels = np.asarray(labels)
-    classes = np.unique(labels)
-    out = np.zeros(len(classes), dtype=np.int64)
-    for members in bins:
-        present, counts = np.unique(labels[members], return_counts=True)
-        out[np.searchsorted(classes, present)] += [keep_count(int(k), ratio) for k in counts]
-    return out
+    cells = _cells(_checked_bins(bins, labels), labels)
+    return np.array([_class_size(np.array([len(c) for c in cell]), ratio, rounding) for cell in cells], dtype=np.int64)
 
 
 def _checked_bins(bins: Sequence[np.ndarray], labels: np.ndarray | None) -> list[np.ndarray]:
@@ -144,33 +209,3 @@ def _checked_weights(weights: Sequence[float] | np.ndarray, num_bins: int) -> np
     if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise DQInputError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
     return w
-
-
-def _water_fill(caps: np.ndarray, weights: np.ndarray, total: int) -> np.ndarray:
-    """Real-valued allocation of ``total`` ∝ weights, capped at ``caps``, overflow redistributed."""
-    alloc = np.zeros(len(caps))
-    active = weights > 0
-    left = float(total)
-    while left > 0 and active.any():
-        share = left * weights * active / weights[active].sum()
-        full = active & (share >= caps - alloc)
-        if not full.any():
-            alloc += share
-            break
-        left -= float((caps - alloc)[full].sum())
-        alloc[full] = caps[full]
-        active &= ~full
-    if alloc.sum() < total - 1e-6:
-        held = int(caps[weights > 0].sum())
-        raise DQInputError(f"weights: the bins with positive weight hold {held} samples, fewer than the {total} requested")
-    return alloc
-
-
-def _largest_remainder(shares: np.ndarray) -> list[int]:
-    """Integers with the same (rounded) total, each floor or ceil of its share; ties to the lower index."""
-    shares = np.asarray(shares, dtype=np.float64)
-    base = np.floor(shares + 1e-9)
-    extra = int(round(shares.sum() - base.sum()))
-    order = np.argsort(-(shares - base), kind="stable")
-    base[order[:extra]] += 1
-    return [int(k) for k in base]

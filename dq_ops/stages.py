@@ -12,7 +12,8 @@ Artifacts written here (see :mod:`dq_ops.store` for the layout):
   attributes ``num_bins``, ``classes``, ``bin_sizes`` (classes × bins table) and
   ``class_digests`` (what each class's greedy depended on; lets a refresh reuse unchanged classes).
 * ``subsets/<key>``: ``indices`` (k,) int64 into the split (sorted), ``ids``, ``labels``; attributes
-  ``method``, ``ratio``, ``seed``, ``size``, ``dataset`` (the snapshot drawn from).
+  ``method``, ``ratio``, ``seed``, ``size``, ``dataset`` (the snapshot drawn from) and
+  ``coverage`` (:meth:`dq_ops.coverage.Coverage.metrics` in the embedding the bins were built on).
 
 Training (torch) and the text classifiers (scipy) are imported where they run: finding an
 evaluation already stored must not cost their import.
@@ -34,11 +35,12 @@ import zarr
 
 from dq_ops.baselines import select_herding, select_kcenter, select_random
 from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
-from dq_ops.config import BinsConfig, EvaluationConfig
+from dq_ops.config import BinsConfig, EvaluationConfig, SamplingConfig
+from dq_ops.coverage import coverage_from_blocks, query_rows
 from dq_ops.embed import content_keys
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups, single_threaded_blas
-from dq_ops.sampling import sample_bins, sample_sizes
+from dq_ops.sampling import bin_intensities, sample_bins, sample_sizes
 from dq_ops.stage import Progress, Stage, is_running, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
 
@@ -297,42 +299,80 @@ def bins_as_lists(bins: Artifact) -> list[np.ndarray]:
     return [np.flatnonzero(bin_of_sample == b) for b in range(int(bins.group.attrs["num_bins"]))]
 
 
+def rounding_of(bins: Artifact) -> str:
+    """How subsets of these bins round per-class sizes: the reference's per-bin rounding with the
+    reference's bin budgets, per class otherwise (``dq_ops.sampling``)."""
+    return "per-bin" if bins.params.get("budget_rule") == "reference" else "per-class"
+
+
+def subset_coverage(embeddings: Artifact, labels: np.ndarray | None, subset: np.ndarray,
+                    bins: list[np.ndarray]) -> dict[str, float]:
+    """:func:`dq_ops.coverage.coverage_from_blocks` over the embeddings' ``features`` (the
+    penultimate embedding, also in gradient mode), read one stored chunk of rows at a time."""
+    features = embeddings["features"]
+    n = features.shape[0]
+    labels = np.zeros(n, dtype=np.int64) if labels is None else labels
+    queries = query_rows(n)
+    step = features.chunks[0]
+    blocks = ((start, np.asarray(features[start:start + step])) for start in range(0, n, step))
+    query_features = np.asarray(features.get_orthogonal_selection((queries, slice(None))))
+    return coverage_from_blocks(blocks, labels, subset, queries, query_features, bins).metrics()
+
+
 class _SubsetStage(Stage):
     """A subset of the quantized split: ``indices`` (sorted) and ``ids``; subclasses pick the rows."""
 
     kind = "subsets"
-    version = 2
+    version = 3
 
-    def __init__(self, store: Store, dataset: Artifact, bins: Artifact, ratio: float, seed: int):
+    def __init__(self, store: Store, dataset: Artifact, embeddings: Artifact, bins: Artifact, ratio: float, seed: int):
         super().__init__(store)
-        self.dataset, self.bins, self.ratio, self.seed = dataset, bins, ratio, seed
+        self.dataset, self.embeddings, self.bins, self.ratio, self.seed = dataset, embeddings, bins, ratio, seed
 
-    def select(self) -> np.ndarray:
+    def inputs(self) -> list[Artifact]:
+        return [self.dataset, self.embeddings, self.bins]
+
+    def select(self, bins: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
     def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
-        indices = np.sort(np.asarray(self.select(), dtype=np.int64))
+        bins, labels = bins_as_lists(self.bins), split_labels(self.dataset)
+        indices = np.sort(np.asarray(self.select(bins, labels), dtype=np.int64))
         write_array(group, "indices", indices)
         split = self.dataset[QUANTIZED_SPLIT]
         write_array(group, "ids", np.asarray(split["ids"].get_orthogonal_selection((indices,))))
         write_array(group, "labels", np.asarray(split["labels"].get_orthogonal_selection((indices,))))
-        group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name})
+        group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name,
+                                            "coverage": subset_coverage(self.embeddings, labels, indices, bins)})
 
 
 class SampleStage(_SubsetStage):
-    """The DQ subset at ``ratio``: per bin and class, the samples ranked first by a hash of
-    (seed, sample id) (``dq_ops.sampling.sample_bins``), so a refresh changes the selection only
-    where the data or the bins changed."""
+    """The DQ subset at ``ratio``, drawn from the bins by ``dq_ops.sampling.sample_bins`` with the
+    sampling section's rule; random draws rank samples by a hash of (seed, sample id), so a
+    refresh changes the selection only where the data or the bins changed."""
+
+    def __init__(self, store: Store, dataset: Artifact, embeddings: Artifact, bins: Artifact, ratio: float, seed: int,
+                 config: SamplingConfig):
+        super().__init__(store, dataset, embeddings, bins, ratio, seed)
+        self.config = config
+
+    @property
+    def rule(self) -> str:
+        return self.config.rule_for(self.dataset.group.attrs["modality"])
 
     def params(self) -> dict[str, Any]:
-        return {"method": "dq", "ratio": self.ratio, "seed": self.seed}
+        return {"method": "dq", "ratio": self.ratio, "seed": self.seed, "bin_weights": self.rule} | (
+            {"adaptive_alpha": self.config.adaptive_alpha} if self.rule == "adaptive" else {})
 
-    def inputs(self) -> list[Artifact]:
-        return [self.dataset, self.bins]
-
-    def select(self) -> np.ndarray:
+    def select(self, bins: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray:
         ids = np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:])
-        return sample_bins(bins_as_lists(self.bins), split_labels(self.dataset), self.ratio, self.seed, ids=ids)
+        return sample_bins(bins, labels, self.ratio, self.seed, ids=ids, weights=self._weights(bins, labels),
+                           rounding=rounding_of(self.bins))
+
+    def _weights(self, bins: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray | None:
+        # the penultimate embedding (also in gradient mode), read only for the rule that needs it
+        return bin_intensities(self.rule, bins, labels, lambda: np.asarray(self.embeddings["features"][:]),
+                               self.config.adaptive_alpha)
 
 
 class BaselineStage(_SubsetStage):
@@ -341,18 +381,14 @@ class BaselineStage(_SubsetStage):
     def __init__(self, store: Store, dataset: Artifact, embeddings: Artifact, bins: Artifact, method: str, ratio: float, seed: int):
         if method not in BASELINES:
             raise DQInputError(f"unknown baseline {method!r}; expected one of {', '.join(BASELINES)}")
-        super().__init__(store, dataset, bins, ratio, seed)
-        self.embeddings, self.method = embeddings, method
+        super().__init__(store, dataset, embeddings, bins, ratio, seed)
+        self.method = method
 
     def params(self) -> dict[str, Any]:
         return {"method": self.method, "ratio": self.ratio, "seed": self.seed}
 
-    def inputs(self) -> list[Artifact]:
-        return [self.dataset, self.embeddings, self.bins]
-
-    def select(self) -> np.ndarray:
-        labels = split_labels(self.dataset)
-        sizes = sample_sizes(bins_as_lists(self.bins), labels, self.ratio)
+    def select(self, bins: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray:
+        sizes = sample_sizes(bins, labels, self.ratio, rounding_of(self.bins))
         return BASELINES[self.method](embedding_rows(self.embeddings), labels, self.ratio, self.seed, sizes=sizes)
 
 

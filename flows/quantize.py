@@ -93,9 +93,12 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         subsets: list[dict[str, Any]] = []
         for ratio in config.sampling.ratios:
             with timed("sampling"):
-                subset = sample_subset(store_url, dataset, bins, ratio, config.seed)
+                subset = sample_subset(store_url, dataset, embeddings, bins, ratio, config.seed, config.sampling)
+                # coverage of a random draw of the same per-class sizes: what the DQ subset's is compared with
+                random = baseline_subset(store_url, dataset, embeddings, bins, "random", ratio, config.seed)
             entry: dict[str, Any] = {
                 "ratio": ratio, "dq": subset, "evaluation": [], "gaps": [], "patches": None,
+                "coverage": {"dq": subset.summary["coverage"], "random": random.summary["coverage"]},
                 "diff": _publish_selection(config, dataset, embeddings, bins, subset),
             }
             if pixels:
@@ -167,7 +170,8 @@ def _draw_arms(
     if "dq_pixels" in arms and mae is None:
         get_run_logger().warning("evaluation arm 'dq_pixels' skipped: it needs an image dataset with patches enabled")
     for seed in config.evaluation.seeds:
-        dq = published if seed == config.seed else sample_subset(store_url, dataset, bins, ratio, seed)
+        dq = published if seed == config.seed else sample_subset(
+            store_url, dataset, embeddings, bins, ratio, seed, config.sampling)
         for arm in draws:
             if arm == "dq":
                 draws[arm].append(Draw(seed, dq))
@@ -290,6 +294,7 @@ def _summarise(
                 "evaluation": s["evaluation"],
                 "gaps": s["gaps"],
                 "patches": s["patches"],
+                "coverage": s["coverage"],
                 "selection": {"previous": s["diff"].previous, "previous_size": s["diff"].previous_size,
                               "added": len(s["diff"].added), "removed": len(s["diff"].removed), "churn": s["diff"].churn},
             }
@@ -331,6 +336,8 @@ def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str
         metrics[f"subset_size_r{s['ratio']}"] = s["size"]
         metrics[f"sample_keep_ratio_r{s['ratio']}"] = s["sample_keep_ratio"]
         metrics |= {f"selection_{k}_r{s['ratio']}": s["selection"][k] for k in ("added", "removed", "churn")}
+        metrics |= {f"coverage_{stat}_{arm}_r{s['ratio']}": s["coverage"][arm][f"coverage_{stat}"]
+                    for arm in ("dq", "random") for stat in ("mean", "p95")}
         if s["patches"]:
             p = s["patches"]
             metrics |= {

@@ -76,11 +76,36 @@ def _tick_step(largest: int) -> int:
     return step
 
 
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """The report's first lines: per keep ratio, DQ − random with its interval and verdict, or why
+    there is none; then the subsets' coverage next to a random draw's."""
+    lines = []
+    for s in summary["subsets"]:
+        gap = next((g for g in s.get("gaps", []) if (g["arm"], g["reference"]) == ("dq", "random")), None)
+        if gap is None:
+            lines.append(f"- **{s['ratio']:.1%}**: no verdict: evaluation is off or has no `random` arm.")
+        elif gap["ci_low"] is None:
+            lines.append(f"- **{s['ratio']:.1%}**: DQ − random = {100 * gap['mean']:+.2f} points on one draw, which decides "
+                         f"nothing: draws of one method differ by more. Set `evaluation.seeds` to 10 seeds for a verdict.")
+        else:
+            word = {"ahead": "ahead", "behind": "behind", "indistinguishable": "tie"}[gap["verdict"]]
+            lines.append(f"- **{s['ratio']:.1%}**: DQ − random = {100 * gap['mean']:+.2f} points, 95% interval "
+                         f"{100 * gap['ci_low']:+.2f} to {100 * gap['ci_high']:+.2f} over {gap['n']} paired draws: **{word}**.")
+        cov = s["coverage"]
+        lines.append(f"  Coverage (distance to the nearest selected sample of the class, mean / p95): DQ "
+                     f"{cov['dq']['coverage_mean']:.4f} / {cov['dq']['coverage_p95']:.4f}, random "
+                     f"{cov['random']['coverage_mean']:.4f} / {cov['random']['coverage_p95']:.4f}; largest gap between a "
+                     f"class's share of the subset and of the split {cov['dq']['class_share_error']:.2%}.")
+    return lines
+
+
 def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) -> str:
-    """The run's markdown report: what was selected, how much was kept, bytes and accuracy."""
+    """The run's markdown report: the verdict, what was selected, how much was kept, bytes and accuracy."""
     counts = summary["dataset"]["counts"]
     lines = [
         f"# Dataset Quantization: {config.dataset.name}",
+        "",
+        *verdict_lines(summary),
         "",
         f"- Store: `{summary['store_url']}`",
         f"- Dataset: {', '.join(f'{split} {n:,}' for split, n in counts.items())} samples "
@@ -92,17 +117,16 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
         "",
         "## Subsets",
         "",
-        "| keep ratio | samples | sample keep ratio | patch keep ratio | storage keep ratio | stored bytes | URL |",
-        "|---|---|---|---|---|---|---|",
+        "| keep ratio | samples | sample keep ratio | patch keep ratio | storage keep ratio | stored bytes "
+        "| bins touched per class (min) | URL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in summary["subsets"]:
-        patches = s.get("patches") or {}
-        stored = f"{patches['stored_bytes']:,}" if patches else "—"
-        lines.append(
-            f"| {s['ratio']:.1%} | {s['size']:,} | {s['sample_keep_ratio']:.2%} | "
-            f"{patches.get('patch_keep_ratio', 1.0):.2%} | "
-            f"{s['sample_keep_ratio'] * patches.get('patch_keep_ratio', 1.0):.2%} | {stored} | `{s['url']}` |"
-        )
+        patches = s.get("patches")
+        patch_cells = (f"{patches['patch_keep_ratio']:.2%} | {s['sample_keep_ratio'] * patches['patch_keep_ratio']:.2%} | "
+                       f"{patches['stored_bytes']:,}" if patches else "— | — | —")
+        touched = s["coverage"]["dq"].get("bins_touched_min", "—")
+        lines.append(f"| {s['ratio']:.1%} | {s['size']:,} | {s['sample_keep_ratio']:.2%} | {patch_cells} | {touched} | `{s['url']}` |")
     pixel_rows = [s for s in summary["subsets"] if s.get("patches")]
     if pixel_rows:
         lines += ["", f"## Patch dropping (θ = {config.patches.drop_ratio}) and MAE reconstruction", "",
@@ -123,9 +147,8 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
                   "draws as `dq`.", "",
                   "| keep ratio | arm | samples | accuracy mean ± std | seeds |", "|---|---|---|---|---|"]
         for e in evaluations:
-            lines.append(
-                f"| {e['ratio']:.1%} | {e['arm']} | {e['size']:,} | {e['mean']:.4f} ± {e['std']:.4f} | {len(e['accuracies'])} |"
-            )
+            spread = f" ± {e['std']:.4f}" if len(e["accuracies"]) > 1 else " (one draw)"
+            lines.append(f"| {e['ratio']:.1%} | {e['arm']} | {e['size']:,} | {e['mean']:.4f}{spread} | {len(e['accuracies'])} |")
     gaps = [g for s in summary["subsets"] for g in s.get("gaps", [])]
     if gaps:
         lines += ["", "### Paired gaps (same seeds; 95% Student-t interval over the per-seed differences)", "",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dq_ops.config import SamplingConfig
 from dq_ops.stages import BaselineStage, SampleStage
 from dq_ops.store import Store
 from tasks.common import StageResult, stage_task
 
 
-def _dq(store_url: str, dataset: StageResult, bins: StageResult, ratio: float, seed: int) -> SampleStage:
-    return SampleStage(Store(store_url), dataset.open(), bins.open(), ratio, seed)
+def _dq(store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, ratio: float, seed: int,
+        config: SamplingConfig) -> SampleStage:
+    return SampleStage(Store(store_url), dataset.open(), embeddings.open(), bins.open(), ratio, seed, config)
 
 
 def _baseline(
@@ -17,12 +19,18 @@ def _baseline(
     return BaselineStage(Store(store_url), dataset.open(), embeddings.open(), bins.open(), method, ratio, seed)
 
 
-@stage_task("sample", "sample-dq-{ratio}", _dq)
-def sample_subset(store_url: str, dataset: StageResult, bins: StageResult, ratio: float, seed: int) -> StageResult:
-    """Draw ``ratio`` of every bin and class, stable per sample id; bins are reused for every ratio."""
-    stage = _dq(store_url, dataset, bins, ratio, seed)
+def _result(stage: SampleStage | BaselineStage, method: str) -> StageResult:
     artifact = stage.run()
-    return StageResult.from_artifact(stage.store, artifact, method="dq", ratio=ratio, size=artifact.group.attrs["size"])
+    attrs = artifact.group.attrs
+    return StageResult.from_artifact(stage.store, artifact, method=method, ratio=stage.ratio, size=attrs["size"],
+                                     coverage=dict(attrs["coverage"]))
+
+
+@stage_task("sample", "sample-dq-{ratio}", _dq)
+def sample_subset(store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, ratio: float,
+                  seed: int, config: SamplingConfig) -> StageResult:
+    """Draw ``ratio`` of every bin and class by the sampling section's rule; bins are reused for every ratio."""
+    return _result(_dq(store_url, dataset, embeddings, bins, ratio, seed, config), "dq")
 
 
 @stage_task("baseline", "sample-{method}-{ratio}", _baseline)
@@ -31,5 +39,4 @@ def baseline_subset(
 ) -> StageResult:
     """A random / k-center / herding subset with DQ's per-class sizes, for comparison."""
     stage = _baseline(store_url, dataset, embeddings, bins, method, ratio, seed)
-    artifact = stage.run()
-    return StageResult.from_artifact(stage.store, artifact, method=method, ratio=ratio, size=artifact.group.attrs["size"])
+    return _result(stage, method)

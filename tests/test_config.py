@@ -53,3 +53,11 @@ def test_bad_configs_name_the_file_and_field(tmp_path, text, message):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(DQInputError, match="nope.yaml: config file not found"):
         DQConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_auto_bin_weights_follow_the_modality():
+    from dq_ops.config import SamplingConfig
+
+    assert SamplingConfig().rule_for("images") == "later-bins"
+    assert SamplingConfig().rule_for("texts") == "uniform"
+    assert SamplingConfig(bin_weights="uniform").rule_for("images") == "uniform"

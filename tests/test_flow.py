@@ -10,6 +10,7 @@ import pytest
 from dq_ops.config import DQConfig
 from dq_ops.errors import DQInputError
 from dq_ops.readers.idx import load_fashion_mnist
+from dq_ops.sampling import sample_bins
 from dq_ops.store import Store
 
 
@@ -70,13 +71,17 @@ def test_flow_produces_bins_subset_and_tracking(first_run):
     indices, ids = subset["indices"][:], subset["ids"][:]
     dataset_ids = store.open("datasets", "fashion-mnist")["train/ids"][:]
     assert (dataset_ids[indices] == ids).all()
-    # Uniform per bin and class: round(10% of each (bin, class) cell), Python's rounding.
+    # The default draw of an image dataset: round(10% of each class), spread over its bins with
+    # the 'later-bins' weights (bin b drawn b+1 times as intensely as bin 0).
     _, labels = load_fashion_mnist("train")
     labels = labels[:500]
-    for b in range(5):
-        for c in range(10):
-            cell = (bin_of_sample == b) & (labels == c)
-            assert cell[indices].sum() == round(0.1 * cell.sum()), (b, c)
+    for c in range(10):
+        assert (labels[indices] == c).sum() == round(0.1 * (labels == c).sum()), c
+    bins_list = [np.flatnonzero(bin_of_sample == b) for b in range(5)]
+    expected = sample_bins(bins_list, labels, 0.1, config.seed, ids=dataset_ids, weights=np.arange(1.0, 6.0),
+                           rounding="per-class")
+    assert np.array_equal(indices, expected)
+    assert subset.group.attrs["bin_weights"] == "later-bins"
     assert summary["subsets"][0]["size"] == len(indices)
 
     artifacts = _artifacts(state.state_details.flow_run_id)
@@ -91,7 +96,7 @@ def test_flow_produces_bins_subset_and_tracking(first_run):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["bins.num_bins"] == "5"
-    assert run.data.metrics["subset_size_r0.1"] == 50
+    assert run.data.metrics["subset_size_r0.1"] == sum(round(0.1 * (labels == c).sum()) for c in range(10))
     assert run.data.metrics["train_samples"] == 500
     assert run.data.metrics["time_bins_s"] > 0
     # Pixel stages: only kept patches are stored, and the bytes are measured, not assumed.
@@ -99,7 +104,7 @@ def test_flow_produces_bins_subset_and_tracking(first_run):
     assert patches["patch_keep_ratio"] == 39 / 49  # θ = 0.2 of a 7×7 grid keeps ⌊49·0.8⌋
     assert 0 < patches["stored_bytes"] < patches["whole_image_bytes"]
     assert run.data.metrics["stored_bytes_r0.1"] == patches["stored_bytes"]
-    assert run.data.metrics["storage_keep_ratio_r0.1"] == pytest.approx(0.1 * 39 / 49)
+    assert run.data.metrics["storage_keep_ratio_r0.1"] == pytest.approx(len(indices) / 500 * 39 / 49)
     reconstruction = store.open("reconstructions", patches["reconstruction_url"].rsplit("/", 1)[-1])
     assert reconstruction["images"].shape == (len(indices), 28, 28, 1)
     # Evaluation: one nested MLflow run per arm; 'dq' trains on the original images (dq_pixels: test_flow_eval.py).

@@ -92,3 +92,30 @@ def test_gap_metrics_are_the_paired_interval_of_the_logged_accuracies(paired_run
     assert gap.sentence("dq", "random") in report
     assert "pictures/bin_gallery.png" in report
     assert {f.path for f in client.list_artifacts(parent.info.run_id, "pictures")} >= {"pictures/bin_gallery.png"}
+
+
+def test_coverage_of_dq_and_random_is_logged_and_the_report_leads_with_the_verdict(paired_run):
+    from dq_ops.coverage import subset_coverage
+
+    config, _, summary = paired_run
+    store = Store(config.store_url)
+    entry = summary["subsets"][0]
+    embeddings = store.open("embeddings", _name(summary["embeddings"]["url"]))
+    dataset = store.open("datasets", _name(summary["dataset"]["url"]))
+    features, labels = embeddings["features"][:], dataset["train/labels"][:]
+    rows = {row["arm"]: row for row in entry["evaluation"]}
+    metrics = mlflow.MlflowClient(tracking_uri=f"sqlite:///{config.store_url}/mlflow.db").get_run(
+        summary["mlflow_run_id"]).data.metrics
+    for arm in ("dq", "random"):
+        subset = store.open("subsets", _name(rows[arm]["draws"][0]))  # the config seed's draw
+        expected = subset_coverage(features, labels, subset["indices"][:])
+        assert metrics[f"coverage_mean_{arm}_r0.2"] == pytest.approx(expected.mean, rel=1e-5)
+        assert metrics[f"coverage_p95_{arm}_r0.2"] == pytest.approx(expected.p95, rel=1e-5)
+        assert entry["coverage"][arm]["coverage_mean"] == pytest.approx(expected.mean, rel=1e-5)
+    assert entry["coverage"]["dq"]["bins_touched_min"] >= 1
+    gap = paired_gap(rows["dq"]["accuracies"], rows["random"]["accuracies"])
+    word = {"ahead": "ahead", "behind": "behind", "indistinguishable": "tie"}[gap.verdict]
+    head = open(summary["report_path"]).read().splitlines()[:4]
+    assert head[0] == "# Dataset Quantization: fashion-mnist"
+    assert head[2].startswith(f"- **20.0%**: DQ − random = {100 * gap.mean:+.2f} points") and f"**{word}**" in head[2]
+    assert "Coverage" in head[3]

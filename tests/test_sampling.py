@@ -83,29 +83,37 @@ def test_draws_are_uniform_within_a_cell():
 def test_weighted_allocation_follows_weights_caps_and_redistributes():
     labels = np.zeros(600, dtype=int)
     bins = [np.arange(0, 100), np.arange(100, 300), np.arange(300, 600)]
-    # Total 300 ∝ (1, 1, 2): bin 0 would get 75 of its 100, bins 1-2 get 75 and 150.
+    # The class keeps 50 + 100 + 150 = 300, allocated ∝ w_b · n_b = (100, 200, 600).
     subset = sample_bins(bins, labels, 0.5, seed=0, weights=[1, 1, 2])
-    assert [np.isin(b, subset).sum() for b in bins] == [75, 75, 150]
-    # (8, 1, 1): bin 0 is capped at 100; the other 200 are split equally.
+    assert [np.isin(b, subset).sum() for b in bins] == [33, 67, 200]
+    # (8, 1, 1): bin 0 is capped at its 100; the other 200 go ∝ (200, 300).
     subset = sample_bins(bins, labels, 0.5, seed=0, weights=[8, 1, 1])
-    assert [np.isin(b, subset).sum() for b in bins] == [100, 100, 100]
+    assert [np.isin(b, subset).sum() for b in bins] == [100, 80, 120]
     # A zero weight takes nothing.
     subset = sample_bins(bins, labels, 0.25, seed=0, weights=[0, 1, 1])
-    assert [np.isin(b, subset).sum() for b in bins] == [0, 75, 75]
+    assert [np.isin(b, subset).sum() for b in bins] == [0, 60, 90]
 
 
-def test_weighted_split_over_classes_is_proportional(golden_bins):
+def test_weights_move_samples_between_bins_of_a_class_never_between_classes(golden_bins):
     bins, labels = golden_bins
-    weights = np.linspace(2.0, 1.0, len(bins))
-    subset = sample_bins(bins, labels, 0.2, seed=4, weights=weights)
-    assert len(subset) == keep_count(len(labels), 0.2)
-    per_bin = np.array([np.isin(b, subset).sum() for b in bins])
-    expected = 400 * weights / weights.sum()
-    assert np.all(np.abs(per_bin - expected) < 1)
-    for members, k in zip(bins, per_bin):
-        for c in np.unique(labels[members]):
-            cell = members[labels[members] == c]
-            assert abs(np.isin(cell, subset).sum() - k * len(cell) / len(members)) < 1
+    weights = np.arange(1.0, len(bins) + 1)  # later bins drawn more intensely
+    uniform = sample_bins(bins, labels, 0.2, seed=4)
+    weighted = sample_bins(bins, labels, 0.2, seed=4, weights=weights)
+    classes = np.unique(labels)
+    assert [np.sum(labels[weighted] == c) for c in classes] == sample_sizes(bins, labels, 0.2).tolist()
+    assert [np.sum(labels[uniform] == c) for c in classes] == sample_sizes(bins, labels, 0.2).tolist()
+    for c in classes:
+        cells = [b[labels[b] == c] for b in bins]
+        wanted = weights * np.array([len(cell) for cell in cells])
+        wanted = wanted / wanted.sum() * np.sum(labels[weighted] == c)
+        taken = np.array([np.isin(cell, weighted).sum() for cell in cells])
+        assert np.all(np.abs(taken - np.minimum(wanted, [len(cell) for cell in cells])) < 1 + 1e-9)
+    # equal weights are the uniform rule up to rounding: the same class sizes, per-bin counts within one
+    equal = sample_bins(bins, labels, 0.2, seed=4, weights=np.ones(len(bins)))
+    for b in bins:
+        for c in classes:
+            cell = b[labels[b] == c]
+            assert abs(np.isin(cell, equal).sum() - np.isin(cell, uniform).sum()) <= 1
 
 
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan"), True, "0.5"])
@@ -150,3 +158,46 @@ def test_a_samples_draw_depends_on_its_id_not_on_its_position_or_neighbours():
     assert set(grown_ids[grown][grown_labels[grown] == 0]) == set(ids[first][labels[first] == 0])
     # Another seed draws another subset.
     assert set(sample_bins([np.arange(400)], labels, 0.25, seed=4, ids=ids)) != set(first)
+
+
+def test_per_class_rounding_keeps_small_classes_that_per_bin_rounding_empties():
+    labels = np.repeat([0, 1], 120)
+    bins = [np.concatenate([np.arange(b * 12, b * 12 + 12), 120 + np.arange(b * 12, b * 12 + 12)]) for b in range(10)]
+    assert len(sample_bins(bins, labels, 0.04, seed=0)) == 0  # round(0.48) = 0 in every cell
+    subset = sample_bins(bins, labels, 0.04, seed=0, rounding="per-class")
+    assert [np.sum(labels[subset] == c) for c in (0, 1)] == [5, 5] == sample_sizes(bins, labels, 0.04, "per-class").tolist()
+    assert len({int(np.searchsorted([12 * b for b in range(1, 10)], i % 120, side="right")) for i in subset}) >= 5
+
+
+@pytest.mark.parametrize("weights", [None, np.arange(1.0, 11.0)])
+def test_per_class_apportionment_is_nested_across_ratios(golden_bins, weights):
+    bins, labels = golden_bins
+    previous = np.array([], dtype=np.int64)
+    for ratio in (0.01, 0.03, 0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.0):
+        subset = sample_bins(bins, labels, ratio, seed=2, weights=weights, rounding="per-class")
+        assert np.all(np.isin(previous, subset))
+        classes = np.unique(labels)
+        assert [np.sum(labels[subset] == c) for c in classes] == sample_sizes(bins, labels, ratio, "per-class").tolist()
+        previous = subset
+
+
+def test_rounding_is_checked(golden_bins):
+    bins, labels = golden_bins
+    with pytest.raises(DQInputError, match="rounding"):
+        sample_bins(bins, labels, 0.1, seed=0, rounding="nearest")
+
+
+def test_apportionment_equals_seat_by_seat_sainte_lague():
+    from dq_ops.sampling import apportion
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        k = int(rng.integers(1, 8))
+        wanted = rng.integers(0, 5, k) * rng.choice([1.0, 0.5, 2.0], k)  # integer-ish values make exact ties
+        caps = rng.integers(0, 12, k)
+        total = int(rng.integers(0, caps[wanted > 0].sum() + 1))
+        seats = np.zeros(k, dtype=int)
+        for _ in range(total):
+            priority = np.where((seats < caps) & (wanted > 0), wanted / (seats + 0.5), -1.0)
+            seats[int(np.argmax(priority))] += 1
+        assert apportion(wanted, caps, total) == seats.tolist()
