@@ -21,9 +21,9 @@ unit vector of class c) and :math:`G_{nc}` the members of bin n in class c:
   non-negative features, e.g. post-ReLU embeddings, keep both scores non-negative; negative
   values are clipped to 0).
 
-:func:`adaptive_bin_weights` returns the :math:`r_n`, ready for
-``dq_ops.sampling.sample_bins(..., weights=r)``, which turns them into integer per-bin counts
-(capped at each bin's size) and splits each bin's count over its classes.
+:func:`adaptive_bin_weights` returns the :math:`r_n`, budget shares over the bins;
+``dq_ops.sampling.bin_intensities("adaptive", ...)`` turns them into the per-sample intensities
+:math:`r_n / N_n` that ``sample_bins(..., weights=...)`` apportions within every class.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def bin_scores(features: np.ndarray, labels: np.ndarray | None, bins: Sequence[n
 def adaptive_bin_weights(
     features: np.ndarray, labels: np.ndarray | None, bins: Sequence[np.ndarray], alpha: float
 ) -> np.ndarray:
-    """ADQ's per-bin budget proportions ``r_n`` (sum 1) for ``sample_bins(..., weights=r)``.
+    """ADQ's per-bin budget proportions ``r_n`` (sum 1; module docstring for how they are drawn).
 
     ``alpha`` in [0, 1] mixes the importance share with the size share (module docstring).
     """

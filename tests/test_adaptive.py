@@ -31,13 +31,18 @@ def test_weights_mix_importance_with_bin_sizes(alpha, expected):
 
 
 def test_sample_bins_takes_the_weights():
+    from dq_ops.sampling import bin_intensities
+
     rng = np.random.default_rng(0)
     features = np.abs(rng.normal(size=(400, 8)))
     labels = np.repeat([0, 1], 200)
     bins = [np.arange(b, 400, 4) for b in range(4)]
-    weights = adaptive_bin_weights(features, labels, bins, alpha=0.5)
-    subset = sample_bins(bins, labels, 0.1, seed=0, weights=weights)
+    shares = adaptive_bin_weights(features, labels, bins, alpha=0.5)
+    weights = bin_intensities("adaptive", bins, labels, lambda: features, alpha=0.5)
+    assert weights == pytest.approx(shares / 100)  # every bin holds 100 samples
+    subset = sample_bins(bins, labels, 0.1, seed=0, weights=weights, rounding="per-class")
     assert len(subset) == 40 and np.unique(subset).size == 40
+    assert [np.sum(labels[subset] == c) for c in (0, 1)] == [20, 20]
 
 
 def test_alpha_out_of_range_is_refused():

@@ -201,3 +201,18 @@ def test_apportionment_equals_seat_by_seat_sainte_lague():
             priority = np.where((seats < caps) & (wanted > 0), wanted / (seats + 0.5), -1.0)
             seats[int(np.argmax(priority))] += 1
         assert apportion(wanted, caps, total) == seats.tolist()
+
+
+def test_named_bin_weight_rules(golden_bins):
+    from dq_ops.sampling import bin_intensities
+
+    bins, labels = golden_bins
+    assert bin_intensities("uniform", bins, labels) is None
+    assert bin_intensities("later-bins", bins, labels).tolist() == list(range(1, len(bins) + 1))
+    later = sample_bins(bins, labels, 0.2, seed=1, weights=bin_intensities("later-bins", bins, labels), rounding="per-class")
+    uniform = sample_bins(bins, labels, 0.2, seed=1, rounding="per-class")
+    assert np.isin(bins[-1], later).sum() > np.isin(bins[-1], uniform).sum() > 0
+    with pytest.raises(DQInputError, match="features"):
+        bin_intensities("adaptive", bins, labels)
+    with pytest.raises(DQInputError, match="unknown bin weights"):
+        bin_intensities("hardest", bins, labels)
