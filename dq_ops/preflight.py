@@ -87,15 +87,18 @@ def check_dataset(config: DQConfig, dataset: Artifact) -> None:
             _check_mae_fits(config, (height, width, split["images"].shape[3]))
 
     classes, groups = class_groups(labels if labelled else None, len(labels))
-    budgets = bin_budgets([len(g) for g in groups], config.bins.num_bins)
+    # What each rounding unit holds (dq_ops.sampling): every (class, bin) cell under the
+    # reference's budgets, every class otherwise.
+    per_bin = config.bins.budget_rule == "reference"
+    units = (bin_budgets([len(g) for g in groups], config.bins.num_bins, config.bins.budget_rule).ravel() if per_bin
+             else np.array([len(g) for g in groups]))
     for ratio in config.sampling.ratios:
-        kept = sum(keep_count(int(count), ratio) for count in budgets.ravel())
-        if kept == 0:
-            largest = int(budgets.max())
+        if sum(keep_count(int(count), ratio) for count in units) == 0:
+            largest = int(units.max())
+            unit = f"the largest of the {config.bins.num_bins} bins per class" if per_bin else "the largest class"
             raise DQInputError(
-                f"sampling.ratios: keep ratio {ratio} gives an empty subset: the largest of the "
-                f"{config.bins.num_bins} bins per class of {dataset.url} holds {largest} samples of a class, and "
-                f"round({ratio} × {largest}) = 0 (use a larger ratio or a smaller bins.num_bins)"
+                f"sampling.ratios: keep ratio {ratio} gives an empty subset: {unit} of {dataset.url} holds {largest} "
+                f"samples, and round({ratio} × {largest}) = 0 (use a larger ratio{' or fewer bins' if per_bin else ''})"
             )
     if classes is not None and class_names and int(classes.max()) >= len(class_names):
         raise DQInputError(f"{dataset.url}: label {int(classes.max())} has no class name (classes 0..{len(class_names) - 1})")
