@@ -176,8 +176,13 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         if selection["previous"] is not None:
             print(f"  selection vs previous run: +{selection['added']:,} −{selection['removed']:,} "
                   f"(churn {selection['churn']:.2%})")
+        for gap in subset.get("gaps", []):
+            if (gap["arm"], gap["reference"]) == ("dq", "random"):
+                print(f"  verdict    {gap['sentence']}")
         for arm in subset.get("evaluation", []):
-            print(f"  {arm['arm']:<10} test accuracy {arm['mean']:.4f} ± {arm['std']:.4f} over {len(arm['accuracies'])} seed(s)")
+            seeds = len(arm["accuracies"])
+            spread = f"± {arm['std']:.4f} over {seeds} seeds" if seeds > 1 else "on one draw"
+            print(f"  {arm['arm']:<10} test accuracy {arm['mean']:.4f} {spread}")
     print(f"report       {summary['report_path']}")
     print()
     print("Open the UIs:")
