@@ -84,8 +84,11 @@ def test_mlflow_run_on_the_server_has_metrics_and_artifacts_on_s3(ops_stack, ops
         "endpoint_url": settings["AWS_ENDPOINT_URL"],
     }
     store = Store(ops_run.config["store_url"], storage_options)
-    (subset_name,) = store.list("subsets")
-    assert metrics["subset_size_r0.1"] == store.open("subsets", subset_name)["ids"].shape[0]
+    # the DQ subset, and the random subset of the same sizes whose coverage the run reports
+    subsets = {store.open("subsets", name).group.attrs["method"]: store.open("subsets", name) for name in store.list("subsets")}
+    assert set(subsets) == {"dq", "random"}
+    assert metrics["subset_size_r0.1"] == subsets["dq"]["ids"].shape[0] == subsets["random"]["ids"].shape[0]
+    assert metrics["coverage_mean_dq_r0.1"] == pytest.approx(subsets["dq"].group.attrs["coverage"]["coverage_mean"])
     run_artifacts = ops_stack.mlflow("GET", "artifacts/list", params={"run_id": run["info"]["run_id"]})
     assert "report.md" in {f["path"] for f in run_artifacts["files"]}
     bucket_files = s3fs.S3FileSystem(**storage_options).find(f"{settings['DQ_S3_BUCKET']}/mlflow")
