@@ -27,7 +27,7 @@ import numpy as np
 from dq_ops.errors import DQInputError
 
 UNCOVERED = 2.0  # the diameter of the unit sphere: samples of a class with nothing selected
-MAX_QUERIES = 20_000
+MAX_QUERIES = 5_000
 
 
 @dataclass(frozen=True)
