@@ -97,9 +97,8 @@ def single_threaded_blas() -> Iterator[None]:
     """Run BLAS on one thread inside the block (restored after).
 
     Greedy selection issues thousands of medium-sized BLAS calls. OpenBLAS's threads spin-wait
-    between calls, and on shared cores that collapses: with the 2 cores of the dev machine at
-    load 4, bins on 100,000 × 384 took 160 s with 2 BLAS threads and 26 s with one. Dask
-    workers already run BLAS single-threaded, so this only changes in-process runs.
+    between calls, and on shared cores that collapses (several times slower than one thread).
+    Dask workers already run BLAS single-threaded, so this only changes in-process runs.
     """
     with threadpool_limits(limits=1, user_api="blas") if threadpool_limits else nullcontext():
         yield
