@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from dq_ops.config import DQConfig
+from dq_ops.errors import DQInputError
 from flows.quantize import quantize
 
 if __name__ == "__main__":
@@ -18,4 +19,8 @@ if __name__ == "__main__":
     parser.add_argument("--name", default="dq-served", help="deployment name")
     parser.add_argument("--cron", default="0 3 * * 1", help="schedule (cron, UTC)")
     args = parser.parse_args()
-    quantize.serve(name=args.name, cron=args.cron, parameters={"config": DQConfig.from_yaml(args.config).model_dump(mode="json")})
+    try:
+        config = DQConfig.from_yaml(args.config)
+    except DQInputError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    quantize.serve(name=args.name, cron=args.cron, parameters={"config": config.model_dump(mode="json")})

@@ -5,8 +5,9 @@ nothing changed is served from the cache; a new keep ratio re-runs only sampling
 Entrypoint for ``prefect.yaml``: ``flows/quantize.py:quantize``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: ``Flow.serve`` ships the flow to its run process
+# with cloudpickle, which keeps only the globals the function body names, so a string annotation
+# ``"DQConfig"`` could not be resolved there and every served run failed parameter validation.
 import json
 import os
 import tempfile
