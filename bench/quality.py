@@ -16,7 +16,7 @@ the flow's logistic regression on sentence embeddings (``dq_ops.text_eval``). Ar
 - ``dq[:FEATURES[:WEIGHTS]]``: 10 GraphCut bins (the flow's defaults: per-class budgets; cosine
   kernel for images, dot for texts) on FEATURES, drawn as the flow draws them
   (``dq_ops.sampling.sample_bins`` with the ``bin_intensities`` of WEIGHTS: ``uniform``, the
-  paper's rule; ``later-bins``; ``adaptive``, ADQ with α = 0.5). ``dq`` alone is the flow's
+  paper's rule; ``later-bins``; ``budget-aware``; ``adaptive``, ADQ with α = 0.5). ``dq`` alone is the flow's
   default (``DQConfig()``'s embedding and ``sampling.bin_weights``).
 
 FEATURES (each cached as ``.npy`` in ``--cache`` with its cost in seconds per 1,000 images):
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import sys
@@ -207,7 +208,8 @@ class Selector:
             sizes = sample_sizes(self.bins(self.default_features), labels, ratio, ROUNDING)
             return select_random(np.zeros((len(labels), 1), np.float32), labels, ratio, seed, sizes=sizes)
         bins = self.bins(arm.features)
-        weights = bin_intensities(arm.weights, bins, labels, lambda: self.features(arm.features), SamplingConfig().adaptive_alpha)
+        weights = bin_intensities(arm.weights, bins, labels, ratio=ratio, rounding=ROUNDING,
+                                  features=lambda: self.features(arm.features), alpha=SamplingConfig().adaptive_alpha)
         return sample_bins(bins, labels, ratio, seed, weights=weights, rounding=ROUNDING)
 
 
@@ -244,28 +246,48 @@ def evaluate(subset: np.ndarray, seed: int, budget_scale: float) -> float:
     return result.test_accuracy
 
 
+def subset_digest(subset: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(subset, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def run_jobs(jobs: list[tuple[Arm, float, int, float]], selector: Selector, results: dict, path: Path, workers: int) -> None:
-    """Train every (arm, ratio, seed, budget scale) not in ``results``; append each result to ``path``."""
-    todo = [job for job in jobs if _key(*job) not in results]
+    """Train every (arm, ratio, seed, budget scale) not in ``results``; append each result to ``path``.
+
+    A job whose subset another arm already trained with the same seed and budget (two rules that
+    agree at this ratio) reuses that accuracy: the training is a function of (subset, seed, budget).
+    """
+    trained = {(r["subset"], r["seed"], r["budget_scale"]): r["accuracy"] for r in results.values() if "subset" in r}
+    todo = []
+    for job in (job for job in jobs if _key(*job) not in results):
+        arm, ratio, seed, scale = job
+        subset = selector.select(arm, ratio, seed)
+        digest = subset_digest(subset)
+        if (digest, seed, scale) in trained:
+            _record(results, path, job, subset, trained[digest, seed, scale])
+        else:
+            todo.append((job, subset))
     if not todo:
         return
     print(f"{len(todo)} evaluations to run ({len(jobs) - len(todo)} cached)", file=sys.stderr, flush=True)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_load_worker,
                              initargs=(selector.data.name, selector.cache)) as pool:
-        futures = {}
-        for arm, ratio, seed, scale in todo:
-            subset = selector.select(arm, ratio, seed)
-            futures[pool.submit(evaluate, subset, seed, scale)] = (arm, ratio, seed, scale, len(subset))
+        futures = {pool.submit(evaluate, subset, job[2], job[3]): (job, subset) for job, subset in todo}
         for future in as_completed(futures):
-            arm, ratio, seed, scale, size = futures[future]
-            accuracy = future.result()
-            record = {"arm": arm.name, "ratio": ratio, "seed": seed, "budget_scale": scale, "size": size, "accuracy": accuracy}
-            results[_key(arm, ratio, seed, scale)] = record
-            with path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            print(f"{arm.name:>24} {ratio:6.1%} ×{scale:<4} draw {seed}: {size:6d} samples, test {accuracy:.4f}",
+            (arm, ratio, seed, scale), subset = futures[future]
+            accuracy = _record(results, path, (arm, ratio, seed, scale), subset, future.result())
+            print(f"{arm.name:>24} {ratio:6.1%} ×{scale:<4} draw {seed}: {len(subset):6d} samples, test {accuracy:.4f}",
                   file=sys.stderr, flush=True)
+
+
+def _record(results: dict, path: Path, job: tuple[Arm, float, int, float], subset: np.ndarray, accuracy: float) -> float:
+    arm, ratio, seed, scale = job
+    record = {"arm": arm.name, "ratio": ratio, "seed": seed, "budget_scale": scale, "size": len(subset),
+              "subset": subset_digest(subset), "accuracy": accuracy}
+    results[_key(*job)] = record
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return accuracy
 
 
 def _key(arm: Arm, ratio: float, seed: int, scale: float) -> tuple:
@@ -326,6 +348,8 @@ def main() -> None:
     if path.exists():
         for line in path.read_text().splitlines():
             r = json.loads(line)
+            if "subset" not in r and (r["arm"] == "random" or r["arm"].startswith("dq")):  # written before digests
+                r["subset"] = subset_digest(selector.select(Arm.parse(r["arm"], data), r["ratio"], r["seed"]))
             results[(r["arm"], r["ratio"], r["seed"], r["budget_scale"])] = r
     jobs = [(arm, r, s, 1.0) for r in args.ratios for s in range(args.draws) for arm in arms]
     curve_arms = arms[:2]

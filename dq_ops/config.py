@@ -95,7 +95,9 @@ class SamplingConfig(_Section):
     bin_weights: Literal["auto"] | BinWeights = Field(
         "auto",
         description="How a class's samples are spread over its bins: 'uniform' the same ratio in every bin (the paper); "
-        "'later-bins' bin b drawn b+1 times as intensely as bin 0 (more rare and boundary samples); 'adaptive' ADQ's "
+        "'later-bins' bin b drawn b+1 times as intensely as bin 0 (more rare and boundary samples); 'budget-aware' "
+        "a class keeping fewer samples than it has bins takes one from each of its first bins (its most typical "
+        "samples), other classes later-bins; 'adaptive' ADQ's "
         "per-bin ratios (dq_ops.adaptive); 'auto' later-bins for images, uniform for texts (what bench/quality.py "
         "measured best). Class sizes are the same for every rule.",
     )

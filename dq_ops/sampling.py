@@ -34,7 +34,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.features import class_groups
 
 Rounding = Literal["per-bin", "per-class"]
-BinWeights = Literal["uniform", "later-bins", "adaptive"]
+BinWeights = Literal["uniform", "later-bins", "budget-aware", "adaptive"]
 
 
 def keep_count(n: int, ratio: float) -> int:
@@ -76,14 +76,16 @@ def sample_bins(
 
     ``rounding`` and ``weights`` decide how many samples each (bin, class) cell gives (module
     docstring): ``weights=None`` with ``"per-bin"`` is the reference's uniform rule. ``weights``
-    (one non-negative intensity per bin) moves samples between the bins of a class and never
+    (non-negative intensities: one per bin, shape (B,), or one row per class, shape (C, B), rows
+    in the order of ``np.unique(labels)``) moves samples between the bins of a class and never
     between classes: every class keeps the size :func:`sample_sizes` reports for ``rounding``, so
     a baseline drawn with those sizes matches the subset class by class. The draw inside a cell
     is the same smallest-keys rule whatever the counts.
     """
     ratio = check_ratio(ratio)
     bins = _checked_bins(bins, labels)
-    intensities = np.ones(len(bins)) if weights is None else _checked_weights(weights, len(bins))
+    cells_per_class = _cells(bins, labels)
+    intensities = np.ones(len(bins)) if weights is None else _checked_weights(weights, len(bins), len(cells_per_class))
     every = np.concatenate(bins)
     if ids is not None and len(ids) <= every.max():
         raise DQInputError(f"bins hold sample {every.max()} but there are only {len(ids)} ids")
@@ -92,39 +94,60 @@ def sample_bins(
     keys[every] = draw_keys(names, seed)
     picked: list[np.ndarray] = []
     rounding = _checked_rounding(rounding)
-    for cells in _cells(bins, labels):
+    for c, cells in enumerate(cells_per_class):
         sizes = np.array([len(cell) for cell in cells])
         if weights is None and rounding == "per-bin":
             take = [keep_count(int(n), ratio) for n in sizes]
         else:
-            take = apportion(intensities * sizes, sizes, _class_size(sizes, ratio, rounding))
+            row = intensities[c] if intensities.ndim == 2 else intensities
+            take = apportion(row * sizes, sizes, _class_size(sizes, ratio, rounding))
         for cell, k in zip(cells, take):
             picked.append(cell[np.argsort(keys[cell], kind="stable")[:k]])
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
 def bin_intensities(
-    rule: BinWeights, bins: Sequence[np.ndarray], labels: np.ndarray | None,
+    rule: BinWeights, bins: Sequence[np.ndarray], labels: np.ndarray | None, *,
+    ratio: float | None = None, rounding: Rounding = "per-class",
     features: Callable[[], np.ndarray] | None = None, alpha: float = 0.5,
 ) -> np.ndarray | None:
     """The ``weights`` of :func:`sample_bins` for a named rule (None: uniform).
 
-    - ``"later-bins"``: ``w_b = b + 1``; GraphCut fills bins from the class's dense core to its
-      rare and boundary samples, so this shifts a class's draw towards the latter.
+    GraphCut fills a class's bins from its dense core (bin 0: the most typical samples) to its
+    rare and boundary samples (the last bin).
+
+    - ``"later-bins"``: ``w_b = b + 1``, which shifts a class's draw towards the rare samples.
+    - ``"budget-aware"``: per class, from its budget ``k_c`` (``ratio`` and ``rounding`` as
+      :func:`sample_sizes`) and its ``B_c`` non-empty bins. ``k_c < B_c``: one sample from each of
+      the first ``k_c`` non-empty bins, the class's most typical samples (``w_b = 1 / n_bc``, so
+      every bin asks for one seat and ties go to the earlier bin); ``k_c ≥ B_c``: ``later-bins``.
+      Sorscher et al. (NeurIPS 2022): with few examples per class, typical ones train best; with
+      many, the hard ones add most.
     - ``"adaptive"``: ADQ's budget shares ``r_b`` (:func:`dq_ops.adaptive.adaptive_bin_weights` with
       ``alpha``, on ``features()``, the (n, d) features the bins were built on) as per-sample
       intensities ``r_b / |bin b|``.
     """
+    later = np.arange(1.0, len(bins) + 1)
     if rule == "uniform":
         return None
     if rule == "later-bins":
-        return np.arange(1.0, len(bins) + 1)
+        return later
+    if rule == "budget-aware":
+        if ratio is None:
+            raise DQInputError("bin weights 'budget-aware' need the keep ratio")
+        ratio = check_ratio(ratio)
+        rows = []
+        for cells in _cells(_checked_bins(bins, labels), labels):
+            sizes = np.array([len(cell) for cell in cells], dtype=np.float64)
+            typical = np.divide(1.0, sizes, out=np.zeros_like(sizes), where=sizes > 0)
+            rows.append(typical if _class_size(sizes, ratio, rounding) < np.count_nonzero(sizes) else later)
+        return np.array(rows)
     if rule == "adaptive":
         if features is None:
             raise DQInputError("bin weights 'adaptive' need the features the bins were built on")
         shares = adaptive_bin_weights(features(), labels, bins, alpha)
         return shares / np.maximum([len(b) for b in bins], 1)
-    raise DQInputError(f"unknown bin weights {rule!r}; expected uniform, later-bins or adaptive")
+    raise DQInputError(f"unknown bin weights {rule!r}; expected uniform, later-bins, budget-aware or adaptive")
 
 
 def apportion(wanted: np.ndarray, caps: np.ndarray, total: int) -> list[int]:
@@ -202,10 +225,11 @@ def _checked_bins(bins: Sequence[np.ndarray], labels: np.ndarray | None) -> list
     return out
 
 
-def _checked_weights(weights: Sequence[float] | np.ndarray, num_bins: int) -> np.ndarray:
+def _checked_weights(weights: Sequence[float] | np.ndarray, num_bins: int, num_classes: int) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (num_bins,):
-        raise DQInputError(f"weights: expected one weight per bin ({num_bins}), got shape {w.shape}")
-    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+    if w.shape not in ((num_bins,), (num_classes, num_bins)):
+        raise DQInputError(f"weights: expected one weight per bin ({num_bins},) or one row per class "
+                           f"({num_classes}, {num_bins}), got shape {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any() or (w.sum(axis=-1) <= 0).any():
         raise DQInputError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
     return w

@@ -371,8 +371,8 @@ class SampleStage(_SubsetStage):
 
     def _weights(self, bins: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray | None:
         # the penultimate embedding (also in gradient mode), read only for the rule that needs it
-        return bin_intensities(self.rule, bins, labels, lambda: np.asarray(self.embeddings["features"][:]),
-                               self.config.adaptive_alpha)
+        return bin_intensities(self.rule, bins, labels, ratio=self.ratio, rounding=rounding_of(self.bins),
+                               features=lambda: np.asarray(self.embeddings["features"][:]), alpha=self.config.adaptive_alpha)
 
 
 class BaselineStage(_SubsetStage):

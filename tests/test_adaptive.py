@@ -38,7 +38,7 @@ def test_sample_bins_takes_the_weights():
     labels = np.repeat([0, 1], 200)
     bins = [np.arange(b, 400, 4) for b in range(4)]
     shares = adaptive_bin_weights(features, labels, bins, alpha=0.5)
-    weights = bin_intensities("adaptive", bins, labels, lambda: features, alpha=0.5)
+    weights = bin_intensities("adaptive", bins, labels, features=lambda: features, alpha=0.5)
     assert weights == pytest.approx(shares / 100)  # every bin holds 100 samples
     subset = sample_bins(bins, labels, 0.1, seed=0, weights=weights, rounding="per-class")
     assert len(subset) == 40 and np.unique(subset).size == 40

@@ -216,3 +216,25 @@ def test_named_bin_weight_rules(golden_bins):
         bin_intensities("adaptive", bins, labels)
     with pytest.raises(DQInputError, match="unknown bin weights"):
         bin_intensities("hardest", bins, labels)
+
+
+def test_budget_aware_takes_the_first_bins_of_small_budgets_and_later_bins_of_large_ones():
+    from dq_ops.sampling import bin_intensities
+
+    # class 0: 1,000 samples, class 1: 40, over 10 bins of a tenth of each class (bin b: b-th tenth)
+    labels = np.repeat([0, 1], [1000, 40])
+    bins = [np.concatenate([np.arange(100 * b, 100 * b + 100), 1000 + np.arange(4 * b, 4 * b + 4)]) for b in range(10)]
+    weights = bin_intensities("budget-aware", bins, labels, ratio=0.1, rounding="per-class")
+    assert weights.shape == (2, 10)
+    assert weights[0].tolist() == list(range(1, 11))  # k = 100 >= 10 bins: later-bins
+    subset = sample_bins(bins, labels, 0.1, seed=3, weights=weights, rounding="per-class")
+    small = subset[labels[subset] == 1]
+    assert sorted((small - 1000) // 4) == [0, 1, 2, 3]  # k = 4 < 10 bins: one from each of the first four
+    large = subset[labels[subset] == 0]
+    assert len(large) == 100 and np.bincount(large // 100, minlength=10)[-1] > np.bincount(large // 100, minlength=10)[0]
+    # class sizes never depend on the rule
+    assert sample_sizes(bins, labels, 0.1, "per-class").tolist() == [len(large), len(small)]
+    with pytest.raises(DQInputError, match="keep ratio"):
+        bin_intensities("budget-aware", bins, labels)
+    with pytest.raises(DQInputError, match="one row per class"):
+        sample_bins(bins, labels, 0.1, seed=0, weights=np.ones((3, 10)), rounding="per-class")
