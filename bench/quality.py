@@ -21,7 +21,8 @@ the flow's logistic regression on sentence embeddings (``dq_ops.text_eval``). Ar
 
 FEATURES (each cached as ``.npy`` in ``--cache`` with its cost in seconds per 1,000 images):
 ``effnet32`` / ``effnet64`` / ``effnet112`` (ImageNet EfficientNet-Lite0 at that input size,
-penultimate 1,280-d), ``pixels-pca`` (PCA-64 of the pixels), ``gradient32`` (the reference's
+penultimate 1,280-d), ``pixels-pca`` (PCA-64 of the pixels), ``mae`` (the mean encoder token of the flow's own MAE,
+trained as the flow trains it), ``gradient32`` (the reference's
 last-layer gradient embedding on ``effnet32`` with a random head), ``minilm`` (texts).
 
 Output: per arm and ratio, mean ± sample std of test accuracy over the draws; per DQ arm, the
@@ -136,6 +137,17 @@ def features(data: Dataset, name: str, cache: Path, split: str = "train") -> tup
         x -= x.mean(axis=0)
         _, vectors = np.linalg.eigh((x.T @ x).astype(np.float64))  # ascending eigenvalues
         values = x @ vectors[:, ::-1][:, :64].astype(np.float32)
+    elif name == "mae":  # the flow's own MAE (PatchConfig defaults, 6,000 seeded images), its encoder's mean token
+        from dq_ops.config import PatchConfig
+        from dq_ops.mae import MAEConfig, mae_embedding, train_mae
+
+        patches = PatchConfig()
+        rows = np.sort(np.random.default_rng(0).permutation(len(samples))[:patches.mae_train_samples])
+        config = MAEConfig(image_size=samples.shape[1:3], in_chans=samples.shape[3] if samples.ndim == 4 else 1,
+                           patch_size=patches.patch_size,
+                           mask_ratio=patches.mae_mask_ratio)
+        model, _ = train_mae(samples[rows], config, seed=0, epochs=patches.mae_epochs)
+        values = mae_embedding(model, samples)
     elif name.startswith("effnet"):
         import torch
 

@@ -195,6 +195,16 @@ class MaskedAutoencoder(nn.Module):
             y = block(y)
         return self.decoder_pred(self.decoder_norm(y))[:, 1:]
 
+    @torch.inference_mode()
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(n, embed_dim)``: the encoder's normalised patch tokens of whole images (nothing
+        dropped), averaged over the patches — a self-supervised embedding of the data itself."""
+        x = self.patch_embed(tokens) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 1:].mean(dim=1)
+
     def loss(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Mean squared error on the dropped patches (formula in the module docstring)."""
         pred = self(tokens, keep)
@@ -214,6 +224,15 @@ def _tokens(images: np.ndarray, config: MAEConfig) -> np.ndarray:
     if images.ndim not in (3, 4) or shape != expected:
         raise DQInputError(f"images of shape {images.shape} do not fit the MAE: expected (n, H, W, C) = (n, {expected})")
     return patchify(images, config.patch_size).reshape(len(images), config.num_patches, config.token_dim)
+
+
+def mae_embedding(model: MaskedAutoencoder, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """``(n, embed_dim)`` float32: :meth:`MaskedAutoencoder.encode` of uint8 ``images`` ``(n, H, W[, C])``."""
+    config = model.config
+    device = next(model.parameters()).device
+    return np.concatenate([
+        model.encode(torch.from_numpy(_tokens(images[i:i + batch_size], config)).to(device).float() / 255.0).cpu().numpy()
+        for i in range(0, len(images), batch_size)]).astype(np.float32)
 
 
 def random_keep_mask(n: int, num_patches: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:

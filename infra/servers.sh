@@ -9,7 +9,7 @@ mkdir -p "$STORE" logs
 export DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
 nohup .venv/bin/prefect server start --host 127.0.0.1 --port 4200 > logs/prefect-server.log 2>&1 &
 echo "Prefect UI: http://127.0.0.1:4200   (log: logs/prefect-server.log)"
-# One worker and no job processes: ~500 MB instead of ~3 GB (see STACK_NOTES).
+# One worker and no job processes keep the MLflow server small (its default starts several).
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nohup .venv/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
   --backend-store-uri "sqlite:///$STORE/mlflow.db" > logs/mlflow-ui.log 2>&1 &
 echo "MLflow UI:  http://127.0.0.1:5000   (log: logs/mlflow-ui.log)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-# Values measured in STACK_NOTES (MLflow accepts only the exact value "true").
+# MLflow accepts only the exact value "true".
 OFFLINE_ENV = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",

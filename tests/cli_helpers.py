@@ -8,6 +8,8 @@ import pty
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,15 @@ def dq(*args: str, env: dict[str, str], cwd: Path, timeout: float = 600) -> Fini
         [sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
     return Finished(proc.returncode, proc.stdout, proc.stderr)
+
+
+def wait_while_running(proc: subprocess.Popen, done: Callable[[], bool], timeout: float = 600.0, every: float = 0.1) -> None:
+    """Poll ``done()`` until it holds; fail if ``proc`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"still waiting after {timeout:.0f} s"
+        time.sleep(every)
 
 
 def run_in_terminal(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:

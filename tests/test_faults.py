@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import yaml
 import zarr
 
 from dq_ops.store import STAGING, Store
-from tests.cli_helpers import Finished, cli_env, dq
+from tests.cli_helpers import Finished, cli_env, dq, wait_while_running
 
 CHUNKS = 6  # 600 rows / 100
 
@@ -68,9 +67,7 @@ def _chunks_done(store: Path, kind: str = "embeddings") -> int:
 
 
 def _wait_for_chunks(proc: subprocess.Popen, store: Path, at_least: int) -> None:
-    while _chunks_done(store) < at_least:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    wait_while_running(proc, lambda: _chunks_done(store) >= at_least, every=0.2)
 
 
 def _results(store: Path, finished: Finished) -> dict[str, str]:
@@ -185,9 +182,8 @@ def test_kill_9_during_a_stage_then_a_rerun_completes_with_identical_results(wor
     config = _pixel_config(root, store)
     proc = _start(config, env, root)
     staging = store / "evaluations" / STAGING
-    while not (_chunks_done(store, "patches") >= 1 if stage == "patch scoring" else staging.exists() and any(staging.iterdir())):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
+    wait_while_running(proc, lambda: _chunks_done(store, "patches") >= 1 if stage == "patch scoring"
+                       else staging.exists() and any(staging.iterdir()))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
 
@@ -244,9 +240,7 @@ def test_kill_9_during_ingest_then_a_rerun_stores_the_same_snapshot(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", "--store", str(store)], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     staging = store / "datasets" / STAGING
-    while not (staging.exists() and any(staging.glob("*/train/images"))):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    wait_while_running(proc, lambda: staging.exists() and any(staging.glob("*/train/images")), every=0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert Store(str(store)).list("datasets") == [] and Store(str(store)).read_ref("datasets", "fashion-mnist") is None

@@ -16,6 +16,7 @@ from dq_ops.mae import (
     ReconstructedPatchDataset,
     baseline_fill,
     dropped_squared_error,
+    mae_embedding,
     picture_grid,
     psnr_db,
     random_keep_mask,
@@ -202,3 +203,17 @@ def test_flat_black_background_is_restored_exactly():
     with torch.no_grad():
         model.decoder_pred.bias.fill_(60 / 255)
     assert (reconstruct(model, np.stack([black, grey]), keep)[:, 12:16, 12:16] == 60).all()
+
+
+def test_encoder_embedding_separates_classes(data, trained) -> None:
+    """The trained encoder's mean token is a per-image embedding: deterministic, one row per image,
+    and on real images closer within a class than across classes."""
+    model, _ = trained
+    images, labels = data["test"], data["test_labels"]
+    features = mae_embedding(model, images, batch_size=128)
+    assert features.shape == (len(images), model.config.embed_dim) and features.dtype == np.float32
+    assert np.array_equal(features[:10], mae_embedding(model, images[:10]))
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    similar = unit @ unit.T
+    same = labels[:, None] == labels[None, :]
+    assert similar[same].mean() > similar[~same].mean()
