@@ -63,7 +63,7 @@ def dq_run(config: dict, folder: Path, label: str) -> tuple[float, dict]:
 
 def latest_diff(store: str, name: str) -> dict:
     """The selection diff written beside the newest subset of dataset ``name``."""
-    diffs = sorted(Path(store, "subsets").glob("*/selection_diff.json"), key=lambda p: p.stat().st_mtime)
+    diffs = sorted(Path(store, "subsets").glob("*/selection_diff-from-*.json"), key=lambda p: p.stat().st_mtime)
     for path in reversed(diffs):
         attrs = json.loads((path.parent / "zarr.json").read_text())["attributes"]
         if attrs["dataset"].startswith(f"{name}-"):
@@ -133,9 +133,9 @@ def main() -> None:
     print(f"classes re-binned on refresh: {refresh_m['classes_rebinned']:.0f}")
     print(f"unchanged re-run: {unchanged_wall:.1f}s wall (Prefect start included)")
     print(f"\n{'bins.refresh':<14}{'churn':>8}{'churn / changed share':>24}{'churn in untouched classes':>28}")
-    for mode, (_, (_, metrics), diff, _) in results.items():
-        untouched = sum(n for c, n in diff["removed_per_class"].items() if c not in touched)
-        print(f"{mode:<14}{metrics['selection_churn']:>8.2%}{metrics['selection_churn'] / changed_share:>24.2f}"
+    for mode, (_, _, diff, _) in results.items():
+        untouched = sum(n.get("removed", 0) for c, n in diff["per_class"].items() if c not in touched)
+        print(f"{mode:<14}{diff['churn']:>8.2%}{diff['churn'] / changed_share:>24.2f}"
               f"{untouched:>28}")
 
 

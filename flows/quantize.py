@@ -28,7 +28,7 @@ from dq_ops.cluster import cluster_precision
 from dq_ops.config import DQConfig
 from dq_ops.paired import paired_gap, summarize_accuracies
 from dq_ops.preflight import preflight
-from dq_ops.selection import SelectionDiff, publish_selection, selection_key
+from dq_ops.selection import CATEGORIES
 from dq_ops.store import QUANTIZED_SPLIT, Store
 from tasks.bins import generate_bins_task
 from tasks.cluster import close_dask_clients
@@ -39,6 +39,7 @@ from tasks.ingest import ingest_dataset
 from tasks.patches import drop_patches, prepare_mae, reconstruct_patches
 from tasks.report import bin_gallery, bin_size_plot, bin_size_rows, render_report
 from tasks.sampling import baseline_subset, sample_subset
+from tasks.selection import publish_selection_diff
 from tasks.tracking import Tracker
 
 
@@ -100,7 +101,8 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "ratio": ratio, "dq": subset, "evaluation": [], "gaps": [], "patches": None,
                 "coverage": {"dq": subset.summary["coverage"], "random": random.summary["coverage"]},
-                "diff": _publish_selection(config, dataset, embeddings, bins, subset),
+                "diff": publish_selection_diff(store_url, dataset, embeddings, bins, subset, tracker,
+                                               flow_run.get_name() or tracker.run_id),
             }
             if pixels:
                 with timed("patches"):
@@ -258,22 +260,6 @@ def _log_gaps(tracker: Tracker, ratio: float, rows: list[dict[str, Any]]) -> lis
     return gaps
 
 
-def _publish_selection(
-    config: DQConfig, dataset: StageResult, embeddings: StageResult, bins: StageResult, subset: StageResult
-) -> SelectionDiff:
-    """Diff the subset against the one published before with the same settings; a table artifact."""
-    store = Store(config.store_url)
-    key = selection_key(dataset.summary["dataset"], *(r.open().params for r in (subset, bins, embeddings)))
-    diff = publish_selection(store, key, subset.open(), dataset.summary.get("class_names"))
-    description = (f"Selection at {subset.summary['ratio']:.1%} vs the previous run ({diff.previous}): "
-                   f"+{len(diff.added)} −{len(diff.removed)} samples, churn {diff.churn:.2%}")
-    if diff.previous is None:
-        description = f"Selection at {subset.summary['ratio']:.1%}: first run of these settings"
-    create_table_artifact(diff.rows() or [{"class": "(none)", "added": 0, "removed": 0}],
-                          key=f"dq-selection-diff-r{int(round(subset.summary['ratio'] * 1000))}", description=description)
-    return diff
-
-
 def _summarise(
     config: DQConfig, dataset: StageResult, embeddings: StageResult, bins: StageResult,
     subsets: list[dict[str, Any]], timings: dict[str, float],
@@ -297,7 +283,8 @@ def _summarise(
                 "patches": s["patches"],
                 "coverage": s["coverage"],
                 "selection": {"previous": s["diff"].previous, "previous_size": s["diff"].previous_size,
-                              "added": len(s["diff"].added), "removed": len(s["diff"].removed), "churn": s["diff"].churn},
+                              "status": s["diff"].status, **s["diff"].counts(), "churn": s["diff"].churn,
+                              "diff_url": s["diff"].filename and f"{s['dq'].url}/{s['diff'].filename}"},
             }
             for s in subsets
         ],
@@ -336,7 +323,7 @@ def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str
     for s in summary["subsets"]:
         metrics[f"subset_size_r{s['ratio']}"] = s["size"]
         metrics[f"sample_keep_ratio_r{s['ratio']}"] = s["sample_keep_ratio"]
-        metrics |= {f"selection_{k}_r{s['ratio']}": s["selection"][k] for k in ("added", "removed", "churn")}
+        metrics |= {f"selection_{k}_r{s['ratio']}": s["selection"][k] for k in (*CATEGORIES, "churn")}
         metrics |= {f"coverage_{stat}_{arm}_r{s['ratio']}": s["coverage"][arm][f"coverage_{stat}"]
                     for arm in ("dq", "random") for stat in ("mean", "p95")}
         if s["patches"]:
@@ -349,11 +336,6 @@ def _publish(config: DQConfig, tracker: Tracker, summary: dict[str, Any]) -> str
                 f"psnr_mae_db_r{s['ratio']}": p["psnr_mae_db"],
                 f"psnr_zero_fill_db_r{s['ratio']}": p["psnr_zero_fill_db"],
             }
-    # Over all ratios: churn is the share of the previous subsets' samples no longer selected.
-    selections = [s["selection"] for s in summary["subsets"]]
-    metrics["selection_added"] = sum(x["added"] for x in selections)
-    metrics["selection_removed"] = sum(x["removed"] for x in selections)
-    metrics["selection_churn"] = sum(x["removed"] for x in selections) / max(1, sum(x["previous_size"] for x in selections))
     tracker.log_metrics(metrics)
     tracker.log_text(report, "report.md")
     tracker.log_bytes(bin_size_plot(summary), "plots/bin_sizes.png")

@@ -24,11 +24,17 @@ FIRST = 400  # training images of the first source
 REMOVED = np.arange(0, 400, 40)  # 10 samples the refresh removes (one per class band)
 ADDED = np.arange(400, 420)  # 20 samples it adds
 TEST = 100
+NONE = np.array([], dtype=int)
 
 
-def _write_npz(path: Path, rows: np.ndarray) -> Path:
+def _write_npz(path: Path, rows: np.ndarray, relabeled: np.ndarray = NONE, modified: np.ndarray = NONE) -> Path:
+    """Fashion-MNIST ``rows`` named ``fm-<row>``; ``relabeled`` rows move to the next class and
+    ``modified`` rows have their pixels inverted (same name, new content)."""
     images, labels = load_fashion_mnist("train")
     test_images, test_labels = load_fashion_mnist("test")
+    images, labels = images.copy(), labels.copy()
+    labels[relabeled] = (labels[relabeled] + 1) % len(FASHION_MNIST_CLASSES)
+    images[modified] = 255 - images[modified]
     np.savez(
         path, x_train=images[rows], y_train=labels[rows], ids_train=np.array([f"fm-{r}" for r in rows]),
         x_test=test_images[:TEST], y_test=test_labels[:TEST], class_names=np.array(FASHION_MNIST_CLASSES),
@@ -137,22 +143,81 @@ def test_the_selection_changes_only_where_the_data_changed(refreshed):
     new = {str(i) for i in subset["ids"][:]}
     removed_names = {f"fm-{r}" for r in REMOVED}
     assert not any(i.split(":")[0] in removed_names for i in new)  # removed samples left the subset
-    diff = json.loads(store.fs.cat_file(f"{subset.url}/selection_diff.json"))
+    selection = second["subsets"][0]["selection"]
+    assert selection["diff_url"] == f"{subset.url}/selection_diff-from-{first['subsets'][0]['name']}.json"
+    diff = json.loads(store.fs.cat_file(selection["diff_url"]))
     assert set(diff["added"]) == new - old and set(diff["removed"]) == old - new
+    assert diff["relabeled"] == diff["modified"] == []  # rows removed and added, none changed in place
     assert diff["previous"] == first["subsets"][0]["name"]
     assert second["subsets"][0]["selection"]["churn"] == pytest.approx(len(old - new) / len(old))
     # Classes the change did not touch keep their selection exactly.
     _, labels = load_fashion_mnist("train")
     touched = {FASHION_MNIST_CLASSES[c] for c in set(labels[REMOVED].tolist()) | set(labels[ADDED].tolist())}
-    assert set(diff["added_per_class"]) | set(diff["removed_per_class"]) <= touched
+    assert set(diff["per_class"]) <= touched
     # ... and the MLflow run says so.
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store.url}/mlflow.db")
     run = client.get_run(second["mlflow_run_id"])
     assert run.data.metrics["embedded_samples"] == len(ADDED)
-    assert run.data.metrics["selection_added"] == len(new - old)
-    assert run.data.metrics["selection_removed"] == len(old - new)
+    assert run.data.metrics["selection_added_r0.25"] == len(new - old)
+    assert run.data.metrics["selection_removed_r0.25"] == len(old - new)
+    assert "selection_added" not in run.data.metrics  # per ratio only
+
+
+def test_a_refresh_sorts_relabels_and_in_place_changes_and_keeps_its_history(prefect_harness, tmp_path):
+    """v1 → v2 (rows added, removed, relabelled, changed in place) → v3 unchanged. At ratio 1.0
+    every sample is selected, so each category is known exactly; the unchanged run records
+    "no change" and leaves v2's diff on record as the last change."""
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from dq_ops.selection import position, selection_history
+
+    rows, removed, added = np.arange(200), np.arange(0, 200, 50), np.arange(200, 204)
+    relabeled, modified = np.arange(7, 200, 40), np.arange(5, 200, 40)
+    source = _write_npz(tmp_path / "source.npz", rows)
+    config = _config(tmp_path / "store", source, bins={"num_bins": 2}, sampling={"ratios": [0.25, 1.0]})
+    v1, _ = _run(config)
+    _write_npz(source, np.concatenate([np.setdiff1d(rows, removed), added]), relabeled, modified)
+    v2, _ = _run(config)
+    v3, _ = _run(config)
+    assert v2["embedded_samples"] == len(added) + len(modified)  # a relabel keeps its embedding
+
+    store = Store(config.store_url)
+    first_ids = {str(i) for i in _open(store.url, v1["subsets"][1]["url"])["ids"][:]}
+    diff = json.loads(store.fs.cat_file(v2["subsets"][1]["selection"]["diff_url"]))
+    assert {position(i) for i in diff["added"]} == {f"fm-{r}" for r in added}
+    assert {position(i) for i in diff["removed"]} == {f"fm-{r}" for r in removed}
+    assert {position(i) for i in diff["modified"]} == {f"fm-{r}" for r in modified}
+    assert not first_ids & set(diff["modified"])  # new content, new ids
+    assert {position(i) for i in diff["relabeled"]} == {f"fm-{r}" for r in relabeled}
+    assert set(diff["relabeled"]) <= first_ids  # same content, same ids
+    assert v3["subsets"][1]["selection"]["status"] == "no change" and store.fs.exists(v2["subsets"][1]["selection"]["diff_url"])
+
+    (key,) = [p.rsplit("/", 1)[-1].removesuffix(".json") for p in store.fs.ls(f"{store.url}/refs/subsets")
+              if store.read_ref("subsets", p.rsplit("/", 1)[-1].removesuffix(".json"))["latest"] == v3["subsets"][1]["name"]]
+    history = selection_history(store, key)
+    assert [e["status"] for e in history] == ["first run", "changed", "no change"]
+    assert {k: history[1][k] for k in ("added", "removed", "relabeled", "modified")} == {
+        "added": len(added), "removed": len(removed), "relabeled": len(relabeled), "modified": len(modified)}
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store.url}/mlflow.db")
+    metrics = client.get_run(v2["mlflow_run_id"]).data.metrics
+    assert {k: metrics[f"selection_{k}_r1.0"] for k in ("added", "removed", "relabeled", "modified", "churn")} == {
+        "added": len(added), "removed": len(removed), "relabeled": len(relabeled), "modified": len(modified),
+        "churn": len(removed) / len(rows)}
+    assert "selection_relabeled_r0.25" in metrics and "selection_churn" not in metrics  # per ratio only
+    logged = json.loads(mlflow.artifacts.load_text(f"{client.get_run(v2['mlflow_run_id']).info.artifact_uri}/selection/diff_r1.0.json"))
+    assert {k: logged[k] for k in ("added", "removed", "relabeled", "modified")} == {
+        k: diff[k] for k in ("added", "removed", "relabeled", "modified")}
+    # The unchanged run's Prefect table still points at the last change.
+    flow_run_id = client.get_run(v3["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        (table,) = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=["dq-selection-diff-r1000"])))
+    assert "no change since the previous run; last change" in table.description
 
 
 def test_an_unchanged_source_is_served_from_the_cache(refreshed):
@@ -161,8 +226,10 @@ def test_an_unchanged_source_is_served_from_the_cache(refreshed):
     assert summary["embedded_samples"] == 0
     assert summary["subsets"][0]["selection"] == {
         "previous": refreshed["second"]["subsets"][0]["name"], "previous_size": summary["subsets"][0]["size"],
-        "added": 0, "removed": 0, "churn": 0.0,
+        "status": "no change", "added": 0, "removed": 0, "relabeled": 0, "modified": 0, "churn": 0.0, "diff_url": None,
     }
+    # ... and the refresh's diff is still the last change on record.
+    assert Store(refreshed["config"].store_url).fs.exists(refreshed["second"]["subsets"][0]["selection"]["diff_url"])
 
 
 def test_an_old_subset_exports_its_own_snapshot(refreshed, tmp_path):
