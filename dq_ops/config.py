@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dq_ops.errors import DQInputError
 from dq_ops.sampling import BinWeights
 
-DatasetFormat = Literal["fashion-mnist", "idx", "image-folder", "npz", "zarr", "jsonl", "json", "fortunes"]
+DatasetFormat = Literal[
+    "fashion-mnist", "idx", "image-folder", "npz", "zarr", "parquet", "webdataset", "jsonl", "json", "fortunes",
+]
 
 
 class _Section(BaseModel):
@@ -29,7 +31,7 @@ class DatasetConfig(_Section):
     format: DatasetFormat = Field("fashion-mnist", description="Source format.")
     url: str = Field(
         "/usr/share/datasets/fashion-mnist",
-        description="Path or fsspec URL of the source (a folder for idx/fashion-mnist/image-folder, a file for npz/jsonl/json, a group for zarr, a folder of topic files or one file for fortunes).",
+        description="Path or fsspec URL of the source (a folder for idx/fashion-mnist/image-folder, a file for npz/jsonl/json, a group for zarr, a folder of topic files or one file for fortunes, a folder, file or glob of shards for parquet/webdataset).",
     )
     name: str = Field("fashion-mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Dataset name in the store.")
     limit: int | None = Field(None, ge=1, description="Ingest at most this many samples per split (quick runs).")
@@ -43,7 +45,11 @@ class DatasetConfig(_Section):
         default_factory=lambda: ["instruction", "input", "output"],
         description="JSON fields joined into one text per record (Alpaca layout by default).",
     )
-    label_field: str | None = Field("label", description="JSON field holding an optional label.")
+    label_field: str | None = Field(
+        "label",
+        description="Where labels are: the JSON field (json/jsonl, optional per record; webdataset <key>.json when there is no <key>.cls) or the Parquet column; null for none.",
+    )
+    image_field: str = Field("image", description="Parquet column of encoded images: a struct with 'bytes' (Hugging Face layout) or binary.")
 
     @property
     def is_text(self) -> bool:

@@ -1,9 +1,17 @@
-"""Take a subset out of the store: export it as an image folder, ``.npz`` or JSONL plus a
-manifest, or load it as a torch ``Dataset`` (reconstructing dropped patches on read).
+"""Take a subset out of the store: export it as an image folder, ``.npz``, Parquet or WebDataset
+shards, or JSONL plus a manifest, or load it as a torch ``Dataset`` (reconstructing dropped
+patches on read).
 
 The manifest (``manifest.jsonl``, one line per exported sample) carries the stable sample ids
-from ingest, the row in the quantized split, the label and, for image folders, the file written,
-so an exported subset can always be traced back to its source.
+from ingest, the row in the quantized split, the label and, for image folders and shards, the
+file written, so an exported subset can always be traced back to its source.
+
+Shards hold PNG bytes, the label and the sample id, ``shard_size`` samples each, named as the
+shard readers split them (``train-00000-of-00002.parquet``, ``train-000000.tar``): ``dq ingest``
+reads an export folder back as it is, with the same pixels, labels and ids. Parquet shards
+follow the Hugging Face datasets layout (an ``image`` struct of ``bytes`` and ``path``, ``label``
+as a ``ClassLabel`` when the dataset has class names, ``id``); a WebDataset sample is
+``<key>.png``, ``<key>.cls`` and ``<key>.json`` (``{"id", "label"}``).
 """
 
 from __future__ import annotations
@@ -11,11 +19,14 @@ from __future__ import annotations
 import io
 import json
 import re
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
@@ -25,9 +36,12 @@ from dq_ops.mae_store import load_mae_artifact
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, DQStoreError, Store
 from dq_ops.urls import filesystem
 
-ExportFormat = Literal["image-folder", "npz", "jsonl"]
-EXPORT_FORMATS: tuple[str, ...] = ("image-folder", "npz", "jsonl")
+ExportFormat = Literal["image-folder", "npz", "parquet", "webdataset", "jsonl"]
+EXPORT_FORMATS: tuple[str, ...] = ("image-folder", "npz", "parquet", "webdataset", "jsonl")
+SHARD_SIZE = 10_000
 _ROWS_PER_READ = 4096
+# Parquet rows per row group, as Hugging Face datasets writes image data: readers hold a row group.
+_ROW_GROUP_ROWS = 100
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,7 @@ def export_subset(
     images: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    shard_size: int = SHARD_SIZE,
 ) -> ExportResult:
     """Write ``subsets/<subset_name>`` to ``out_url`` in ``fmt``, with ``manifest.jsonl`` beside it.
 
@@ -67,10 +82,13 @@ def export_subset(
     content is never deleted.
 
     ``images(rows)`` supplies the pixels of the given split rows when they should not come from
-    the dataset as ingested (e.g. MAE reconstructions after patch dropping).
+    the dataset as ingested (e.g. MAE reconstructions after patch dropping). ``shard_size``:
+    samples per Parquet or WebDataset shard.
     """
     if fmt not in EXPORT_FORMATS:
         raise DQInputError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    if shard_size < 1:
+        raise DQInputError(f"shard size must be at least 1 sample, got {shard_size}")
     fs, root = filesystem(out_url)
     previous = _check_target(fs, root, out_url, overwrite)
     subset = store.open("subsets", subset_name)
@@ -79,7 +97,7 @@ def export_subset(
     is_text = "texts" in split
     if is_text != (fmt == "jsonl"):
         kind = "text" if is_text else "image"
-        raise DQInputError(f"{dataset.url} holds {kind} samples: export it as {'jsonl' if is_text else 'image-folder or npz'}, not {fmt}")
+        raise DQInputError(f"{dataset.url} holds {kind} samples: export it as {'jsonl' if is_text else 'image-folder, npz, parquet or webdataset'}, not {fmt}")
     rows = np.asarray(subset["indices"][:])
     ids = np.asarray(subset["ids"][:])
     labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
@@ -94,10 +112,13 @@ def export_subset(
         np.savez_compressed(buffer, images=_pixels(split, rows, images), labels=labels, ids=np.array([str(i) for i in ids]))
         with fs.open(f"{root}/subset.npz", "wb") as fh:
             fh.write(buffer.getvalue())
+    shards = _SHARD_WRITERS[fmt](fs, root, len(rows), shard_size, class_names) if fmt in _SHARD_WRITERS else None
     for start in range(0, len(rows), _ROWS_PER_READ):
         chunk = slice(start, start + _ROWS_PER_READ)
         if fmt == "image-folder":
             _write_images(fs, root, _pixels(split, rows[chunk], images), labels[chunk], ids[chunk], class_names, manifest[chunk])
+        elif shards is not None:
+            shards.write(_pixels(split, rows[chunk], images), labels[chunk], ids[chunk], manifest[chunk])
         elif fmt == "jsonl":
             texts = split["texts"].get_orthogonal_selection((rows[chunk],))
             with fs.open(f"{root}/subset.jsonl", "a" if start else "w") as fh:
@@ -137,18 +158,115 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unnamed"
 
 
-def _write_images(fs, root, pixels, labels, ids, class_names, manifest) -> None:
+def _png(image: np.ndarray) -> bytes:
+    """One stored ``(H, W, C)`` image as PNG (lossless: read back, the pixels are the same)."""
     from PIL import Image
 
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_images(fs, root, pixels, labels, ids, class_names, manifest) -> None:
     for image, label, sample_id, entry in zip(pixels, labels, ids, manifest):
         folder = _safe(class_names[label]) if class_names and label >= 0 else ("unlabelled" if label < 0 else str(label))
         path = f"{folder}/{_safe(str(sample_id))}.png"
-        buffer = io.BytesIO()
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
         fs.makedirs(f"{root}/{folder}", exist_ok=True)
         with fs.open(f"{root}/{path}", "wb") as fh:
-            fh.write(buffer.getvalue())
+            fh.write(_png(image))
         entry["file"] = path
+
+
+class _ShardWriter:
+    """Samples into shards of ``shard_size``, in order. A shard is opened at its first sample and
+    closed at its last; the last shard when the ``total``-th sample is written."""
+
+    def __init__(self, fs, root: str, total: int, shard_size: int, class_names: list[str] | None):
+        self._fs, self._root, self._total, self._size = fs, root, total, shard_size
+        self._class_names = class_names
+        self._shards = -(-total // shard_size)
+        self._written = 0
+
+    def write(self, pixels: np.ndarray, labels: np.ndarray, ids: np.ndarray, manifest: list[dict]) -> None:
+        for image, label, sample_id, entry in zip(pixels, labels, ids, manifest):
+            name = self._name(self._written // self._size)
+            if self._written % self._size == 0:
+                self._fh = self._fs.open(f"{self._root}/{name}", "wb")
+                self._open()
+            self._add(f"{self._written:06d}", _png(image), int(label), str(sample_id))
+            entry["file"] = name
+            self._written += 1
+            if self._written % self._size == 0 or self._written == self._total:
+                self._close()
+                self._fh.close()
+
+    def _name(self, shard: int) -> str:
+        raise NotImplementedError
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _add(self, key: str, png: bytes, label: int, sample_id: str) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class _ParquetShards(_ShardWriter):
+    """``train-00000-of-0000N.parquet`` in the Hugging Face datasets layout."""
+
+    def _name(self, shard: int) -> str:
+        return f"{QUANTIZED_SPLIT}-{shard:05d}-of-{self._shards:05d}.parquet"
+
+    def _open(self) -> None:
+        label = {"names": self._class_names, "_type": "ClassLabel"} if self._class_names else {"dtype": "int64", "_type": "Value"}
+        features = {"image": {"_type": "Image"}, "label": label, "id": {"dtype": "string", "_type": "Value"}}
+        schema = pa.schema(
+            [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64()), ("id", pa.string())],
+            metadata={"huggingface": json.dumps({"info": {"features": features}})},
+        )
+        self._writer = pq.ParquetWriter(self._fh, schema)
+        self._rows: list[tuple[bytes, int, str]] = []
+
+    def _add(self, key: str, png: bytes, label: int, sample_id: str) -> None:
+        self._rows.append((png, label, sample_id))
+        if len(self._rows) == _ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            images, labels, ids = zip(*self._rows)
+            columns = {"image": [{"bytes": png, "path": None} for png in images], "label": labels, "id": ids}
+            self._writer.write_table(pa.table(columns, schema=self._writer.schema))
+            self._rows = []
+
+    def _close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+class _WebDatasetShards(_ShardWriter):
+    """``train-000000.tar`` with ``<key>.png``, ``<key>.cls`` and ``<key>.json`` per sample."""
+
+    def _name(self, shard: int) -> str:
+        return f"{QUANTIZED_SPLIT}-{shard:06d}.tar"
+
+    def _open(self) -> None:
+        self._tar = tarfile.open(fileobj=self._fh, mode="w|")  # streamed: object stores cannot seek
+
+    def _add(self, key: str, png: bytes, label: int, sample_id: str) -> None:
+        meta = json.dumps({"id": sample_id, "label": label}).encode()
+        for extension, data in (("png", png), ("cls", str(label).encode()), ("json", meta)):
+            member = tarfile.TarInfo(f"{key}.{extension}")
+            member.size, member.mode = len(data), 0o644
+            self._tar.addfile(member, io.BytesIO(data))
+
+    def _close(self) -> None:
+        self._tar.close()
+
+
+_SHARD_WRITERS: dict[str, type[_ShardWriter]] = {"parquet": _ParquetShards, "webdataset": _WebDatasetShards}
 
 
 class SubsetImages(Dataset):

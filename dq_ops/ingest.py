@@ -71,7 +71,8 @@ def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = N
         if progress is not None:
             progress(done, total)
 
-    params = config.model_dump(mode="json", exclude={"url", "name"})
+    # The image column shapes only Parquet content: left out otherwise, so other datasets keep their fingerprints.
+    params = config.model_dump(mode="json", exclude={"url", "name"} | ({"image_field"} if config.format != "parquet" else set()))
     counts: dict[str, int] = {}
     with store.write_snapshot("datasets", config.name, params) as snapshot:
         group = snapshot.group

@@ -27,6 +27,11 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
+def is_glob(path: str) -> bool:
+    """Whether ``path`` is a glob pattern (``*``, ``?`` or ``[``) that fsspec expands."""
+    return any(c in path for c in "*?[")
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of ``url`` (a plain path is local), or a :class:`DQInputError`."""
     try:

@@ -49,7 +49,7 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format", metavar="F",
-        help="source format: fashion-mnist, idx, image-folder, npz, zarr, jsonl, json or fortunes",
+        help="source format: fashion-mnist, idx, image-folder, npz, zarr, parquet, webdataset, jsonl, json or fortunes",
     )
     parser.add_argument("--url", metavar="U", help="path or fsspec URL of the source")
     parser.add_argument("--name", metavar="N", help="dataset name in the store")
@@ -200,8 +200,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("subset", metavar="SUBSET", help="subset name (the last part of its URL, as `dq run` prints it)")
     parser.add_argument("out", metavar="OUT", help="output folder (path or fsspec URL)")
-    parser.add_argument("--format", required=True, choices=("image-folder", "npz", "jsonl"),
-                        help="image-folder / npz for image datasets, jsonl for text datasets")
+    parser.add_argument("--format", required=True, choices=("image-folder", "npz", "parquet", "webdataset", "jsonl"),
+                        help="image-folder / npz / parquet / webdataset for image datasets, jsonl for text datasets")
+    parser.add_argument("--shard-size", metavar="N", type=int,
+                        help="samples per parquet or webdataset shard (default 10,000)")
     parser.add_argument("--store", metavar="URL", default="./dq-store", help="store root (default ./dq-store)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous export in OUT (OUT must otherwise be empty or absent)")
@@ -210,7 +212,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace, console: Console) -> int:
     from tqdm import tqdm
 
-    from dq_ops.export import export_subset
+    from dq_ops.export import SHARD_SIZE, export_subset
     from dq_ops.store import Store
 
     with tqdm(desc=f"export {args.subset}", unit="sample", disable=not console.terminal.isatty(), file=console.terminal) as bar:
@@ -219,7 +221,8 @@ def _export(args: argparse.Namespace, console: Console) -> int:
             bar.update(done - bar.n)
 
         result = export_subset(Store(args.store), args.subset.rstrip("/").rsplit("/", 1)[-1], args.out, args.format,
-                               progress=progress, overwrite=args.overwrite)
+                               progress=progress, overwrite=args.overwrite,
+                               shard_size=SHARD_SIZE if args.shard_size is None else args.shard_size)
     print(f"exported {result.samples:,} samples as {result.format} to {result.out_url}")
     print(f"manifest {result.manifest_url}")
     return 0
@@ -251,8 +254,8 @@ COMMANDS: list[Command] = [
         "ingest",
         help="read a dataset into the store as datasets/<name>",
         description=(
-            "Read a dataset (IDX/Fashion-MNIST, an image folder, .npz, a Zarr group, JSON or JSONL "
-            "text records) and write it into the store as datasets/<name>, with stable sample ids. "
+            "Read a dataset (IDX/Fashion-MNIST, an image folder, .npz, a Zarr group, Parquet or "
+            "WebDataset shards, JSON or JSONL text records) and write it into the store as datasets/<name>, with stable sample ids. "
             "Flags override the config file; with neither, the bundled Fashion-MNIST is ingested. "
             "A failed ingest leaves any earlier dataset of the same name untouched."
         ),
@@ -273,10 +276,11 @@ COMMANDS: list[Command] = [
     ),
     Command(
         "export",
-        help="write a subset as an image folder, .npz or JSONL with a manifest of sample ids",
+        help="write a subset as an image folder, .npz, Parquet/WebDataset shards or JSONL with a manifest of sample ids",
         description=(
             "Export a subset from the store. Image datasets: one PNG per sample under a folder per "
-            "class (image-folder) or one compressed .npz; text datasets: JSONL records. A "
+            "class (image-folder), one compressed .npz, or PNG bytes, label and id in shards of "
+            "--shard-size samples (parquet, webdataset; dq ingest reads them back); text datasets: JSONL records. A "
             "manifest.jsonl beside it lists every sample's stable id, row and label."
         ),
         add_arguments=_export_arguments,

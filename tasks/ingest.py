@@ -16,7 +16,7 @@ from prefect import task
 from dq_ops.config import DatasetConfig
 from dq_ops.ingest import INGEST_VERSION, ingest
 from dq_ops.store import Store
-from dq_ops.urls import filesystem
+from dq_ops.urls import filesystem, is_glob
 from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, source_cache_key
 
 
@@ -27,7 +27,10 @@ def source_signature(url: str) -> str:
     rewritten file changes it.
     """
     fs, root = filesystem(url)
-    paths = fs.find(root, withdirs=False, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+    if is_glob(root):
+        paths = fs.glob(root, detail=True)
+    else:
+        paths = fs.find(root, withdirs=False, detail=True) if fs.isdir(root) else {root: fs.info(root)}
     digest = hashlib.sha256()
     for path, info in sorted(paths.items()):
         mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""

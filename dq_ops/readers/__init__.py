@@ -1,4 +1,5 @@
-"""Dataset readers: turn a source (IDX files, an image folder, npz/Zarr, JSON/JSONL, fortune files) into batches
+"""Dataset readers: turn a source (IDX files, an image folder, npz/Zarr, Parquet or WebDataset shards,
+JSON/JSONL, fortune files) into batches
 of samples with stable ids. Readers only read; ``dq_ops.ingest`` writes them into a store.
 
 Every reader follows :class:`~dq_ops.readers.base.Reader`; :func:`open_reader` picks one for a
@@ -15,11 +16,13 @@ from dq_ops.readers.idx import FASHION_MNIST_CLASSES, IdxReader
 from dq_ops.readers.image_folder import ImageFolderReader
 from dq_ops.readers.json_records import JsonRecordsReader
 from dq_ops.readers.npz import NpzReader
+from dq_ops.readers.parquet import ParquetReader
+from dq_ops.readers.webdataset import WebDatasetReader
 from dq_ops.readers.zarr_group import ZarrGroupReader
 
 __all__ = [
-    "Batch", "FortunesReader", "IdxReader", "ImageFolderReader", "JsonRecordsReader", "NpzReader", "Reader",
-    "SkippedItem", "ZarrGroupReader", "open_reader",
+    "Batch", "FortunesReader", "IdxReader", "ImageFolderReader", "JsonRecordsReader", "NpzReader", "ParquetReader",
+    "Reader", "SkippedItem", "WebDatasetReader", "ZarrGroupReader", "open_reader",
 ]
 
 
@@ -35,6 +38,12 @@ def open_reader(config: DatasetConfig) -> Reader:
             return NpzReader(config.url, resize=config.resize, limit=config.limit)
         case "zarr":
             return ZarrGroupReader(config.url, resize=config.resize, limit=config.limit)
+        case "parquet":
+            return ParquetReader(config.url, image_field=config.image_field, label_field=config.label_field,
+                                 resize=config.resize, on_error=config.on_error, limit=config.limit)
+        case "webdataset":
+            return WebDatasetReader(config.url, label_field=config.label_field, resize=config.resize,
+                                    on_error=config.on_error, limit=config.limit)
         case "fortunes":
             return FortunesReader(config.url, limit=config.limit)
         case "json" | "jsonl":

@@ -25,6 +25,8 @@ OnError = Literal["raise", "skip"]
 NO_LABEL = -1
 # The conventional order of split names; other names follow alphabetically.
 SPLIT_ORDER = ("train", "val", "validation", "test")
+# Pillow modes stored as one gray channel; every other mode (RGB, RGBA, P, CMYK, ...) becomes RGB.
+GRAY_MODES = frozenset({"1", "L", "LA"})
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,16 @@ def content_hash(data: bytes) -> str:
 
 
 def sample_ids(positions: Sequence[int | str], samples: np.ndarray | list[str]) -> np.ndarray:
-    """Stable ids ``"<position>:<content hash>"``; images hash their stored pixel bytes, texts their UTF-8."""
+    """Stable ids ``"<position>:<content hash>"``; images hash their stored pixel bytes, texts their UTF-8.
+
+    A position that already ends with ``:<content hash>`` of its sample is a dq id (an exported
+    subset read back) and is kept as it is, so export → ingest keeps ids.
+    """
     ids = []
     for position, sample in zip(positions, samples, strict=True):
         data = sample.encode() if isinstance(sample, str) else np.ascontiguousarray(sample).tobytes()
-        ids.append(f"{position}:{content_hash(data)}")
+        digest = content_hash(data)
+        ids.append(str(position) if str(position).endswith(f":{digest}") else f"{position}:{digest}")
     return np.array(ids, dtype=str)
 
 

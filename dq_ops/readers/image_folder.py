@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dq_ops.errors import DQInputError
 from dq_ops.readers.base import (
+    GRAY_MODES,
     NO_LABEL,
     Batch,
     ItemErrors,
@@ -38,8 +39,6 @@ from dq_ops.readers.base import (
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLIT_FOLDERS = frozenset({"train", "val", "test"})
-# Pillow modes stored as one gray channel; every other mode (RGB, RGBA, P, CMYK, ...) becomes RGB.
-_GRAY_MODES = frozenset({"1", "L", "LA"})
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class ImageFolderReader:
         """Read one header; a file Pillow cannot identify is a bad item."""
         try:
             with self._fs.open(f"{self._root}/{name}", "rb") as fh, Image.open(fh) as image:
-                return _Entry(name, label, image.size, image.mode in _GRAY_MODES)
+                return _Entry(name, label, image.size, image.mode in GRAY_MODES)
         except UnidentifiedImageError:  # its message names a file object, not the file
             self._errors.bad(f"{self.source}/{name}", "corrupt image: Pillow cannot identify it as an image")
             return None
