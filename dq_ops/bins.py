@@ -70,9 +70,12 @@ budgets of untouched classes can move by one and their bins with them. The ``"pe
 gives bin b of class c ``round(n_c_remaining / (K − b))`` (also n_c/K per bin, last bin the
 remainder) and depends on the class alone, so a refresh re-bins only the classes it touched;
 the pipeline uses it by default (``bins.budget_rule``), the reference rule reproduces the
-reference code exactly. Where a rule rounds to 0 for a class with samples left (the reference code
-then stops with "Illegal budget"), the class gives 1: a class smaller than K (long-tailed data)
-fills its first bins one sample each and later bins get none of it. Without labels the whole set is one class. :func:`bin_budgets` computes the full (class × bin) table up front from
+reference code exactly. Where the reference rule rounds a class's budget to 0 while it has samples
+left, the class gives nothing to that bin (the reference code itself stops there with "Illegal
+budget"; skipping the class is the only continuation that keeps every other budget as the
+reference computes it): a class of 6 among two of 300 lands in bins 0, 1, 2, 4, 6 and 8. The
+per-class rule gives such a class 1 instead: a class smaller than K (long-tailed data) fills its
+first bins one sample each and later bins get none of it. Without labels the whole set is one class. :func:`bin_budgets` computes the full (class × bin) table up front from
 the class sizes alone, so classes are independent: :func:`generate_bins` is
 
     budgets = bin_budgets(class_sizes, K)
@@ -136,7 +139,7 @@ def bin_budgets(class_sizes: np.ndarray | list[int], num_bins: int, rule: str = 
             break
         frac = bin_size / avail
         for c, r in enumerate(rem):
-            take = min(max(round(frac * r), 1), r) if r else 0  # the reference's float expression
+            take = min(round(frac * r), r)  # the reference's float expression, zeros included
             out[c, b] = take
             rem[c] = r - take
     out[:, -1] = rem

@@ -44,7 +44,7 @@ def bin_of_sample(bins: list[np.ndarray], n: int) -> np.ndarray:
 def literal_bins(
     features: np.ndarray, labels: np.ndarray | None, num_bins: int, kernel: str = "cosine", dtype=np.float32
 ) -> np.ndarray:
-    r"""METHOD.md stage 2 run the way the reference code runs it (float32 by default).
+    r"""docs/method.md stage 2 run the way the reference code runs it (float32 by default).
 
     Per class and bin: build the similarity matrix of the remaining samples R and its column
     sums, then, like the reference's GraphCut + NaiveGreedy, at every step recompute
@@ -95,6 +95,21 @@ def test_reproduces_reference_golden_bins(golden, name, memory_budget_mb):
     bins = generate_bins(features, labels, num_bins, memory_budget_mb=memory_budget_mb)
     assert len(bins) == num_bins
     assert np.array_equal(bin_of_sample(bins, len(features)), expected)
+
+
+@pytest.mark.parametrize("memory_budget_mb", [256.0, LAZY_MB], ids=["gram", "lazy"])
+def test_reference_rule_follows_the_reference_rounding_for_classes_smaller_than_num_bins(golden, memory_budget_mb):
+    """300 / 300 / 6 real samples in 10 bins: where the reference's round gives the small class 0
+    it gives nothing (bins 0, 1, 2, 4, 6, 8 hold it), exactly as the literal reference."""
+    features, labels, _, _ = case(golden, "fmnist_pooled_classwise")
+    rows = np.concatenate([np.flatnonzero(labels == c)[:size] for c, size in zip(np.unique(labels)[:3], (300, 300, 6))])
+    features, labels = features[rows], labels[rows]
+    small = labels == np.unique(labels)[2]
+    assert bin_budgets([300, 300, 6], 10)[2].tolist() == [1, 1, 1, 0, 1, 0, 1, 0, 1, 0]
+    bins = generate_bins(features, labels, 10, memory_budget_mb=memory_budget_mb)
+    ours = bin_of_sample(bins, len(features))
+    assert sorted(ours[small].tolist()) == [0, 1, 2, 4, 6, 8]
+    assert np.array_equal(ours, literal_bins(features, labels, 10))
 
 
 def test_literal_reference_reproduces_golden(golden):
@@ -278,18 +293,17 @@ def test_rejects_bad_input(kwargs, message):
 
 
 def test_classes_smaller_than_num_bins_fill_their_first_bins():
-    """Long-tailed data: a class of 3 in 10 bins gives one sample to each of bins 0-2 and none later;
-    where the reference's rounding gives it a budget (here the big class's bins), it is followed."""
-    table = bin_budgets([997, 3, 6], 10)
+    """Long-tailed data, per-class rule: a class of 3 in 10 bins gives one sample to each of bins
+    0-2 and none later."""
+    table = bin_budgets([997, 3, 6], 10, "per-class")
     assert table[1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
     assert table[2].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
     assert table.sum(axis=1).tolist() == [997, 3, 6]
     features = np.random.default_rng(0).normal(size=(1006, 4))
     labels = np.array([0] * 997 + [1] * 3 + [2] * 6)
-    bins = generate_bins(features, labels, 10)
+    bins = generate_bins(features, labels, 10, budget_rule="per-class")
     assert [int((labels[b] == 1).sum()) for b in bins] == table[1].tolist()
     assert sorted(np.concatenate(bins).tolist()) == list(range(1006))
-    assert bin_budgets([997, 3, 6], 10, "per-class")[1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
     # Fewer samples than bins, no labels: the first bins hold one each, the rest are empty.
     assert [len(b) for b in generate_bins(np.ones((3, 2)), None, 5)] == [1, 1, 1, 0, 0]
 
