@@ -67,6 +67,12 @@ def split_labels(dataset: Artifact, split: str = QUANTIZED_SPLIT) -> np.ndarray 
     return None if (labels < 0).all() else labels
 
 
+def labelled_ids(ids: np.ndarray, labels: np.ndarray | None) -> list[tuple[str, int]]:
+    """(sample id, label) pairs: what incremental bins match on, so that a relabelled sample (same
+    id, new label) leaves its old class's bin and joins its new class like a new sample."""
+    return list(zip((str(i) for i in ids), (-1 for _ in ids) if labels is None else (int(y) for y in labels), strict=True))
+
+
 def embedding_rows(embeddings: Artifact, rows: np.ndarray | None = None) -> FeatureRows:
     """Rows of an embeddings artifact (all, or ``rows``) as bins take them: dense features, or
     the factorised gradient embedding when the artifact holds ``gradients`` (mode="gradient")."""
@@ -151,9 +157,10 @@ class BinsStage(Stage):
         if not ref or not self.store.exists(self.kind, ref["latest"]):
             return None
         previous = self.store.open(self.kind, ref["latest"])
-        ids = {str(i) for i in self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]}
-        joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + len(ids - {str(i) for i in previous["ids"][:]})
-        return previous if joined <= self.config.rebuild_fraction * len(ids) else None
+        samples = set(labelled_ids(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:], split_labels(self.dataset)))
+        binned = set(labelled_ids(previous["ids"][:], np.asarray(previous["labels"][:])))
+        joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + len(samples - binned)
+        return previous if joined <= self.config.rebuild_fraction * len(samples) else None
 
     def _continues(self, previous: Artifact | None) -> bool:
         """Whether ``previous`` was made from this very dataset and embeddings (nothing to join)."""
@@ -202,10 +209,11 @@ class BinsStage(Stage):
             group.attrs["joined_since_rebuild"] = 0
 
     def _join(self, group: zarr.Group, previous: Artifact) -> None:
-        """Join the new samples to ``previous``' bins."""
+        """Join the new (and relabelled) samples to ``previous``' bins."""
         labels = split_labels(self.dataset)
-        ids = [str(i) for i in self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]]
-        earlier = dict(zip((str(i) for i in previous["ids"][:]), np.asarray(previous["bin_of_sample"][:]).tolist()))
+        ids = labelled_ids(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:], labels)
+        earlier = dict(zip(labelled_ids(previous["ids"][:], np.asarray(previous["labels"][:])),
+                           np.asarray(previous["bin_of_sample"][:]).tolist()))
         bin_of_sample = np.array([earlier.get(i, -1) for i in ids], dtype=np.int32)
         joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + int((bin_of_sample < 0).sum())
         classes, groups = class_groups(labels, len(ids))

@@ -363,3 +363,44 @@ def test_an_incremental_rebuild_forgets_the_chain(tmp_path):
     first, rebuilt = artifacts
     assert first.name != rebuilt.name
     assert len(rebuilt.record["inputs"]) == 2 and rebuilt.group.attrs["joined_since_rebuild"] == 0
+
+
+def test_an_incremental_refresh_moves_relabelled_samples_to_their_new_class(tmp_path):
+    """A relabel (same id, new label) leaves its old class's bin and joins its new class by its
+    GraphCut gain: the new classes count as re-binned, the relabels as joined samples, and
+    enough of them trigger a rebuild. Library level: real store, real embeddings."""
+    from dq_ops.config import BinsConfig, DatasetConfig, EmbeddingConfig
+    from dq_ops.embed import embed_dataset
+    from dq_ops.ingest import ingest
+    from dq_ops.stages import BinsStage
+
+    rows, relabeled = np.arange(200), np.arange(3, 200, 20)  # 10 relabels: 5% of the data
+    _, labels = load_fashion_mnist("train")
+    new_labels = (labels[relabeled] + 1) % len(FASHION_MNIST_CLASSES)
+    outcomes = {}
+    for fraction in (0.2, 0.02):
+        store, source = Store(str(tmp_path / f"store-{fraction}")), tmp_path / f"source-{fraction}.npz"
+        config = BinsConfig(num_bins=3, refresh="incremental", rebuild_fraction=fraction)
+        stages = []
+        for relabel in (NONE, relabeled):
+            _write_npz(source, rows, relabeled=relabel)
+            snapshot = ingest(DatasetConfig(format="npz", url=str(source), name="fm"), store)
+            dataset = store.open("datasets", snapshot.name)
+            embeddings = embed_dataset(store, snapshot.name, "train", EmbeddingConfig(batch_size=64), None, seed=0).artifact
+            stage = BinsStage(store, dataset, embeddings, config)
+            stages.append((stage, stage.run()))
+        outcomes[fraction] = stages
+
+    (_, old), (stage, new) = outcomes[0.2]
+    assert len(new.record["inputs"]) == 3  # joined to the previous bins, not rebuilt
+    assert new.group.attrs["joined_since_rebuild"] == len(relabeled)
+    assert sorted(stage.classes_rebinned) == sorted(set(new_labels.tolist()))
+    assert (np.asarray(new["labels"][:])[relabeled] == new_labels).all()
+    moved = np.isin(rows, relabeled)
+    assert (new["bin_of_sample"][:][~moved] == old["bin_of_sample"][:][~moved]).all()  # the rest stay put
+    for c, sizes in zip(new.group.attrs["classes"], new.group.attrs["bin_sizes"]):
+        members = np.flatnonzero(np.asarray(new["labels"][:]) == c)
+        assert sizes == np.bincount(new["bin_of_sample"][:][members], minlength=3).tolist()
+
+    (_, _), (stage, rebuilt) = outcomes[0.02]  # 10 relabels > 2% of 200: a rebuild
+    assert len(rebuilt.record["inputs"]) == 2 and rebuilt.group.attrs["joined_since_rebuild"] == 0
