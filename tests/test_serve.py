@@ -128,6 +128,7 @@ def test_a_served_deployment_runs_to_completion(prefect_server, tmp_path):
                 flow_run = client.read_flow_run(flow_run.id)
             task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
         assert flow_run.state.is_completed(), f"{flow_run.state.name}: {flow_run.state.message}"
+        assert flow_run.name.startswith("dq-served-")  # the run name read the validated config
         assert {run.state.name for run in task_runs} == {"Completed"}
         assert any(run.name.startswith("sample-dq-") for run in task_runs)
         assert list((tmp_path / "store" / "reports").glob("*.md"))  # the run reached its report
