@@ -267,7 +267,8 @@ def _summarise(
     train_size = dataset.summary["counts"][QUANTIZED_SPLIT]
     return {
         "store_url": config.store_url,
-        "dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint, "counts": dataset.summary["counts"]},
+        "dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint, "counts": dataset.summary["counts"],
+                    "modality": dataset.summary["modality"]},
         "embeddings": {"url": embeddings.url, "fingerprint": embeddings.fingerprint, **embeddings.summary},
         "bins": {"url": bins.url, "fingerprint": bins.fingerprint, **bins.summary},
         "subsets": [

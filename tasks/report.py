@@ -110,8 +110,9 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
         f"- Store: `{summary['store_url']}`",
         f"- Dataset: {', '.join(f'{split} {n:,}' for split, n in counts.items())} samples "
         f"(fingerprint `{summary['dataset']['fingerprint'][:12]}`)",
-        f"- Features: `{config.embedding.backbone}` ({config.embedding.mode}), "
-        f"{summary['embeddings'].get('dim')}-d",
+        (f"- Features: `{config.embedding.text_model}` sentence embeddings, " if summary["dataset"]["modality"] == "texts"
+         else f"- Features: `{config.embedding.backbone}` ({config.embedding.mode}) at {config.embedding.image_size} px, ")
+        + f"{summary['embeddings'].get('dim')}-d",
         f"- Bins: {config.bins.num_bins} GraphCut bins ({config.bins.kernel} kernel), seed {config.seed}",
         f"- MLflow run: {mlflow_url}",
         "",

@@ -33,6 +33,8 @@ def test_text_flow_bins_samples_evaluates_and_exports(prefect_harness, tmp_path)
     summary = quantize(config)
 
     assert summary["embeddings"]["dim"] == 384
+    report = Path(summary["report_path"]).read_text()
+    assert "- Features: `all-MiniLM-L6-v2` sentence embeddings, 384-d" in report and "efficientnet" not in report
     subset = summary["subsets"][0]
     train_size = summary["dataset"]["counts"]["train"]
     assert abs(subset["size"] - 0.25 * train_size) <= 4 * len(TOPICS)
