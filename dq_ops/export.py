@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from dq_ops.errors import DQInputError
 from dq_ops.mae import ReconstructedPatchDataset
 from dq_ops.mae_store import load_mae_artifact
-from dq_ops.store import QUANTIZED_SPLIT, Artifact, DQStoreError, Store
+from dq_ops.store import QUANTIZED_SPLIT, Artifact, DQDamagedError, DQStoreError, Store
 from dq_ops.urls import filesystem
 
 ExportFormat = Literal["image-folder", "npz", "parquet", "webdataset", "jsonl"]
@@ -57,6 +57,8 @@ def subset_dataset(store: Store, subset: Artifact) -> Artifact:
     snapshot = subset.group.attrs["dataset"]
     try:
         return store.open("datasets", snapshot)
+    except DQDamagedError:
+        raise
     except DQStoreError:
         raise DQStoreError(
             f"{subset.url} was drawn from dataset snapshot {snapshot!r}, which is no longer in the store "
@@ -98,38 +100,39 @@ def export_subset(
     if is_text != (fmt == "jsonl"):
         kind = "text" if is_text else "image"
         raise DQInputError(f"{dataset.url} holds {kind} samples: export it as {'jsonl' if is_text else 'image-folder, npz, parquet or webdataset'}, not {fmt}")
-    rows = np.asarray(subset["indices"][:])
-    ids = np.asarray(subset["ids"][:])
-    labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
-    class_names = dataset.group.attrs.get("class_names")
-    if previous:
-        fs.rm(root, recursive=True)
-    fs.makedirs(root, exist_ok=True)
+    with store.reading(lambda: [subset, dataset]):  # a chunk that fails to decode names its artifact
+        rows = np.asarray(subset["indices"][:])
+        ids = np.asarray(subset["ids"][:])
+        labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
+        class_names = dataset.group.attrs.get("class_names")
+        if previous:
+            fs.rm(root, recursive=True)
+        fs.makedirs(root, exist_ok=True)
 
-    manifest = [{"id": str(i), "row": int(r), "label": int(y)} for i, r, y in zip(ids, rows, labels)]
-    if fmt == "npz":
-        buffer = io.BytesIO()  # one array in memory: npz is the format for subsets that fit
-        np.savez_compressed(buffer, images=_pixels(split, rows, images), labels=labels, ids=np.array([str(i) for i in ids]))
-        with fs.open(f"{root}/subset.npz", "wb") as fh:
-            fh.write(buffer.getvalue())
-    shards = _SHARD_WRITERS[fmt](fs, root, len(rows), shard_size, class_names) if fmt in _SHARD_WRITERS else None
-    for start in range(0, len(rows), _ROWS_PER_READ):
-        chunk = slice(start, start + _ROWS_PER_READ)
-        if fmt == "image-folder":
-            _write_images(fs, root, _pixels(split, rows[chunk], images), labels[chunk], ids[chunk], class_names, manifest[chunk])
-        elif shards is not None:
-            shards.write(_pixels(split, rows[chunk], images), labels[chunk], ids[chunk], manifest[chunk])
-        elif fmt == "jsonl":
-            texts = split["texts"].get_orthogonal_selection((rows[chunk],))
-            with fs.open(f"{root}/subset.jsonl", "a" if start else "w") as fh:
-                for entry, text in zip(manifest[chunk], texts):
-                    fh.write(json.dumps({"id": entry["id"], "text": str(text), "label": entry["label"]}) + "\n")
-        if progress:
-            progress(min(start + _ROWS_PER_READ, len(rows)), len(rows))
-    manifest_url = f"{root}/manifest.jsonl"
-    with fs.open(manifest_url, "w") as fh:
-        fh.writelines(json.dumps(entry) + "\n" for entry in manifest)
-    return ExportResult(out_url, fmt, len(rows), manifest_url)
+        manifest = [{"id": str(i), "row": int(r), "label": int(y)} for i, r, y in zip(ids, rows, labels)]
+        if fmt == "npz":
+            buffer = io.BytesIO()  # one array in memory: npz is the format for subsets that fit
+            np.savez_compressed(buffer, images=_pixels(split, rows, images), labels=labels, ids=np.array([str(i) for i in ids]))
+            with fs.open(f"{root}/subset.npz", "wb") as fh:
+                fh.write(buffer.getvalue())
+        shards = _SHARD_WRITERS[fmt](fs, root, len(rows), shard_size, class_names) if fmt in _SHARD_WRITERS else None
+        for start in range(0, len(rows), _ROWS_PER_READ):
+            chunk = slice(start, start + _ROWS_PER_READ)
+            if fmt == "image-folder":
+                _write_images(fs, root, _pixels(split, rows[chunk], images), labels[chunk], ids[chunk], class_names, manifest[chunk])
+            elif shards is not None:
+                shards.write(_pixels(split, rows[chunk], images), labels[chunk], ids[chunk], manifest[chunk])
+            elif fmt == "jsonl":
+                texts = split["texts"].get_orthogonal_selection((rows[chunk],))
+                with fs.open(f"{root}/subset.jsonl", "a" if start else "w") as fh:
+                    for entry, text in zip(manifest[chunk], texts):
+                        fh.write(json.dumps({"id": entry["id"], "text": str(text), "label": entry["label"]}) + "\n")
+            if progress:
+                progress(min(start + _ROWS_PER_READ, len(rows)), len(rows))
+        manifest_url = f"{root}/manifest.jsonl"
+        with fs.open(manifest_url, "w") as fh:
+            fh.writelines(json.dumps(entry) + "\n" for entry in manifest)
+        return ExportResult(out_url, fmt, len(rows), manifest_url)
 
 
 def _check_target(fs, root: str, out_url: str, overwrite: bool) -> bool:

@@ -74,7 +74,7 @@ def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = N
     # The image column shapes only Parquet content: left out otherwise, so other datasets keep their fingerprints.
     params = config.model_dump(mode="json", exclude={"url", "name"} | ({"image_field"} if config.format != "parquet" else set()))
     counts: dict[str, int] = {}
-    with store.write_snapshot("datasets", config.name, params) as snapshot:
+    with store.write_snapshot("datasets", config.name, params, source=config.url) as snapshot:
         group = snapshot.group
         for split, source, test_side in plan:
             batches = reader.iter_batches(source, BATCH_SIZE)

@@ -34,7 +34,7 @@ import zarr
 
 from dq_ops.errors import DQInputError
 from dq_ops.patches import patch_grid, patch_shape, patchify, unpatchify
-from dq_ops.store import default_compressor
+from dq_ops.store import checksummed, default_compressor
 
 FORMAT_KEY = "dq_patches"
 FORMAT_VERSION = 2
@@ -124,7 +124,7 @@ def _create(
         shape=(n, *row_shape),
         dtype=str if text else dtype,
         chunks=(chunk_rows, *row_shape),
-        compressors=None if text else default_compressor(STORAGE_CLEVEL),
+        compressors=checksummed(None if text else default_compressor(STORAGE_CLEVEL)),
         fill_value="" if text else None,
         overwrite=True,
     )
@@ -141,7 +141,7 @@ def stored_bytes(node: zarr.Group | zarr.Array) -> int:
 def _whole_image_array(stored: dict, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> zarr.Array:
     return zarr.create_array(
         zarr.storage.MemoryStore(stored), shape=shape, dtype=dtype,
-        chunks=(max(1, chunk_rows), *shape[1:]), compressors=default_compressor(STORAGE_CLEVEL),
+        chunks=(max(1, chunk_rows), *shape[1:]), compressors=checksummed(default_compressor(STORAGE_CLEVEL)),
     )
 
 

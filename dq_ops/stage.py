@@ -26,6 +26,7 @@ This is datatrove's pipeline step with completion markers, applied to Zarr chunk
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import uuid
 from abc import ABC, abstractmethod
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 import zarr
 
-from dq_ops.store import Artifact, Store, derive_key, open_zarr_store
+from dq_ops.store import Artifact, DQDamagedError, DQStoreError, Store, derive_key, open_zarr_store
 
 if TYPE_CHECKING:  # distributed is imported only where a cluster runs (0.25 s)
     from distributed import Client
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # distributed is imported only where a cluster runs (0.25 s)
     ClientSource = Client | Callable[[], Client] | None
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 def resolve_client(client: ClientSource) -> Client | None:
@@ -98,10 +100,24 @@ class Stage(ABC):
         if self.store.exists(self.kind, name):
             return self.store.open(self.kind, name)
         with self.store.lock("stage", self.kind, name):
-            if not self.store.exists(self.kind, name):
-                with self.store.write(self.kind, name, self.key_params(), self.input_fingerprints()) as group:
+            if not self._stored_intact(name):
+                params, inputs = self.key_params(), self.input_fingerprints()
+                # damage met in an input names it (Store.reading)
+                with self.store.reading(self.inputs), self.store.write(self.kind, name, params, inputs) as group:
                     self.compute(group, progress, client)
         return self.store.open(self.kind, name)
+
+    def _stored_intact(self, name: str) -> bool:
+        """Whether the store holds this stage's artifact intact; a damaged one is recomputed (and
+        replaced when the new one is published), with one log line saying so."""
+        try:
+            self.store.open(self.kind, name)
+        except DQDamagedError as exc:
+            log.warning("%s is damaged (%s): recomputing it", exc.url, exc.problem)
+            return False
+        except DQStoreError:
+            return False
+        return True
 
 
 class ChunkJob(Protocol):
@@ -190,9 +206,10 @@ class ChunkedStage(Stage):
         if self.store.exists(self.kind, name):
             return self.store.open(self.kind, name)
         with self.store.lock("stage", self.kind, name):
-            if self.store.exists(self.kind, name):
+            if self._stored_intact(name):
                 return self.store.open(self.kind, name)
-            return self._run_chunks(name, progress, client)
+            with self.store.reading(self.inputs):  # damage met in an input names it
+                return self._run_chunks(name, progress, client)
 
     def _run_chunks(self, name: str, progress: Progress | None, client: ClientSource) -> Artifact:
         n, chunk_rows = self.num_rows(), self.chunk_rows()

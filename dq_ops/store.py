@@ -29,6 +29,14 @@ an ingest whose content changed adds a snapshot and moves the ``latest`` pointer
 everything derived records the snapshot's fingerprint, so an old subset keeps reading its own
 snapshot after a re-ingest. :meth:`Store.gc` removes what no kept snapshot needs.
 
+Integrity: every array's codec pipeline ends in a CRC32C checksum per chunk, so a corrupted chunk
+fails to decode; the ``dq`` record lists how many chunks each array had at commit
+(``chunks``), and :meth:`Store.open` compares that with the chunks the store lists, so a lost chunk
+is an error rather than a read of the fill value. :meth:`Store.check` decodes every chunk
+(``dq verify``); :meth:`Store.reading` turns a decoding error met while reading into a
+:class:`DQDamagedError` naming the damaged artifact. Artifacts written before checksums keep
+opening (without the chunk count check) and are reported by ``dq verify``.
+
 Writes never leave a half-written artifact visible: an artifact is written under
 ``<kind>/.staging/`` and only moved to ``<kind>/<name>`` once complete (an atomic directory rename
 on local disks; copy-then-delete with the group metadata copied last elsewhere). Readers refuse a
@@ -40,25 +48,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from dq_ops import __version__
 from dq_ops.errors import DQInputError
 from dq_ops.locks import file_lock, is_held
-from dq_ops.urls import filesystem
+from dq_ops.urls import filesystem, redact_credentials
 
 # The split that bins, subsets and every derived artifact index into.
 QUANTIZED_SPLIT = "train"
@@ -68,10 +78,32 @@ LOCKS = ".locks"  # lock files of local stores (dq_ops.locks)
 _ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Rows hashed per read when digesting an array: bounds memory for arrays of any size.
 _DIGEST_BLOCK_BYTES = 64 * 2**20
+# Errors a damaged chunk raises while decoding: a checksum mismatch (ValueError), a codec's own
+# failure (Blosc, Zstd: RuntimeError), a truncated or unreadable chunk file (OSError).
+DECODE_ERRORS = (ValueError, RuntimeError, OSError)
+
+log = logging.getLogger(__name__)
 
 
 class DQStoreError(DQInputError):
     """An artifact is missing, incomplete or malformed; the message names its URL."""
+
+
+class DQDamagedError(DQStoreError):
+    """A stored artifact is damaged (a chunk lost or failing its checksum, an unreadable record):
+    the message names its URL, what is wrong and how it is repaired."""
+
+    def __init__(self, url: str, kind: str, name: str, problem: str, repair: str):
+        super().__init__(f"{url} is damaged: {problem}; {repair}")
+        self.url, self.kind, self.name, self.problem, self.repair = url, kind, name, problem, repair
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Prefect and dask pickle exceptions
+        return type(self), (self.url, self.kind, self.name, self.problem, self.repair)
+
+    @property
+    def derived(self) -> bool:
+        """Whether a run can recompute the artifact (anything but a dataset snapshot)."""
+        return self.kind != "datasets"
 
 
 def canonical_json(value: Any) -> str:
@@ -146,6 +178,22 @@ def group_digest(group: zarr.Group) -> str:
     return digest.hexdigest()
 
 
+def decode_problem(group: zarr.Group) -> str | None:
+    """The first chunk below ``group`` that does not decode (its checksum or codec fails), or None.
+
+    Reads every chunk once; what ``dq verify`` and :meth:`Store.reading` use to find damage."""
+    for path, array in sorted(group.members(max_depth=None), key=lambda item: item[0]):
+        if not isinstance(array, zarr.Array):
+            continue
+        for block in np.ndindex(*array.cdata_shape):
+            try:
+                array.blocks[block]
+            except DECODE_ERRORS as exc:
+                detail = str(exc).split(". ")[0]
+                return f"{path}: chunk {'/'.join(map(str, block))} does not decode ({type(exc).__name__}: {detail})"
+    return None
+
+
 def default_compressor(clevel: int = 1) -> zarr.codecs.BloscCodec:
     """Blosc-zstd with byte shuffle. Level 1 by default: every refresh rewrites whole artifacts
     (a new snapshot), and level 5 encodes 4–6× slower for 1–10% fewer bytes (measured on
@@ -161,6 +209,12 @@ def feature_compressor() -> zarr.codecs.BloscCodec:
     zstd with shuffle at a fraction of the coding time; dense unit-norm features (sentence
     embeddings) stay about whole either way."""
     return zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
+
+
+def checksummed(compressor: zarr.abc.codec.BytesBytesCodec | None) -> list[zarr.abc.codec.BytesBytesCodec]:
+    """The bytes codecs of every stored array: ``compressor`` (if any), then a CRC32C per chunk,
+    so a chunk whose bytes changed fails to decode instead of decoding to wrong values."""
+    return [*([compressor] if compressor is not None else []), Crc32cCodec()]
 
 
 def write_array(
@@ -193,7 +247,7 @@ def write_array(
         shape=shape,
         dtype=str if is_text else dtype,
         chunks=(chunk_rows, *shape[1:]),
-        compressors=None if is_text else compressor or default_compressor(),
+        compressors=checksummed(None if is_text else compressor or default_compressor()),
         overwrite=True,
     )
     if data is not None and data.size:
@@ -242,6 +296,18 @@ class Artifact:
             return self.group[path]
         except KeyError:
             raise DQStoreError(f"{self.url}: no array or group {path!r}") from None
+
+
+@dataclass
+class VerifyResult:
+    """What :meth:`Store.verify` found: artifacts checked, the damaged ones (their errors name
+    the repair), those removed by a repair, and those written before chunk checksums (whose
+    corruption only ``--deep`` can find)."""
+
+    checked: int = 0
+    damaged: list[DQDamagedError] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    without_checksums: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -298,7 +364,102 @@ class Store:
         record = group.attrs.get("dq")
         if not isinstance(record, dict) or not record.get("complete"):
             raise DQStoreError(f"{url}: artifact is incomplete (an interrupted write?)")
+        if "chunks" in record:  # absent in artifacts written before chunk counts were recorded
+            found = self._chunk_counts((kind, name), record["chunks"])
+            for path, count in sorted(record["chunks"].items()):
+                if found[path] < count:
+                    raise self.damaged(kind, name, f"{path}: {count - found[path]} of {count} chunks missing", record)
         return Artifact(kind, name, url, group, record)
+
+    def _chunk_counts(self, parts: Sequence[str], arrays: Sequence[str]) -> dict[str, int]:
+        """Chunk files the store lists for each array path below the group at ``parts``: one
+        listing of the group, whatever the number of arrays."""
+        root = self._path(*parts)
+        files = self.fs.find(root)
+        return {path: sum(1 for f in files if f.startswith(f"{root}/{path}/c/")) for path in arrays}
+
+    def damaged(self, kind: str, name: str, problem: str, record: Mapping[str, Any] | None = None) -> DQDamagedError:
+        """The error for a damaged ``kind/name``: what is wrong and how it is repaired (a derived
+        artifact is recomputed by the next run; a snapshot is re-ingested from its source)."""
+        if kind != "datasets":
+            repair = "the next run recomputes it"
+        else:
+            repair = f"re-ingest it: {self.ingest_command(name, record)}"
+        return DQDamagedError(self.artifact_url(kind, name), kind, name, problem, repair)
+
+    def ingest_command(self, name: str, record: Mapping[str, Any] | None = None) -> str:
+        """The ``dq ingest`` command that rewrites snapshot ``datasets/<name>`` from its source."""
+        if record is None:
+            record = self._group_record("datasets", name) or {}
+        params = record.get("params", {})
+        flags = [("--format", params.get("format")), ("--url", record.get("source", "<source>")),
+                 ("--name", record.get("snapshot_of", name)), ("--store", self.url),
+                 ("--limit", params.get("limit")), ("--resize", params.get("resize"))]
+        if params.get("on_error") == "skip":
+            flags.append(("--on-error", "skip"))
+        command = " ".join(f"{flag} {value}" for flag, value in flags if value is not None)
+        fraction = params.get("test_fraction")  # no flag: only a config file sets it
+        hint = f" and a config with dataset.test_fraction: {fraction}" if fraction is not None else ""
+        return redact_credentials(f"dq ingest {command}{hint}")
+
+    def _group_record(self, kind: str, name: str) -> dict[str, Any] | None:
+        """The ``dq`` record of ``kind/name`` as stored, without any check (None if unreadable)."""
+        try:
+            record = self._open_group(self.artifact_url(kind, name), "r").attrs.get("dq")
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def check(self, kind: str, name: str, *, deep: bool = False) -> str | None:
+        """What is wrong with ``kind/name`` (incomplete, chunks missing, a chunk that does not
+        decode; with ``deep`` also content that no longer matches the recorded digest), or None.
+        Reads every chunk once (twice with ``deep``)."""
+        try:
+            artifact = self.open(kind, name)
+        except DQDamagedError as exc:
+            return exc.problem
+        except DQStoreError as exc:
+            return str(exc).removeprefix(f"{self.artifact_url(kind, name)}: ")
+        problem = decode_problem(artifact.group)
+        if problem is None and deep and "content_digest" in artifact.record:
+            if group_digest(artifact.group) != artifact.record["content_digest"]:
+                problem = "its content no longer matches the digest recorded at commit"
+        return problem
+
+    @contextmanager
+    def reading(self, artifacts: Callable[[], Sequence[Artifact]]) -> Iterator[None]:
+        """Damage met inside the block names its artifact, and damaged derived data is not kept.
+
+        A decoding error (a checksum mismatch, a codec's failure) names no artifact; on one, each
+        of ``artifacts()`` is checked chunk by chunk and the first damaged one becomes a
+        :class:`DQDamagedError`. A damaged derived artifact (this one, or one whose lost chunks
+        :meth:`open` found) is removed, so the next run recomputes it instead of reading it
+        again; a snapshot is kept for its re-ingest to replace. Other errors, and decoding errors
+        no artifact explains, pass unchanged.
+        """
+        try:
+            try:
+                yield
+            except DQInputError:
+                raise
+            except DECODE_ERRORS as exc:
+                for artifact in artifacts():
+                    if (problem := decode_problem(artifact.group)) is not None:
+                        raise self.damaged(artifact.kind, artifact.name, problem, artifact.record) from exc
+                raise
+        except DQDamagedError as exc:
+            if exc.derived and self.fs.exists(self._path(exc.kind, exc.name)):  # an inner reading() may have
+                self._remove(exc.kind, exc.name)
+                log.warning("%s is damaged (%s): removed; the next run recomputes it", exc.url, exc.problem)
+            raise
+
+    def artifacts(self) -> list[Artifact]:
+        """Every complete, intact artifact of the store, snapshots first."""
+        return [self.open(kind, name) for kind in ARTIFACT_KINDS for name in self.list(kind)]
+
+    def remove(self, kind: str, name: str) -> None:
+        """Remove ``kind/name`` (a damaged artifact, by ``dq verify --repair``)."""
+        self._remove(kind, name)
 
     def list(self, kind: str) -> list[str]:
         """Names of the complete artifacts of one kind."""
@@ -349,14 +510,16 @@ class Store:
         self._remove(kind, STAGING, name)
 
     def _record(
-        self, kind: str, group: zarr.Group, params: Mapping[str, Any], inputs: Sequence[str]
+        self, kind: str, staging: str, group: zarr.Group, params: Mapping[str, Any], inputs: Sequence[str]
     ) -> dict[str, Any]:
-        """The ``dq`` record of a finished group: parameters, inputs, content digest, fingerprint.
+        """The ``dq`` record of a finished staging group: parameters, inputs, content digest,
+        fingerprint, and the chunks each array has (what :meth:`open` checks).
 
         The fingerprint covers kind, content, parameters and inputs, never names or timings, so a
         rebuilt artifact reproduces it.
         """
         content = group_digest(group)
+        arrays = [path for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
         return {
             "kind": kind,
             "params": json.loads(canonical_json(params)),
@@ -367,6 +530,7 @@ class Store:
             ).hexdigest(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "dq_version": __version__,
+            "chunks": self._chunk_counts((kind, STAGING, staging), arrays),
             "complete": True,
         }
 
@@ -374,33 +538,41 @@ class Store:
         self, kind: str, name: str, staging: str, group: zarr.Group,
         params: Mapping[str, Any], inputs: Sequence[str],
     ) -> Artifact:
-        group.attrs["dq"] = self._record(kind, group, params, inputs) | {"name": name}
+        group.attrs["dq"] = self._record(kind, staging, group, params, inputs) | {"name": name}
         self._publish(kind, staging, name)
         return self.open(kind, name)
 
     # -- snapshots and refs ------------------------------------------------------------------
     @contextmanager
     def write_snapshot(
-        self, kind: str, base: str, params: Mapping[str, Any], inputs: Sequence[str] = ()
+        self, kind: str, base: str, params: Mapping[str, Any], inputs: Sequence[str] = (), *, source: str | None = None,
     ) -> Iterator[SnapshotWrite]:
         """Write an immutable snapshot ``kind/<base>-<fingerprint[:12]>`` and make it ``base``'s latest.
 
         Yields a :class:`SnapshotWrite` whose ``group`` the block fills; after the block its
-        ``artifact`` is the committed snapshot. When a snapshot with the same fingerprint exists
-        (unchanged content) the new copy is discarded and the existing one becomes latest again.
+        ``artifact`` is the committed snapshot. When an intact snapshot with the same fingerprint
+        exists (unchanged content) the new copy is discarded and the existing one becomes latest
+        again; a damaged one (:meth:`check`) is replaced by the new copy. ``source`` (where the
+        content was read from) goes into the record, outside the fingerprint: it is what
+        :meth:`ingest_command` names.
         """
         staging = f"{base}-{uuid.uuid4().hex[:12]}"
         with self._staging_lock(kind, staging):
             write = SnapshotWrite(self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w"))
             try:
                 yield write
-                record = self._record(kind, write.group, params, inputs)
+                record = self._record(kind, staging, write.group, params, inputs)
                 name = f"{base}-{record['fingerprint'][:12]}"
                 with self.lock("snapshot", kind, name):  # check-then-publish as one step
-                    if self.exists(kind, name):
+                    stored = self.fs.exists(self._path(kind, name, "zarr.json"))
+                    problem = self.check(kind, name) if stored else None
+                    if stored and problem is None:
                         self._remove(kind, STAGING, staging)
                     else:
-                        write.group.attrs["dq"] = record | {"name": name, "snapshot_of": base}
+                        if problem is not None:
+                            log.warning("%s is damaged (%s): replaced by the copy just ingested", self.artifact_url(kind, name), problem)
+                        extra = {"source": source} if source is not None else {}
+                        write.group.attrs["dq"] = record | {"name": name, "snapshot_of": base} | extra
                         self._publish(kind, staging, name)
                 self._push_ref(kind, base, name)
                 write.artifact = self.open(kind, name)
@@ -478,6 +650,41 @@ class Store:
                 if history != ref["history"]:
                     self.write_ref("datasets", base, {"latest": history[-1] if history else None, "history": history})
         return removed
+
+    # -- integrity ---------------------------------------------------------------------------
+    def verify(self, *, deep: bool = False, repair: bool = False) -> VerifyResult:
+        """Check every artifact of the store (:meth:`check`); with ``repair``, remove each damaged
+        derived artifact and every artifact derived from it (transitively, through input
+        fingerprints), so the next run recomputes them. Snapshots are never removed: their
+        damage names the ``dq ingest`` that replaces them."""
+        result = VerifyResult()
+        records: dict[tuple[str, str], dict[str, Any]] = {}
+        for kind in ARTIFACT_KINDS:
+            base = self._path(kind)
+            entries = self.fs.ls(base, detail=False) if self.fs.exists(base) else []
+            for name in sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries):
+                if name.startswith("."):
+                    continue
+                record = self._group_record(kind, name) or {}
+                records[kind, name] = record
+                result.checked += 1
+                if record and "chunks" not in record:
+                    result.without_checksums.append(f"{kind}/{name}")
+                problem = self.check(kind, name, deep=deep)
+                if problem is not None:
+                    result.damaged.append(self.damaged(kind, name, problem, record))
+        if repair:
+            doomed = {(e.kind, e.name) for e in result.damaged if e.derived}
+            grew = True
+            while grew:  # and whatever was made from them
+                made_from = {records[key].get("fingerprint") for key in doomed} - {None}
+                more = {key for key, r in records.items() if made_from.intersection(r.get("inputs", []))} - doomed
+                doomed |= more
+                grew = bool(more)
+            for kind, name in sorted(doomed, key=lambda key: (ARTIFACT_KINDS.index(key[0]), key[1])):
+                self._remove(kind, name)
+                result.removed.append(f"{kind}/{name}")
+        return result
 
     def _ref_names(self, kind: str) -> list[str]:
         base = self._path("refs", kind)

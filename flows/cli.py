@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    from dq_ops.config import DQConfig
     from flows.console import Console
 
 DESCRIPTION = """\
@@ -164,7 +165,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     api_url = use_local_server()  # before Prefect is imported: it reads its settings once
     from flows.quantize import quantize  # the telemetry switches are set: flows/__init__.py
 
-    summary = quantize(config)
+    summary = _quantize_undamaged(quantize, config, console)
     print()
     print(f"dataset      {summary['dataset']['url']}")
     print(f"bins         {summary['bins']['url']}")
@@ -194,6 +195,24 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         print("  Prefect: prefect server start   → http://127.0.0.1:4200 (this run is in its database)")
     print(f"  MLflow:  mlflow ui --backend-store-uri {redact_credentials(summary['tracking_uri'])} --workers 1 → http://127.0.0.1:5000")
     return 0
+
+
+def _quantize_undamaged(quantize: Callable[..., dict], config: DQConfig, console: Console) -> dict:
+    """Run the flow; when it meets a damaged derived artifact (which the store then removes, see
+    ``Store.reading``), run it again so that artifact is recomputed, once per artifact. A damaged
+    snapshot, or the same artifact damaged twice, ends the command with its error."""
+    from dq_ops.store import ARTIFACT_KINDS, DQDamagedError, Store
+
+    store, recomputed = Store(config.store_url), set()
+    while True:
+        try:
+            with store.reading(store.artifacts):  # damage met outside a stage (the report's gallery)
+                return quantize(config)
+        except DQDamagedError as exc:
+            if not exc.derived or exc.url in recomputed or len(recomputed) >= len(ARTIFACT_KINDS):
+                raise
+            recomputed.add(exc.url)
+            console.logger.info("running the flow again to recompute %s", exc.url)
 
 
 # -- dq export ----------------------------------------------------------------------------------
@@ -249,6 +268,32 @@ def _gc(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# -- dq verify ----------------------------------------------------------------------------------
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", metavar="URL", default="./dq-store", help="store root (default ./dq-store)")
+    parser.add_argument("--deep", action="store_true",
+                        help="also recompute every artifact's content digest and compare it with the one recorded at commit")
+    parser.add_argument("--repair", action="store_true",
+                        help="remove damaged derived artifacts and what was derived from them (the next run recomputes them); "
+                             "damaged snapshots are kept and the dq ingest that replaces them is printed")
+
+
+def _verify(args: argparse.Namespace, console: Console) -> int:
+    from dq_ops.store import Store
+
+    result = Store(args.store).verify(deep=args.deep, repair=args.repair)
+    for damage in result.damaged:
+        print(f"damaged {damage.kind}/{damage.name}: {damage.problem}; {damage.repair}")
+    for path in result.removed:
+        print(f"removed {path}")
+    print(f"{result.checked} artifact(s) checked, {len(result.damaged)} damaged"
+          + (f", {len(result.removed)} removed" if args.repair else ""))
+    if result.without_checksums:
+        print(f"{len(result.without_checksums)} artifact(s) written before chunk checksums (e.g. {result.without_checksums[0]}): "
+              "a lost chunk or changed bytes there are found only by --deep; a rebuild (new store, dq ingest + dq run) adds checksums")
+    return 1 if result.damaged else 0
+
+
 COMMANDS: list[Command] = [
     Command(
         "ingest",
@@ -296,6 +341,19 @@ COMMANDS: list[Command] = [
         ),
         add_arguments=_gc_arguments,
         run=_gc,
+    ),
+    Command(
+        "verify",
+        help="check every artifact of the store for damage; exit 1 if any is damaged",
+        description=(
+            "Check every artifact: its completion marker, that every chunk written is present and "
+            "that every chunk decodes (its checksum matches); --deep also recomputes content "
+            "digests. Prints one line per damaged artifact and exits 1 if any, 0 if the store is "
+            "clean. --repair removes damaged derived artifacts and what was derived from them, so "
+            "the next run recomputes them; a damaged snapshot is kept, with the dq ingest that replaces it."
+        ),
+        add_arguments=_verify_arguments,
+        run=_verify,
     ),
 ]
 

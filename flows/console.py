@@ -41,7 +41,7 @@ INTERRUPT_GRACE_S = 5.0
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
 # Loggers whose records the terminal shows (below ERROR, without tracebacks): the run's progress.
-TERMINAL_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+TERMINAL_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "dq_ops")  # dq_ops: damage found and repaired
 
 
 def log_dir() -> Path:
