@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from dq_ops.config import ClusterConfig
 from dq_ops.errors import DQInputError
@@ -29,6 +30,8 @@ if TYPE_CHECKING:  # imported where a cluster starts: distributed costs 0.25 s
     from distributed import Client
 
 ClusterKind = Literal["local", "local-cuda", "address"]
+CONNECT_TIMEOUT_S = 5.0  # a scheduler's TCP port accepts at once; longer means a dead host or a firewall
+SCHEDULER_TIMEOUT_S = 30.0  # the scheduler's reply to a handshake
 
 
 def _visible_gpus() -> int:
@@ -75,6 +78,57 @@ def workers_precision(client: Client) -> str:
     return "+".join(sorted(set(client.run(inference_precision).values())))
 
 
+def check_scheduler(address: str | None) -> None:
+    """A dask scheduler must answer at ``address``: accept a TCP connection within
+    :data:`CONNECT_TIMEOUT_S`, then tell who it is within :data:`SCHEDULER_TIMEOUT_S`.
+
+    distributed's ``Client`` waits without end on a listener that accepts connections and never
+    replies (an HTTP port, a stalled proxy), whatever its own ``timeout``; this handshake is
+    bounded, so such an address fails in bounded time with an error naming it.
+    """
+    import asyncio
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = urlsplit(address if "://" in str(address) else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise DQInputError(f"cluster.address {address!r}: expected tcp://HOST:PORT")
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise DQInputError(f"cluster.address {address}: no dask scheduler reachable ({reason})") from None
+
+    async def identity() -> object:
+        from distributed.comm import connect
+
+        comm = await connect(f"{parts.scheme}://{host}:{port}", timeout=SCHEDULER_TIMEOUT_S)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    # Its own thread and event loop: the caller may be inside one (a Prefect flow).
+    with ThreadPoolExecutor(1) as thread:
+        try:
+            answer = thread.submit(asyncio.run, asyncio.wait_for(identity(), SCHEDULER_TIMEOUT_S)).result()
+        except TimeoutError:
+            raise DQInputError(
+                f"cluster.address {address}: no dask scheduler answered within {SCHEDULER_TIMEOUT_S:g} s "
+                "(the port accepts connections but nothing replied)"
+            ) from None
+        except OSError as exc:
+            raise DQInputError(f"cluster.address {address}: no dask scheduler answered ({exc})") from None
+    if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
+        raise DQInputError(f"cluster.address {address}: the listener there is not a dask scheduler")
+
+
 @contextmanager
 def dask_client(config: ClusterConfig) -> Iterator[Client]:
     """A ``distributed.Client`` for ``config``; a cluster started here is closed on exit.
@@ -87,6 +141,7 @@ def dask_client(config: ClusterConfig) -> Iterator[Client]:
 
     kind = resolve_kind(config)
     if kind == "address":
+        check_scheduler(config.address)
         with Client(config.address) as client:
             yield client
         return

@@ -9,23 +9,19 @@ was asked for stops in seconds instead of after the embeddings.
 
 from __future__ import annotations
 
-import socket
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from dq_ops.bins import bin_budgets
+from dq_ops.cluster import check_scheduler
 from dq_ops.config import DQConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import class_groups
 from dq_ops.sampling import keep_count
 from dq_ops.store import QUANTIZED_SPLIT, Artifact
 from dq_ops.urls import filesystem, protocol_of
-
-# How long an unreachable dask scheduler may keep a run waiting before it is reported.
-CONNECT_TIMEOUT_S = 5.0
 
 
 def preflight(config: DQConfig, dataset: Artifact) -> None:
@@ -56,7 +52,7 @@ def check_config(config: DQConfig) -> None:
 
             load_mae(config.patches.mae_checkpoint)
     if config.cluster.kind == "address":
-        check_reachable(config.cluster.address)
+        check_scheduler(config.cluster.address)
 
 
 def check_dataset(config: DQConfig, dataset: Artifact) -> None:
@@ -122,23 +118,6 @@ def check_store_writable(url: str) -> None:
             pass
     except OSError as exc:
         raise DQInputError(f"store_url {url}: cannot write in {existing} ({exc.strerror or exc})") from None
-
-
-def check_reachable(address: str | None) -> None:
-    """A dask scheduler address must accept a TCP connection within :data:`CONNECT_TIMEOUT_S`."""
-    parts = urlsplit(address if "://" in str(address) else f"tcp://{address}")
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        host = port = None
-    if not host or not port:
-        raise DQInputError(f"cluster.address {address!r}: expected tcp://HOST:PORT")
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise DQInputError(f"cluster.address {address}: no dask scheduler reachable ({reason})") from None
 
 
 def _check_backbone(config: DQConfig) -> None:

@@ -12,6 +12,8 @@ database lives outside the store in these configs.
 from __future__ import annotations
 
 import gzip
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +160,23 @@ def test_bad_input_exits_2_with_one_line_naming_the_culprit_and_the_store_unchan
     assert "Traceback" not in done.stdout + done.stderr
     assert tree_digest(ws["store"]) == before
     assert culprit in done.log_path.read_text()  # with the details the terminal leaves out
+
+
+def test_a_cluster_address_where_no_scheduler_answers_fails_within_30_s_naming_it(ws):
+    """A listener that accepts the connection and never replies (an HTTP port, a stalled proxy):
+    distributed's client would wait without end; the run stops after the 30 s handshake."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        config = _config(ws, "silent-cluster", cluster={"kind": "address", "address": address})
+        start = time.monotonic()
+        done = dq("run", str(config), env=ws["env"], cwd=ws["root"], timeout=300)
+        elapsed = time.monotonic() - start
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: cluster.address {address}: no dask scheduler answered within 30 s" in done.last_line, done.last_line
+    assert "Traceback" not in done.stdout + done.stderr
+    assert elapsed < 30 + 45, elapsed  # the handshake's 30 s, and the CLI's start on a busy machine
 
 
 def test_there_are_at_least_15_kinds():
