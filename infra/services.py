@@ -20,6 +20,13 @@ documents every name) and are handed to each tool under the variable that tool r
 ``DQ_S3_BUCKET``         bucket of the MLflow artifacts (``s3://<bucket>/mlflow``) and dq stores
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` (S3-compatible stores)
 =======================  ====================================================================
+
+Ports (optional, :data:`PORT_SETTINGS`: ``DQ_PREFECT_PORT``, ``DQ_MLFLOW_PORT``, ``DQ_DASK_PORT``, ...)
+move the local stack's services off their defaults (:data:`PORTS`); ``env`` prints client settings
+that follow them. Before anything starts, every port the stack needs must be free on the bind
+address (:func:`check_ports_free`), and a service counts as ready only when the process the stack
+started is alive and is itself the one listening on its port: another server on that port (a
+Prefect server left running) fails the start instead of passing for ours.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +59,14 @@ PORTS: dict[str, int] = {
     "postgres": 5432, "s3": 9000, "prefect-server": 4200, "prefect-worker": 8080,
     "mlflow-server": 5000, "dask-scheduler": 8786, "dask-dashboard": 8787,
 }
+# The env file's variable that moves each port of the local stack (the container files keep the defaults).
+PORT_SETTINGS: dict[str, str] = {
+    "postgres": "DQ_POSTGRES_PORT", "s3": "DQ_S3_PORT", "prefect-server": "DQ_PREFECT_PORT",
+    "prefect-worker": "DQ_PREFECT_WORKER_PORT", "mlflow-server": "DQ_MLFLOW_PORT", "dask-scheduler": "DQ_DASK_PORT",
+    "dask-dashboard": "DQ_DASK_DASHBOARD_PORT",
+}
+SERVICE_PORTS = {"dask-scheduler": ("dask-scheduler", "dask-dashboard")}  # services with more than their own port
+ALL_INTERFACES = "0.0.0.0"
 LOCAL_ONLY = {"s3"}  # moto stands in for a real bucket on laptops and in tests; containers use the real one
 SECRET_SERVICES = {"postgres", "prefect-server", "mlflow-server", "prefect-worker"}  # need the env file
 SETTINGS = (
@@ -119,7 +135,7 @@ def container_topology(placeholder: str) -> Topology:
     name; settings stay references that compose or Kubernetes fill from the env file / Secret.
     """
     return Topology(
-        settings={name: placeholder % name for name in SETTINGS}, bind="0.0.0.0",
+        settings={name: placeholder % name for name in SETTINGS}, bind=ALL_INTERFACES,
         hosts={name: name for name in PORTS}, mlflow_auth_config="/etc/dq/mlflow-auth.ini", ui_host="localhost",
     )
 
@@ -206,9 +222,14 @@ def dask_scheduler(t: Topology) -> Service:
 
 
 def dask_worker(t: Topology, gpu: bool = False, name: str = "dask-worker") -> Service:
-    """A CPU worker, or with ``gpu`` one ``dask cuda worker`` (one process per visible GPU)."""
+    """A CPU worker, or with ``gpu`` one ``dask cuda worker`` (one process per visible GPU).
+
+    On a host bind address the worker, its nanny and its dashboard listen there (dask's defaults
+    are every interface); in a container they keep dask's choice, the address others reach.
+    """
     command = ["dask", "cuda", "worker"] if gpu else ["dask", "worker"]
-    argv = [*command, t.dask_address, "--nthreads", str(t.dask_threads)]
+    listen = [] if t.bind == ALL_INTERFACES else ["--host", t.bind, "--dashboard-address", f"{t.bind}:0"]
+    argv = [*command, t.dask_address, "--nthreads", str(t.dask_threads), *listen]
     return Service(name, argv, dict(QUIET) | s3_env(t), after="dask-scheduler")
 
 
@@ -239,9 +260,42 @@ def read_env_file(path: str | os.PathLike) -> dict[str, str]:
     missing = [name for name in SETTINGS if name not in values]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
+    for name in PORT_SETTINGS.values():
+        if values.get(name) and not (values[name].isdigit() and 0 < int(values[name]) < 65536):
+            raise ValueError(f"{path}: {name}={values[name]!r} is not a port number (1-65535)")
     if len(values["DQ_MLFLOW_PASSWORD"]) < 12:  # the MLflow server refuses to start otherwise
         raise ValueError(f"{path}: DQ_MLFLOW_PASSWORD needs at least 12 characters")
     return values
+
+
+def local_ports(settings: Mapping[str, str]) -> dict[str, int]:
+    """The local stack's ports: :data:`PORTS`, each moved by its :data:`PORT_SETTINGS` variable when set."""
+    return {name: int(settings.get(PORT_SETTINGS[name]) or default) for name, default in PORTS.items()}
+
+
+class PortInUseError(RuntimeError):
+    """A port the stack needs is taken: the message names it and the variable that moves it."""
+
+
+def check_port_free(host: str, port: int, name: str, where: str) -> None:
+    """Fail when ``port`` cannot be bound on ``host``; the message says ``where`` to move it.
+
+    Binding is the test a server makes itself (with ``SO_REUSEADDR``, as servers set it, so a
+    closed port's TIME_WAIT does not count); a listener on any address of that port refuses it.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise PortInUseError(f"port {port} ({name}) is in use on {host}: stop what listens there, or {where}") from None
+
+
+def check_ports_free(t: Topology, services: Sequence[str]) -> None:
+    """Fail before anything starts when a port of ``services`` cannot be bound on ``t.bind``."""
+    for service in services:
+        for name in SERVICE_PORTS.get(service, (service,) if service in PORTS else ()):
+            check_port_free(t.bind, t.ports[name], name, f"set {PORT_SETTINGS[name]} in the env file to another port")
 
 
 def _executable(argv: Sequence[str]) -> list[str]:
@@ -250,31 +304,53 @@ def _executable(argv: Sequence[str]) -> list[str]:
     return [str(local) if local.exists() else argv[0], *argv[1:]]
 
 
-def _wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {process.returncode}; see {log}")
+def listening(pid: int) -> set[tuple[str, int]]:
+    """The (address, port) pairs process ``pid`` and its descendants listen on."""
+    import psutil
+
+    found = set()
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for process in processes:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            found |= {(c.laddr.ip, c.laddr.port) for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # exited meanwhile
             pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}: not healthy after {timeout:.0f} s; see {log}")
+    return found
 
 
-def _wait_port(host: str, port: int, timeout: float) -> None:
-    import socket
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def wait_ready(name: str, pid: int, host: str, port: int | None, health_url: str | None, log: Path | str,
+               timeout: float = 180) -> None:
+    """Wait until process ``pid`` (the one we started) listens on ``host:port`` itself (any port
+    when None) and ``health_url`` answers 200; fail at once if it exits, after ``timeout`` s if not."""
+    import psutil
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"{host}:{port}: nothing listening after {timeout:.0f} s")
+    while True:
+        try:
+            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        if not alive:
+            raise RuntimeError(f"{name} exited before it was ready; see {log}")
+        ours = listening(pid)
+        bound = (host, port) in ours if port else bool(ours)
+        if bound and (health_url is None or _healthy(health_url)):
+            return
+        if time.monotonic() > deadline:
+            where = f"listening on {host}:{port}" if port else "listening"
+            raise TimeoutError(f"{name} not {where}{' and healthy' if bound else ''} after {timeout:.0f} s; see {log}")
+        time.sleep(0.5)
 
 
 class LocalStack:
@@ -298,6 +374,7 @@ class LocalStack:
         self.pg_dir: Path | None = None
 
     def __enter__(self) -> LocalStack:
+        check_ports_free(self.t, ["postgres", *(s.name for s in servers(self.t))] if self.wanted is None else self.wanted)
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
             if self.wants("postgres"):
@@ -352,10 +429,8 @@ class LocalStack:
         return process
 
     def _wait_ready(self, service: Service, process: subprocess.Popen, timeout: float = 180) -> None:
-        if service.health_path:
-            _wait_http(f"http://{self.t.bind}:{service.port}{service.health_path}", timeout, process, self.logs / f"{service.name}.log")
-        elif service.port:
-            _wait_port(self.t.bind, service.port, timeout)
+        health = f"http://{self.t.bind}:{service.port}{service.health_path}" if service.health_path else None
+        wait_ready(service.name, process.pid, self.t.bind, service.port, health, self.logs / f"{service.name}.log", timeout)
 
     def run(self, argv: Sequence[str], timeout: float = 300) -> str:
         """A one-shot command (``deploy_commands()``) with the client environment; its output."""
@@ -423,7 +498,7 @@ class LocalStack:
 
 def main(argv: Sequence[str] | None = None) -> None:
     names = ["postgres", *(s.name for s in servers(Topology(dict.fromkeys(SETTINGS, ""))))]
-    parser = argparse.ArgumentParser(prog="python -m infra.services", description="Run the dq stack on this machine (default ports, loopback).")
+    parser = argparse.ArgumentParser(prog="python -m infra.services", description="Run the dq stack on this machine (loopback; ports from the env file).")
     parser.add_argument("command", choices=["up", "env"],
                         help="up: start the services and deploy, stop everything on Ctrl-C; env: print a client's exports")
     parser.add_argument("--env-file", default=str(REPO / "infra" / "dq.env"), help="secrets and settings (see infra/dq.env.example)")
@@ -441,24 +516,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"{args.env_file} not found: cp infra/dq.env.example infra/dq.env and set its secrets")
     else:  # a dask cluster alone needs no secrets
         settings = dict.fromkeys(SETTINGS, "")
-    local_s3 = settings["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{PORTS['s3']}"
+    topology = Topology(settings, ports=local_ports(settings))
+    local_s3 = settings["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{topology.ports['s3']}"
     args.services = args.services or [name for name in names if name != "s3" or local_s3]
     if args.command == "env":
-        print("".join(f"export {name}={shlex.quote(value)}\n" for name, value in client_env(Topology(settings)).items()), end="")
+        print("".join(f"export {name}={shlex.quote(value)}\n" for name, value in client_env(topology).items()), end="")
         return
     # Postgres keeps its data in <state-dir>/postgres between runs; moto's S3 lives in memory only.
-    with LocalStack(Topology(settings), args.state_dir, args.services, keep_data=True) as stack:
-        if not args.no_deploy and stack.wants("prefect-server"):
-            for command in deploy_commands():
-                stack.run(command)
-        t = stack.t
-        print(f"Prefect UI {t.prefect_api_url.removesuffix('/api')}  MLflow UI {t.mlflow_url}  dask {t.dask_address}  logs {stack.logs}")
-        print("Clients: eval \"$(python -m infra.services env)\"; Ctrl-C stops everything.", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop everything on `kill` too
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
-            pass
+    try:
+        with LocalStack(topology, args.state_dir, args.services, keep_data=True) as stack:
+            if not args.no_deploy and stack.wants("prefect-server"):
+                for command in deploy_commands():
+                    stack.run(command)
+            t = stack.t
+            started = {"prefect-server": f"Prefect UI {t.prefect_api_url.removesuffix('/api')}", "mlflow-server": f"MLflow UI {t.mlflow_url}",
+                       "dask-scheduler": f"dask {t.dask_address} (dashboard http://{t.address('dask-dashboard')})"}
+            print("  ".join([text for name, text in started.items() if stack.wants(name)] + [f"logs {stack.logs}"]))
+            print("Clients: eval \"$(python -m infra.services env)\"; Ctrl-C stops everything.", flush=True)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop everything on `kill` too
+            try:
+                signal.pause()
+            except KeyboardInterrupt:
+                pass
+    except PortInUseError as exc:  # nothing was started: a setting to change, one line
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (RuntimeError, TimeoutError) as exc:  # what started is stopped again; the log names the cause
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,15 @@ def test_env_file_errors_name_the_file_line_and_setting(tmp_path):
     env_file.write_text("DQ_POSTGRES_USER=dq\n")
     with pytest.raises(ValueError, match=r"dq.env: missing DQ_POSTGRES_PASSWORD, DQ_PREFECT_AUTH"):
         services.read_env_file(env_file)
+
+
+def test_every_port_has_a_setting_the_example_documents_with_its_default():
+    example = (INFRA / "dq.env.example").read_text()
+    assert set(services.PORT_SETTINGS) == set(services.PORTS)
+    for name, variable in services.PORT_SETTINGS.items():
+        assert f"# {variable}={services.PORTS[name]}\n" in example, variable
+    # moved ports reach the client settings; containers keep the defaults
+    moved = services.Topology(dict.fromkeys(services.SETTINGS, ""), ports=services.local_ports({"DQ_PREFECT_PORT": "14200"}))
+    assert services.client_env(moved)["PREFECT_API_URL"] == "http://127.0.0.1:14200/api"
+    assert services.dask_worker(moved).argv[-4:] == ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]
+    assert "--host" not in services.dask_worker(COMPOSE_TOPOLOGY).argv
