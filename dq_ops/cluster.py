@@ -18,9 +18,10 @@ A remote cluster (``kind="address"``) keeps whatever its operator configured.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from dq_ops.config import ClusterConfig
@@ -32,6 +33,10 @@ if TYPE_CHECKING:  # imported where a cluster starts: distributed costs 0.25 s
 ClusterKind = Literal["local", "local-cuda", "address"]
 CONNECT_TIMEOUT_S = 5.0  # a scheduler's TCP port accepts at once; longer means a dead host or a firewall
 SCHEDULER_TIMEOUT_S = 30.0  # the scheduler's reply to a handshake
+# A random dashboard port (several clusters may run on one shared machine), on loopback like the
+# scheduler and workers of a local cluster (dask's ":0" would listen on every interface).
+LOCAL_DASHBOARD = "127.0.0.1:0"
+REPORT_INTERVAL_S = 1.0  # a worker's progress reaches the client at most this often (and once at the end)
 
 
 def _visible_gpus() -> int:
@@ -158,9 +163,50 @@ def dask_client(config: ClusterConfig) -> Iterator[Client]:
                 raise DQInputError(
                     f"cluster.kind='local-cuda' needs dask-cuda (pip install 'dq[gpu]'): {exc}"
                 ) from None
-            cluster = LocalCUDACluster(dashboard_address=":0", **sizes)
+            cluster = LocalCUDACluster(dashboard_address=LOCAL_DASHBOARD, **sizes)
         else:
-            # A random dashboard port: several clusters may run on one shared machine.
-            cluster = LocalCluster(processes=True, dashboard_address=":0", **sizes)
+            cluster = LocalCluster(processes=True, dashboard_address=LOCAL_DASHBOARD, **sizes)
     with cluster, Client(cluster) as client:
         yield client
+
+
+def submit_reporting(client: Client, function: Callable[..., Any], *args: Any, key: str,
+                     progress: Callable[[int, int], None] | None) -> Any:
+    """``function(*args, progress)`` as one task on ``client``'s workers; its result.
+
+    Work that runs for minutes on a worker (a training) reports its own ``progress(done, total)``:
+    the worker sends each report as a dask event (:func:`_run_reporting`), and this thread, waiting
+    for the result, hands the latest one to ``progress`` about once per :data:`REPORT_INTERVAL_S`.
+    """
+    from distributed import wait
+
+    topic = f"{key}-progress"
+    latest: list[list[int]] = []
+    client.subscribe_topic(topic, lambda event: latest.append(event[1]))  # called on the client's event loop
+    try:
+        future = client.submit(_run_reporting, topic, function, *args, key=key, pure=False)
+        while True:
+            try:
+                wait(future, timeout=REPORT_INTERVAL_S)  # never raises the task's own error: result() does
+                break
+            except TimeoutError:
+                if latest and progress is not None:
+                    progress(*latest[-1])
+        return future.result()
+    finally:
+        client.unsubscribe_topic(topic)
+
+
+def _run_reporting(topic: str, function: Callable[..., Any], *args: Any) -> Any:
+    """Worker side of :func:`submit_reporting`: ``function(*args, progress)``, each report an event."""
+    from distributed import get_worker
+
+    worker, last = get_worker(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= REPORT_INTERVAL_S:
+            last[0] = now
+            worker.log_event(topic, [int(done), int(total)])
+
+    return function(*args, progress)

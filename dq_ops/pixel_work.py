@@ -27,6 +27,7 @@ from dq_ops.mae_store import load_mae, load_mae_artifact
 from dq_ops.patch_store import PackedPatches, PatchStore, pack_patches, unpack_patches, whole_image_bytes
 from dq_ops.patches import patch_grid, select_patches
 from dq_ops.pixels import PixelChunkJob, ScorerSpec
+from dq_ops.stage import Progress
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store
 
@@ -110,9 +111,10 @@ def reconstruct_chunk(job: PixelChunkJob) -> int:
 
 
 def train_mae_job(store_url: str, storage_options: dict[str, Any], dataset: str, config: dict[str, Any],
-                  seed: int) -> tuple[bytes, list[float], dict[str, Any]]:
+                  seed: int, progress: Progress | None = None) -> tuple[bytes, list[float], dict[str, Any]]:
     """Train (or load) the MAE where this runs (a worker, on its device); returns the checkpoint
-    bytes, the per-step losses and the model's configuration (a model-sized payload, never data)."""
+    bytes, the per-step losses and the model's configuration (a model-sized payload, never data).
+    ``progress(step, total_steps)`` follows the training."""
     if config["mae_checkpoint"]:
         model, history = load_mae(config["mae_checkpoint"]), []
     else:
@@ -122,5 +124,6 @@ def train_mae_job(store_url: str, storage_options: dict[str, Any], dataset: str,
         images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
         mae_config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=config["patch_size"],
                                mask_ratio=config["mae_mask_ratio"])
-        model, history = train_mae(images, mae_config, seed=seed, epochs=config["mae_epochs"], device=default_device())
+        model, history = train_mae(images, mae_config, seed=seed, epochs=config["mae_epochs"], device=default_device(),
+                                   progress=None if progress is None else lambda step, total, loss: progress(step, total))
     return mae_checkpoint_bytes(model), history, json.loads(model.config.to_json())

@@ -41,6 +41,7 @@ import numpy as np
 import zarr
 
 from dq_ops.backbone_spec import weights_digest
+from dq_ops.cluster import submit_reporting
 from dq_ops.config import EmbeddingConfig, PatchConfig
 from dq_ops.errors import DQInputError
 from dq_ops.patch_store import PatchStore, storage_report
@@ -198,14 +199,13 @@ class MAEStage(Stage):
                self.config.model_dump(mode="json"), self.seed)
         client = resolve_client(client)
         if client is None:
-            checkpoint, history, mae_config = call(*job)
+            checkpoint, history, mae_config = call(*job, progress)
         else:
-            checkpoint, history, mae_config = client.submit(call, *job, key=f"dq-mae-{self.name()}-{uuid.uuid4().hex[:8]}").result()
+            checkpoint, history, mae_config = submit_reporting(client, call, *job, key=f"dq-mae-{self.name()}-{uuid.uuid4().hex[:8]}",
+                                                               progress=progress)
         write_array(group, "checkpoint", np.frombuffer(checkpoint, dtype=np.uint8))
         write_array(group, "loss_history", np.asarray(history, dtype=np.float32))
         group.attrs["mae_config"] = mae_config
-        if progress is not None:
-            progress(1, 1)
 
 
 class ReconstructStage(ChunkedStage):

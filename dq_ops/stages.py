@@ -35,6 +35,7 @@ import zarr
 
 from dq_ops.baselines import select_herding, select_kcenter, select_random
 from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
+from dq_ops.cluster import submit_reporting
 from dq_ops.config import BinsConfig, EvaluationConfig, SamplingConfig
 from dq_ops.coverage import coverage_from_blocks, query_rows
 from dq_ops.embed import content_keys
@@ -498,7 +499,8 @@ class EvaluateStage(Stage):
         if client is None:
             result = run_training(job, progress)
         else:
-            result = client.submit(run_training, job, key=f"dq-train-{self.name()}-{uuid.uuid4().hex[:8]}").result()
+            result = submit_reporting(client, run_training, job, key=f"dq-train-{self.name()}-{uuid.uuid4().hex[:8]}",
+                                      progress=progress)
         group.attrs.update(result)
 
 

@@ -61,11 +61,11 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
         "--on-error", choices=("raise", "skip"),
         help="bad items (corrupt image, bad JSON line): fail naming the item (default), or skip and report them",
     )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the final summary, warnings and errors")
 
 
 def _ingest(args: argparse.Namespace, console: Console) -> int:
     from pydantic import ValidationError
-    from tqdm import tqdm
 
     from dq_ops.config import DatasetConfig, DQConfig
     from dq_ops.errors import DQInputError
@@ -87,11 +87,7 @@ def _ingest(args: argparse.Namespace, console: Console) -> int:
     store = Store(store_url)
     store.clean_staging()  # what killed runs left behind
 
-    with tqdm(desc=f"ingest {dataset.name}", unit="sample", disable=not console.terminal.isatty(), file=console.terminal) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with console.progress(f"ingest {dataset.name}") as progress:
         result = ingest(dataset, store, progress=progress)
 
     print(f"ingested {result.name} ({dataset.format}, {result.modality}) from {result.source}")
@@ -122,6 +118,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="use a temporary Prefect server for this run only (default: PREFECT_API_URL, else a local server kept "
              "running on 127.0.0.1:4200, started if needed; also DQ_PREFECT_SERVER=ephemeral)",
     )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the final summary, warnings and errors")
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
@@ -193,7 +190,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         print(f"  Prefect: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
     else:
         print("  Prefect: prefect server start   → http://127.0.0.1:4200 (this run is in its database)")
-    print(f"  MLflow:  mlflow ui --backend-store-uri {redact_credentials(summary['tracking_uri'])} --workers 1 → http://127.0.0.1:5000")
+    tracking_uri = redact_credentials(summary["tracking_uri"])
+    if tracking_uri.startswith(("http://", "https://")):  # a tracking server: the UI is already there
+        print(f"  MLflow:  {tracking_uri} (run {summary['mlflow_run_id']})")
+    else:
+        print(f"  MLflow:  mlflow ui --backend-store-uri {tracking_uri} --workers 1 → http://127.0.0.1:5000")
     return 0
 
 
@@ -229,16 +230,10 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
-    from tqdm import tqdm
-
     from dq_ops.export import SHARD_SIZE, export_subset
     from dq_ops.store import Store
 
-    with tqdm(desc=f"export {args.subset}", unit="sample", disable=not console.terminal.isatty(), file=console.terminal) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with console.progress(f"export {args.subset}") as progress:
         result = export_subset(Store(args.store), args.subset.rstrip("/").rsplit("/", 1)[-1], args.out, args.format,
                                progress=progress, overwrite=args.overwrite,
                                shard_size=SHARD_SIZE if args.shard_size is None else args.shard_size)
@@ -389,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dq_ops.errors import DQInputError  # light: no third-party imports
     from flows.console import Console
 
-    console = Console.open(args.command)
+    console = Console.open(args.command, quiet=getattr(args, "quiet", False))  # -q: dq run, dq ingest
     console.handle_interrupts()
     try:
         return args.run(args, console)

@@ -25,6 +25,7 @@ from dq_ops.stage import Stage
 from dq_ops.store import Artifact, DQStoreError, Store, derive_key
 from dq_ops.urls import filesystem
 from tasks.offline import set_offline_env  # noqa: F401  (the flow calls it; defined without Prefect imports)
+from tasks.progress import stage_advanced, stage_started
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ def _served_only_if_stored(context: TaskRunContext, key: str) -> str:
     return key
 
 
+def _started(context: TaskRunContext) -> None:
+    """Every task run computes its cache key first, cached or not: the moment a stage starts."""
+    stage_started(str(context.task_run.id), context.task_run.name)
+
+
 def stage_cache_key(build: Callable[..., Stage]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
     """A Prefect ``cache_key_fn`` for a stage task: ``<kind>-<stage name>-<store tag>``.
 
@@ -104,6 +110,7 @@ def stage_cache_key(build: Callable[..., Stage]) -> Callable[[TaskRunContext, di
     """
 
     def key_fn(context: TaskRunContext, arguments: dict[str, Any]) -> str:
+        _started(context)
         stage = build(**arguments)
         return _served_only_if_stored(context, f"{stage.kind}-{stage.name()}-{store_tag(stage.store.url)}")
 
@@ -123,6 +130,7 @@ def source_cache_key(stage: str, material: Callable[..., dict[str, Any]]) -> Cal
     ``material(**task_arguments)`` (settings and a signature of the source) plus the store tag."""
 
     def key_fn(context: TaskRunContext, arguments: dict[str, Any]) -> str:
+        _started(context)
         key = derive_key(stage, material(**arguments))
         return _served_only_if_stored(context, f"{stage}-{key}-{store_tag(arguments['store_url'])}")
 
@@ -130,34 +138,33 @@ def source_cache_key(stage: str, material: Callable[..., dict[str, Any]]) -> Cal
 
 
 class ProgressArtifact:
-    """Progress of one stage: a Prefect progress artifact, and a bar on an interactive terminal.
+    """Progress of one stage task: a Prefect progress artifact, and a :func:`~tasks.progress.stage_advanced`
+    event for the ``dq`` terminal's bar.
 
-    Fed by a dq_ops ``progress(done, total)`` callback. Each artifact update is an API call
-    (~10 ms), so updates are throttled to whole-percent steps at most once per
-    :attr:`interval_s`, plus the final 100%: a stage reporting every batch (ingest: ~140 batches
-    of Fashion-MNIST in 2 s) would otherwise spend more time on its progress than on its work.
+    Fed by a dq_ops ``progress(done, total)`` callback (from the task's thread, or from the dask
+    client's thread for work reported by a worker). Each artifact update is an API call (~10 ms),
+    so updates are throttled to whole-percent steps at most once per :attr:`interval_s`, plus the
+    final 100%: a stage reporting every batch (ingest: ~140 batches of Fashion-MNIST in 2 s) would
+    otherwise spend more time on its progress than on its work. The terminal throttles its own.
     """
 
     interval_s = 1.0
 
     def __init__(self, description: str):
         from prefect.artifacts import create_progress_artifact
-        from tqdm import tqdm
 
+        run = TaskRunContext.get().task_run  # made in a task's body
+        self._run, self._name = str(run.id), run.name
         self._id = create_progress_artifact(0.0, description=description)
         self._last = 0
         self._last_at = time.monotonic()
-        self._bar = tqdm(desc=description, disable=None, leave=False)  # disable=None: off unless a TTY
 
     def __call__(self, done: int, total: int) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        self._bar.total = total
-        self._bar.update(done - self._bar.n)
+        stage_advanced(self._run, self._name, done, total)
         percent = int(100 * done / max(total, 1))
         now = time.monotonic()
         if percent > self._last and (percent >= 100 or now - self._last_at >= self.interval_s):
             self._last, self._last_at = percent, now
             update_progress_artifact(self._id, float(percent))
-        if done >= total:
-            self._bar.close()
