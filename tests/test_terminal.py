@@ -4,19 +4,24 @@ One light run (600 real Fashion-MNIST images, embeddings in 6 chunks of 100 rows
 worker, no pixel stages, one short training of the DQ subset), then reruns on its store: live
 bars and a line per stage on a terminal; plain lines without control characters through pipes
 (cached stages say so, and the recomputed training reports its steps from the worker); ``-q``
-prints the summary alone.
+prints the summary alone, and against a tracking server names that server instead of an
+``mlflow ui`` command that would start a second one.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.cli_helpers import cli_env, dq, run_in_terminal
+from infra.services import QUIET, wait_ready
+from tests.cli_helpers import cli_env, dq, free_port, run_in_terminal
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STAGES = ("ingest-fashion-mnist", "embed-fashion-mnist-", "bins-4-cosine", "sample-dq-0.", "sample-random-0.",
@@ -85,12 +90,34 @@ def test_plain_output_has_stage_lines_progress_lines_and_no_control_characters(w
     assert "subset 20.0%" in run.stdout
 
 
-def test_quiet_prints_the_summary_alone(workspace, on_a_terminal):
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real MLflow tracking server on a free loopback port; yields its URL."""
+    port = free_port()
+    log = tmp_path / "mlflow.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+            env=cli_env(tmp_path, **QUIET, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_ready("mlflow", server.pid, "127.0.0.1", port, f"http://127.0.0.1:{port}/health", log, timeout=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
+        server.wait(timeout=60)
+
+
+def test_quiet_prints_the_summary_alone_and_names_the_tracking_server(workspace, on_a_terminal, tracking_server):
     root, config, env = workspace
-    run = dq("run", str(config), "-q", env=env, cwd=root)
+    run = dq("run", str(config), "-q", env=env | {"MLFLOW_TRACKING_URI": tracking_server}, cwd=root)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr == ""
     assert "subset 10.0%" in run.stdout and "report" in run.stdout
+    assert re.search(rf"^  MLflow:  {tracking_server} \(run [0-9a-f]{{32}}\)$", run.stdout, re.M), run.stdout
+    assert "mlflow ui" not in run.stdout
     ingest = dq("ingest", "--quiet", "--limit", "50", "--store", str(root / "quiet-store"), env=env, cwd=root)
     assert ingest.returncode == 0 and ingest.stderr == ""
     assert ingest.stdout.startswith("ingested fashion-mnist")
