@@ -14,8 +14,9 @@ Prefect server). To keep it without silencing anything:
   task (its name, computed or cached, its time), a bar with counts and ETA for each stage at work
   (``tasks.progress`` events), Prefect's other flow- and task-run records below ERROR without
   tracebacks, and dq's messages. On a terminal the bars are live; when stdout or stderr is not a
-  terminal, plain lines (no control characters, a progress line per stage every
-  ``$DQ_PROGRESS_INTERVAL_S``, default :data:`PLAIN_INTERVAL_S`, seconds); quiet (``-q``): warnings only, then the command's summary or error.
+  terminal, plain lines (no control characters; a progress line per stage every
+  ``$DQ_PROGRESS_INTERVAL_S`` seconds, default :data:`PLAIN_INTERVAL_S`); quiet (``-q``):
+  warnings only, then the command's summary or error.
 * The root logger gets these handlers *before* Prefect is imported; Prefect then leaves the root
   logger alone (it only installs its console handler when the root logger has no handlers of
   the user's).
@@ -234,7 +235,7 @@ class Console:
         the same bar or plain lines as a stage's, gone when the block ends."""
         key = f"{name}-{time.monotonic_ns()}"
         try:
-            yield lambda done, total: None if self.display.mode == "quiet" else self.display.advance(key, name, done, total)
+            yield lambda done, total: self.display.advance(key, name, done, total)
         finally:
             self.display.drop(key)
 
