@@ -1,10 +1,11 @@
 """Damaged stores through the real CLI: one chunk deleted, or 12 bytes of one chunk overwritten,
-in a dataset snapshot's images and in an embeddings artifact.
+in a dataset snapshot's images, an embeddings artifact, a bins artifact and a subset.
 
 No command exits 0 having used damaged data: ``dq verify`` names each damaged artifact and exits 1;
-a run that meets damaged embeddings recomputes them, and they come back byte for byte as a clean
-run wrote them; a damaged snapshot stops ``dq run`` and ``dq export`` with exit 2 naming it and
-the ``dq ingest`` that repairs it, and that ingest restores it byte for byte.
+a run that meets a damaged derived artifact recomputes it, and it comes back byte for byte as the
+clean run wrote it; ``dq export`` of a damaged subset stops naming it, and the next run recomputes
+it; a damaged snapshot stops ``dq run`` and ``dq export`` with exit 2 naming it and the
+``dq ingest`` that repairs it, and that ingest restores it byte for byte.
 
 Light runs: 300 real Fashion-MNIST images in chunks of 100 rows, 32 px embeddings, no patch
 dropping, no evaluation.
@@ -44,7 +45,7 @@ def _config(root: Path, store: Path, name: str, **sections) -> Path:
         "cluster": {"kind": "local", "n_workers": 1, "threads_per_worker": 1},
     }
     for section, values in sections.items():
-        raw[section] = {**raw[section], **values}
+        raw[section] = {**raw.get(section, {}), **values}
     path = root / f"{store.name}-{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -84,8 +85,7 @@ def _published(store: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """A clean store after one run (4 bins), and a reference of the same store after a second run
-    with 5 bins: what a damaged store must come back to."""
+    """A clean store after one run (4 bins, a 10% subset): what a damaged store must come back to."""
     root = tmp_path_factory.mktemp("integrity")
     env = cli_env(root, PREFECT_HOME=str(root / "prefect-home"))
     images = _idx("train-images-idx3-ubyte.gz", 16, 400, (28, 28))
@@ -94,11 +94,18 @@ def ws(tmp_path_factory):
     clean = root / "clean"
     done = dq("run", str(_config(root, clean, "run")), env=env, cwd=root)
     assert done.returncode == 0, done.stderr
-    reference = root / "reference"
-    shutil.copytree(clean, reference)
-    done = dq("run", str(_config(root, reference, "run5", bins={"num_bins": 5})), env=env, cwd=root)
-    assert done.returncode == 0, done.stderr
-    return {"root": root, "env": env, "clean": clean, "reference": reference}
+    (subset,) = [line.split()[-1].rsplit("/", 1)[-1] for line in done.stdout.splitlines() if line.startswith("subset ")]
+    return {"root": root, "env": env, "clean": clean, "subset": subset}
+
+
+def _restored(ws, store: Path) -> None:
+    """Every artifact of the clean run is in ``store``, byte for byte, and ``dq verify`` finds nothing."""
+    for kind in ("datasets", "embeddings", "bins", "subsets"):
+        for artifact in (ws["clean"] / kind).iterdir():
+            if not artifact.name.startswith("."):
+                assert _content(store / kind / artifact.name) == _content(artifact), f"{kind}/{artifact.name}"
+    verify = dq("verify", "--store", str(store), env=ws["env"], cwd=ws["root"])
+    assert verify.returncode == 0, verify.stdout
 
 
 def _copy(ws, name: str) -> Path:
@@ -107,28 +114,45 @@ def _copy(ws, name: str) -> Path:
     return store
 
 
+# (artifact kind, the array damaged, its chunks, a change of configuration whose run reads it)
+DERIVED = [
+    ("embeddings", "features", 3, {"bins": {"num_bins": 5}}),
+    ("bins", "bin_of_sample", 1, {"sampling": {"ratios": [0.2]}}),
+]
+
+
 @pytest.mark.parametrize("how", ["deleted", "corrupted"])
-def test_damaged_embeddings_are_reported_then_recomputed_byte_for_byte(ws, how):
-    store = _copy(ws, f"embeddings-{how}")
-    embeddings = _only(store, "embeddings")
-    _damage(_chunk(embeddings, "features"), how)
+@pytest.mark.parametrize(("kind", "array", "chunks", "change"), DERIVED, ids=[d[0] for d in DERIVED])
+def test_a_damaged_derived_artifact_is_reported_then_recomputed_byte_for_byte(ws, kind, array, chunks, change, how):
+    store = _copy(ws, f"{kind}-{how}")
+    artifact = _only(store, kind)
+    _damage(_chunk(artifact, array), how)
 
     verify = dq("verify", "--store", str(store), env=ws["env"], cwd=ws["root"])
     assert verify.returncode == 1, verify.stdout + verify.stderr
     (line,) = [line for line in verify.stdout.splitlines() if line.startswith("damaged ")]
-    assert f"embeddings/{embeddings.name}: features:" in line
-    assert ("1 of 3 chunks missing" if how == "deleted" else "does not decode") in line
+    assert f"{kind}/{artifact.name}: {array}:" in line
+    assert (f"1 of {chunks} chunks missing" if how == "deleted" else "does not decode") in line
 
-    # A run with 5 bins reads the damaged features: it recomputes them first, saying so.
-    run = dq("run", str(_config(ws["root"], store, "run5", bins={"num_bins": 5})), env=ws["env"], cwd=ws["root"])
+    # A run that reads the damaged artifact recomputes it first, saying so.
+    run = dq("run", str(_config(ws["root"], store, "changed", **change)), env=ws["env"], cwd=ws["root"])
     assert run.returncode == 0, run.stderr
-    assert f"{store}/embeddings/{embeddings.name} is damaged" in run.stderr
-    for kind in ("datasets", "embeddings", "bins", "subsets"):
-        names = sorted(p.name for p in (ws["reference"] / kind).iterdir() if not p.name.startswith("."))
-        assert sorted(p.name for p in (store / kind).iterdir() if not p.name.startswith(".")) == names, kind
-        for name in names:
-            assert _content(store / kind / name) == _content(ws["reference"] / kind / name), f"{kind}/{name}"
-    assert dq("verify", "--store", str(store), env=ws["env"], cwd=ws["root"]).returncode == 0
+    assert f"{store}/{kind}/{artifact.name} is damaged" in run.stderr
+    _restored(ws, store)
+
+
+def test_export_of_a_damaged_subset_names_it_and_the_next_run_recomputes_it(ws):
+    store = _copy(ws, "subset-corrupted")
+    _damage(_chunk(store / "subsets" / ws["subset"], "indices"), "corrupted")
+    out = ws["root"] / "export-subset"
+    export = dq("export", ws["subset"], str(out), "--format", "npz", "--store", str(store), env=ws["env"], cwd=ws["root"])
+    assert export.returncode == 2, export.stderr
+    assert f"{store}/subsets/{ws['subset']} is damaged: indices: chunk 0 does not decode" in export.last_line
+    assert "the next run recomputes it" in export.last_line and not (out / "manifest.jsonl").exists()
+
+    run = dq("run", str(_config(ws["root"], store, "run")), env=ws["env"], cwd=ws["root"])
+    assert run.returncode == 0, run.stderr
+    _restored(ws, store)
 
 
 @pytest.mark.parametrize("how", ["deleted", "corrupted"])
@@ -137,9 +161,7 @@ def test_a_damaged_snapshot_stops_commands_until_its_source_is_read_again(ws, ho
     # A run on the copy first: its ingest is then in Prefect's cache, as on a store in daily use.
     primed = dq("run", str(_config(ws["root"], store, "run")), env=ws["env"], cwd=ws["root"])
     assert primed.returncode == 0, primed.stderr
-    (subset,) = [line.split()[-1] for line in primed.stdout.splitlines() if line.startswith("subset ")]
     snapshot = _only(store, "datasets")
-    clean_snapshot = _content(snapshot)
     _damage(_chunk(snapshot, "train/images"), how)
     derived = _published(store)
 
@@ -148,7 +170,7 @@ def test_a_damaged_snapshot_stops_commands_until_its_source_is_read_again(ws, ho
     (line,) = [line for line in verify.stdout.splitlines() if line.startswith("damaged ")]
     assert f"datasets/{snapshot.name}: train/images:" in line and "dq ingest --format npz" in line
 
-    export = dq("export", subset, str(ws["root"] / f"export-{how}"), "--format", "npz",
+    export = dq("export", ws["subset"], str(ws["root"] / f"export-{how}"), "--format", "npz",
                 "--store", str(store), env=ws["env"], cwd=ws["root"])
     # New embeddings (36 px) read the images.
     run = dq("run", str(_config(ws["root"], store, "run36", embedding={"image_size": 36})), env=ws["env"], cwd=ws["root"])
@@ -165,8 +187,7 @@ def test_a_damaged_snapshot_stops_commands_until_its_source_is_read_again(ws, ho
         command = line.split("re-ingest it: ", 1)[1]
         ingest = dq(*shlex.split(command)[1:], env=ws["env"], cwd=store.parent)
         assert ingest.returncode == 0, ingest.stderr
-    assert {**_content(snapshot), "record": None} == {**clean_snapshot, "record": None}
-    assert dq("verify", "--store", str(store), env=ws["env"], cwd=ws["root"]).returncode == 0
+    _restored(ws, store)
 
 
 def test_verify_repair_removes_a_damaged_derived_artifact_and_what_was_made_from_it(ws):
