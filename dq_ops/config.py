@@ -86,7 +86,8 @@ class BinsConfig(_Section):
     refresh: Literal["exact", "incremental"] = Field(
         "exact",
         description="On a refreshed dataset: 'exact' re-bins the classes whose samples changed, as a full run would; "
-        "'incremental' keeps existing samples in their bins and joins new ones by their GraphCut gain (a more stable selection).",
+        "'incremental' keeps existing samples in their bins and joins new and relabelled samples (in their new class) by their "
+        "GraphCut gain (a more stable selection).",
     )
     rebuild_fraction: float = Field(
         0.2, gt=0, le=1,
@@ -104,7 +105,7 @@ class SamplingConfig(_Section):
         "'later-bins' bin b drawn b+1 times as intensely as bin 0 (more rare and boundary samples); 'budget-aware' "
         "a class keeping fewer samples than it has bins takes one from each of its first bins (its most typical "
         "samples), other classes later-bins; 'adaptive' ADQ's "
-        "per-bin ratios (dq_ops.adaptive); 'auto' later-bins for images, uniform for texts (what bench/quality.py "
+        "per-bin ratios (dq_ops.adaptive); 'auto' budget-aware for images, uniform for texts (what bench/quality.py "
         "measured best). Class sizes are the same for every rule.",
     )
     adaptive_alpha: float = Field(0.5, ge=0, le=1, description="'adaptive': ADQ's α, the weight of bin importance against bin size.")
@@ -113,7 +114,7 @@ class SamplingConfig(_Section):
         """The bin-weight rule a dataset of ``modality`` ('images' or 'texts') is drawn with."""
         if self.bin_weights != "auto":
             return self.bin_weights
-        return "later-bins" if modality == "images" else "uniform"
+        return "budget-aware" if modality == "images" else "uniform"
 
     @field_validator("ratios")
     @classmethod
@@ -234,3 +235,33 @@ class DQConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every field of :class:`DQConfig` with its default and description
+    (``python -m dq_ops.config > docs/configuration.md``; a test keeps the page in step)."""
+    rows = []
+    defaults = DQConfig()
+    for name, field in DQConfig.model_fields.items():
+        value = getattr(defaults, name)
+        if isinstance(value, _Section):
+            rows += [(f"{name}.{sub}", getattr(value, sub), inner.description or "")
+                     for sub, inner in type(value).model_fields.items()]
+        else:
+            rows.append((name, value, field.description or ""))
+    table = "\n".join(f"| `{key}` | `{default!r}` | {text} |" for key, default, text in rows)
+    return f"""# Configuration
+
+One pydantic model, `dq_ops.config.DQConfig`: loaded from YAML by the CLI
+(`deployments/configs/fashion-mnist.yaml` lists every field), validated with messages that name
+the file and field, and used unchanged as the flow's parameter (the Prefect UI renders it as a
+form). This page is generated from the model: `python -m dq_ops.config > docs/configuration.md`.
+
+| field | default | meaning |
+|---|---|---|
+{table}
+"""
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -37,7 +37,7 @@ def test_yaml_round_trip(tmp_path):
         ("patches: {drop_ratio: 1.0}", "patches.drop_ratio"),
         ("cluster: {kind: address}", "cluster.address"),
         ("bins: {nmu_bins: 3}", "bins.nmu_bins"),
-        ("dataset: {format: parquet}", "dataset.format"),
+        ("dataset: {format: tfrecord}", "dataset.format"),
         ("- just a list", "expected a mapping"),
         ("bins: [unclosed", "not valid YAML"),
     ],
@@ -58,6 +58,6 @@ def test_missing_config_file_is_named(tmp_path):
 def test_auto_bin_weights_follow_the_modality():
     from dq_ops.config import SamplingConfig
 
-    assert SamplingConfig().rule_for("images") == "later-bins"
+    assert SamplingConfig().rule_for("images") == "budget-aware"
     assert SamplingConfig().rule_for("texts") == "uniform"
     assert SamplingConfig(bin_weights="uniform").rule_for("images") == "uniform"

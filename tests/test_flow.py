@@ -10,8 +10,9 @@ import pytest
 from dq_ops.config import DQConfig
 from dq_ops.errors import DQInputError
 from dq_ops.readers.idx import load_fashion_mnist
-from dq_ops.sampling import sample_bins
+from dq_ops.sampling import bin_intensities, sample_bins
 from dq_ops.store import Store
+from tests.test_docs import README, python_blocks
 
 
 def _config(store_url: str, ratios: list[float]) -> DQConfig:
@@ -72,16 +73,17 @@ def test_flow_produces_bins_subset_and_tracking(first_run):
     dataset_ids = store.open("datasets", "fashion-mnist")["train/ids"][:]
     assert (dataset_ids[indices] == ids).all()
     # The default draw of an image dataset: round(10% of each class), spread over its bins with
-    # the 'later-bins' weights (bin b drawn b+1 times as intensely as bin 0).
+    # the 'budget-aware' weights (a class keeping fewer samples than it has bins: one from each of
+    # its first bins; otherwise bin b drawn b+1 times as intensely as bin 0).
     _, labels = load_fashion_mnist("train")
     labels = labels[:500]
     for c in range(10):
         assert (labels[indices] == c).sum() == round(0.1 * (labels == c).sum()), c
     bins_list = [np.flatnonzero(bin_of_sample == b) for b in range(5)]
-    expected = sample_bins(bins_list, labels, 0.1, config.seed, ids=dataset_ids, weights=np.arange(1.0, 6.0),
-                           rounding="per-class")
+    weights = bin_intensities("budget-aware", bins_list, labels, ratio=0.1)
+    expected = sample_bins(bins_list, labels, 0.1, config.seed, ids=dataset_ids, weights=weights, rounding="per-class")
     assert np.array_equal(indices, expected)
-    assert subset.group.attrs["bin_weights"] == "later-bins"
+    assert subset.group.attrs["bin_weights"] == "budget-aware"
     assert summary["subsets"][0]["size"] == len(indices)
 
     artifacts = _artifacts(state.state_details.flow_run_id)
@@ -172,6 +174,13 @@ def test_export_and_torch_dataset_of_the_subset(first_run, tmp_path):
         export_subset(store, name, str(tmp_path / "folder"), "npz")
     export_subset(store, name, str(tmp_path / "folder"), "npz", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["manifest.jsonl", "subset.npz"]
+
+    # the README's example of reading a run's results, run against this run
+    readme = next(b for b in python_blocks(README) if "subset_torch_dataset" in b)
+    namespace: dict = {}
+    exec(readme.replace('"./dq-store"', repr(config.store_url)).replace('"b5af329d068b27f2"', repr(name)), namespace)
+    images, batch_labels = next(iter(namespace["loader"]))
+    assert images.shape[1:] == (1, 28, 28) and set(batch_labels.tolist()) <= set(namespace["labels"].tolist())
 
     plain = subset_torch_dataset(store, name)
     image, label = plain[0]
