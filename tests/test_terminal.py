@@ -100,7 +100,7 @@ def tracking_server(tmp_path):
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
             env=cli_env(tmp_path, **QUIET, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, cwd=tmp_path,  # its artifact root, ./mlartifacts, stays out of the work tree
         )
     try:
         wait_ready("mlflow", server.pid, "127.0.0.1", port, f"http://127.0.0.1:{port}/health", log, timeout=180)
