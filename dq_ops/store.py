@@ -81,6 +81,9 @@ _DIGEST_BLOCK_BYTES = 64 * 2**20
 # Errors a damaged chunk raises while decoding: a checksum mismatch (ValueError), a codec's own
 # failure (Blosc, Zstd: RuntimeError), a truncated or unreadable chunk file (OSError).
 DECODE_ERRORS = (ValueError, RuntimeError, OSError)
+# What their messages say (zarr's CRC32C codec, numcodecs' Blosc and Zstd): only such an error
+# sends Store.reading looking through artifacts, which reads every chunk of them.
+_DECODE_MESSAGE = re.compile(r"checksum|decompress|blosc|zstd|lz4|codec", re.IGNORECASE)
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,8 @@ class DQStoreError(DQInputError):
 
 
 class DQDamagedError(DQStoreError):
-    """A stored artifact is damaged (a chunk lost or failing its checksum, an unreadable record):
-    the message names its URL, what is wrong and how it is repaired."""
+    """A stored artifact is damaged (a chunk lost or failing to decode, an incomplete group): the
+    message names its URL, what is wrong and how it is repaired."""
 
     def __init__(self, url: str, kind: str, name: str, problem: str, repair: str):
         super().__init__(f"{url} is damaged: {problem}; {repair}")
@@ -378,19 +381,19 @@ class Store:
         files = self.fs.find(root)
         return {path: sum(1 for f in files if f.startswith(f"{root}/{path}/c/")) for path in arrays}
 
-    def damaged(self, kind: str, name: str, problem: str, record: Mapping[str, Any] | None = None) -> DQDamagedError:
-        """The error for a damaged ``kind/name``: what is wrong and how it is repaired (a derived
-        artifact is recomputed by the next run; a snapshot is re-ingested from its source)."""
+    def damaged(self, kind: str, name: str, problem: str, record: Mapping[str, Any]) -> DQDamagedError:
+        """The error for a damaged ``kind/name`` whose ``dq`` record is ``record``: what is wrong
+        and how it is repaired (a derived artifact is recomputed by the next run; a snapshot is
+        re-ingested from its source)."""
         if kind != "datasets":
             repair = "the next run recomputes it"
         else:
             repair = f"re-ingest it: {self.ingest_command(name, record)}"
         return DQDamagedError(self.artifact_url(kind, name), kind, name, problem, repair)
 
-    def ingest_command(self, name: str, record: Mapping[str, Any] | None = None) -> str:
-        """The ``dq ingest`` command that rewrites snapshot ``datasets/<name>`` from its source."""
-        if record is None:
-            record = self._group_record("datasets", name) or {}
+    def ingest_command(self, name: str, record: Mapping[str, Any]) -> str:
+        """The ``dq ingest`` command that rewrites snapshot ``datasets/<name>`` (``dq`` record
+        ``record``) from its source."""
         params = record.get("params", {})
         flags = [("--format", params.get("format")), ("--url", record.get("source", "<source>")),
                  ("--name", record.get("snapshot_of", name)), ("--store", self.url),
@@ -443,12 +446,15 @@ class Store:
             except DQInputError:
                 raise
             except DECODE_ERRORS as exc:
+                if not _DECODE_MESSAGE.search(str(exc)):
+                    raise
                 for artifact in artifacts():
                     if (problem := decode_problem(artifact.group)) is not None:
                         raise self.damaged(artifact.kind, artifact.name, problem, artifact.record) from exc
                 raise
         except DQDamagedError as exc:
-            if exc.derived and self.fs.exists(self._path(exc.kind, exc.name)):  # an inner reading() may have
+            # (an inner reading(), a stage's, may have removed it already)
+            if exc.derived and self.fs.exists(self._path(exc.kind, exc.name)):
                 self._remove(exc.kind, exc.name)
                 log.warning("%s is damaged (%s): removed; the next run recomputes it", exc.url, exc.problem)
             raise
@@ -456,10 +462,6 @@ class Store:
     def artifacts(self) -> list[Artifact]:
         """Every complete, intact artifact of the store, snapshots first."""
         return [self.open(kind, name) for kind in ARTIFACT_KINDS for name in self.list(kind)]
-
-    def remove(self, kind: str, name: str) -> None:
-        """Remove ``kind/name`` (a damaged artifact, by ``dq verify --repair``)."""
-        self._remove(kind, name)
 
     def list(self, kind: str) -> list[str]:
         """Names of the complete artifacts of one kind."""
