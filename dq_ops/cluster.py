@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # imported where a cluster starts: distributed costs 0.25 s
 ClusterKind = Literal["local", "local-cuda", "address"]
 CONNECT_TIMEOUT_S = 5.0  # a scheduler's TCP port accepts at once; longer means a dead host or a firewall
 SCHEDULER_TIMEOUT_S = 30.0  # the scheduler's reply to a handshake
+WORKERS_TIMEOUT_S = 120.0  # a cluster that scales up may take a while to start its first worker
 # A random dashboard port (several clusters may run on one shared machine), on loopback like the
 # scheduler and workers of a local cluster (dask's ":0" would listen on every interface).
 LOCAL_DASHBOARD = "127.0.0.1:0"
@@ -75,11 +76,21 @@ def cluster_precision(config: ClusterConfig) -> str:
         return workers_precision(client)
 
 
-def workers_precision(client: Client) -> str:
-    """The precision a running cluster's workers compute in; mixed clusters list every precision."""
+def workers_precision(client: Client, timeout: float | None = None) -> str:
+    """The precision a running cluster's workers compute in; mixed clusters list every precision.
+
+    A scheduler without workers would keep the run waiting without end: after ``timeout``
+    seconds (default :data:`WORKERS_TIMEOUT_S`) that is an error naming the scheduler."""
     from dq_ops.backbones import inference_precision
 
-    client.wait_for_workers(1)
+    timeout = WORKERS_TIMEOUT_S if timeout is None else timeout
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise DQInputError(
+            f"cluster.address {client.scheduler.address}: the dask scheduler there has no workers "
+            f"(none joined within {timeout:g} s)"
+        ) from None
     return "+".join(sorted(set(client.run(inference_precision).values())))
 
 

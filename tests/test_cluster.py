@@ -122,3 +122,16 @@ def test_a_two_worker_cluster_and_a_one_worker_cluster_give_identical_artifacts(
     figures = [{k: run["subsets"][0]["patches"][k] for k in keys} for run in (remote, local)]
     assert figures[0] == figures[1]
     assert figures[0]["patch_keep_ratio"] == pytest.approx(39 / 49) and figures[0]["psnr_mae_db"] > 0
+
+
+def test_a_scheduler_without_workers_is_an_error_naming_it_not_a_wait_without_end():
+    """A real scheduler with no workers: asking for the workers' precision gives up after the timeout."""
+    from distributed import LocalCluster
+
+    from dq_ops.cluster import check_scheduler, workers_precision
+    from dq_ops.errors import DQInputError
+
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+        check_scheduler(cluster.scheduler_address)  # it answers the handshake
+        with pytest.raises(DQInputError, match=f"cluster.address {cluster.scheduler_address}: .* has no workers"):
+            workers_precision(client, timeout=2)
