@@ -1,5 +1,5 @@
 """Damaged stores through the real CLI: one chunk deleted, or 12 bytes of one chunk overwritten,
-in a dataset snapshot's images, an embeddings artifact, a bins artifact and a subset.
+in a dataset snapshot's images, labels and ids, an embeddings artifact, a bins artifact and a subset.
 
 No command exits 0 having used damaged data: ``dq verify`` names each damaged artifact and exits 1;
 a run that meets a damaged derived artifact recomputes it, and it comes back byte for byte as the
@@ -187,6 +187,21 @@ def test_a_damaged_snapshot_stops_commands_until_its_source_is_read_again(ws, ho
         command = line.split("re-ingest it: ", 1)[1]
         ingest = dq(*shlex.split(command)[1:], env=ws["env"], cwd=store.parent)
         assert ingest.returncode == 0, ingest.stderr
+    _restored(ws, store)
+
+
+@pytest.mark.parametrize("how", ["deleted", "corrupted"])
+@pytest.mark.parametrize("array", ["train/labels", "train/ids", "test/images"])
+def test_verify_names_any_damaged_snapshot_array_and_the_ingest_it_names_restores_it(ws, array, how):
+    store = _copy(ws, f"dataset-{array.replace('/', '-')}-{how}")
+    snapshot = _only(store, "datasets")
+    _damage(_chunk(snapshot, array), how)
+    verify = dq("verify", "--store", str(store), env=ws["env"], cwd=ws["root"])
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    (line,) = [line for line in verify.stdout.splitlines() if line.startswith("damaged ")]
+    assert f"datasets/{snapshot.name}: {array}:" in line, line
+    ingest = dq(*shlex.split(line.split("re-ingest it: ", 1)[1])[1:], env=ws["env"], cwd=store.parent)
+    assert ingest.returncode == 0, ingest.stderr
     _restored(ws, store)
 
 
