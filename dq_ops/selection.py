@@ -15,8 +15,8 @@ the labels of ``relabeled``. Churn is the share of the previous subset no longer
 
 The previous subset is the one a ref (``refs/subsets/<dataset>-<selection key>``) names as
 ``latest``; the same ref keeps the history under ``runs``, one entry per published run, oldest first:
-``{"at", "run", "subset", "previous", "status", "added", "removed", "relabeled", "modified",
-"churn", "diff"}`` with ``status`` one of ``first run``, ``no change``, ``changed``. A run that
+``{"at", "run", "snapshot", "subset", "previous", "status", "added", "removed", "relabeled",
+"modified", "churn", "diff"}`` (``snapshot``: the dataset snapshot the run selected from) with ``status`` one of ``first run``, ``no change``, ``changed``. A run that
 changed something writes its id lists beside its subset as
 ``subsets/<name>/selection_diff-from-<previous>.json`` (``diff`` in the entry names that file):
 a file that only this pair of subsets can produce, so no later run rewrites it with another
@@ -129,7 +129,8 @@ def diff_subsets(previous: Artifact | None, current: Artifact, class_names: list
 
 
 def publish_selection(
-    store: Store, key: str, subset: Artifact, run: str, class_names: list[str] | None = None
+    store: Store, key: str, subset: Artifact, run: str, class_names: list[str] | None = None, *,
+    snapshot: str | None = None,
 ) -> SelectionDiff:
     """Diff ``subset`` against the latest subset of ``key``, write the id lists beside it when
     something changed, append the run's entry to the history and make ``subset`` the latest.
@@ -141,7 +142,7 @@ def publish_selection(
                             subset, class_names)
         if diff.filename is not None:
             store.write_sidecar("subsets", subset.name, diff.filename, json.dumps(diff.to_json(), indent=1).encode())
-        entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "run": run, "subset": subset.name,
+        entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "run": run, "snapshot": snapshot, "subset": subset.name,
                  "previous": diff.previous, "status": diff.status, **diff.counts(), "churn": diff.churn,
                  "diff": diff.filename}
         store.write_ref("subsets", key, {"latest": subset.name, "runs": [*ref.get("runs", []), entry]})
@@ -151,3 +152,8 @@ def publish_selection(
 def selection_history(store: Store, key: str) -> list[dict[str, Any]]:
     """Every published run of the selection ``key``, oldest first (see the module docstring)."""
     return (store.read_ref("subsets", key) or {}).get("runs", [])
+
+
+def last_change(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest entry of ``history`` that changed the selection (what a "no change" run points at)."""
+    return next((entry for entry in reversed(history) if entry["status"] == "changed"), None)

@@ -172,8 +172,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         print(f"subset {subset['ratio']:>5.1%} {subset['size']:,} samples  {subset['url']}")
         selection = subset["selection"]
         if selection["previous"] is not None:
-            print(f"  selection vs previous run: +{selection['added']:,} −{selection['removed']:,} "
-                  f"(churn {selection['churn']:.2%})")
+            print(f"  selection vs previous run: +{selection['added']:,} −{selection['removed']:,}, "
+                  f"{selection['modified']:,} modified, {selection['relabeled']:,} relabelled (churn {selection['churn']:.2%})")
         for gap in subset.get("gaps", []):
             if (gap["arm"], gap["reference"]) == ("dq", "random"):
                 print(f"  verdict    {gap['sentence']}")

@@ -101,9 +101,9 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "ratio": ratio, "dq": subset, "evaluation": [], "gaps": [], "patches": None,
                 "coverage": {"dq": subset.summary["coverage"], "random": random.summary["coverage"]},
-                "diff": publish_selection_diff(store_url, dataset, embeddings, bins, subset, tracker,
-                                               flow_run.get_name() or tracker.run_id),
             }
+            entry["diff"], entry["since"] = publish_selection_diff(store_url, dataset, embeddings, bins, subset, tracker,
+                                                                   flow_run.get_name() or tracker.run_id)
             if pixels:
                 with timed("patches"):
                     patches = drop_patches(store_url, dataset, subset, config.patches, config.embedding, config.cluster)
@@ -286,6 +286,7 @@ def _summarise(
                 "selection": {"previous": s["diff"].previous, "previous_size": s["diff"].previous_size,
                               "status": s["diff"].status, **s["diff"].counts(), "churn": s["diff"].churn,
                               "diff_url": s["diff"].filename and f"{s['dq'].url}/{s['diff'].filename}"},
+                **s["since"],
             }
             for s in subsets
         ],

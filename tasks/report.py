@@ -99,6 +99,42 @@ def verdict_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def since_previous_lines(summary: dict[str, Any]) -> list[str]:
+    """The report's "Since the previous run" section: which run and snapshot came before, what this
+    run embedded and re-binned, and per keep ratio the selection diff with the file of its id lists
+    (a ratio whose selection did not change names its last change instead)."""
+    previous = [s["previous_run"] for s in summary["subsets"] if s["previous_run"]]
+    lines = ["## Since the previous run", ""]
+    if not previous:
+        return [*lines, "This is the first run of these settings on this store.", ""]
+    last = max(previous, key=lambda entry: entry["at"])
+    snapshot = summary["dataset"]["url"].rsplit("/", 1)[-1]
+    same = "the same snapshot as this run" if last.get("snapshot") == snapshot else f"this run reads `{snapshot}`"
+    names = summary.get("class_names")
+    rebinned = [names[c] if names and 0 <= c < len(names) else str(c) for c in summary["classes_rebinned"]]
+    lines += [
+        f"- Previous run: `{last['run']}` at {last['at']}, on snapshot `{last.get('snapshot') or 'unknown'}` ({same})",
+        f"- Samples embedded this run: {summary['embedded_samples']:,}",
+        f"- Classes re-binned: {len(rebinned)}" + (f" ({', '.join(rebinned)})" if rebinned else ""),
+        "",
+        "| keep ratio | selection | added | removed | relabelled | modified | churn | id lists |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary["subsets"]:
+        sel, change = s["selection"], s["last_change"]
+        counts = f"{sel['added']:,} | {sel['removed']:,} | {sel['relabeled']:,} | {sel['modified']:,} | {sel['churn']:.2%}"
+        if sel["status"] == "changed":
+            status, diff_url = "changed", sel["diff_url"]
+        elif sel["status"] == "no change" and change:
+            status = (f"no change; last change at {change['at']} (run `{change['run']}`): +{change['added']:,} "
+                      f"−{change['removed']:,}, {change['relabeled']:,} relabelled, {change['modified']:,} modified")
+            diff_url = change["diff_url"]
+        else:
+            status, diff_url = sel["status"], None  # a first run of this ratio, or no change ever
+        lines.append(f"| {s['ratio']:.1%} | {status} | {counts} | {f'`{diff_url}`' if diff_url else '—'} |")
+    return [*lines, ""]
+
+
 def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) -> str:
     """The run's markdown report: the verdict, what was selected, how much was kept, bytes and accuracy."""
     counts = summary["dataset"]["counts"]
@@ -116,19 +152,21 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
         f"- Bins: {config.bins.num_bins} GraphCut bins ({config.bins.kernel} kernel), seed {config.seed}",
         f"- MLflow run: {mlflow_url}",
         "",
+        *since_previous_lines(summary),
         "## Subsets",
         "",
-        "| keep ratio | samples | sample keep ratio | patch keep ratio | storage keep ratio | stored bytes "
-        "| bins touched per class (min) | URL |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    pixel_rows = [s for s in summary["subsets"] if s.get("patches")]
+    # Patch columns only when patches were dropped: with patches off the report says nothing about them.
+    patch_header = "patch keep ratio | storage keep ratio | stored bytes | " if pixel_rows else ""
+    lines += [f"| keep ratio | samples | sample keep ratio | {patch_header}bins touched per class (min) | URL |",
+              "|---|---|---|" + "---|" * patch_header.count("|") + "---|---|"]
     for s in summary["subsets"]:
         patches = s.get("patches")
         patch_cells = (f"{patches['patch_keep_ratio']:.2%} | {s['sample_keep_ratio'] * patches['patch_keep_ratio']:.2%} | "
-                       f"{patches['stored_bytes']:,}" if patches else "— | — | —")
+                       f"{patches['stored_bytes']:,} | " if patches else "— | — | — | ") if pixel_rows else ""
         touched = s["coverage"]["dq"].get("bins_touched_min", "—")
-        lines.append(f"| {s['ratio']:.1%} | {s['size']:,} | {s['sample_keep_ratio']:.2%} | {patch_cells} | {touched} | `{s['url']}` |")
-    pixel_rows = [s for s in summary["subsets"] if s.get("patches")]
+        lines.append(f"| {s['ratio']:.1%} | {s['size']:,} | {s['sample_keep_ratio']:.2%} | {patch_cells}{touched} | `{s['url']}` |")
     if pixel_rows:
         lines += ["", f"## Patch dropping (θ = {config.patches.drop_ratio}) and MAE reconstruction", "",
                   "| keep ratio | stored bytes | same images whole | byte ratio "

@@ -219,6 +219,27 @@ def test_a_refresh_sorts_relabels_and_in_place_changes_and_keeps_its_history(pre
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=["dq-selection-diff-r1000"])))
     assert "no change since the previous run; last change" in table.description
 
+    # The reports say what came before: v1 is a first run, v2 lists its diff, v3 names v2's change.
+    def report(summary: dict) -> str:
+        return Path(summary["report_path"]).read_text()
+
+    assert "## Since the previous run\n\nThis is the first run of these settings" in report(v1)
+    second, third = report(v2), report(v3)
+    v1_run = client.get_run(v1["mlflow_run_id"]).info.run_name
+    v2_run = client.get_run(v2["mlflow_run_id"]).info.run_name
+    v1_snapshot, v2_snapshot = (v["dataset"]["url"].rsplit("/", 1)[-1] for v in (v1, v2))
+    assert f"- Previous run: `{v1_run}` at " in second and f"on snapshot `{v1_snapshot}` (this run reads `{v2_snapshot}`)" in second
+    assert f"- Samples embedded this run: {len(added) + len(modified)}" in second
+    assert f"- Classes re-binned: {len(v2['classes_rebinned'])}" in second
+    v2_diff = v2["subsets"][1]["selection"]["diff_url"]
+    assert (f"| 100.0% | changed | {len(added)} | {len(removed)} | {len(relabeled)} | {len(modified)} | "
+            f"{len(removed) / len(rows):.2%} | `{v2_diff}` |") in second
+    assert f"- Previous run: `{v2_run}` at " in third and "(the same snapshot as this run)" in third
+    assert "- Samples embedded this run: 0" in third and "- Classes re-binned: 0\n" in third
+    assert (f"| 100.0% | no change; last change at {history[1]['at']} (run `{v2_run}`): +{len(added)} −{len(removed)}, "
+            f"{len(relabeled)} relabelled, {len(modified)} modified | 0 | 0 | 0 | 0 | 0.00% | `{v2_diff}` |") in third
+    assert "patch" not in second.lower()  # patches are off
+
 
 def test_an_unchanged_source_is_served_from_the_cache(refreshed):
     summary, states = _run(refreshed["config"])
