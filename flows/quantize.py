@@ -28,11 +28,13 @@ from dq_ops.cluster import cluster_precision
 from dq_ops.config import DQConfig
 from dq_ops.paired import paired_gap, summarize_accuracies
 from dq_ops.preflight import preflight
+from dq_ops.runs import record_run, remove_run_record
 from dq_ops.selection import CATEGORIES
 from dq_ops.store import QUANTIZED_SPLIT, Store
 from tasks.bins import generate_bins_task
 from tasks.cluster import close_dask_clients
 from tasks.common import StageResult, set_offline_env
+from tasks.crashes import close_crashed_runs
 from tasks.embeddings import compute_embeddings
 from tasks.evaluation import evaluate_arm, evaluate_text_arm
 from tasks.ingest import ingest_dataset
@@ -55,7 +57,8 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
     """
     set_offline_env()
     logger = get_run_logger()
-    store_url = config.store_url
+    store_url, store = config.store_url, Store(config.store_url)
+    record_run(store, str(flow_run.get_id()), flow_run.get_name() or "dq")  # how a later run tells this one crashed
     tracker = Tracker(
         config, run_name=flow_run.get_name() or "dq",
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "dq_role": "flow"},
@@ -74,6 +77,9 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
             dataset = ingest_dataset(config.dataset, store_url)
         preflight(config, dataset.open())  # what the data must allow, before the expensive stages
         tracker.wait()  # and a reachable MLflow (it connected while ingest ran)
+        crashed = close_crashed_runs(store, tracker)
+        if crashed:
+            logger.warning(crashed)
         with timed("embeddings"):
             embeddings = compute_embeddings(
                 store_url, dataset, QUANTIZED_SPLIT, config.embedding, config.seed, precision, config.cluster
@@ -143,6 +149,7 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
     finally:
         close_dask_clients()
         tracker.close()
+        remove_run_record(store, str(flow_run.get_id()))
 
 
 @dataclass(frozen=True)

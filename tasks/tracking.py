@@ -118,6 +118,20 @@ class _Session:
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def fail_crashed(self, flow_run_ids: list[str]) -> int:
+        """Mark FAILED the RUNNING runs of these (crashed) flow runs, nested runs included; their count."""
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        failed = 0
+        for flow_run_id in flow_run_ids:
+            parents = self.client.search_runs(
+                experiments, f"tags.`prefect.flow_run_id` = '{flow_run_id}' and attributes.status = 'RUNNING'")
+            runs = parents + [child for parent in parents for child in self.client.search_runs(
+                experiments, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'RUNNING'")]
+            for run in runs:
+                self.client.set_terminated(run.info.run_id, status="FAILED")
+            failed += len(runs)
+        return failed
+
 
 def _failure(exc: BaseException) -> tuple[str, str, str]:
     return "error", type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:300]
@@ -286,6 +300,10 @@ class Tracker:
 
     def finish(self, run_id: str | None = None, status: str = "FINISHED") -> None:
         self._call("finish", run_id or self.run_id, status)
+
+    def fail_crashed(self, flow_run_ids: list[str]) -> int:
+        """Mark FAILED the MLflow runs (nested ones too) that crashed flow runs left RUNNING; their count."""
+        return self._call("fail_crashed", list(flow_run_ids))
 
     def close(self) -> None:
         """End the tracking process (after its last call); idempotent."""

@@ -9,6 +9,7 @@ one: the same bins and subsets, byte for byte.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -145,6 +146,50 @@ def test_ctrl_c_then_kill_9_during_embeddings_then_a_rerun_resumes_to_identical_
     reference_store, reference_runs = reference
     assert _results(store, resumed) == _results(reference_store, reference_runs[0])
     assert list(store.glob(f"*/{STAGING}/*")) == []
+
+
+def test_a_run_closes_what_a_run_killed_before_it_left_running(prefect_harness, workspace):
+    """``kill -9`` mid-embeddings leaves the run's Prefect flow and task runs Running and its MLflow
+    run RUNNING (nothing was left to close them); the next run on the store finds the killed run's
+    record, sees its process gone, closes them (Crashed, FAILED) and says so in one line."""
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL
+
+    root = workspace["root"]
+    env = workspace["env"] | {"PREFECT_API_URL": PREFECT_API_URL.value()}  # one server for both runs
+    store = root / "crashed-store"
+    config = _config(root, store)
+    proc = _start(config, env, root)
+    _wait_for_chunks(proc, store, 1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (record,) = [json.loads(path.read_text()) for path in (store / "runs").glob("*.json")]
+    flow_run_id = record["flow_run_id"]
+
+    def prefect_states() -> tuple[str, dict[str, str]]:
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(flow_run_id)
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return flow_run.state.name, {run.name: run.state.name for run in task_runs}
+
+    tracking = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    experiment = tracking.get_experiment_by_name("dq").experiment_id
+    (killed,) = tracking.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    flow_state, task_states = prefect_states()
+    assert flow_state == "Running" and "Running" in task_states.values() and killed.info.status == "RUNNING"
+
+    rerun = _finish(_start(config, env, root))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    said = [line for line in rerun.stderr.splitlines() if "whose process was killed" in line]
+    assert len(said) == 1 and flow_run_id in said[0] and f"pid {record['pid']}" in said[0], rerun.stderr[-3000:]
+    assert "1 MLflow run(s) marked FAILED" in said[0]
+    flow_state, task_states = prefect_states()
+    assert flow_state == "Crashed" and "Crashed" in task_states.values(), task_states
+    assert not {"Running", "Pending", "Scheduled"} & set(task_states.values()), task_states
+    assert tracking.get_run(killed.info.run_id).info.status == "FAILED"
+    assert list((store / "runs").glob("*.json")) == []  # the killed run's record closed, the rerun's removed at its end
 
 
 def _pixel_config(root: Path, store: Path) -> Path:
