@@ -28,7 +28,7 @@ from dq_ops.cluster import cluster_precision
 from dq_ops.config import DQConfig
 from dq_ops.paired import paired_gap, summarize_accuracies
 from dq_ops.preflight import preflight
-from dq_ops.runs import record_run, remove_run_record
+from dq_ops.runs import RunRecord, record_run, remove_run_record
 from dq_ops.selection import CATEGORIES
 from dq_ops.store import QUANTIZED_SPLIT, Store
 from tasks.bins import generate_bins_task
@@ -58,12 +58,12 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
     set_offline_env()
     logger = get_run_logger()
     store_url, store = config.store_url, Store(config.store_url)
-    record_run(store, str(flow_run.get_id()), flow_run.get_name() or "dq")  # how a later run tells this one crashed
     tracker = Tracker(
         config, run_name=flow_run.get_name() or "dq",
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "dq_role": "flow"},
     )
     timings: dict[str, float] = defaultdict(float)
+    recorded: RunRecord | None = None
 
     @contextmanager
     def timed(stage: str) -> Iterator[None]:
@@ -77,6 +77,9 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
             dataset = ingest_dataset(config.dataset, store_url)
         preflight(config, dataset.open())  # what the data must allow, before the expensive stages
         tracker.wait()  # and a reachable MLflow (it connected while ingest ran)
+        # From here on the run is recorded in the store (how a later run tells it crashed), not
+        # before: a run stopped by its input or its settings leaves the store as it was.
+        recorded = record_run(store, str(flow_run.get_id()), flow_run.get_name() or "dq")
         crashed = close_crashed_runs(store, tracker)
         if crashed:
             logger.warning(crashed)
@@ -149,7 +152,8 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
     finally:
         close_dask_clients()
         tracker.close()
-        remove_run_record(store, str(flow_run.get_id()))
+        if recorded is not None:
+            remove_run_record(store, recorded.flow_run_id)
 
 
 @dataclass(frozen=True)
