@@ -191,6 +191,37 @@ def test_a_run_closes_what_a_run_killed_before_it_left_running(prefect_harness, 
     assert tracking.get_run(killed.info.run_id).info.status == "FAILED"
     assert list((store / "runs").glob("*.json")) == []  # the killed run's record closed, the rerun's removed at its end
 
+    again = _finish(_start(config, env, root))  # nothing left to close: nothing said
+    assert again.returncode == 0 and "whose process was killed" not in again.stderr, again.stderr[-3000:]
+    assert "selection vs previous run: +0 −0, 0 modified, 0 relabelled (churn 0.00%)" in again.stdout, again.stdout
+
+
+def test_a_run_record_tells_a_gone_process_from_a_live_one(tmp_path):
+    """Gone: a pid that exited, or a live pid with another start time (reused); a record of
+    another host is never judged from here."""
+    import socket
+    from dataclasses import asdict
+
+    import psutil
+
+    from dq_ops.runs import RunRecord, crashed_runs, record_run, remove_run_record
+
+    store = Store(str(tmp_path / "store"))
+    live = record_run(store, "live", "this-process")
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait(timeout=60)
+    started = psutil.Process().create_time()
+    host = socket.gethostname()
+    records = {"exited": RunRecord("exited", "a", host, exited.pid, started),
+               "reused": RunRecord("reused", "b", host, os.getpid(), started - 3600),
+               "elsewhere": RunRecord("elsewhere", "c", f"not-{host}", exited.pid, started)}
+    for record in records.values():
+        (tmp_path / "store" / "runs" / f"{record.flow_run_id}.json").write_text(json.dumps(asdict(record)))
+    assert [r.flow_run_id for r in crashed_runs(store)] == ["reused", "exited"]  # oldest first
+    assert not live.process_gone()
+    remove_run_record(store, "reused")
+    assert [r.flow_run_id for r in crashed_runs(store)] == ["exited"]
+
 
 def _pixel_config(root: Path, store: Path) -> Path:
     """The light run with the pixel stages (patch scoring in 4 chunks) and evaluation on."""
