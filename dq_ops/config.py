@@ -37,6 +37,10 @@ class DatasetConfig(_Section):
     limit: int | None = Field(None, ge=1, description="Ingest at most this many samples per split (quick runs).")
     resize: int | None = Field(None, ge=1, description="Resize images to this square size; required when image sizes differ.")
     on_error: Literal["raise", "skip"] = Field("raise", description="Bad items: fail naming the item, or skip and report it.")
+    max_image_pixels: int = Field(
+        89_478_485, ge=1,
+        description="Image folders: an image with more pixels (width × height) is a bad item, as a decompression bomb could be; raise it to ingest larger images. The default is Pillow's own limit.",
+    )
     test_fraction: float | None = Field(
         None, gt=0, lt=1,
         description="For a source with only a 'train' split: hold out this fraction as 'test', chosen by a hash of each sample id (stable when the source is refreshed).",

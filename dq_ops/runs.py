@@ -56,8 +56,17 @@ def _folder(store: Store) -> str:
 def record_run(store: Store, flow_run_id: str, run: str) -> RunRecord:
     """Write the record of the calling process's run (see the module docstring)."""
     record = RunRecord(flow_run_id, run, socket.gethostname(), os.getpid(), psutil.Process().create_time())
-    store.fs.makedirs(_folder(store), exist_ok=True)
-    store.fs.pipe_file(f"{_folder(store)}/{flow_run_id}.json", json.dumps(asdict(record)).encode())
+    folder = _folder(store)
+    made = not store.fs.exists(folder)
+    with store.writing():  # the run's first write: a full or read-only store is named here
+        try:
+            store.fs.makedirs(folder, exist_ok=True)
+            store.fs.pipe_file(f"{folder}/{flow_run_id}.json", json.dumps(asdict(record)).encode())
+        except OSError:  # a full disk: no half-written record, the store as it was
+            leftover = folder if made else f"{folder}/{flow_run_id}.json"
+            if store.fs.exists(leftover):
+                store.fs.rm(leftover, recursive=True)
+            raise
     return record
 
 

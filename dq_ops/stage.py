@@ -99,7 +99,7 @@ class Stage(ABC):
         name = self.name()
         if self.store.exists(self.kind, name):
             return self.store.open(self.kind, name)
-        with self.store.lock("stage", self.kind, name):
+        with self.store.writing(), self.store.lock("stage", self.kind, name):
             if not self._stored_intact(name):
                 params, inputs = self.key_params(), self.input_fingerprints()
                 # damage met in an input names it (Store.reading)
@@ -205,7 +205,8 @@ class ChunkedStage(Stage):
         name = self.name()
         if self.store.exists(self.kind, name):
             return self.store.open(self.kind, name)
-        with self.store.lock("stage", self.kind, name):
+        # a worker's write error comes back here (pickled with its errno): disk full names the store
+        with self.store.writing(), self.store.lock("stage", self.kind, name):
             if self._stored_intact(name):
                 return self.store.open(self.kind, name)
             with self.store.reading(self.inputs):  # damage met in an input names it

@@ -66,7 +66,7 @@ from zarr.codecs import Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from dq_ops import __version__
-from dq_ops.errors import DQInputError
+from dq_ops.errors import FULL_ERRNOS, REFUSED_ERRNOS, DQInputError
 from dq_ops.locks import file_lock, is_held
 from dq_ops.urls import filesystem, redact_credentials
 
@@ -344,6 +344,30 @@ class Store:
         store = open_zarr_store(url, self.storage_options, read_only=mode == "r")
         return zarr.open_group(store=store, mode=mode)
 
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Writes into this store: an ``OSError`` that no retry mends (a read-only store, permission
+        denied, a full disk) becomes a :class:`DQStoreError` naming the store, so the command's
+        ``error:`` line says where and Prefect does not retry it. A permission error on a file
+        outside the store (a source file read inside the block) stays the reader's."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                problem = f"cannot be written: {exc.strerror}"
+            elif exc.errno in REFUSED_ERRNOS and not self._elsewhere(exc.filename):
+                problem = f"is not writable: {exc.strerror}"
+            else:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise DQStoreError(f"store {redact_credentials(self.url)} {problem}{where}") from exc
+
+    def _elsewhere(self, filename: str | bytes | int | None) -> bool:
+        """Whether an error's file is an absolute local path outside this store."""
+        if not isinstance(filename, str) or not os.path.isabs(filename) or not _is_local(self.url):
+            return False
+        return not Path(filename).resolve().is_relative_to(Path(_local_path(self.url)).resolve())
+
     # -- reading -----------------------------------------------------------------------------
     def exists(self, kind: str, name: str) -> bool:
         """Whether ``kind/name`` holds a complete artifact."""
@@ -483,9 +507,9 @@ class Store:
         (if anything) is untouched.
         """
         staging = f"{name}-{uuid.uuid4().hex[:12]}"
-        with self._staging_lock(kind, staging):
-            group = self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w")
-            try:
+        with self.writing(), self._staging_lock(kind, staging):
+            try:  # from the staging group's creation on: a full disk can fail it half made
+                group = self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w")
                 yield group
                 self._commit(kind, name, staging, group, params, inputs)
             except BaseException:
@@ -559,9 +583,9 @@ class Store:
         :meth:`ingest_command` names.
         """
         staging = f"{base}-{uuid.uuid4().hex[:12]}"
-        with self._staging_lock(kind, staging):
-            write = SnapshotWrite(self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w"))
-            try:
+        with self.writing(), self._staging_lock(kind, staging):
+            try:  # from the staging group's creation on: a full disk can fail it half made
+                write = SnapshotWrite(self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w"))
                 yield write
                 record = self._record(kind, staging, write.group, params, inputs)
                 name = f"{base}-{record['fingerprint'][:12]}"
@@ -645,12 +669,13 @@ class Store:
             live |= needed
         removed = sorted(f"{kind}/{name}" for (kind, name), r in records.items() if r["fingerprint"] not in live)
         if not dry_run:
-            for path in removed:
-                self._remove(*path.split("/"))
-            for base, ref in refs.items():
-                history = [n for n in ref["history"] if f"datasets/{n}" not in removed]
-                if history != ref["history"]:
-                    self.write_ref("datasets", base, {"latest": history[-1] if history else None, "history": history})
+            with self.writing():
+                for path in removed:
+                    self._remove(*path.split("/"))
+                for base, ref in refs.items():
+                    history = [n for n in ref["history"] if f"datasets/{n}" not in removed]
+                    if history != ref["history"]:
+                        self.write_ref("datasets", base, {"latest": history[-1] if history else None, "history": history})
         return removed
 
     # -- integrity ---------------------------------------------------------------------------
@@ -683,9 +708,10 @@ class Store:
                 more = {key for key, r in records.items() if made_from.intersection(r.get("inputs", []))} - doomed
                 doomed |= more
                 grew = bool(more)
-            for kind, name in sorted(doomed, key=lambda key: (ARTIFACT_KINDS.index(key[0]), key[1])):
-                self._remove(kind, name)
-                result.removed.append(f"{kind}/{name}")
+            with self.writing():
+                for kind, name in sorted(doomed, key=lambda key: (ARTIFACT_KINDS.index(key[0]), key[1])):
+                    self._remove(kind, name)
+                    result.removed.append(f"{kind}/{name}")
         return result
 
     def _ref_names(self, kind: str) -> list[str]:
@@ -781,8 +807,9 @@ class Store:
                     continue
                 if self._has_finished_chunks(kind, staging):
                     continue
-                self._remove(kind, STAGING, staging)
-                Path(self._lock_path("staging", kind, staging)).unlink(missing_ok=True)
+                with self.writing():
+                    self._remove(kind, STAGING, staging)
+                    Path(self._lock_path("staging", kind, staging)).unlink(missing_ok=True)
                 removed.append(f"{kind}/{STAGING}/{staging}")
         return removed
 

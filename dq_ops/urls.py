@@ -2,7 +2,9 @@
 
 fsspec reports an unknown protocol as ``ValueError: Protocol not known: foo`` and a protocol whose
 package is missing as an ``ImportError``; both become a :class:`DQInputError` naming the URL and
-what to install (dq's own extra where there is one).
+what to install (dq's own extra where there is one). An ``s3://`` URL with no credentials to sign
+its requests fails here too, naming the URL, rather than at its first read or write as botocore's
+``NoCredentialsError`` (which names nothing).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def is_glob(path: str) -> bool:
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path of ``url`` (a plain path is local), or a :class:`DQInputError`."""
     try:
-        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     except ValueError as exc:
         if "Protocol not known" not in str(exc):
             raise
@@ -49,6 +51,22 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
         package = known_implementations.get(protocol, {}).get("class", "").split(".")[0] or "its fsspec package"
         install = f"pip install 'dq[{extra}]'" if extra else f"pip install {package}"
         raise DQInputError(f"{url}: the '{protocol}://' protocol needs {package}, which is not installed ({install})") from None
+    if protocol_of(url) in ("s3", "s3a"):
+        _check_s3_credentials(url, fs)
+    return fs, path
+
+
+def _check_s3_credentials(url: str, fs: fsspec.AbstractFileSystem) -> None:
+    """Signed requests need credentials: given to s3fs (``key``, a session), or found by botocore's
+    chain (environment, shared files, instance metadata) as s3fs will look them up."""
+    if fs.anon or fs.key or fs.session is not None:
+        return
+    import botocore.session
+
+    if botocore.session.Session(profile=fs.kwargs.get("profile")).get_credentials() is None:
+        raise DQInputError(
+            f"{url}: no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        )
 
 
 def redact_credentials(text: str) -> str:

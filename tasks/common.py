@@ -20,7 +20,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from dq_ops.errors import DQInputError
+from dq_ops.errors import FULL_ERRNOS, REFUSED_ERRNOS, DQInputError
 from dq_ops.stage import Stage
 from dq_ops.store import Artifact, DQStoreError, Store, derive_key
 from dq_ops.urls import filesystem
@@ -68,11 +68,14 @@ class StageResult:
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     """A ``retry_condition_fn``: retries are for transient faults (a lost worker, a flaky object
-    store); bad input (:class:`~dq_ops.errors.DQInputError`) fails at once, a retry cannot fix it."""
+    store); bad input (:class:`~dq_ops.errors.DQInputError`) and a full disk or a write refused
+    (read-only, permission denied) fail at once, a retry cannot fix them."""
     try:
         state.result()
     except DQInputError:
         return False
+    except OSError as exc:
+        return exc.errno not in FULL_ERRNOS + REFUSED_ERRNOS
     except Exception:
         return True
     return True

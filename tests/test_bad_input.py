@@ -12,8 +12,15 @@ database lives outside the store in these configs.
 from __future__ import annotations
 
 import gzip
+import io
+import shutil
 import socket
+import struct
+import subprocess
+import sys
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +29,7 @@ import yaml
 from PIL import Image
 
 from dq_ops.readers.idx import FASHION_MNIST_DIR
-from tests.cli_helpers import cli_env, dq, free_port, tree_digest
+from tests.cli_helpers import Finished, cli_env, dq, free_port, tree_digest
 
 NAME = "fm"
 
@@ -87,6 +94,34 @@ def _mixed_sizes(ws) -> Path:
     return ws["root"] / "mixed"
 
 
+def _npz_with_rows_missing(ws) -> Path:
+    """An archive whose ``x_train`` header promises 800 rows but holds 100 (a copy cut short)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (800, 28, 28)})
+    labels = io.BytesIO()
+    np.save(labels, np.resize(ws["labels"], 800))
+    path = ws["root"] / "rows-missing.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x_train.npy", header.getvalue() + ws["images"][:100].tobytes())
+        archive.writestr("y_train.npy", labels.getvalue())
+    return path
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A grayscale PNG that declares ``width`` × ``height`` and holds no pixel rows: what Pillow
+    reads of a huge image before deciding on its size, in 60 bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _huge_image(ws) -> Path:
+    _write(ws, "huge/train/0/huge.png", _png_header(30_000, 30_000))
+    return ws["root"] / "huge"
+
+
 def _ingest(url, fmt="npz", *extra):
     return lambda ws: ["ingest", "--format", fmt, "--url", str(url(ws) if callable(url) else url), "--name", NAME,
                        "--store", str(ws["store"]), *extra]
@@ -109,6 +144,8 @@ CASES = [
                                                                                   ws["images"][:20].astype(float)),
                                                   labels=ws["labels"][:20])), "sample 3 has non-finite"),
     ("mixed-image-sizes", _ingest(_mixed_sizes, "image-folder"), "32px.png"),
+    ("npz-rows-missing", _ingest(_npz_with_rows_missing), "rows-missing.npz: x_train: truncated: the header says 800 rows"),
+    ("huge-image", _ingest(_huge_image, "image-folder"), "huge/train/0/huge.png: image too large"),
     ("unknown-config-key", lambda ws: ["run", str(_config(ws, "typo", bins={"nmu_bins": 3}))], "bins.nmu_bins"),
     ("ratio-out-of-range", lambda ws: ["run", str(_config(ws, "ratio")), "--ratio", "1.5"], "sampling.ratios"),
     ("unknown-backbone", lambda ws: ["run", str(_config(ws, "backbone", embedding={"backbone": "timm:no_such_net"}))],
@@ -197,3 +234,128 @@ def test_s3_without_s3fs_names_the_url_and_the_extra(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: s3://bucket/data.npz: the 's3://' protocol needs s3fs") and "pip install 'dq[s3]'" in last
+
+
+def test_an_image_over_dataset_max_image_pixels_is_refused_naming_it_and_the_limit_can_be_raised(ws, tmp_path):
+    """The limit counts width × height: 28 × 28 = 784 pixels pass at 784, and fail at 783."""
+    folder = tmp_path / "small" / "0"
+    folder.mkdir(parents=True)
+    Image.fromarray(ws["images"][0]).save(folder / "first.png")
+    done = {}
+    for limit in (783, 784):
+        config = tmp_path / f"limit-{limit}.yaml"
+        config.write_text(yaml.safe_dump({"dataset": {"format": "image-folder", "url": str(tmp_path / "small"), "name": "small",
+                                                      "max_image_pixels": limit}, "store_url": str(tmp_path / "store")}))
+        done[limit] = dq("ingest", str(config), env=ws["env"], cwd=tmp_path)
+    assert done[783].returncode == 2, done[783].stderr[-3000:]
+    assert done[783].last_line.startswith(f"error: {tmp_path / 'small' / '0' / 'first.png'}: image too large "
+                                          "(28x28 (WxH) = 784 pixels): more than dataset.max_image_pixels=783 pixels")
+    assert done[784].returncode == 0, done[784].stderr[-3000:]
+    assert "train       1 samples" in done[784].stdout
+
+
+def test_s3_without_credentials_names_the_url(ws, tmp_path):
+    """A real S3 endpoint (moto's server) holding the source: with credentials the ingest works;
+    without any (no AWS_* variables, no shared files), the source URL, then the store URL, is named
+    instead of botocore's ``NoCredentialsError: Unable to locate credentials``."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+        credentials = {"AWS_ACCESS_KEY_ID": "dq-test", "AWS_SECRET_ACCESS_KEY": "dq-test-secret"}
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint["AWS_ENDPOINT_URL"], key="dq-test", secret="dq-test-secret",
+                               skip_instance_cache=True)
+        fs.mkdir("data")
+        fs.put(str(ws["good"]), "data/good.npz")
+        bare = {k: v for k, v in ws["env"].items() if not k.startswith("AWS_")} | endpoint
+        store = tmp_path / "store"
+        runs = {
+            "with credentials": (["--url", "s3://data/good.npz", "--store", str(store)], bare | credentials),
+            "s3://data/good.npz": (["--url", "s3://data/good.npz", "--store", str(store)], bare),
+            "s3://data/store": (["--url", str(ws["good"]), "--store", "s3://data/store"], bare),
+        }
+        done = {what: dq("ingest", "--format", "npz", "--name", NAME, *args, env=env, cwd=tmp_path)
+                for what, (args, env) in runs.items()}
+    finally:
+        server.stop()
+    assert done.pop("with credentials").returncode == 0
+    for url, failed in done.items():
+        assert failed.returncode == 2, failed.stderr[-3000:]
+        assert failed.last_line.startswith(f"error: {url}: no S3 credentials found (set AWS_ACCESS_KEY_ID"), failed.last_line
+        assert "Traceback" not in failed.stdout + failed.stderr
+
+
+def _unshare_works() -> bool:
+    """Whether this machine lets a process make a private mount namespace without privileges."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0
+
+
+needs_mount_namespace = pytest.mark.skipif(
+    not _unshare_works(),
+    reason="a read-only or full filesystem without privileges needs user namespaces (unshare --map-root-user --mount)",
+)
+
+
+def _dq_in_mount_namespace(ws, before: str, after: str, *args: str) -> Finished:
+    """``dq ARGS`` in a private mount namespace, after the shell commands ``before`` (which mount a
+    read-only or full filesystem there) and followed by ``after``. chmod cannot make a read-only
+    store for root; a mount can, for root and everyone else alike, and it vanishes with the process."""
+    script = f'{before} || exit 99; "$@"; status=$?; {after}; exit $status'
+    proc = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh",
+                           sys.executable, "-m", "flows.cli", *args],
+                          env=ws["env"], cwd=ws["root"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 99, proc.stderr[-3000:]
+    return Finished(proc.returncode, proc.stdout, proc.stderr)
+
+
+@needs_mount_namespace
+def test_gc_on_a_read_only_store_names_it(ws, tmp_path):
+    """Two snapshots, one for ``--keep 1`` to remove, on a read-only mount: one line naming the store."""
+    from dq_ops.config import DatasetConfig
+    from dq_ops.ingest import ingest
+    from dq_ops.store import Store
+
+    store = tmp_path / "store"
+    for name, rows in (("first", slice(0, 40)), ("second", slice(40, 80))):
+        source = _npz(ws, f"{name}.npz", images=ws["images"][rows], labels=ws["labels"][rows])
+        ingest(DatasetConfig(format="npz", url=str(source), name="small"), Store(str(store)))
+    before = tree_digest(store)
+    done = _dq_in_mount_namespace(ws, f"mount --bind {store} {store} && mount -o remount,bind,ro {store}", "true",
+                                  "gc", "--keep", "1", "--store", str(store))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.last_line.startswith(f"error: store {store} is not writable: Read-only file system"), done.last_line
+    assert "Traceback" not in done.stdout + done.stderr
+    assert tree_digest(store) == before
+
+
+@needs_mount_namespace
+@pytest.mark.parametrize("free_kib", [0, 64], ids=["full-from-the-start", "full-during-ingest"])
+def test_a_full_disk_names_the_store_and_is_not_retried(request, ws, tmp_path, free_kib):
+    """A copy of the store on a 1 MiB tmpfs filled up to ``free_kib``: with none left the run's
+    first write (its run record) fails; with 64 KiB the run starts and its ingest task fails on the
+    chunks. Either way one line names the store, Prefect does not retry (a retry cannot free the
+    disk), and the store keeps every byte (after an earlier run, as ``runs/`` is then there)."""
+    ws = request.getfixturevalue("primed")
+    mount, store = tmp_path / "disk", tmp_path / "disk" / "store"
+    mount.mkdir()
+    config = _config(ws, "full-disk", store_url=str(store))
+    done = _dq_in_mount_namespace(
+        ws, f"mount -t tmpfs -o size=1m tmpfs {mount} && cp -a {ws['store']} {store} && "
+            f"{{ dd if=/dev/zero of={mount}/filler bs=4k 2>/dev/null; true; }} && truncate -s -{free_kib}K {mount}/filler",
+        f"cp -a {store} {tmp_path / 'after'}", "run", str(config))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.last_line.startswith(f"error: store {store} cannot be written: No space left on device"), done.last_line
+    assert "Traceback" not in done.stdout + done.stderr
+    log = done.log_path.read_text()
+    # with room to start, the ingest task met the full disk, once: no "Retry 1/2 will start"
+    assert log.count("prefect.task_runs - Finished in state Failed") == (1 if free_kib else 0)
+    assert "Retry" not in log
+    assert tree_digest(tmp_path / "after") == tree_digest(ws["store"])

@@ -33,7 +33,8 @@ def open_reader(config: DatasetConfig) -> Reader:
             classes = FASHION_MNIST_CLASSES if config.format == "fashion-mnist" else None
             return IdxReader(config.url, class_names=classes, resize=config.resize, limit=config.limit)
         case "image-folder":
-            return ImageFolderReader(config.url, resize=config.resize, on_error=config.on_error, limit=config.limit)
+            return ImageFolderReader(config.url, resize=config.resize, on_error=config.on_error, limit=config.limit,
+                                     max_image_pixels=config.max_image_pixels)
         case "npz":
             return NpzReader(config.url, resize=config.resize, limit=config.limit)
         case "zarr":

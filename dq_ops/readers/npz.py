@@ -132,6 +132,12 @@ class NpzReader:
                 row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
                 for start in range(0, total, batch_size):
                     rows = min(batch_size, total - start)
-                    images = np.frombuffer(member.read(rows * row_bytes), dtype=dtype).reshape(rows, *shape[1:])
+                    data = member.read(rows * row_bytes)
+                    if len(data) < rows * row_bytes:  # the header promises more rows than the member holds
+                        raise DQInputError(
+                            f"{self.source}: {images_key}: truncated: the header says {shape[0]} rows, "
+                            f"the data holds {start + len(data) // row_bytes}"
+                        )
+                    images = np.frombuffer(data, dtype=dtype).reshape(rows, *shape[1:])
                     names = self._names[split][start:start + rows] if split in self._names else None
                     yield image_batch(images, labels[start:start + rows], start, resize=self._resize, where=where, names=names)
