@@ -348,12 +348,12 @@ class Store:
     def writing(self) -> Iterator[None]:
         """Writes into this store: an ``OSError`` that no retry mends (a read-only store, permission
         denied, a full disk) becomes a :class:`DQStoreError` naming the store, so the command's
-        ``error:`` line says where and Prefect does not retry it. A permission error on a file
-        outside the store (a source file read inside the block) stays the reader's."""
+        ``error:`` line says where and Prefect does not retry it. An error on a file outside the
+        store (a source file read inside the block, a temporary file) stays as it is."""
         try:
             yield
         except OSError as exc:
-            if exc.errno in FULL_ERRNOS:
+            if exc.errno in FULL_ERRNOS and not self._elsewhere(exc.filename):
                 problem = f"cannot be written: {exc.strerror}"
             elif exc.errno in REFUSED_ERRNOS and not self._elsewhere(exc.filename):
                 problem = f"is not writable: {exc.strerror}"

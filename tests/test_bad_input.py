@@ -318,7 +318,8 @@ def _dq_in_mount_namespace(ws, before: str, after: str, *args: str) -> Finished:
 
 @needs_mount_namespace
 def test_gc_on_a_read_only_store_names_it(ws, tmp_path):
-    """Two snapshots, one for ``--keep 1`` to remove, on a read-only mount: one line naming the store."""
+    """Two snapshots, one for ``--keep 1`` to remove, on a read-only mount: one line naming the
+    store; ``--dry-run``, which writes nothing, still lists what would go."""
     from dq_ops.config import DatasetConfig
     from dq_ops.ingest import ingest
     from dq_ops.store import Store
@@ -328,8 +329,10 @@ def test_gc_on_a_read_only_store_names_it(ws, tmp_path):
         source = _npz(ws, f"{name}.npz", images=ws["images"][rows], labels=ws["labels"][rows])
         ingest(DatasetConfig(format="npz", url=str(source), name="small"), Store(str(store)))
     before = tree_digest(store)
-    done = _dq_in_mount_namespace(ws, f"mount --bind {store} {store} && mount -o remount,bind,ro {store}", "true",
-                                  "gc", "--keep", "1", "--store", str(store))
+    read_only = f"mount --bind {store} {store} && mount -o remount,bind,ro {store}"
+    dry = _dq_in_mount_namespace(ws, read_only, "true", "gc", "--keep", "1", "--dry-run", "--store", str(store))
+    assert dry.returncode == 0 and "would remove datasets/small-" in dry.stdout, dry.stderr[-3000:]
+    done = _dq_in_mount_namespace(ws, read_only, "true", "gc", "--keep", "1", "--store", str(store))
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.last_line.startswith(f"error: store {store} is not writable: Read-only file system"), done.last_line
     assert "Traceback" not in done.stdout + done.stderr
