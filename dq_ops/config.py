@@ -38,8 +38,8 @@ class DatasetConfig(_Section):
     resize: int | None = Field(None, ge=1, description="Resize images to this square size; required when image sizes differ.")
     on_error: Literal["raise", "skip"] = Field("raise", description="Bad items: fail naming the item, or skip and report it.")
     max_image_pixels: int = Field(
-        89_478_485, ge=1,
-        description="Image folders: an image with more pixels (width × height) is a bad item, as a decompression bomb could be; raise it to ingest larger images. The default is Pillow's own limit.",
+        89_478_485, ge=1,  # Pillow's Image.MAX_IMAGE_PIXELS (dq_ops.readers.base.DEFAULT_MAX_IMAGE_PIXELS)
+        description="Images (image folders, Parquet and WebDataset shards): an image with more pixels (width × height) is a bad item, as a decompression bomb could be; raise it to ingest larger images. The default is Pillow's own limit.",
     )
     test_fraction: float | None = Field(
         None, gt=0, lt=1,

@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 import zlib
@@ -122,6 +123,21 @@ def _huge_image(ws) -> Path:
     return ws["root"] / "huge"
 
 
+def _huge_image_in_shard(ws) -> Path:
+    """A WebDataset shard: a good image, then one declaring 30000 × 30000 pixels."""
+    good = io.BytesIO()
+    Image.fromarray(ws["images"][0]).save(good, format="PNG")
+    members = {"a.png": good.getvalue(), "a.cls": b"0", "b.png": _png_header(30_000, 30_000), "b.cls": b"1"}
+    path = ws["root"] / "huge-shard" / "train-0000.tar"
+    path.parent.mkdir(exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path.parent
+
+
 def _ingest(url, fmt="npz", *extra):
     return lambda ws: ["ingest", "--format", fmt, "--url", str(url(ws) if callable(url) else url), "--name", NAME,
                        "--store", str(ws["store"]), *extra]
@@ -146,6 +162,7 @@ CASES = [
     ("mixed-image-sizes", _ingest(_mixed_sizes, "image-folder"), "32px.png"),
     ("npz-rows-missing", _ingest(_npz_with_rows_missing), "rows-missing.npz: x_train: truncated: the header says 800 rows"),
     ("huge-image", _ingest(_huge_image, "image-folder"), "huge/train/0/huge.png: image too large"),
+    ("huge-image-in-shard", _ingest(_huge_image_in_shard, "webdataset"), "train-0000.tar:b: image too large"),
     ("unknown-config-key", lambda ws: ["run", str(_config(ws, "typo", bins={"nmu_bins": 3}))], "bins.nmu_bins"),
     ("ratio-out-of-range", lambda ws: ["run", str(_config(ws, "ratio")), "--ratio", "1.5"], "sampling.ratios"),
     ("unknown-backbone", lambda ws: ["run", str(_config(ws, "backbone", embedding={"backbone": "timm:no_such_net"}))],

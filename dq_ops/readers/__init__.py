@@ -41,10 +41,11 @@ def open_reader(config: DatasetConfig) -> Reader:
             return ZarrGroupReader(config.url, resize=config.resize, limit=config.limit)
         case "parquet":
             return ParquetReader(config.url, image_field=config.image_field, label_field=config.label_field,
-                                 resize=config.resize, on_error=config.on_error, limit=config.limit)
+                                 resize=config.resize, on_error=config.on_error, limit=config.limit,
+                                 max_image_pixels=config.max_image_pixels)
         case "webdataset":
             return WebDatasetReader(config.url, label_field=config.label_field, resize=config.resize,
-                                    on_error=config.on_error, limit=config.limit)
+                                    on_error=config.on_error, limit=config.limit, max_image_pixels=config.max_image_pixels)
         case "fortunes":
             return FortunesReader(config.url, limit=config.limit)
         case "json" | "jsonl":

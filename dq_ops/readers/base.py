@@ -27,6 +27,8 @@ NO_LABEL = -1
 SPLIT_ORDER = ("train", "val", "validation", "test")
 # Pillow modes stored as one gray channel; every other mode (RGB, RGBA, P, CMYK, ...) becomes RGB.
 GRAY_MODES = frozenset({"1", "L", "LA"})
+# Pillow's Image.MAX_IMAGE_PIXELS: more pixels than this and an image is refused (dataset.max_image_pixels).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,20 @@ class ItemErrors:
         if self.on_error == "raise":
             raise DQInputError(f"{name}: {reason}")
         self.skipped.append(SkippedItem(name, reason))
+
+
+def allow_image_pixels(max_pixels: int) -> None:
+    """Let Pillow open images of up to ``max_pixels``: its decompression-bomb limit is a process-wide
+    setting that refuses larger ones before their size can be read; it is only ever raised here."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def too_large(size: tuple[int, int] | None, max_pixels: int) -> str:
+    """Why an image over ``max_pixels`` is a bad item; ``size`` None: Pillow refused it unread."""
+    what = "refused by Pillow as a possible decompression bomb" if size is None else (
+        f"{size[0]}x{size[1]} (WxH) = {size[0] * size[1]:,} pixels")
+    return f"image too large ({what}): more than dataset.max_image_pixels={max_pixels:,} pixels (raise it to ingest larger images)"
 
 
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

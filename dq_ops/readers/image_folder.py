@@ -13,8 +13,7 @@ Before anything is decoded, the reader opens every image's header (cheap: Pillow
 header) to learn sizes and colour modes. That finds mixed sizes before a write starts, and
 decides the stored channels: all grayscale → ``(H, W, 1)``, otherwise every image is converted
 to RGB ``(H, W, 3)``. An image of more than ``max_image_pixels`` pixels is a bad item named by its
-file (a decompression bomb would exhaust memory); Pillow's own limit, a process-wide setting, is
-raised to it when it is higher, since Pillow refuses such images before their size can be read.
+file (a decompression bomb would exhaust memory; see :func:`~dq_ops.readers.base.allow_image_pixels`).
 """
 
 from __future__ import annotations
@@ -27,20 +26,22 @@ from PIL import Image, UnidentifiedImageError
 
 from dq_ops.errors import DQInputError
 from dq_ops.readers.base import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     GRAY_MODES,
     NO_LABEL,
     Batch,
     ItemErrors,
     OnError,
     SkippedItem,
+    allow_image_pixels,
     open_fs,
     order_splits,
     resize_image,
     sample_ids,
+    too_large,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS
 SPLIT_FOLDERS = frozenset({"train", "val", "test"})
 
 
@@ -61,8 +62,7 @@ class ImageFolderReader:
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.source = url.rstrip("/")
         self._max_pixels = max_image_pixels
-        if Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS:
-            Image.MAX_IMAGE_PIXELS = max_image_pixels
+        allow_image_pixels(max_image_pixels)
         self._fs, self._root = open_fs(self.source)
         self._root = self._root.rstrip("/")
         self._resize = resize
@@ -120,20 +120,18 @@ class ImageFolderReader:
         """Read one header; a file Pillow cannot identify, or too large an image, is a bad item."""
         try:
             with self._fs.open(f"{self._root}/{name}", "rb") as fh, Image.open(fh) as image:
-                width, height = image.size
-                if width * height <= self._max_pixels:
+                if image.size[0] * image.size[1] <= self._max_pixels:
                     return _Entry(name, label, image.size, image.mode in GRAY_MODES)
-                size = f"{_wxh(image.size)} = {width * height:,} pixels"
+                size = image.size
         except Image.DecompressionBombError:  # Pillow's limit (twice its warning limit) is above ours
-            size = "refused by Pillow as a possible decompression bomb"
+            size = None
         except UnidentifiedImageError:  # its message names a file object, not the file
             self._errors.bad(f"{self.source}/{name}", "corrupt image: Pillow cannot identify it as an image")
             return None
         except (OSError, SyntaxError, ValueError) as exc:  # Pillow raises all three on bad files
             self._errors.bad(f"{self.source}/{name}", f"corrupt image ({exc})")
             return None
-        self._errors.bad(f"{self.source}/{name}", f"image too large ({size}): more than dataset.max_image_pixels="
-                                                  f"{self._max_pixels:,} pixels (raise it to ingest larger images)")
+        self._errors.bad(f"{self.source}/{name}", too_large(size, self._max_pixels))
         return None
 
     def splits(self) -> list[str]:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dq_ops.errors import DQInputError
-from dq_ops.readers.base import NO_LABEL, ItemErrors, OnError
+from dq_ops.readers.base import DEFAULT_MAX_IMAGE_PIXELS, NO_LABEL, ItemErrors, OnError
 from dq_ops.readers.shards import Record, Shard, ShardReader
 
 ID_COLUMN = "id"
@@ -37,9 +37,10 @@ class ParquetReader(ShardReader):
     kind = "Parquet"
 
     def __init__(self, url: str, *, image_field: str = "image", label_field: str | None = "label",
-                 resize: int | None = None, on_error: OnError = "raise", limit: int | None = None):
+                 resize: int | None = None, on_error: OnError = "raise", limit: int | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self._image, self._label = image_field, label_field
-        super().__init__(url, resize=resize, on_error=on_error, limit=limit)
+        super().__init__(url, resize=resize, on_error=on_error, limit=limit, max_image_pixels=max_image_pixels)
         first = next(iter(self._shards.values()))[0]
         with self._fs.open(first.path, "rb") as fh:
             self._classes = _class_names(pq.ParquetFile(fh).schema_arrow, label_field)

@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dq_ops.errors import DQInputError
 from dq_ops.readers.base import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     GRAY_MODES,
     NO_LABEL,
     SPLIT_ORDER,
@@ -38,10 +39,12 @@ from dq_ops.readers.base import (
     ItemErrors,
     OnError,
     SkippedItem,
+    allow_image_pixels,
     open_fs,
     order_splits,
     resize_image,
     sample_ids,
+    too_large,
 )
 from dq_ops.urls import is_glob, protocol_of
 
@@ -71,9 +74,11 @@ class ShardReader:
     suffixes: tuple[str, ...] = ()
     kind = ""  # "Parquet", "WebDataset": for errors
 
-    def __init__(self, url: str, *, resize: int | None = None, on_error: OnError = "raise", limit: int | None = None):
+    def __init__(self, url: str, *, resize: int | None = None, on_error: OnError = "raise", limit: int | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.source = url.rstrip("/")
-        self._resize, self._limit = resize, limit
+        self._resize, self._limit, self._max_pixels = resize, limit, max_image_pixels
+        allow_image_pixels(max_image_pixels)
         self._errors = ItemErrors(on_error)
         self.skipped: list[SkippedItem] = self._errors.skipped
         self._fs, path = open_fs(self.source)
@@ -123,8 +128,9 @@ class ShardReader:
                 for record in self._records(shard, unreported):
                     try:
                         with Image.open(io.BytesIO(record.data)) as image:
-                            return image.mode in GRAY_MODES, image.size
-                    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                            if image.size[0] * image.size[1] <= self._max_pixels:
+                                return image.mode in GRAY_MODES, image.size
+                    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
                         continue
         raise DQInputError(f"{self.source}: no readable images in its {self.kind} shards")
 
@@ -162,7 +168,13 @@ class ShardReader:
             return None
         try:
             image = Image.open(io.BytesIO(record.data))  # in memory: nothing to close
+            if image.size[0] * image.size[1] > self._max_pixels:
+                self._errors.bad(where, too_large(image.size, self._max_pixels))
+                return None
             image.load()
+        except Image.DecompressionBombError:  # Pillow's limit (twice its warning limit) is above ours
+            self._errors.bad(where, too_large(None, self._max_pixels))
+            return None
         except UnidentifiedImageError:  # its message names a file object, not the sample
             self._errors.bad(where, "corrupt image: Pillow cannot identify it as an image")
             return None

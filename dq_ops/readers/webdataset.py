@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Iterator
 
 from dq_ops.errors import DQInputError
-from dq_ops.readers.base import NO_LABEL, ItemErrors, OnError
+from dq_ops.readers.base import DEFAULT_MAX_IMAGE_PIXELS, NO_LABEL, ItemErrors, OnError
 from dq_ops.readers.shards import Record, Shard, ShardReader
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -35,9 +35,9 @@ class WebDatasetReader(ShardReader):
     kind = "WebDataset"
 
     def __init__(self, url: str, *, label_field: str | None = "label", resize: int | None = None,
-                 on_error: OnError = "raise", limit: int | None = None):
+                 on_error: OnError = "raise", limit: int | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self._label = label_field
-        super().__init__(url, resize=resize, on_error=on_error, limit=limit)
+        super().__init__(url, resize=resize, on_error=on_error, limit=limit, max_image_pixels=max_image_pixels)
 
     def _open_shard(self, path: str, name: str) -> Shard:
         """Count the keys that have an image."""
