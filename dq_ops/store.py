@@ -610,7 +610,8 @@ class Store:
         """A file beside an artifact's arrays (e.g. a subset's ``selection_diff.json``): not part
         of its content or fingerprint, removed with it."""
         self.open(kind, name)  # must exist
-        self.fs.pipe_file(self._path(kind, name, filename), payload)
+        with self.writing():
+            self.fs.pipe_file(self._path(kind, name, filename), payload)
 
     def _ref_path(self, kind: str, base: str) -> str:
         _check_kind(kind)
@@ -626,14 +627,19 @@ class Store:
     def write_ref(self, kind: str, base: str, ref: Mapping[str, Any]) -> None:
         """Replace a ref in one step (temporary file + rename locally; one object put elsewhere)."""
         path, payload = self._ref_path(kind, base), canonical_json(ref).encode()
-        if _is_local(self.url):
+        with self.writing():
+            if not _is_local(self.url):
+                self.fs.pipe_file(path, payload)
+                return
             os.makedirs(os.path.dirname(path), exist_ok=True)
             temporary = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(temporary, "wb") as fh:
-                fh.write(payload)
-            os.replace(temporary, path)
-        else:
-            self.fs.pipe_file(path, payload)
+            try:
+                with open(temporary, "wb") as fh:
+                    fh.write(payload)
+                os.replace(temporary, path)
+            except OSError:  # a full disk: no half-written temporary file left in the store
+                Path(temporary).unlink(missing_ok=True)
+                raise
 
     def _push_ref(self, kind: str, base: str, name: str) -> None:
         with self.lock("ref", kind, base):  # read-modify-write: concurrent runs must not lose an entry
