@@ -7,6 +7,10 @@ The store starts with a good dataset of the same name (so a failed ingest must n
 Runs that fail after ingest (on what the data must allow: patch size, an empty subset; or on an
 unreachable MLflow server) find the dataset ingested by an earlier run in Prefect's cache, so they too leave every byte as it was; the MLflow
 database lives outside the store in these configs.
+
+A read-only store and a full disk are real filesystems: a read-only bind mount and a small full
+tmpfs in a private mount namespace (``unshare``, no privileges needed), since chmod does not stop
+root. S3 without credentials talks to moto's S3 server on loopback.
 """
 
 from __future__ import annotations
