@@ -151,7 +151,7 @@ def _ingest(url, fmt="npz", *extra):
 CASES = [
     ("corrupt-file", _ingest(lambda ws: _write(ws, "corrupt.npz", b"this is not a zip archive" * 40)), "corrupt.npz"),
     ("truncated-file", _ingest(lambda ws: _write(ws, "truncated.npz", ws["good"].read_bytes()[:50_000])), "truncated.npz"),
-    ("unsupported-format", _ingest(lambda ws: ws["good"], "parquet"), "--format"),
+    ("unsupported-format", _ingest(lambda ws: ws["good"], "tfrecord"), "--format"),
     ("unknown-url-protocol", _ingest("foo://bucket/data.npz"), "foo://bucket/data.npz"),
     ("missing-optional-package", _ingest("gs://bucket/data.npz"), "gcsfs"),
     ("empty-dataset", _ingest(lambda ws: _npz(ws, "empty.npz", images=np.zeros((0, 28, 28), np.uint8),
