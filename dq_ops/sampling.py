@@ -16,9 +16,11 @@ Randomness is **stable**: every sample gets the draw key ``sha256(f"{seed}:{id}"
 ids are given), and each (bin, class) group keeps the samples with the smallest keys. Whether a
 sample is drawn depends on its own id and on its group, not on its position or on which other
 samples exist: when a dataset is refreshed, the selection changes only where the data or the
-bins changed. Keys do not depend on the ratio, so for a fixed seed the subset at a smaller ratio
-is contained in the subset at a larger one (seats are handed out one at a time, so a larger
-total never takes a seat away), and any ratio can be drawn later from the same bins.
+bins changed. Keys do not depend on the ratio, so for a fixed seed and fixed weights the subset
+at a smaller ratio is contained in the subset at a larger one (seats are handed out one at a
+time, so a larger total never takes a seat away), and any ratio can be drawn later from the same
+bins. ``budget-aware`` weights change with a class's budget (where it reaches the class's number
+of bins), so nesting holds on either side of that point, not across it.
 """
 
 from __future__ import annotations
