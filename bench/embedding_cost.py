@@ -20,15 +20,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from quality import pixel_pca  # bench/ is the script's folder, first on sys.path
 
 from dq_ops.backbones import load_image_extractor
 from dq_ops.config import PatchConfig
 from dq_ops.mae import MAEConfig, mae_embedding, train_mae
 from dq_ops.readers.idx import load_fashion_mnist
-
-
-def pca_embedding(images: np.ndarray, basis: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    return (images.reshape(len(images), -1).astype(np.float32) / 255.0 - mean) @ basis
 
 
 def main() -> None:
@@ -41,10 +38,7 @@ def main() -> None:
     train, _ = load_fashion_mnist("train")
     images = train[: args.images]
 
-    flat = train[:10000].reshape(10000, -1).astype(np.float32) / 255.0
-    mean = flat.mean(axis=0)
-    _, vectors = np.linalg.eigh(((flat - mean).T @ (flat - mean)).astype(np.float64))
-    basis = vectors[:, ::-1][:, :64].astype(np.float32)
+    project = pixel_pca(train[:10000])
 
     patches = PatchConfig()
     rows = np.sort(np.random.default_rng(0).permutation(len(train))[: patches.mae_train_samples])
@@ -57,7 +51,7 @@ def main() -> None:
     for size in (32, 64, 112, 224):
         extractor = load_image_extractor(image_size=size, device=torch.device("cpu"))
         candidates[f"effnet{size}"] = lambda extractor=extractor: extractor(images)
-    candidates["pixels-pca"] = lambda: pca_embedding(images, basis, mean)
+    candidates["pixels-pca"] = lambda: project(images)
     candidates["mae"] = lambda: mae_embedding(mae, images)
 
     seconds: dict[str, list[float]] = {name: [] for name in candidates}

@@ -46,6 +46,7 @@ import multiprocessing
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,15 @@ def load_dataset(name: str) -> Dataset:
     raise SystemExit(f"unknown dataset {name!r}")
 
 
+def pixel_pca(fit: np.ndarray, dims: int = 64) -> Callable[[np.ndarray], np.ndarray]:
+    """Projection of uint8 images onto the top ``dims`` principal components of the pixels of ``fit``."""
+    x = fit.reshape(len(fit), -1).astype(np.float32) / 255.0
+    mean = x.mean(axis=0)
+    _, vectors = np.linalg.eigh(((x - mean).T @ (x - mean)).astype(np.float64))  # ascending eigenvalues
+    basis = vectors[:, ::-1][:, :dims].astype(np.float32)
+    return lambda images: (images.reshape(len(images), -1).astype(np.float32) / 255.0 - mean) @ basis
+
+
 def features(data: Dataset, name: str, cache: Path, split: str = "train") -> tuple[Any, float]:
     """(features, seconds per 1,000 samples), computed once and cached as ``.npy``; ``gradient32``
     is a ``GradientEmbedding`` (never materialised: C·D values per sample) built on ``effnet32``."""
@@ -133,10 +143,7 @@ def features(data: Dataset, name: str, cache: Path, split: str = "train") -> tup
 
         values = load_text_extractor()(samples)
     elif name == "pixels-pca":
-        x = samples.reshape(len(samples), -1).astype(np.float32) / 255.0
-        x -= x.mean(axis=0)
-        _, vectors = np.linalg.eigh((x.T @ x).astype(np.float64))  # ascending eigenvalues
-        values = x @ vectors[:, ::-1][:, :64].astype(np.float32)
+        values = pixel_pca(samples)(samples)
     elif name == "mae":  # the flow's own MAE (PatchConfig defaults, 6,000 seeded images), its encoder's mean token
         from dq_ops.config import PatchConfig
         from dq_ops.mae import MAEConfig, mae_embedding, train_mae
