@@ -7,7 +7,7 @@
 For every keep ratio and every draw s = 0..draws-1, each arm selects its own subset with seed s
 and is evaluated as ``dq run`` evaluates it, with seed s: images train the flow's default
 network with the flow's default recipe and budget (``EvaluationConfig()`` through
-``dq_ops.stages.train_config``: 30 epochs of the training part, at least 500 SGD steps), texts fit
+``dq_ops.stages.train_config``: 60 epochs of the training part, at least 1,000 SGD steps), texts fit
 the flow's logistic regression on sentence embeddings (``dq_ops.text_eval``). Arm grammar:
 
 - ``random``: uniform per class, with exactly the per-class sizes of the flow's DQ subset
@@ -246,8 +246,14 @@ def _load_worker(dataset: str, cache: Path) -> None:
         _WORKER["test"] = features(data, "minilm", cache, "test")[0]
 
 
-def evaluate(subset: np.ndarray, seed: int, budget_scale: float) -> float:
-    """Test accuracy of the flow's evaluation on ``subset`` (runs in a worker process)."""
+def budget(scale: float) -> tuple[float, int]:
+    """(epochs, min_steps): the flow's training budget times ``scale``, epochs and minimum steps alike."""
+    config = EvaluationConfig()
+    return config.epochs * scale, max(1, round(config.min_steps * scale))
+
+
+def evaluate(subset: np.ndarray, seed: int, epochs: float, min_steps: int) -> float:
+    """Test accuracy of the flow's evaluation on ``subset`` with this budget (runs in a worker process)."""
     data: Dataset = _WORKER["data"]
     if data.is_text:
         from dq_ops.text_eval import evaluate_text_subset
@@ -257,9 +263,7 @@ def evaluate(subset: np.ndarray, seed: int, budget_scale: float) -> float:
     from dq_ops.stages import train_config
     from dq_ops.train import train_and_evaluate
 
-    config = EvaluationConfig()
-    config = config.model_copy(update={"epochs": config.epochs * budget_scale,
-                                       "min_steps": max(1, round(config.min_steps * budget_scale))})
+    config = EvaluationConfig(epochs=epochs, min_steps=min_steps)
     result = train_and_evaluate(data.train[subset], data.labels[subset], data.test, data.test_labels,
                                 model=config.architecture, config=train_config(config), seed=seed)
     return result.test_accuracy
@@ -275,14 +279,15 @@ def run_jobs(jobs: list[tuple[Arm, float, int, float]], selector: Selector, resu
     A job whose subset another arm already trained with the same seed and budget (two rules that
     agree at this ratio) reuses that accuracy: the training is a function of (subset, seed, budget).
     """
-    trained = {(r["subset"], r["seed"], r["budget_scale"]): r["accuracy"] for r in results.values() if "subset" in r}
+    trained = {(r["subset"], r["seed"], r["epochs"], r["min_steps"]): r["accuracy"]
+               for r in results.values() if "subset" in r}
     todo = []
     for job in (job for job in jobs if _key(*job) not in results):
         arm, ratio, seed, scale = job
         subset = selector.select(arm, ratio, seed)
-        digest = subset_digest(subset)
-        if (digest, seed, scale) in trained:
-            _record(results, path, job, subset, trained[digest, seed, scale])
+        key = (subset_digest(subset), seed, *budget(scale))
+        if key in trained:
+            _record(results, path, job, subset, trained[key])
         else:
             todo.append((job, subset))
     if not todo:
@@ -291,7 +296,7 @@ def run_jobs(jobs: list[tuple[Arm, float, int, float]], selector: Selector, resu
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_load_worker,
                              initargs=(selector.data.name, selector.cache)) as pool:
-        futures = {pool.submit(evaluate, subset, job[2], job[3]): (job, subset) for job, subset in todo}
+        futures = {pool.submit(evaluate, subset, job[2], *budget(job[3])): (job, subset) for job, subset in todo}
         for future in as_completed(futures):
             (arm, ratio, seed, scale), subset = futures[future]
             accuracy = _record(results, path, (arm, ratio, seed, scale), subset, future.result())
@@ -301,7 +306,8 @@ def run_jobs(jobs: list[tuple[Arm, float, int, float]], selector: Selector, resu
 
 def _record(results: dict, path: Path, job: tuple[Arm, float, int, float], subset: np.ndarray, accuracy: float) -> float:
     arm, ratio, seed, scale = job
-    record = {"arm": arm.name, "ratio": ratio, "seed": seed, "budget_scale": scale, "size": len(subset),
+    epochs, min_steps = budget(scale)
+    record = {"arm": arm.name, "ratio": ratio, "seed": seed, "epochs": epochs, "min_steps": min_steps, "size": len(subset),
               "subset": subset_digest(subset), "accuracy": accuracy}
     results[_key(*job)] = record
     with path.open("a") as fh:
@@ -310,7 +316,7 @@ def _record(results: dict, path: Path, job: tuple[Arm, float, int, float], subse
 
 
 def _key(arm: Arm, ratio: float, seed: int, scale: float) -> tuple:
-    return arm.name, ratio, seed, scale
+    return (arm.name, ratio, seed, *budget(scale))
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -369,7 +375,11 @@ def main() -> None:
             r = json.loads(line)
             if "subset" not in r and (r["arm"] == "random" or r["arm"].startswith("dq")):  # written before digests
                 r["subset"] = subset_digest(selector.select(Arm.parse(r["arm"], data), r["ratio"], r["seed"]))
-            results[(r["arm"], r["ratio"], r["seed"], r["budget_scale"])] = r
+            if data.is_text:  # a text evaluation fits a classifier: no training budget
+                r["epochs"], r["min_steps"] = budget(1.0)
+            elif "epochs" not in r:  # written when records carried a scale of the budget of the time
+                r["epochs"], r["min_steps"] = 30.0 * r["budget_scale"], max(1, round(500 * r["budget_scale"]))
+            results[(r["arm"], r["ratio"], r["seed"], r["epochs"], r["min_steps"])] = r
     jobs = [(arm, r, s, 1.0) for r in args.ratios for s in range(args.draws) for arm in arms]
     curve_arms = arms[:2]
     if args.budget_curve is not None:

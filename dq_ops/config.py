@@ -164,8 +164,8 @@ class EvaluationConfig(_Section):
         description="Paired draws: seed s draws every sampled arm's subset (dq, dq_pixels, random) and seeds its training; "
         "k-center and herding draw once (config seed). Mean ± std per arm; with 2+ seeds a 95% t-interval on DQ − random.",
     )
-    epochs: float = Field(30.0, gt=0, description="Passes over the training part (see dq_ops.train).")
-    min_steps: int = Field(500, ge=1, description="At least this many SGD steps, so tiny subsets still converge.")
+    epochs: float = Field(60.0, gt=0, description="Passes over the training part (see dq_ops.train).")
+    min_steps: int = Field(1000, ge=1, description="At least this many SGD steps, so tiny subsets still converge.")
     max_steps: int | None = Field(None, ge=1, description="Cap on SGD steps (keeps the full-data arm affordable).")
     shuffle_window_mb: float = Field(
         1024.0, gt=0,

@@ -69,8 +69,8 @@ class TrainConfig:
     2-core machine (87.6% and 77 s with 1 thread on a busy one; results depend on thread count).
     """
 
-    epochs: float = 30.0
-    min_steps: int = 500
+    epochs: float = 60.0
+    min_steps: int = 1000
     max_steps: int | None = None
     batch_size: int = 128
     lr: float = 0.2
