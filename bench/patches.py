@@ -17,17 +17,20 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
 from dq_ops.backbones import load_classifier
+from dq_ops.gallery import reconstruction_grid
 from dq_ops.gradcam import gradcam_plus_plus, patch_scores
-from dq_ops.mae import MAEConfig, baseline_fill, picture_grid, reconstruct, reconstruction_psnr, train_mae
+from dq_ops.mae import MAEConfig, reconstruct, train_mae
 from dq_ops.patch_store import PatchStore, pack_patches, storage_report, whole_image_bytes
 from dq_ops.patches import select_patches
 from dq_ops.readers.idx import load_fashion_mnist
+from dq_ops.reconstruction_quality import baseline_fill, reconstruction_psnr
 
 THETAS = (0.2, 0.4)
 PATCH = 4
@@ -95,7 +98,7 @@ def main() -> None:
         print(f"{theta:>4} {reconstruction_psnr(heldout, restored, mask):>6.2f} {fills[0]:>9.2f} {fills[1]:>8.2f} "
               f"{fills[2]:>9.2f} {seconds:>8.1f}")
         if theta == THETAS[0] and args.png:
-            picture_grid(heldout[:10], mask[:10], restored[:10], path=args.png)
+            Path(args.png).write_bytes(reconstruction_grid(heldout[:10], mask[:10], restored[:10]))
             print(f"(picture: {args.png})")
 
 

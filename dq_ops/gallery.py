@@ -1,4 +1,4 @@
-"""Bin galleries: what the bins hold, for people to judge a selection by looking at it.
+"""Pictures for people to judge a run by looking at it: bin galleries and the reconstruction grid.
 
 GraphCut fills bin 0 first with the samples closest to the rest of their class (dense, typical),
 and each later bin with what is left, so the last bins hold rare and boundary cases. A gallery
@@ -6,6 +6,9 @@ shows a seeded uniform sample of each (class, bin) group:
 
 - images: one PNG, one row per bin, a block of ``per_bin`` images per chosen class;
 - texts: table rows (bin, class, example record) for a Prefect table artifact.
+
+The reconstruction grid shows what patch dropping kept and what the MAE restored. Drawing only:
+arrays in, PNG bytes or table rows out; callers store them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dq_ops.errors import DQInputError
+from dq_ops.patches import pixel_mask
 
 
 def gallery_picks(
@@ -111,3 +115,38 @@ def text_gallery(
                 text = " ".join(str(texts[index]).split())
                 rows.append({"bin": b, "class": name, "example": text if len(text) <= max_chars else text[:max_chars - 1] + "…"})
     return rows
+
+
+def reconstruction_grid(original: np.ndarray, keep_mask: np.ndarray, reconstruction: np.ndarray, scale: int = 4) -> bytes:
+    """PNG of three rows — original | kept patches | reconstruction — one column per image.
+
+    Images are uint8 ``(n, H, W)`` or ``(n, H, W, C)`` (C = 1 or 3), shown ``scale``× enlarged.
+    Dropped patches are drawn dark red in the middle row so that they are not mistaken for a
+    black background.
+    """
+    keep_mask = np.asarray(keep_mask, dtype=bool)
+
+    def as_rgb(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.uint8)
+        images = images if images.ndim == 4 else images[..., None]
+        return np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
+
+    first, last = as_rgb(original), as_rgb(reconstruction)
+    n, h, w = first.shape[:3]
+    kept = pixel_mask(keep_mask, (h // keep_mask.shape[1], w // keep_mask.shape[2]))[..., None]
+    rows = {
+        "original": first,
+        "kept patches": np.where(kept, first, np.array([110, 20, 20], np.uint8)),
+        "reconstruction": last,
+    }
+    label_width, gap, cell_h, cell_w = 100, 2, h * scale, w * scale
+    canvas = Image.new("RGB", (label_width + n * (cell_w + gap), len(rows) * (cell_h + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (title, images) in enumerate(rows.items()):
+        top = r * (cell_h + gap)
+        draw.text((4, top + cell_h // 2 - 6), title, fill="black")
+        for c, image in enumerate(images):
+            canvas.paste(Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST), (label_width + c * (cell_w + gap), top))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()

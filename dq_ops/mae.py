@@ -2,7 +2,12 @@
 
 The reference restores patches with the public MAE ViT-L/16 checkpoint on 224×224 images; none
 ships here, so this module trains a small MAE on the dataset itself (defaults: 28×28×1, 4×4
-patches, ~1M parameters, minutes on 2 CPU cores).
+patches), small enough to train on CPU cores.
+
+This module is the algorithm only (model, masking, training, embedding, reconstruction): its
+checkpoints and the patch store read back as a torch ``Dataset`` are in :mod:`dq_ops.mae_store`,
+PSNR and the model-free fills in :mod:`dq_ops.reconstruction_quality`, the preview picture in
+:mod:`dq_ops.gallery`.
 
 Model: patches are flattened to tokens of ``D = ph·pw·C`` pixels scaled to [0, 1] and embedded
 linearly; fixed 2-D sin-cos position embeddings; a pre-norm ViT encoder sees only the kept
@@ -24,29 +29,19 @@ where ``x`` is in [0, 1] pixels, or each patch standardised (``(x − μ_l)/σ_l
 
 from __future__ import annotations
 
-import io
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
-from PIL import Image, ImageDraw
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
-from torch.utils.data import Dataset
 
 from dq_ops.errors import DQInputError
-from dq_ops.patch_store import PatchStore, unpack_patches
 from dq_ops.patches import kept_patch_count, patch_grid, patchify, pixel_mask, unpatchify
 
-CONFIG_KEY = "dq_mae_config"
 # A dropped patch predicted below this everywhere, in an image with a flat black background, is
 # background: see :func:`reconstruct`.
 BACKGROUND_SNAP = 48 / 255
@@ -305,24 +300,6 @@ def train_mae(
     return model, losses
 
 
-def mae_checkpoint_bytes(model: MaskedAutoencoder) -> bytes:
-    """A safetensors checkpoint of ``model`` with its config JSON in the metadata."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return save_safetensors(state, metadata={CONFIG_KEY: model.config.to_json()})
-
-
-def mae_from_checkpoint_bytes(payload: bytes, source: str) -> MaskedAutoencoder:
-    """The model (eval mode) in a :func:`mae_checkpoint_bytes` payload; ``source`` names it in errors."""
-    try:
-        header_size = int.from_bytes(payload[:8], "little")
-        metadata = json.loads(payload[8:8 + header_size]).get("__metadata__") or {}
-        model = MaskedAutoencoder(MAEConfig.from_json(metadata[CONFIG_KEY]))
-        model.load_state_dict(load_safetensors(payload), strict=True)
-    except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise DQInputError(f"{source}: not a valid dq MAE checkpoint ({type(exc).__name__}: {exc})") from None
-    return model.eval()
-
-
 def reconstruct(
     model: MaskedAutoencoder, images: np.ndarray, keep_mask: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
@@ -336,11 +313,9 @@ def reconstruct(
     Background snap: in an image with a flat black background (at least one kept patch entirely
     0), a dropped patch whose prediction stays below ``BACKGROUND_SNAP`` everywhere is background
     and is written as exact zeros. The MAE's squared-error regression otherwise paints faint
-    speckle there (values up to ~40/255 where zero fill is exact). Measured with the pipeline's
-    default MAE (3 epochs on 6,000 images) on 1,000 Fashion-MNIST test images with Grad-CAM++
-    drops at θ = 0.2, PSNR on the dropped pixels: 14.86 → 14.92 dB on the first 500 images (where
-    the threshold was chosen among 16–64/255), 15.19 → 15.26 dB on the other 500. The speckle was
-    never a large error; the snap makes flat background exact instead of noisy.
+    speckle there, where zero fill is exact. The threshold was chosen on held-out images and
+    checked on others (PSNR on the dropped pixels; see docs/benchmarks.md): the speckle was never
+    a large error, the snap makes flat background exact instead of noisy.
     """
     config = model.config
     if config.norm_pix_loss:
@@ -371,156 +346,3 @@ def reconstruct(
     filled = filled.reshape(images.shape)
     keep_pixels = pixel_mask(keep_mask, p)
     return np.where(keep_pixels if images.ndim == 3 else keep_pixels[..., None], images, filled)
-
-
-class ReconstructedPatchDataset(Dataset):
-    """A torch ``Dataset`` over a patch store that restores the dropped patches on read.
-
-    Item ``i`` is ``(image, label)``: a float32 tensor ``(C, H, W)`` in [0, 1] (after
-    ``transform`` if given) and the stored int label (-1 = none). ``__getitems__`` reads and
-    reconstructs a whole batch at once (a ``DataLoader`` with automatic batching uses it).
-    """
-
-    def __init__(
-        self,
-        group: zarr.Group,
-        model: MaskedAutoencoder,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
-        self.store = PatchStore(group)
-        self.model = model.eval()
-        self.transform = transform
-        self.labels = np.asarray(self.store.labels[:], dtype=np.int64)
-        self.ids = self.store.ids
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def _items(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
-        images, keep_mask = unpack_patches(self.store.read(np.asarray(indices, dtype=np.int64)))
-        restored = reconstruct(self.model, images, keep_mask)
-        pixels = torch.from_numpy(restored if restored.ndim == 4 else restored[..., None])
-        pixels = pixels.permute(0, 3, 1, 2).float() / 255.0
-        return [
-            (self.transform(x) if self.transform else x, int(self.labels[i])) for x, i in zip(pixels, indices)
-        ]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self._items([index])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
-        return self._items(indices)
-
-
-def dropped_squared_error(original: np.ndarray, reconstructed: np.ndarray, keep_mask: np.ndarray) -> tuple[float, int]:
-    """``(Σ (x − x̂)², count)`` over the dropped pixels (and channels) of a batch: additive over
-    batches, so PSNR of a whole subset is computed chunk by chunk (:func:`psnr_db`)."""
-    original, reconstructed = np.asarray(original), np.asarray(reconstructed)
-    if original.shape != reconstructed.shape:
-        raise DQInputError(f"original {original.shape} and reconstructed {reconstructed.shape} differ in shape")
-    keep_mask = np.asarray(keep_mask)
-    dropped = ~pixel_mask(keep_mask, (original.shape[1] // keep_mask.shape[1], original.shape[2] // keep_mask.shape[2]))
-    if original.ndim == 4:
-        dropped = np.broadcast_to(dropped[..., None], original.shape)
-    diff = original[dropped].astype(np.float64) - reconstructed[dropped].astype(np.float64)
-    return float(np.dot(diff, diff)), int(diff.size)
-
-
-def psnr_db(squared_error: float, count: int) -> float:
-    """PSNR = 10 · log10(255² / MSE) with MSE = squared_error / count (``inf`` when the error is
-    0, ``nan`` when nothing was dropped)."""
-    if count == 0:
-        return float("nan")
-    return float("inf") if squared_error == 0 else 10 * math.log10(255.0**2 * count / squared_error)
-
-
-def reconstruction_psnr(original: np.ndarray, reconstructed: np.ndarray, keep_mask: np.ndarray) -> float:
-    """PSNR in dB over the dropped pixels only, pooled over all images:
-
-        PSNR = 10 · log10(255² / MSE),   MSE = mean over dropped pixels (and channels) of (x − x̂)²
-
-    (``inf`` when the dropped pixels are restored exactly, ``nan`` when nothing was dropped).
-    """
-    return psnr_db(*dropped_squared_error(original, reconstructed, keep_mask))
-
-
-def baseline_fill(images: np.ndarray, keep_mask: np.ndarray, method: str = "mean") -> np.ndarray:
-    """A model-free fill of the dropped patches, the yardstick for the MAE.
-
-    ``mean``: each dropped pixel gets its image's mean kept pixel (per channel), rounded.
-    ``nearest``: each dropped patch copies the kept patch whose grid centre is nearest
-    (Euclidean; ties → lowest patch index).
-    ``zero``: dropped pixels are 0 — on black-background data (Fashion-MNIST), where the
-    dropped patches are mostly background, this is the hardest of the three to beat.
-    """
-    images = np.asarray(images)
-    keep_mask = np.asarray(keep_mask, dtype=bool)
-    n, gh, gw = keep_mask.shape
-    ph, pw = images.shape[1] // gh, images.shape[2] // gw
-    keep_pixels = pixel_mask(keep_mask, (ph, pw))
-    if images.ndim == 4:
-        keep_pixels = keep_pixels[..., None]
-    if method == "mean":
-        weights = np.broadcast_to(keep_pixels, images.shape)
-        total = (images * weights).sum(axis=(1, 2), keepdims=True, dtype=np.float64)
-        mean = np.rint(total / np.maximum(weights.sum(axis=(1, 2), keepdims=True), 1))
-        return np.where(keep_pixels, images, mean.astype(images.dtype))
-    if method == "zero":
-        return np.where(keep_pixels, images, np.zeros((), images.dtype))
-    if method == "nearest":
-        rows, cols = np.divmod(np.arange(gh * gw), gw)
-        distance = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])  # (L, L)
-        flat_keep = keep_mask.reshape(n, -1)
-        source = np.empty((n, gh * gw), dtype=np.int64)
-        for start in range(0, n, 1024):  # bounds the (batch, L, L) distance table
-            part = flat_keep[start:start + 1024]
-            source[start:start + 1024] = np.where(part[:, None, :], distance[None], np.inf).argmin(axis=2)
-        source = np.where(flat_keep, np.arange(gh * gw)[None], source)  # kept patches stay
-        patches = patchify(images, (ph, pw))
-        index = source.reshape(n, gh * gw, *([1] * (patches.ndim - 2)))
-        return unpatchify(np.take_along_axis(patches, index, axis=1), (gh, gw), (ph, pw))
-    raise DQInputError(f"unknown baseline fill method {method!r}; expected 'mean', 'nearest' or 'zero'")
-
-
-def picture_grid(
-    original: np.ndarray,
-    keep_mask: np.ndarray,
-    reconstruction: np.ndarray,
-    path: str | None = None,
-    scale: int = 4,
-) -> bytes:
-    """PNG of three rows — original | kept patches | reconstruction — one column per image.
-
-    Images are uint8 ``(n, H, W)`` or ``(n, H, W, C)`` (C = 1 or 3), shown ``scale``× enlarged.
-    Dropped patches are drawn dark red in the middle row so that they are not mistaken for a
-    black background. Returns the PNG bytes, also written to ``path`` (path or fsspec URL) if given.
-    """
-    keep_mask = np.asarray(keep_mask, dtype=bool)
-
-    def as_rgb(images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, dtype=np.uint8)
-        images = images if images.ndim == 4 else images[..., None]
-        return np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
-
-    first, last = as_rgb(original), as_rgb(reconstruction)
-    n, h, w = first.shape[:3]
-    kept = pixel_mask(keep_mask, (h // keep_mask.shape[1], w // keep_mask.shape[2]))[..., None]
-    rows = {
-        "original": first,
-        "kept patches": np.where(kept, first, np.array([110, 20, 20], np.uint8)),
-        "reconstruction": last,
-    }
-    label_width, gap, cell_h, cell_w = 100, 2, h * scale, w * scale
-    canvas = Image.new("RGB", (label_width + n * (cell_w + gap), len(rows) * (cell_h + gap)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (title, images) in enumerate(rows.items()):
-        top = r * (cell_h + gap)
-        draw.text((4, top + cell_h // 2 - 6), title, fill="black")
-        for c, image in enumerate(images):
-            canvas.paste(Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST), (label_width + c * (cell_w + gap), top))
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    if path is not None:
-        with fsspec.open(str(path), "wb", auto_mkdir=True) as fh:
-            fh.write(buffer.getvalue())
-    return buffer.getvalue()

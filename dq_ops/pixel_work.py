@@ -14,19 +14,12 @@ import numpy as np
 
 from dq_ops.backbones import Classifier, default_device, load_classifier
 from dq_ops.gradcam import gradcam_plus_plus, patch_scores
-from dq_ops.mae import (
-    MAEConfig,
-    MaskedAutoencoder,
-    baseline_fill,
-    dropped_squared_error,
-    mae_checkpoint_bytes,
-    reconstruct,
-    train_mae,
-)
-from dq_ops.mae_store import load_mae, load_mae_artifact
+from dq_ops.mae import MAEConfig, MaskedAutoencoder, reconstruct, train_mae
+from dq_ops.mae_store import load_mae, load_mae_artifact, mae_checkpoint_bytes
 from dq_ops.patch_store import PackedPatches, PatchStore, pack_patches, unpack_patches, whole_image_bytes
 from dq_ops.patches import patch_grid, select_patches
-from dq_ops.pixels import PixelChunkJob, ScorerSpec
+from dq_ops.pixels import PixelChunkJob, ScorerSpec, subset_images
+from dq_ops.reconstruction_quality import baseline_fill, dropped_squared_error
 from dq_ops.stage import Progress
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store
@@ -71,14 +64,6 @@ def keep_top_patches(classifier: Classifier, images: np.ndarray, patch_size: int
 
 
 # -- chunk jobs ------------------------------------------------------------------------------------
-def subset_images(store: Store, dataset: str, subset: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of subset rows ``[start, stop)``, read from the dataset's Zarr."""
-    split = store.open("datasets", dataset)[SPLIT]
-    rows = np.asarray(store.open("subsets", subset)["indices"][start:stop])
-    return (np.asarray(split["images"].get_orthogonal_selection((rows,))),
-            np.asarray(split["labels"].get_orthogonal_selection((rows,))))
-
-
 def drop_patches_chunk(job: PixelChunkJob) -> int:
     """Score, select and store one chunk of subset images; returns its row count."""
     store, settings = job.store(), job.inputs

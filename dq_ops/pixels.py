@@ -44,9 +44,11 @@ from dq_ops.backbone_spec import weights_digest
 from dq_ops.cluster import submit_reporting
 from dq_ops.config import EmbeddingConfig, PatchConfig
 from dq_ops.errors import DQInputError
+from dq_ops.gallery import reconstruction_grid
 from dq_ops.patch_store import PatchStore, storage_report
 from dq_ops.patch_store import default_chunk_rows as patch_chunk_rows
 from dq_ops.patches import kept_patch_count, patch_grid
+from dq_ops.reconstruction_quality import psnr_db
 from dq_ops.stage import ChunkedStage, Progress, Stage, call, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store, file_digest, open_zarr_store, write_array
@@ -86,6 +88,14 @@ class PixelChunkJob:
 
     def staging(self) -> zarr.Group:
         return zarr.open_group(open_zarr_store(self.staging_url, self.storage_options), mode="r+")
+
+
+def subset_images(store: Store, dataset: str, subset: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of subset rows ``[start, stop)``, read from the dataset's Zarr."""
+    split = store.open("datasets", dataset)[SPLIT]
+    rows = np.asarray(store.open("subsets", subset)["indices"][start:stop])
+    return (np.asarray(split["images"].get_orthogonal_selection((rows,))),
+            np.asarray(split["labels"].get_orthogonal_selection((rows,))))
 
 
 # -- stages (client side) --------------------------------------------------------------------------
@@ -252,14 +262,11 @@ class ReconstructStage(ChunkedStage):
         })
 
     def finalize(self, group: zarr.Group) -> None:
-        from dq_ops.mae import picture_grid, psnr_db
-        from dq_ops.pixel_work import subset_images
-
         count, *errors = _pop_chunk_stats(group).sum(axis=0)
         shown = min(PREVIEW_IMAGES, self.num_rows())
         subset = self.patches.group.attrs["subset"]
         original, _ = subset_images(self.store, self.dataset.name, subset, 0, shown)
-        png = picture_grid(original, self.patch_store.read(slice(0, shown)).keep_mask, np.asarray(group["images"][:shown]))
+        png = reconstruction_grid(original, self.patch_store.read(slice(0, shown)).keep_mask, np.asarray(group["images"][:shown]))
         write_array(group, "preview_png", np.frombuffer(png, dtype=np.uint8))
         group.attrs.update({"subset": subset} | {
             f"psnr_{name}_db": psnr_db(float(sse), int(count)) for name, sse in zip(("mae", "mean_fill", "zero_fill"), errors)

@@ -10,12 +10,12 @@ from distributed import Client
 
 from dq_ops.cluster import dask_client
 from dq_ops.config import ClusterConfig, EmbeddingConfig, PatchConfig
-from dq_ops.mae import baseline_fill, reconstruction_psnr
 from dq_ops.mae_store import load_mae_artifact
 from dq_ops.patch_store import PatchStore, storage_report, unpack_patches, whole_image_bytes
 from dq_ops.patches import patchify, pixel_mask
 from dq_ops.pixels import DropPatchesStage, MAEStage, ReconstructStage
 from dq_ops.readers.idx import load_fashion_mnist
+from dq_ops.reconstruction_quality import baseline_fill, reconstruction_psnr
 from dq_ops.store import Store, write_array
 from tests.dask_helpers import Interrupted, wait_until_idle
 
