@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,13 +45,13 @@ from dq_ops.cluster import workers_precision
 from dq_ops.config import EmbeddingConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import gradient_embedding
+from dq_ops.progress import Progress
 from dq_ops.stage import ChunkedStage
 from dq_ops.store import Artifact, Store, feature_compressor, open_zarr_store, write_array
 
 if TYPE_CHECKING:
     from distributed import Client
 
-Progress = Callable[[int, int], None]
 # Default rows per task: tens of seconds of CPU work for a small backbone (enough to hide task
 # overhead), capped at about 64 MB of decoded input so that large images fit a worker's memory.
 MAX_CHUNK_ROWS = 4096

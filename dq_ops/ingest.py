@@ -23,10 +23,10 @@ import zarr
 
 from dq_ops.config import DatasetConfig
 from dq_ops.errors import DQInputError
+from dq_ops.progress import Progress
 from dq_ops.readers import Batch, SkippedItem, open_reader
 from dq_ops.store import Store, write_array
 
-Progress = Callable[[int, int], None]
 # Bumped when what ingest writes for the same source changes (it enters the ingest cache key).
 INGEST_VERSION = 2
 # Samples per reader batch: small enough for large images (256 × 224² RGB ≈ 38 MB).

@@ -19,8 +19,8 @@ from dq_ops.mae_store import load_mae, load_mae_artifact, mae_checkpoint_bytes
 from dq_ops.patch_store import PackedPatches, PatchStore, pack_patches, unpack_patches, whole_image_bytes
 from dq_ops.patches import patch_grid, select_patches
 from dq_ops.pixels import PixelChunkJob, ScorerSpec, subset_images
+from dq_ops.progress import Progress
 from dq_ops.reconstruction_quality import baseline_fill, dropped_squared_error
-from dq_ops.stage import Progress
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store
 

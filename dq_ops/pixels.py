@@ -48,8 +48,9 @@ from dq_ops.gallery import reconstruction_grid
 from dq_ops.patch_store import PatchStore, storage_report
 from dq_ops.patch_store import default_chunk_rows as patch_chunk_rows
 from dq_ops.patches import kept_patch_count, patch_grid
+from dq_ops.progress import Progress
 from dq_ops.reconstruction_quality import psnr_db
-from dq_ops.stage import ChunkedStage, Progress, Stage, call, resolve_client
+from dq_ops.stage import ChunkedStage, Stage, call, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store, file_digest, open_zarr_store, write_array
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 import zarr
 
+from dq_ops.progress import Progress
 from dq_ops.store import Artifact, DQDamagedError, DQStoreError, Store, derive_key, open_zarr_store
 
 if TYPE_CHECKING:  # distributed is imported only where a cluster runs (0.25 s)
@@ -45,7 +46,6 @@ if TYPE_CHECKING:  # distributed is imported only where a cluster runs (0.25 s)
     # A dask client, or a function that starts one: stages call it only when they have cluster work.
     ClientSource = Client | Callable[[], Client] | None
 
-Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
 
 

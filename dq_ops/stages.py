@@ -41,8 +41,9 @@ from dq_ops.coverage import coverage_from_blocks, query_rows
 from dq_ops.embed import content_keys
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups, single_threaded_blas
+from dq_ops.progress import Progress
 from dq_ops.sampling import bin_intensities, sample_bins, sample_sizes
-from dq_ops.stage import Progress, Stage, is_running, resolve_client
+from dq_ops.stage import Stage, is_running, resolve_client
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
 
 if TYPE_CHECKING:

@@ -55,9 +55,8 @@ from torch import nn
 
 from dq_ops.errors import DQInputError
 from dq_ops.models import DEFAULT_MODEL, build_model
+from dq_ops.progress import Progress
 from dq_ops.train_data import ArrayRows, ImageRows, epoch_windows, window_rows
-
-ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -301,7 +300,7 @@ def train_and_evaluate(
     config: TrainConfig = TrainConfig(),
     seed: int = 0,
     device: str | torch.device = "auto",
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
 ) -> TrainResult:
     """Train ``model`` from scratch on (``images``, ``labels``) and measure it on the test split.
 
