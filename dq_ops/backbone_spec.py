@@ -2,8 +2,8 @@
 the weights file a backbone loads and its content digest, and :class:`ExtractorSpec`.
 
 Artifact keys are built from these, so deciding that an embeddings artifact already exists never
-loads a model (or torch: ~2 s of a re-run's start-up). Loading and running the models is
-:mod:`dq_ops.backbones`; naming conventions are described there.
+loads a model, nor imports torch (a large part of a re-run's start-up). Loading and running the
+models is :mod:`dq_ops.backbones`; naming conventions are described there.
 """
 
 from __future__ import annotations

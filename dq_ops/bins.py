@@ -205,8 +205,8 @@ def generate_bins(
 def _class_bins(rows: FeatureRows, budgets: np.ndarray, kernel: str, memory_budget_mb: float) -> list[np.ndarray]:
     n = len(rows)
     # Coordinates no row of the class uses change no similarity; dropping them makes the Gram
-    # matrix and every product cheaper (Fashion-MNIST at 32 px: a class uses 440–780 of 1,280
-    # coordinates, its Gram matrix is 1.8× faster).
+    # matrix and every product cheaper (ReLU features leave many unused: bench/feature_sparsity.py,
+    # docs/refresh.md).
     rows = rows.compact()
     sq = rows.sq_norms()
     if kernel == "cosine":
@@ -441,8 +441,9 @@ def join_bins(
     member scoring about as high as the best row it passed over, so the boundary between them is
     ``t_b = ½ (min_{s∈S_b} g_b(s) + max_{z∈R_b∖S_b} g_b(z))``. Bins are visited in order; a new row
     joins the first bin b < K-1 with ``g_b ≥ t_b``, else the last bin (the remainder). On real
-    features, rows taken out of early bins and joined again land in their own bin ~90% of the
-    time (the plain minimum over members as threshold: ~50%, biased late). Scores are taken
+    features, rows taken out of early bins and joined again mostly land in their own bin
+    (``tests/test_bins.py``); the plain minimum over members as threshold sends them late far
+    more often. Scores are taken
     against the existing bins, not updated as rows join: a batch approximation of the greedy
     that never moves an existing sample, so the selection stays stable; a full rebuild restores
     exactness. With cosine similarity ``sim = ½ + ½·u_i·u_y`` (``u`` unit rows); with "dot" the

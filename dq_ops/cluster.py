@@ -10,9 +10,9 @@
 
 Local workers keep glibc's default malloc tuning instead of dask's ``MALLOC_TRIM_THRESHOLD_=65536``
 (unless the environment sets it): any explicit value also turns off glibc's adaptive mmap
-threshold, so torch's large per-layer buffers are mmap'd and page-faulted afresh on every batch.
-Measured here (EfficientNet-Lite0, 32 px, 1 worker × 2 threads, A/B in separate processes on the
-shared machine): 150–280 vs 75–135 img/s. The cost: freed memory goes back to the OS less eagerly.
+threshold, so torch's large per-layer buffers are mmap'd and page-faulted afresh on every batch,
+which made embedding markedly slower when measured (docs/benchmarks.md). The cost: freed memory
+goes back to the OS less eagerly.
 A remote cluster (``kind="address"``) keeps whatever its operator configured.
 """
 
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from dq_ops.config import ClusterConfig
 from dq_ops.errors import DQInputError
 
-if TYPE_CHECKING:  # imported where a cluster starts: distributed costs 0.25 s
+if TYPE_CHECKING:  # imported where a cluster starts: distributed is slow to import
     from distributed import Client
 
 ClusterKind = Literal["local", "local-cuda", "address"]

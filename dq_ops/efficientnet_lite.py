@@ -1,8 +1,8 @@
 """EfficientNet-Lite0, the default backbone, defined here rather than imported from timm.
 
-Importing timm imports torchvision and, through it, ``torch._dynamo``: about 1.5 s, which a
-refresh that embeds a few hundred new images would otherwise pay in the flow's process, and
-every dask worker pays once. This module builds the same network as timm's
+Importing timm imports torchvision and, through it, ``torch._dynamo``: a start-up cost
+(docs/refresh.md) that a refresh embedding a few hundred new images would otherwise pay in the
+flow's process, and every dask worker once. This module builds the same network as timm's
 ``tf_efficientnet_lite0``: the same modules, names and parameter order (so the packaged
 weights load in order, and Grad-CAM++ finds ``bn2``), the same operations in the same order
 (so features are bit-identical; ``tests/test_backbones.py`` compares both), and the same seeded

@@ -163,7 +163,7 @@ class DenseRows:
         return out
 
     def approx_gram(self) -> tuple[np.ndarray, float]:
-        # float32: 3-5x faster than float64 and half the memory. Error: rounding both rows (2u)
+        # float32: several times faster than float64 and half the memory. Error: rounding both rows (2u)
         # plus a length-d float32 dot product (γ_d), times Σ|f_ik||f_jk| ≤ |f_i||f_j|.
         x = self.x.astype(np.float32)
         gamma = self.dim * _U32 / (1.0 - self.dim * _U32)

@@ -5,18 +5,18 @@ Stage 6 trains one of these from scratch on a selected subset:
 - ``medium_cnn`` (default, CPU): three 3×3 conv-BN-ReLU layers (32/64/128 channels, 2×2
   max-pool after the first two), adaptive average pooling to a 3×3 grid (the head keeps where
   things are, which Fashion-MNIST's classes depend on), one linear layer; ~104k parameters for
-  1 channel / 10 classes. 90.1% test accuracy on the full Fashion-MNIST after 3 epochs of the
-  default recipe (``bench/network.py``), where ``small_cnn`` plateaus near 86%: subsets of
-  10–60% can be told apart from the full data.
+  1 channel / 10 classes. On the full Fashion-MNIST it ends clearly above ``small_cnn``, which
+  small random subsets already match, so subsets can be told apart from the full data
+  (``bench/network.py``; docs/benchmarks.md).
 - ``small_cnn``: three 3×3 conv-BN-ReLU layers (16/32/64 channels, 2×2 max-pool after the first
   two), global average pooling, one linear layer; ~24k parameters for 1 channel / 10 classes.
-  About 3,800 training img/s at 28×28 on 2 CPU cores; ~86% on the full Fashion-MNIST.
+  Fast on CPU.
 - ``resnet18``: the reference's CIFAR ResNet-18 (torchvision BasicBlock [2, 2, 2, 2], widths
-  64–512) with a 3×3 stride-1 stem and no max-pool; ~11.2M parameters. A GPU network (~22
-  training img/s at 32×32 on 2 CPU cores).
+  64–512) with a 3×3 stride-1 stem and no max-pool; ~11.2M parameters. A GPU network: far
+  too slow to train on CPU cores.
 - ``vit_tiny``: a small pre-norm Vision Transformer for cross-architecture transfer: 4×4
   patches, width 64, depth 4, 4 heads, MLP ratio 2, learned position embeddings, mean-pooled
-  tokens; ~140k parameters, about 1,400 training img/s at 28×28 on 2 CPU cores.
+  tokens; ~140k parameters, trainable on CPU cores.
 """
 
 from __future__ import annotations

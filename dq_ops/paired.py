@@ -85,7 +85,7 @@ def paired_gap(a: Sequence[float], b: Sequence[float], confidence: float = CONFI
     mean = float(differences.mean())
     if n == 1:
         return PairedGap(mean=mean, ci_low=None, ci_high=None, n=1, confidence=confidence)
-    from scipy import stats  # ~1 s to import: only runs with several seeds need it
+    from scipy import stats  # slow to import: only runs with several seeds need it
 
     half_width = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * float(differences.std(ddof=1)) / math.sqrt(n)
     return PairedGap(mean=mean, ci_low=mean - half_width, ci_high=mean + half_width, n=n, confidence=confidence)

@@ -17,9 +17,9 @@ Group layout (``PatchStore``)::
 
 Every array is chunked along rows by the same ``r`` rows, so a writer of rows ``[a·r, b·r)``
 touches only its own chunks (a Zarr chunk is the unit of a safe concurrent write). ``r``
-defaults to about 1 MiB of kept-patch pixels per chunk: on Fashion-MNIST larger chunks gained
-< 0.5% in compressed size, smaller ones (64 KiB) lost ~1%, and a reader decodes a whole chunk per
-random access. Pixel arrays use the project's compressor (``dq_ops.store.default_compressor``:
+defaults to about 1 MiB of kept-patch pixels per chunk: on Fashion-MNIST larger chunks barely
+compressed better, smaller ones compressed worse, and a reader decodes a whole chunk per random
+access. Pixel arrays use the project's compressor (``dq_ops.store.default_compressor``:
 Blosc-zstd, byte shuffle) at level :data:`STORAGE_CLEVEL`, 5: here the bytes are the point; :func:`whole_image_bytes` stores the same images whole with
 the same codec in the same row chunks, so the two byte counts compare layouts, not codecs.
 """

@@ -16,19 +16,17 @@ Reports are combined from per-chunk sums that the workers store beside their row
   the same row chunks (:func:`dq_ops.patch_store.whole_image_bytes`), and the keep ratios.
 * ``reconstructions/<key>``: ``images`` (n, H, W, C) uint8 in subset order, ``labels``, ``ids``;
   attributes ``psnr_<fill>_db = 10·log10(255² · Σ count / Σ SSE)`` over the dropped pixels for
-  the MAE and the mean-/zero-fill baselines (:func:`dq_ops.mae.dropped_squared_error` per chunk),
-  and ``preview_png`` (original | kept patches | reconstruction of the first images).
+  the MAE and the mean-/zero-fill baselines (per chunk,
+  :func:`dq_ops.reconstruction_quality.dropped_squared_error`), and ``preview_png`` (original |
+  kept patches | reconstruction of the first images, :func:`dq_ops.gallery.reconstruction_grid`).
 * ``models/<key>``: the MAE, trained as one task on a worker (a GPU worker when there is one).
 
 Grad-CAM++ is dq's own batched implementation (:func:`dq_ops.gradcam.gradcam_plus_plus`), not
-the ``grad-cam`` package (pytorch-grad-cam 1.5.7). On the same 256 Fashion-MNIST images at
-112 px, EfficientNet-Lite0, batches of 64 (``bench/gradcam.py``, alternating rounds, 2 busy
-cores): 31.0 vs 9.4 img/s and, in a second run of 5 rounds, 12.5 vs 5.4 img/s (medians, 2.3–3.3×;
-dq was faster in every round). The package back-propagates
-into every parameter of the backbone (``loss.backward``) rather than only to the target layer,
-computes the CAM in NumPy and resizes each map with OpenCV one image at a time (on a GPU that
-pulls every batch back to the host), and needs OpenCV, ttach and scikit-learn; its maps rank
-patches almost identically (same θ = 0.2 keep mask for 97.7% of images, mean Jaccard 0.9988).
+the ``grad-cam`` package (pytorch-grad-cam). The package back-propagates into every parameter
+of the backbone (``loss.backward``) rather than only to the target layer, computes the CAM in
+NumPy and resizes each map with OpenCV one image at a time (on a GPU that pulls every batch back
+to the host), and needs OpenCV, ttach and scikit-learn. Its maps rank patches almost
+identically, and dq's is faster (``bench/gradcam.py``; figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -120,7 +118,7 @@ class DropPatchesStage(ChunkedStage):
     """
 
     kind = "patches"
-    version = 2  # fixed-size rows written by chunk
+    version = 2
     worker = "dq_ops.pixel_work:drop_patches_chunk"
 
     def __init__(self, store: Store, dataset: Artifact, subset: Artifact, config: PatchConfig, embedding: EmbeddingConfig):
@@ -224,7 +222,7 @@ class ReconstructStage(ChunkedStage):
     the dropped patches of every stored image, in the patch store's row chunks."""
 
     kind = "reconstructions"
-    version = 2  # written by chunk; PSNR from per-chunk sums
+    version = 2
     worker = "dq_ops.pixel_work:reconstruct_chunk"
 
     def __init__(self, store: Store, dataset: Artifact, patches: Artifact, mae: Artifact):

@@ -40,7 +40,7 @@ import zarr
 from dq_ops.progress import Progress
 from dq_ops.store import Artifact, DQDamagedError, DQStoreError, Store, derive_key, open_zarr_store
 
-if TYPE_CHECKING:  # distributed is imported only where a cluster runs (0.25 s)
+if TYPE_CHECKING:  # distributed is slow to import: only where a cluster runs
     from distributed import Client
 
     # A dask client, or a function that starts one: stages call it only when they have cluster work.

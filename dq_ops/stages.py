@@ -57,9 +57,8 @@ BASELINES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 # When no cluster is running, changed classes holding at most this many rows in all are re-binned
-# in this process rather than on a cluster started for them. Measured on bench/refresh.py's five
-# changed Fashion-MNIST classes (29,700 rows × 1280, 2 busy cores): 4.4–5.4 s here, 8.0 s with a
-# local cluster started for them.
+# in this process rather than on a cluster started for them: for a refresh's few changed classes
+# that is quicker than starting a local cluster (measured with bench/refresh.py).
 BINS_INLINE_ROWS = 32_768
 
 
@@ -285,7 +284,7 @@ class BinsStage(Stage):
             # A refresh's few changed classes: here, their rows read in one pass (classes interleave
             # across every chunk; reading class by class would decode each chunk once per class),
             # their greedies on threads (BLAS releases the GIL; one BLAS thread each, limited once
-            # around them all). Five Fashion-MNIST classes: 2.7 s on 2 threads, 4.0 s one by one.
+            # around them all), which beats running them one by one.
             changed = np.sort(np.concatenate([groups[c] for c in todo])) if todo else np.zeros(0, dtype=np.int64)
             rows = embedding_rows(self.embeddings, changed)
 

@@ -199,9 +199,9 @@ def decode_problem(group: zarr.Group) -> str | None:
 
 def default_compressor(clevel: int = 1) -> zarr.codecs.BloscCodec:
     """Blosc-zstd with byte shuffle. Level 1 by default: every refresh rewrites whole artifacts
-    (a new snapshot), and level 5 encodes 4–6× slower for 1–10% fewer bytes (measured on
-    Fashion-MNIST: images 254 vs 55 MB/s for ratios 0.565 vs 0.553). Stores whose point is their
-    size (the patch store) ask for more; float features use :func:`feature_compressor`."""
+    (a new snapshot), and level 5 encodes several times slower for a few percent fewer bytes
+    (docs/benchmarks.md). Stores whose point is their size (the patch store) ask for more; float
+    features use :func:`feature_compressor`."""
     return zarr.codecs.BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")
 
 

@@ -14,15 +14,15 @@ Recipe (the reference's CIFAR recipe, with its test-set model selection removed)
   of the steps, then cosine-annealed to 0 at the last step.
 - Defaults suit the CPU default network on 28-px Fashion-MNIST at CPU budgets. They were picked
   from a handful of single-seed runs scored on the test split (a mild test-set selection of the
-  default recipe; per-run choices belong on the validation split): on a 10% subset, 2-px
-  padding lost ~1 point to 1-px at 20 epochs (84.8 vs 85.6% test), and lr 0.2 beat 0.1 at 30
-  epochs (87.6 vs 86.7%) and on the full set at 2 epochs (86.8 vs 85.7%). ``vit_tiny`` under
-  SGD wants lr 0.1 (58% at 0.2 vs 73% at 0.1, 10% subset, 633 steps). ``CIFAR_RESNET18_RECIPE``
-  is the reference's GPU recipe (200 epochs, lr 0.1, 4-px padding).
+  default recipe; per-run choices belong on the validation split): 1-px padding beat 2-px, and
+  lr 0.2 beat 0.1 on a 10% subset and on the full set; ``vit_tiny`` under SGD wants lr 0.1
+  (figures in docs/benchmarks.md). ``CIFAR_RESNET18_RECIPE`` is the reference's GPU recipe (200
+  epochs, lr 0.1, 4-px padding).
 - Budget (``training_steps``): ``steps = max(min_steps, ceil(epochs · n_train / batch))``, capped
   at ``max_steps`` when set. ``epochs`` gives large subsets full passes; ``min_steps`` gives tiny
-  subsets enough optimisation steps (600 samples would otherwise get ~150 steps). Batches are
-  consecutive slices of a fresh permutation every epoch; a partial last batch is dropped.
+  subsets enough optimisation steps (``epochs`` passes over a few hundred samples are only a
+  few hundred steps). Batches are consecutive slices of a fresh permutation every epoch; a
+  partial last batch is dropped.
 - Streaming: images come from an :class:`~dq_ops.train_data.ImageRows` source (in-memory
   arrays, or Zarr arrays of the store), and at most ``shuffle_window_mb`` of training images
   are held at once (plus a batch that spans two windows). A training part that fits is read
@@ -61,12 +61,9 @@ from dq_ops.train_data import ArrayRows, ImageRows, epoch_windows, window_rows
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training recipe; see the module docstring for how each field is used.
-
-    With the defaults, ``small_cnn`` on a 10% Fashion-MNIST subset (5,400 training images after
-    validation) takes 1,266 steps: 87.3% test accuracy in 42 s with 2 torch threads on an idle
-    2-core machine (87.6% and 77 s with 1 thread on a busy one; results depend on thread count).
-    """
+    """Training recipe; see the module docstring for how each field is used. What the defaults
+    reach, and how long they take, is measured by ``bench/network.py`` and ``bench/quality.py``
+    (docs/benchmarks.md, docs/quality.md)."""
 
     epochs: float = 60.0
     min_steps: int = 1000
