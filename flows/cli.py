@@ -131,7 +131,6 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from dq_ops.config import DQConfig
     from dq_ops.errors import DQInputError
     from dq_ops.preflight import check_config
-    from dq_ops.store import Store
     from dq_ops.urls import redact_credentials
 
     config = DQConfig.from_yaml(args.config) if args.config else DQConfig()
@@ -151,10 +150,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         raise DQInputError(f"invalid option: {problems}") from None
 
     check_config(config)  # before Prefect starts: a bad option fails in seconds
-    Store(config.store_url).clean_staging()  # what killed runs left behind
     from tasks.tracking import prewarm
 
-    prewarm(config)  # MLflow connects in its own process while Prefect starts
+    # Only a head start: the flow's Tracker starts this process itself (deployment runs), here it
+    # connects while Prefect starts.
+    prewarm(config)
     if args.ephemeral_server:
         os.environ["DQ_PREFECT_SERVER"] = "ephemeral"
     from flows.server import use_local_server

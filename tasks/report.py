@@ -8,16 +8,13 @@ from typing import Any
 from dq_ops.config import DQConfig
 from dq_ops.store import QUANTIZED_SPLIT, Artifact
 from dq_ops.urls import redact_credentials
+from tasks.summary import RunSummary, class_name
 
 
-def bin_size_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def bin_size_rows(classes: list[int], bin_sizes: list[list[int]], class_names: list[str] | None) -> list[dict[str, Any]]:
     """One row per class: its name and how many samples each bin holds (Prefect table artifact)."""
-    names = summary.get("class_names")
-    rows = []
-    for label, sizes in zip(summary["bins"]["classes"], summary["bins"]["bin_sizes"]):
-        name = names[label] if names and 0 <= label < len(names) else ("all" if label < 0 else str(label))
-        rows.append({"class": name, **{f"bin {b}": int(n) for b, n in enumerate(sizes)}, "total": int(sum(sizes))})
-    return rows
+    return [{"class": class_name(label, class_names), **{f"bin {b}": int(n) for b, n in enumerate(sizes)},
+             "total": int(sum(sizes))} for label, sizes in zip(classes, bin_sizes)]
 
 
 # matplotlib's "tab10" colours: bin b gets colour b (mod 10).
@@ -25,14 +22,14 @@ _BIN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                 "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
-def bin_size_plot(summary: dict[str, Any], width: int = 800, height: int = 400) -> bytes:
-    """PNG of stacked samples per bin for every class: one bar per class, bin 0 at the bottom.
+def bin_size_plot(rows: list[dict[str, Any]], width: int = 800, height: int = 400) -> bytes:
+    """PNG of stacked samples per bin for every class (:func:`bin_size_rows`): one bar per class,
+    bin 0 at the bottom.
 
     Drawn with PIL (a plotting library's import would cost a refresh more than its work).
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    rows = bin_size_rows(summary)
     num_bins = len(rows[0]) - 2
     font = ImageFont.load_default()
     image = Image.new("RGB", (width, height), "white")
@@ -76,22 +73,22 @@ def _tick_step(largest: int) -> int:
     return step
 
 
-def verdict_lines(summary: dict[str, Any]) -> list[str]:
+def verdict_lines(summary: RunSummary) -> list[str]:
     """The report's first lines: per keep ratio, DQ − random with its interval and verdict, or why
     there is none; then the subsets' coverage next to a random draw's."""
     lines = []
-    for s in summary["subsets"]:
-        gap = next((g for g in s.get("gaps", []) if (g["arm"], g["reference"]) == ("dq", "random")), None)
+    for s in summary.subsets:
+        gap = s.dq_vs_random
         if gap is None:
-            lines.append(f"- **{s['ratio']:.1%}**: no verdict: evaluation is off or has no `random` arm.")
-        elif gap["ci_low"] is None:
-            lines.append(f"- **{s['ratio']:.1%}**: DQ − random = {100 * gap['mean']:+.2f} points on one draw, which decides "
+            lines.append(f"- **{s.ratio:.1%}**: no verdict: evaluation is off or has no `random` arm.")
+        elif gap.ci_low is None:
+            lines.append(f"- **{s.ratio:.1%}**: DQ − random = {100 * gap.mean:+.2f} points on one draw, which decides "
                          f"nothing: draws of one method differ by more. Set `evaluation.seeds` to 10 seeds for a verdict.")
         else:
-            word = {"ahead": "ahead", "behind": "behind", "indistinguishable": "tie"}[gap["verdict"]]
-            lines.append(f"- **{s['ratio']:.1%}**: DQ − random = {100 * gap['mean']:+.2f} points, 95% interval "
-                         f"{100 * gap['ci_low']:+.2f} to {100 * gap['ci_high']:+.2f} over {gap['n']} paired draws: **{word}**.")
-        cov = s["coverage"]
+            word = {"ahead": "ahead", "behind": "behind", "indistinguishable": "tie"}[gap.verdict]
+            lines.append(f"- **{s.ratio:.1%}**: DQ − random = {100 * gap.mean:+.2f} points, 95% interval "
+                         f"{100 * gap.ci_low:+.2f} to {100 * gap.ci_high:+.2f} over {gap.n} paired draws: **{word}**.")
+        cov = s.coverage
         lines.append(f"  Coverage (distance to the nearest selected sample of the class, mean / p95): DQ "
                      f"{cov['dq']['coverage_mean']:.4f} / {cov['dq']['coverage_p95']:.4f}, random "
                      f"{cov['random']['coverage_mean']:.4f} / {cov['random']['coverage_p95']:.4f}; largest gap between a "
@@ -99,56 +96,56 @@ def verdict_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def since_previous_lines(summary: dict[str, Any]) -> list[str]:
+def since_previous_lines(summary: RunSummary) -> list[str]:
     """The report's "Since the previous run" section: which run and snapshot came before, what this
     run embedded and re-binned, and per keep ratio the selection diff with the file of its id lists
     (a ratio whose selection did not change names its last change instead)."""
-    previous = [s["previous_run"] for s in summary["subsets"] if s["previous_run"]]
+    previous = [s.selection.previous_run for s in summary.subsets if s.selection.previous_run]
     lines = ["## Since the previous run", ""]
     if not previous:
         return [*lines, "This is the first run of these settings on this store.", ""]
     last = max(previous, key=lambda entry: entry["at"])
-    snapshot = summary["dataset"]["url"].rsplit("/", 1)[-1]
+    snapshot = summary.dataset.name
     same = "the same snapshot as this run" if last.get("snapshot") == snapshot else f"this run reads `{snapshot}`"
-    names = summary.get("class_names")
-    rebinned = [names[c] if names and 0 <= c < len(names) else str(c) for c in summary["classes_rebinned"]]
+    rebinned = [summary.class_name(c) for c in summary.classes_rebinned]
     lines += [
         f"- Previous run: `{last['run']}` at {last['at']}, on snapshot `{last.get('snapshot') or 'unknown'}` ({same})",
-        f"- Samples embedded this run: {summary['embedded_samples']:,}",
+        f"- Samples embedded this run: {summary.embedded_samples:,}",
         f"- Classes re-binned: {len(rebinned)}" + (f" ({', '.join(rebinned)})" if rebinned else ""),
         "",
         "| keep ratio | selection | added | removed | relabelled | modified | churn | id lists |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for s in summary["subsets"]:
-        sel, change = s["selection"], s["last_change"]
-        counts = f"{sel['added']:,} | {sel['removed']:,} | {sel['relabeled']:,} | {sel['modified']:,} | {sel['churn']:.2%}"
-        if sel["status"] == "changed":
-            status, diff_url = "changed", sel["diff_url"]
-        elif sel["status"] == "no change" and change:
+    for s in summary.subsets:
+        diff, change = s.selection.diff, s.selection.last_change
+        n = diff.counts()
+        counts = f"{n['added']:,} | {n['removed']:,} | {n['relabeled']:,} | {n['modified']:,} | {diff.churn:.2%}"
+        if diff.status == "changed":
+            status, diff_url = "changed", s.selection.diff_url
+        elif diff.status == "no change" and change:
             status = (f"no change; last change at {change['at']} (run `{change['run']}`): +{change['added']:,} "
                       f"−{change['removed']:,}, {change['relabeled']:,} relabelled, {change['modified']:,} modified")
             diff_url = change["diff_url"]
         else:
-            status, diff_url = sel["status"], None  # a first run of this ratio, or no change ever
-        lines.append(f"| {s['ratio']:.1%} | {status} | {counts} | {f'`{diff_url}`' if diff_url else '—'} |")
+            status, diff_url = diff.status, None  # a first run of this ratio, or no change ever
+        lines.append(f"| {s.ratio:.1%} | {status} | {counts} | {f'`{diff_url}`' if diff_url else '—'} |")
     return [*lines, ""]
 
 
-def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) -> str:
-    """The run's markdown report: the verdict, what was selected, how much was kept, bytes and accuracy."""
-    counts = summary["dataset"]["counts"]
+def render_report(config: DQConfig, summary: RunSummary, mlflow_url: str, gallery: str) -> str:
+    """The run's markdown report: the verdict, what was selected, how much was kept, bytes and
+    accuracy. ``gallery`` says where the bin examples are shown."""
     lines = [
         f"# Dataset Quantization: {config.dataset.name}",
         "",
         *verdict_lines(summary),
         "",
-        f"- Store: `{summary['store_url']}`",
-        f"- Dataset: {', '.join(f'{split} {n:,}' for split, n in counts.items())} samples "
-        f"(fingerprint `{summary['dataset']['fingerprint'][:12]}`)",
-        (f"- Features: `{config.embedding.text_model}` sentence embeddings, " if summary["dataset"]["modality"] == "texts"
+        f"- Store: `{summary.store_url}`",
+        f"- Dataset: {', '.join(f'{split} {n:,}' for split, n in summary.counts.items())} samples "
+        f"(fingerprint `{summary.dataset.fingerprint[:12]}`)",
+        (f"- Features: `{config.embedding.text_model}` sentence embeddings, " if summary.modality == "texts"
          else f"- Features: `{config.embedding.backbone}` ({config.embedding.mode}) at {config.embedding.image_size} px, ")
-        + f"{summary['embeddings'].get('dim')}-d",
+        + f"{summary.embeddings.summary.get('dim')}-d",
         f"- Bins: {config.bins.num_bins} GraphCut bins ({config.bins.kernel} kernel), seed {config.seed}",
         f"- MLflow run: {mlflow_url}",
         "",
@@ -156,29 +153,30 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
         "## Subsets",
         "",
     ]
-    pixel_rows = [s for s in summary["subsets"] if s.get("patches")]
+    pixel_rows = [s for s in summary.subsets if s.patches]
     # Patch columns only when patches were dropped: with patches off the report says nothing about them.
     patch_header = "patch keep ratio | storage keep ratio | stored bytes | " if pixel_rows else ""
     lines += [f"| keep ratio | samples | sample keep ratio | {patch_header}bins touched per class (min) | URL |",
               "|---|---|---|" + "---|" * patch_header.count("|") + "---|---|"]
-    for s in summary["subsets"]:
-        patches = s.get("patches")
-        patch_cells = (f"{patches['patch_keep_ratio']:.2%} | {s['sample_keep_ratio'] * patches['patch_keep_ratio']:.2%} | "
+    for s in summary.subsets:
+        keep = summary.sample_keep_ratio(s)
+        patches = s.patches and s.patches.summary
+        patch_cells = (f"{patches['patch_keep_ratio']:.2%} | {keep * patches['patch_keep_ratio']:.2%} | "
                        f"{patches['stored_bytes']:,} | " if patches else "— | — | — | ") if pixel_rows else ""
-        touched = s["coverage"]["dq"].get("bins_touched_min", "—")
-        lines.append(f"| {s['ratio']:.1%} | {s['size']:,} | {s['sample_keep_ratio']:.2%} | {patch_cells}{touched} | `{s['url']}` |")
+        touched = s.coverage["dq"].get("bins_touched_min", "—")
+        lines.append(f"| {s.ratio:.1%} | {s.size:,} | {keep:.2%} | {patch_cells}{touched} | `{s.subset.url}` |")
     if pixel_rows:
         lines += ["", f"## Patch dropping (θ = {config.patches.drop_ratio}) and MAE reconstruction", "",
                   "| keep ratio | stored bytes | same images whole | byte ratio "
                   "| PSNR MAE (dropped pixels) | PSNR zero fill | PSNR mean fill |",
                   "|---|---|---|---|---|---|---|"]
         for s in pixel_rows:
-            p = s["patches"]
+            p = s.patches.summary | s.psnr()
             lines.append(
-                f"| {s['ratio']:.1%} | {p['stored_bytes']:,} | {p['whole_image_bytes']:,} | {p['byte_ratio']:.3f} | "
+                f"| {s.ratio:.1%} | {p['stored_bytes']:,} | {p['whole_image_bytes']:,} | {p['byte_ratio']:.3f} | "
                 f"{p['psnr_mae_db']:.2f} dB | {p['psnr_zero_fill_db']:.2f} dB | {p['psnr_mean_fill_db']:.2f} dB |"
             )
-    evaluations = [e for s in summary["subsets"] for e in s.get("evaluation", [])] + summary.get("full", [])
+    evaluations = [e for s in summary.subsets for e in s.evaluation] + summary.full
     if evaluations:
         lines += ["", "## Evaluation (test accuracy at the final epoch)", "",
                   "Paired draws: evaluation seed s draws every sampled arm's subset and seeds its training "
@@ -186,20 +184,19 @@ def render_report(config: DQConfig, summary: dict[str, Any], mlflow_url: str) ->
                   "draws as `dq`.", "",
                   "| keep ratio | arm | samples | accuracy mean ± std | seeds |", "|---|---|---|---|---|"]
         for e in evaluations:
-            spread = f" ± {e['std']:.4f}" if len(e["accuracies"]) > 1 else " (one draw)"
-            lines.append(f"| {e['ratio']:.1%} | {e['arm']} | {e['size']:,} | {e['mean']:.4f}{spread} | {len(e['accuracies'])} |")
-    gaps = [g for s in summary["subsets"] for g in s.get("gaps", [])]
+            spread = f" ± {e.std:.4f}" if len(e.accuracies) > 1 else " (one draw)"
+            lines.append(f"| {e.ratio:.1%} | {e.arm} | {e.size:,} | {e.mean:.4f}{spread} | {len(e.accuracies)} |")
+    gaps = [g for s in summary.subsets for g in s.gaps]
     if gaps:
         lines += ["", "### Paired gaps (same seeds; 95% Student-t interval over the per-seed differences)", "",
                   "| keep ratio | comparison | gap (points) | 95% interval | verdict |", "|---|---|---|---|---|"]
         for g in gaps:
-            interval = "—" if g["ci_low"] is None else f"{100 * g['ci_low']:+.2f} to {100 * g['ci_high']:+.2f}"
-            lines.append(f"| {g['ratio']:.1%} | {g['arm']} − {g['reference']} | {100 * g['mean']:+.2f} | {interval} | {g['verdict']} |")
-        lines += [""] + [f"- {g['ratio']:.1%}: {g['sentence']}." for g in gaps]
-    if summary.get("gallery"):
-        lines += ["", "## Bins", "", f"Examples per bin (bin 0 most typical, last bins rare or boundary cases): {summary['gallery']}"]
+            interval = "—" if g.ci_low is None else f"{100 * g.ci_low:+.2f} to {100 * g.ci_high:+.2f}"
+            lines.append(f"| {g.ratio:.1%} | {g.arm} − {g.reference} | {100 * g.mean:+.2f} | {interval} | {g.verdict} |")
+        lines += [""] + [f"- {g.ratio:.1%}: {g.sentence}." for g in gaps]
+    lines += ["", "## Bins", "", f"Examples per bin (bin 0 most typical, last bins rare or boundary cases): {gallery}"]
     lines += ["", "## Stage timings (this run; cached stages take ~0 s)", ""]
-    lines += [f"- {stage}: {seconds:.1f} s" for stage, seconds in summary["timings_s"].items()]
+    lines += [f"- {stage}: {seconds:.1f} s" for stage, seconds in summary.timings_s.items()]
     return redact_credentials("\n".join(lines) + "\n")  # URLs in the config may carry passwords
 
 

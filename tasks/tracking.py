@@ -25,6 +25,9 @@ from dq_ops.locks import file_lock
 from dq_ops.urls import redact_credentials
 
 MLFLOW_DB_NAME = "mlflow.db"
+# MLflow 3's UI opens an experiment by its kind: a training one on its runs table, an untagged one
+# in the GenAI view, which shows no runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def _local_root(config: DQConfig) -> Path:
@@ -82,8 +85,13 @@ class _Session:
         with _setup_lock(uri):  # concurrent runs: one creates (migrates) the database and the experiment
             self.client = mlflow.MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (found.experiment_id if found is not None
-                                  else self.client.create_experiment(experiment, artifact_location=artifact_location))
+            if found is None:
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            else:
+                self.experiment_id = found.experiment_id
+                if EXPERIMENT_KIND_TAG not in found.tags:  # made before dq set its kind; a user's choice stays
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.run_id = ""
 
     def start_run(self, run_name: str, tags: dict[str, str], params: Mapping[str, Any]) -> tuple[str, str]:
@@ -101,6 +109,20 @@ class _Session:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def recent_runs(self, dataset: str, limit: int) -> list[dict[str, Any]]:
+        """The latest ``limit`` flow runs of ``dataset`` in this experiment (FINISHED ones and this
+        run), newest first: ``{"run_id", "name", "start_time" (ms), "tags", "metrics"}``."""
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.dq_role = 'flow' and params.`dataset.name` = '{dataset}'",
+            max_results=4 * limit, order_by=["attributes.start_time DESC"])
+        runs = [run for run in found if run.info.status == "FINISHED" or run.info.run_id == self.run_id][:limit]
+        return [{"run_id": run.info.run_id, "name": run.info.run_name, "start_time": run.info.start_time,
+                 "tags": dict(run.data.tags), "metrics": dict(run.data.metrics)} for run in runs]
 
     def nested_run(self, name: str, params: Mapping[str, Any]) -> str:
         run = self.client.create_run(
@@ -279,6 +301,13 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], run_id: str | None = None, step: int = 0) -> None:
         self._call("log_metrics", dict(metrics), run_id or self.run_id, step)
+
+    def set_tags(self, tags: Mapping[str, str], run_id: str | None = None) -> None:
+        self._call("set_tags", run_id or self.run_id, dict(tags))
+
+    def recent_runs(self, dataset: str, limit: int) -> list[dict[str, Any]]:
+        """The latest ``limit`` finished flow runs of ``dataset`` (this one included), newest first."""
+        return self._call("recent_runs", dataset, limit)
 
     def nested_run(self, name: str, params: Mapping[str, Any]) -> str:
         return self._call("nested_run", name, dict(params))

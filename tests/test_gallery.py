@@ -82,10 +82,10 @@ def test_mismatched_lengths_are_refused(fashion):
 
 
 def test_bin_size_plot_stacks_each_class_in_proportion():
-    from tasks.report import _BIN_COLOURS, bin_size_plot
+    from tasks.report import _BIN_COLOURS, bin_size_plot, bin_size_rows
 
-    summary = {"class_names": ["coat", "bag"], "bins": {"classes": [0, 1], "bin_sizes": [[30, 10], [10, 0]]}}
-    image = np.asarray(Image.open(io.BytesIO(bin_size_plot(summary, width=400, height=300))).convert("RGB"))
+    rows = bin_size_rows([0, 1], [[30, 10], [10, 0]], ["coat", "bag"])
+    image = np.asarray(Image.open(io.BytesIO(bin_size_plot(rows, width=400, height=300))).convert("RGB"))
     colours = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in _BIN_COLOURS[:2]]
 
     def bar_heights(x: int) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import pytest
 
@@ -73,3 +75,72 @@ def test_an_unusable_tracking_uri_fails_in_one_line_naming_it(tmp_path, monkeypa
             tracker.finish()
     finally:
         tracker.close()
+
+
+def _one_run(config: DQConfig) -> Tracker:
+    tracker = Tracker(config, run_name="run")
+    try:
+        tracker.finish()
+    finally:
+        tracker.close()
+    return tracker
+
+
+def test_the_experiment_is_made_for_model_training_so_the_ui_opens_on_its_runs(tmp_path):
+    config = _config(tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=tracking.resolve_tracking_uri(config))
+    experiment = _one_run(config).experiment_id
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    # An experiment made before dq set its kind gets it ...
+    client.delete_experiment_tag(experiment, "mlflow.experimentKind")
+    _one_run(config)
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    # ... and a kind someone chose stays.
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    _one_run(DQConfig.model_validate(config.model_dump() | {"tracking": {"experiment": "chosen"}}))
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_a_schedule_reads_as_lines_over_time(prefect_harness, tmp_path):
+    """Two runs of the same settings: the parent runs' headline metrics sit at steps 0 and 1, and
+    the dataset's trend table lists both runs, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.quantize import quantize
+
+    config = DQConfig.model_validate({
+        "store_url": str(tmp_path / "store"),
+        "dataset": {"limit": 300, "name": "fm.trend"},
+        "bins": {"num_bins": 4},
+        "sampling": {"ratios": [0.25]},
+        "embedding": {"batch_size": 64},
+        "patches": {"enabled": False},
+        "evaluation": {"arms": ["dq", "random"], "epochs": 1, "min_steps": 5},
+        "cluster": {"kind": "local", "n_workers": 1, "threads_per_worker": 2},
+    })
+    first, second = quantize(config), quantize(config)  # the second one served from the cache
+
+    client = mlflow.MlflowClient(tracking_uri=first["tracking_uri"])
+    headline = ["selection_churn_r0.25", "selection_added_r0.25", "selection_removed_r0.25", "selection_relabeled_r0.25",
+                "selection_modified_r0.25", "gap_dq_vs_random_r0.25_mean", "coverage_mean_dq_r0.25",
+                "subset_size_r0.25", "train_samples", "embedded_samples"]
+    for step, summary in enumerate((first, second)):
+        for metric in headline:
+            assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], metric)] == [step], metric
+    assert client.get_run(second["mlflow_run_id"]).data.metrics["embedded_samples"] == 0  # all served from the cache
+
+    with get_client(sync_client=True) as prefect:
+        tables = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dq-trend-fm-trend"])),
+                                        sort="CREATED_DESC")
+    rows = json.loads(tables[0].data)
+    runs = [client.get_run(s["mlflow_run_id"]) for s in (first, second)]
+    gaps = [run.data.metrics["gap_dq_vs_random_r0.25_mean"] for run in runs]
+    snapshot = first["dataset"]["url"].rsplit("/", 1)[-1]
+    assert [row["run"] for row in rows] == [run.info.run_name for run in runs]
+    assert [row["snapshot"] for row in rows] == [snapshot, snapshot]
+    assert [row["samples"] for row in rows] == [300, 300]
+    assert [row["embedded"] for row in rows] == [300, 0]
+    assert [row["churn @25.0%"] for row in rows] == ["0.00%", "0.00%"]
+    assert [row["DQ − random @25.0%"] for row in rows] == [f"{100 * gap:+.2f}" for gap in gaps]
+    assert rows[0]["date"] <= rows[1]["date"]
