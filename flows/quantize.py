@@ -65,14 +65,14 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         timings[stage] += time.perf_counter() - start
 
     try:
+        # Recorded in the store before reading the source (a run killed during ingest is found by
+        # the next one) and forgotten however it ends in Python: a stopped run leaves no record.
+        recorded = record_run(store, str(flow_run.get_id()), run_name)
         precision = cluster_precision(config.cluster)
         with timed("ingest"):
             dataset = ingest_dataset(config.dataset, store_url)
         preflight(config, dataset.open())  # what the data must allow, before the expensive stages
         tracker.wait()  # and a reachable MLflow (it connected while ingest ran)
-        # From here on the run is recorded in the store (how a later run tells it crashed), not
-        # before: a run stopped by its input or its settings leaves the store as it was.
-        recorded = record_run(store, str(flow_run.get_id()), run_name)
         crashed = close_crashed_runs(store, tracker)
         if crashed:
             logger.warning(crashed)
