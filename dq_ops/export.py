@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shutil
 import tarfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import Dataset
 
 from dq_ops.errors import DQInputError
@@ -79,8 +83,10 @@ def export_subset(
     """Write ``subsets/<subset_name>`` to ``out_url`` in ``fmt``, with ``manifest.jsonl`` beside it.
 
     ``out_url`` must be empty or absent; with ``overwrite`` a previous export there (a folder
-    with a ``manifest.jsonl``) is removed first, so formats and stale files never mix. Other
-    content is never deleted.
+    with a ``manifest.jsonl``) is replaced whole, so formats and stale files never mix. Other
+    content is never deleted. The export is written beside ``out_url`` first and moved there
+    once complete: an export that fails (damage met in the subset or its snapshot, a full disk)
+    leaves ``out_url`` as it was, a previous export included.
 
     ``images(rows)`` supplies the pixels of the given split rows when they should not come from
     the dataset as ingested (e.g. MAE reconstructions after patch dropping). ``shard_size``:
@@ -99,44 +105,72 @@ def export_subset(
     if is_text != (fmt == "jsonl"):
         kind = "text" if is_text else "image"
         raise DQInputError(f"{dataset.url} holds {kind} samples: export it as {'jsonl' if is_text else 'image-folder, npz, parquet or webdataset'}, not {fmt}")
-    with store.reading(lambda: [subset, dataset]):  # a chunk that fails to decode names its artifact
-        rows = np.asarray(subset["indices"][:])
-        ids = np.asarray(subset["ids"][:])
-        labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
-        class_names = dataset.group.attrs.get("class_names")
-        if previous:
+    final_root, root = root, f"{root.rstrip('/')}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        with store.reading(lambda: [subset, dataset]):  # a chunk that fails to decode names its artifact
+            samples = _write_export(fs, root, subset, split, fmt, images, progress, shard_size, dataset.group.attrs.get("class_names"))
+        _replace(fs, root, final_root, previous)
+    finally:
+        if fs.exists(root):
             fs.rm(root, recursive=True)
-        fs.makedirs(root, exist_ok=True)
+    return ExportResult(out_url, fmt, samples, f"{final_root}/manifest.jsonl")
 
-        manifest = [{"id": str(i), "row": int(r), "label": int(y)} for i, r, y in zip(ids, rows, labels)]
-        if fmt == "npz":
-            buffer = io.BytesIO()  # one array in memory: npz is the format for subsets that fit
-            np.savez_compressed(buffer, images=_pixels(split, rows, images), labels=labels, ids=np.array([str(i) for i in ids]))
-            with fs.open(f"{root}/subset.npz", "wb") as fh:
-                fh.write(buffer.getvalue())
-        shards = _SHARD_WRITERS[fmt](fs, root, len(rows), shard_size, class_names) if fmt in _SHARD_WRITERS else None
-        for start in range(0, len(rows), _ROWS_PER_READ):
-            chunk = slice(start, start + _ROWS_PER_READ)
-            if fmt == "image-folder":
-                _write_images(fs, root, _pixels(split, rows[chunk], images), labels[chunk], ids[chunk], class_names, manifest[chunk])
-            elif shards is not None:
-                shards.write(_pixels(split, rows[chunk], images), labels[chunk], ids[chunk], manifest[chunk])
-            elif fmt == "jsonl":
-                texts = split["texts"].get_orthogonal_selection((rows[chunk],))
-                with fs.open(f"{root}/subset.jsonl", "a" if start else "w") as fh:
-                    for entry, text in zip(manifest[chunk], texts):
-                        fh.write(json.dumps({"id": entry["id"], "text": str(text), "label": entry["label"]}) + "\n")
-            if progress:
-                progress(min(start + _ROWS_PER_READ, len(rows)), len(rows))
-        manifest_url = f"{root}/manifest.jsonl"
-        with fs.open(manifest_url, "w") as fh:
-            fh.writelines(json.dumps(entry) + "\n" for entry in manifest)
-        return ExportResult(out_url, fmt, len(rows), manifest_url)
+
+def _write_export(fs, root: str, subset: Artifact, split, fmt: ExportFormat,
+                  images: Callable[[np.ndarray], np.ndarray] | None, progress: Callable[[int, int], None] | None,
+                  shard_size: int, class_names: list[str] | None) -> int:
+    """Every file of the export into the new folder ``root``, the manifest last; returns the
+    number of samples exported."""
+    rows = np.asarray(subset["indices"][:])
+    ids = np.asarray(subset["ids"][:])
+    labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
+    fs.makedirs(root, exist_ok=True)
+    manifest = [{"id": str(i), "row": int(r), "label": int(y)} for i, r, y in zip(ids, rows, labels)]
+    if fmt == "npz":
+        buffer = io.BytesIO()  # one array in memory: npz is the format for subsets that fit
+        np.savez_compressed(buffer, images=_pixels(split, rows, images), labels=labels, ids=np.array([str(i) for i in ids]))
+        with fs.open(f"{root}/subset.npz", "wb") as fh:
+            fh.write(buffer.getvalue())
+    shards = _SHARD_WRITERS[fmt](fs, root, len(rows), shard_size, class_names) if fmt in _SHARD_WRITERS else None
+    for start in range(0, len(rows), _ROWS_PER_READ):
+        chunk = slice(start, start + _ROWS_PER_READ)
+        if fmt == "image-folder":
+            _write_images(fs, root, _pixels(split, rows[chunk], images), labels[chunk], ids[chunk], class_names, manifest[chunk])
+        elif shards is not None:
+            shards.write(_pixels(split, rows[chunk], images), labels[chunk], ids[chunk], manifest[chunk])
+        elif fmt == "jsonl":
+            texts = split["texts"].get_orthogonal_selection((rows[chunk],))
+            with fs.open(f"{root}/subset.jsonl", "a" if start else "w") as fh:
+                for entry, text in zip(manifest[chunk], texts):
+                    fh.write(json.dumps({"id": entry["id"], "text": str(text), "label": entry["label"]}) + "\n")
+        if progress:
+            progress(min(start + _ROWS_PER_READ, len(rows)), len(rows))
+    with fs.open(f"{root}/manifest.jsonl", "w") as fh:
+        fh.writelines(json.dumps(entry) + "\n" for entry in manifest)
+    return len(rows)
+
+
+def _replace(fs, new: str, root: str, previous: bool) -> None:
+    """Move the finished export folder ``new`` to ``root``. Locally ``root`` (a previous export,
+    or an empty folder) is renamed aside first and removed once the new one is in place; on
+    object stores, which have no folders to rename, a previous export is removed and the new
+    one copied over."""
+    if isinstance(fs, LocalFileSystem):
+        aside = f"{new}.replaced"
+        if fs.exists(root):
+            os.rename(root, aside)
+        os.rename(new, root)
+        if os.path.exists(aside):
+            shutil.rmtree(aside)
+        return
+    if previous:
+        fs.rm(root, recursive=True)
+    fs.mv(new, root, recursive=True)
 
 
 def _check_target(fs, root: str, out_url: str, overwrite: bool) -> bool:
     """Whether ``root`` holds a previous export to replace (``overwrite``); raises when it holds
-    anything else. Nothing is deleted here: the subset is checked first."""
+    anything else. Nothing is deleted here: it is replaced once the new export is complete."""
     if fs.exists(root) and not fs.isdir(root):
         raise DQInputError(f"{out_url}: exists and is a file; export into a folder")
     entries = sorted(fs.ls(root, detail=False)) if fs.exists(root) else []
