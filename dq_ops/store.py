@@ -55,7 +55,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,8 @@ ARTIFACT_KINDS = ("datasets", "embeddings", "bins", "subsets", "patches", "model
 STAGING = ".staging"
 LOCKS = ".locks"  # lock files of local stores (dq_ops.locks)
 _ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# What Store.write_snapshot appends to a dataset's name: the snapshot's name without its record.
+_SNAPSHOT_SUFFIX = re.compile(r"-[0-9a-f]{12}$")
 # Rows hashed per read when digesting an array: bounds memory for arrays of any size.
 _DIGEST_BLOCK_BYTES = 64 * 2**20
 # Errors a damaged chunk raises while decoding: a checksum mismatch (ValueError), a codec's own
@@ -145,6 +147,24 @@ def file_digest(url: str, storage_options: Mapping[str, Any] | None = None) -> s
     return _FILE_DIGESTS[stamp]
 
 
+class _WrittenCrc32c(Crc32cCodec):
+    """CRC32C that strips a chunk's checksum without verifying it: for the commit's read-back of
+    chunks just encoded (their checksums computed from the very bytes being read back). Never
+    stored: the metadata names the standard ``crc32c``, and every later read verifies it."""
+
+    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
+        return chunk_spec.prototype.buffer.from_array_like(chunk_bytes.as_numpy_array()[:-4])
+
+
+def _without_verifying(array: zarr.Array) -> zarr.Array:
+    """``array`` read through :class:`_WrittenCrc32c`: the same values, one checksum pass fewer."""
+    codecs = tuple(_WrittenCrc32c() if isinstance(c, Crc32cCodec) else c for c in array.metadata.codecs)
+    if codecs == tuple(array.metadata.codecs):
+        return array
+    stored = array._async_array
+    return zarr.Array(zarr.AsyncArray(metadata=replace(array.metadata, codecs=codecs), store_path=stored.store_path, config=stored.config))
+
+
 def array_digest(array: zarr.Array) -> str:
     """sha256 over an array's dtype, shape and values, read in bounded row blocks."""
     digest = hashlib.sha256(f"{array.dtype}|{array.shape}".encode())
@@ -170,13 +190,16 @@ def array_digest(array: zarr.Array) -> str:
     return digest.hexdigest()
 
 
-def group_digest(group: zarr.Group) -> str:
-    """sha256 over every array below ``group`` (sorted by path) and its non-``dq`` attributes."""
+def group_digest(group: zarr.Group, *, verify: bool = True) -> str:
+    """sha256 over every array below ``group`` (sorted by path) and its non-``dq`` attributes.
+
+    ``verify=False`` skips the chunk checksums: for a commit's read-back of what it just wrote
+    (the digest is the same; a chunk damaged since fails its checksum at its first real read)."""
     digest = hashlib.sha256()
     for path, array in sorted(group.arrays(), key=lambda item: item[0]):
-        digest.update(f"{path}={array_digest(array)};".encode())
+        digest.update(f"{path}={array_digest(array if verify else _without_verifying(array))};".encode())
     for path, sub in sorted(group.groups(), key=lambda item: item[0]):
-        digest.update(f"{path}/{group_digest(sub)};".encode())
+        digest.update(f"{path}/{group_digest(sub, verify=verify)};".encode())
     digest.update(canonical_json({k: v for k, v in group.attrs.asdict().items() if k != "dq"}).encode())
     return digest.hexdigest()
 
@@ -185,7 +208,11 @@ def decode_problem(group: zarr.Group) -> str | None:
     """The first chunk below ``group`` that does not decode (its checksum or codec fails), or None.
 
     Reads every chunk once; what ``dq verify`` and :meth:`Store.reading` use to find damage."""
-    for path, array in sorted(group.members(max_depth=None), key=lambda item: item[0]):
+    try:
+        members = sorted(group.members(max_depth=None), key=lambda item: item[0])
+    except ValueError as exc:  # an array's zarr.json no longer parses
+        return f"an array's zarr.json does not parse ({type(exc).__name__}: {exc})"
+    for path, array in members:
         if not isinstance(array, zarr.Array):
             continue
         for block in np.ndindex(*array.cdata_shape):
@@ -384,26 +411,37 @@ class Store:
         url = self.artifact_url(kind, name)
         if not self.fs.exists(self._path(kind, name, "zarr.json")):
             ref = self.read_ref(kind, name)
-            if ref is None or not ref.get("latest"):
-                raise DQStoreError(f"{url}: no such artifact")
-            return self.open(kind, ref["latest"])  # a dataset's name opens its latest snapshot
-        group = self._open_group(url, "r")
-        record = group.attrs.get("dq")
+            if ref is not None and ref.get("latest"):
+                return self.open(kind, ref["latest"])  # a dataset's name opens its latest snapshot
+            if self.fs.exists(self._path(kind, name)):  # published groups are moved whole: it was lost since
+                raise self.damaged(kind, name, "zarr.json (the group's metadata and record) is missing", {})
+            raise DQStoreError(f"{url}: no such artifact")
+        try:
+            group = self._open_group(url, "r")
+            record = group.attrs.get("dq")
+        except ValueError as exc:  # its zarr.json no longer parses
+            raise self.damaged(kind, name, f"zarr.json does not parse ({type(exc).__name__}: {exc})", {}) from None
         if not isinstance(record, dict) or not record.get("complete"):
             raise DQStoreError(f"{url}: artifact is incomplete (an interrupted write?)")
         if "chunks" in record:  # absent in artifacts written before chunk counts were recorded
             found = self._chunk_counts((kind, name), record["chunks"])
             for path, count in sorted(record["chunks"].items()):
+                if found[path] < 0:
+                    raise self.damaged(kind, name, f"{path}/zarr.json (the array's metadata) is missing", record)
                 if found[path] < count:
                     raise self.damaged(kind, name, f"{path}: {count - found[path]} of {count} chunks missing", record)
         return Artifact(kind, name, url, group, record)
 
     def _chunk_counts(self, parts: Sequence[str], arrays: Sequence[str]) -> dict[str, int]:
-        """Chunk files the store lists for each array path below the group at ``parts``: one
-        listing of the group, whatever the number of arrays."""
+        """Chunk files the store lists for each array path below the group at ``parts`` (-1 for
+        an array whose ``zarr.json`` is missing): one listing of the group, whatever the number
+        of arrays."""
         root = self._path(*parts)
-        files = self.fs.find(root)
-        return {path: sum(1 for f in files if f.startswith(f"{root}/{path}/c/")) for path in arrays}
+        files = set(self.fs.find(root))
+        return {
+            path: sum(1 for f in files if f.startswith(f"{root}/{path}/c/")) if f"{root}/{path}/zarr.json" in files else -1
+            for path in arrays
+        }
 
     def damaged(self, kind: str, name: str, problem: str, record: Mapping[str, Any]) -> DQDamagedError:
         """The error for a damaged ``kind/name`` whose ``dq`` record is ``record``: what is wrong
@@ -420,7 +458,7 @@ class Store:
         ``record``) from its source."""
         params = record.get("params", {})
         flags = [("--format", params.get("format")), ("--url", record.get("source", "<source>")),
-                 ("--name", record.get("snapshot_of", name)), ("--store", self.url),
+                 ("--name", record.get("snapshot_of") or _SNAPSHOT_SUFFIX.sub("", name)), ("--store", self.url),
                  ("--limit", params.get("limit")), ("--resize", params.get("resize"))]
         if params.get("on_error") == "skip":
             flags.append(("--on-error", "skip"))
@@ -470,7 +508,7 @@ class Store:
             except DQInputError:
                 raise
             except DECODE_ERRORS as exc:
-                if not _DECODE_MESSAGE.search(str(exc)):
+                if not (_DECODE_MESSAGE.search(str(exc)) or isinstance(exc, json.JSONDecodeError)):  # (metadata)
                     raise
                 for artifact in artifacts():
                     if (problem := decode_problem(artifact.group)) is not None:
@@ -544,7 +582,9 @@ class Store:
         The fingerprint covers kind, content, parameters and inputs, never names or timings, so a
         rebuilt artifact reproduces it.
         """
-        content = group_digest(group)
+        # The chunks' checksums were computed from these very bytes: verifying them here again
+        # would double the checksum's cost, and a chunk damaged since fails at its first read.
+        content = group_digest(group, verify=False)
         arrays = [path for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
         return {
             "kind": kind,

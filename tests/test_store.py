@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from dq_ops.store import (
     Store,
     default_compressor,
     derive_key,
+    group_digest,
     open_zarr_store,
     write_array,
 )
@@ -270,3 +272,46 @@ def test_artifacts_written_before_checksums_still_open_and_verify_says_so(store:
     assert store.verify().damaged == []
     (damage,) = store.verify(deep=True).damaged
     assert "no longer matches the digest recorded at commit" in damage.problem
+
+
+@pytest.mark.parametrize(("lost", "problem"), [
+    ("zarr.json", "zarr.json (the group's metadata and record) is missing"),
+    ("features/zarr.json", "features/zarr.json (the array's metadata) is missing"),
+])
+def test_lost_metadata_is_damage_naming_the_artifact(store: Store, lost, problem):
+    _write(store)
+    store.fs.rm(f"{store._root}/embeddings/toy/{lost}")
+    with pytest.raises(DQDamagedError, match=rf"embeddings/toy is damaged: {re.escape(problem)}; the next run recomputes it"):
+        store.open("embeddings", "toy")
+    (damage,) = store.verify().damaged
+    assert damage.problem == problem
+
+
+@pytest.mark.parametrize("overwritten", ["zarr.json", "features/zarr.json"])
+def test_overwritten_metadata_is_damage_naming_the_artifact(store: Store, overwritten):
+    _write(store)
+    path = f"{store._root}/embeddings/toy/{overwritten}"
+    data = bytearray(store.fs.cat_file(path))
+    data[len(data) // 2:len(data) // 2 + 12] = bytes(12)
+    store.fs.pipe_file(path, bytes(data))
+    (damage,) = store.verify().damaged
+    assert "zarr.json does not parse" in damage.problem and damage.url.endswith("embeddings/toy")
+
+
+def test_a_lost_snapshot_record_still_names_the_ingest_of_its_dataset(store: Store):
+    with store.write_snapshot("datasets", "fm", {"format": "npz"}, source="/data/fm.npz") as write:
+        write_array(write.group.create_group("train"), "labels", np.arange(4))
+    store.fs.rm(f"{store._root}/datasets/{write.artifact.name}/zarr.json")
+    (damage,) = store.verify().damaged
+    assert f"dq ingest --url <source> --name fm --store {store.url}" in damage.repair
+
+
+def test_the_commit_reads_back_without_verifying_and_records_the_verified_digest(store: Store):
+    artifact = _write(store, chunk_rows=2)
+    assert artifact.record["content_digest"] == group_digest(artifact.group)
+    path = _chunk_path(store, "toy", "1/0")  # a chunk's stored checksum changed: values intact
+    data = bytearray(store.fs.cat_file(path))
+    data[-1] ^= 0xFF
+    store.fs.pipe_file(path, bytes(data))
+    assert group_digest(store.open("embeddings", "toy").group, verify=False) == artifact.record["content_digest"]
+    assert "does not decode" in store.check("embeddings", "toy")  # every other read verifies
