@@ -26,8 +26,8 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -182,14 +182,25 @@ class BinsStage(Stage):
             self.store.write_ref(self.kind, self._lineage(), {"latest": artifact.name})
         return artifact
 
-    def _map(self, client: ClientSource, function: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
+    def _map(self, client: ClientSource, function: Callable[..., Any], jobs: list[tuple],
+             finished: Callable[[], None]) -> list[Any]:
         """``function(store_url, storage_options, embeddings_name, *job)`` for every job, on the
-        client's workers when there is one (started only when there are jobs), in job order."""
+        client's workers when there is one (started only when there are jobs), in job order;
+        ``finished()`` after each job, in the order they finish."""
         shared = (self.store.url, self.store.storage_options, self.embeddings.name)
         cluster = resolve_client(client) if jobs else None
         if cluster is None:
-            return [function(*shared, *job) for job in jobs]
-        return cluster.gather([cluster.submit(function, *shared, *job, pure=False) for job in jobs])
+            results = []
+            for job in jobs:
+                results.append(function(*shared, *job))
+                finished()
+            return results
+        from distributed import as_completed
+
+        futures = [cluster.submit(function, *shared, *job, pure=False) for job in jobs]
+        for _ in as_completed(futures):
+            finished()
+        return cluster.gather(futures)
 
     def _earlier_classes(self) -> dict[str, tuple[Artifact, int]]:
         """Class digest → (earlier bins artifact with this stage's parameters, its class label)."""
@@ -204,13 +215,13 @@ class BinsStage(Stage):
     def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         previous = self.previous()
         if previous is not None:
-            self._join(group, previous)
+            self._join(group, previous, progress)
         else:
             self._compute_exact(group, progress, client)
             group.attrs["joined_since_rebuild"] = 0
 
-    def _join(self, group: zarr.Group, previous: Artifact) -> None:
-        """Join the new (and relabelled) samples to ``previous``' bins."""
+    def _join(self, group: zarr.Group, previous: Artifact, progress: Progress | None) -> None:
+        """Join the new (and relabelled) samples to ``previous``' bins; ``progress`` counts classes."""
         labels = split_labels(self.dataset)
         ids = labelled_ids(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:], labels)
         earlier = dict(zip(labelled_ids(previous["ids"][:], np.asarray(previous["labels"][:])),
@@ -221,7 +232,9 @@ class BinsStage(Stage):
         classes = np.array([-1]) if classes is None else classes
         num_bins, kernel = self.config.num_bins, self.config.kernel
         self.classes_rebinned = []
-        for c, members in zip(classes, groups):
+        for done, (c, members) in enumerate(zip(classes, groups), 1):
+            if progress:
+                progress(done - 1, len(groups))
             local = bin_of_sample[members]
             if (local >= 0).all():
                 continue
@@ -235,6 +248,8 @@ class BinsStage(Stage):
                 local = join_bins(rows, local, num_bins, kernel=kernel)
             bin_of_sample[members] = local
             self.classes_rebinned.append(int(c))
+        if progress:
+            progress(len(groups), len(groups))
         sizes = [[int((bin_of_sample[members] == b).sum()) for b in range(num_bins)] for members in groups]
         self._write(group, bin_of_sample, labels, classes, sizes, [])
         group.attrs["joined_since_rebuild"] = joined
@@ -277,9 +292,19 @@ class BinsStage(Stage):
             else:
                 todo.append(c)
         self.classes_rebinned = [int(classes[c]) for c in todo]
+        # progress counts classes: those taken from earlier bins are done from the start
+        done = [len(groups) - len(todo)]
+
+        def class_finished() -> None:
+            done[0] += 1
+            if progress:
+                progress(done[0], len(groups))
+
+        if progress:
+            progress(done[0], len(groups))
         if is_running(client) or sum(len(groups[c]) for c in todo) > BINS_INLINE_ROWS:
             jobs = [(groups[c], budgets[c], kernel, self.config.memory_budget_mb) for c in todo]
-            class_bins = self._map(client, _class_bins_worker, jobs)
+            class_bins = self._map(client, _class_bins_worker, jobs, class_finished)
         else:
             # A refresh's few changed classes: here, their rows read in one pass (classes interleave
             # across every chunk; reading class by class would decode each chunk once per class),
@@ -293,12 +318,13 @@ class BinsStage(Stage):
                                            memory_budget_mb=self.config.memory_budget_mb)
 
             with single_threaded_blas(), ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-                class_bins = list(pool.map(bin_class, todo))
+                futures = [pool.submit(bin_class, c) for c in todo]
+                for _ in as_completed(futures):
+                    class_finished()
+                class_bins = [future.result() for future in futures]
         for c, bins in zip(todo, class_bins):
             for b, local in enumerate(bins):
                 bin_of_sample[groups[c][local]] = b
-        if progress:
-            progress(len(groups), len(groups))
         self._write(group, bin_of_sample, labels, classes, budgets.tolist(), digests)
 
 
@@ -315,17 +341,26 @@ def rounding_of(bins: Artifact) -> str:
 
 
 def subset_coverage(embeddings: Artifact, labels: np.ndarray | None, subset: np.ndarray,
-                    bins: list[np.ndarray]) -> dict[str, float]:
+                    bins: list[np.ndarray], progress: Progress | None = None) -> dict[str, float]:
     """:func:`dq_ops.coverage.coverage_from_blocks` over the embeddings' ``features`` (the
-    penultimate embedding, also in gradient mode), read one stored chunk of rows at a time."""
+    penultimate embedding, also in gradient mode), read one stored chunk of rows at a time
+    (``progress`` counts the rows gone through: the part of a subset stage that grows with the split)."""
     features = embeddings["features"]
     n = features.shape[0]
     labels = np.zeros(n, dtype=np.int64) if labels is None else labels
     queries = query_rows(n)
     step = features.chunks[0]
-    blocks = ((start, np.asarray(features[start:start + step])) for start in range(0, n, step))
+
+    def blocks() -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, n, step):
+            if progress:
+                progress(start, n)
+            yield start, np.asarray(features[start:start + step])
+        if progress:
+            progress(n, n)
+
     query_features = np.asarray(features.get_orthogonal_selection((queries, slice(None))))
-    return coverage_from_blocks(blocks, labels, subset, queries, query_features, bins).metrics()
+    return coverage_from_blocks(blocks(), labels, subset, queries, query_features, bins).metrics()
 
 
 class _SubsetStage(Stage):
@@ -352,7 +387,7 @@ class _SubsetStage(Stage):
         write_array(group, "ids", np.asarray(split["ids"].get_orthogonal_selection((indices,))))
         write_array(group, "labels", np.asarray(split["labels"].get_orthogonal_selection((indices,))))
         group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name,
-                                            "coverage": subset_coverage(self.embeddings, labels, indices, bins)})
+                                            "coverage": subset_coverage(self.embeddings, labels, indices, bins, progress)})
 
 
 class SampleStage(_SubsetStage):

@@ -143,8 +143,10 @@ class StageDisplay(logging.Handler):
                 if key not in self._bars:
                     if not self._bars:
                         self._live.start()
-                    self._bars[key] = self._live.add_task(name, total=total)
-                self._live.update(self._bars[key], completed=done, total=total)
+                    self._bars[key] = self._live.add_task(name, total=total, completed=done)
+                    self._live.refresh()  # drawn now: a stage shorter than a refresh interval shows its bar too
+                else:
+                    self._live.update(self._bars[key], completed=done, total=total)
             elif self.mode == "plain":
                 # the rate since the first report: a worker's start-up is not part of it
                 first_at, first_done = self._first.setdefault(key, (now, done))

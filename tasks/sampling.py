@@ -5,7 +5,7 @@ from __future__ import annotations
 from dq_ops.config import SamplingConfig
 from dq_ops.stages import BaselineStage, SampleStage
 from dq_ops.store import Store
-from tasks.common import StageResult, stage_task
+from tasks.common import ProgressArtifact, StageResult, stage_task
 
 
 def _dq(store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, ratio: float, seed: int,
@@ -20,7 +20,7 @@ def _baseline(
 
 
 def _result(stage: SampleStage | BaselineStage, method: str) -> StageResult:
-    artifact = stage.run()
+    artifact = stage.run(progress=ProgressArtifact(f"{method} subset at {stage.ratio:.1%}: coverage over the embeddings"))
     attrs = artifact.group.attrs
     return StageResult.from_artifact(stage.store, artifact, method=method, ratio=stage.ratio, size=attrs["size"],
                                      coverage=dict(attrs["coverage"]))

@@ -69,6 +69,9 @@ def test_a_terminal_shows_a_line_per_stage_and_live_bars_with_counts_and_eta(on_
     # the embeddings' bar: its name, the chunk counts, elapsed and ETA columns, drawn in place
     bars = [line for line in text.splitlines() if line.startswith("embed-fashion-mnist-") and "━" in line]
     assert any(re.search(r" [1-5]/6 .*ETA", line) for line in bars), bars
+    # the bins' bar counts classes, the subsets' the embedding rows their coverage went through
+    for stage, counts in (("bins-4-cosine", r" \d+/10 "), ("sample-dq-0.1", r" \d+/600 "), ("sample-random-0.1", r" \d+/600 ")):
+        assert any(line.startswith(stage) and "━" in line and re.search(counts, line) for line in text.splitlines()), stage
     assert "\x1b[2K" in on_a_terminal  # rich redraws the bar line in place
     assert "Finished in state Completed()" not in re.sub(r"dq-fashion-mnist-\S+: Finished", "", text)  # no anonymous lines
     assert "subset 10.0%" in text and "Traceback" not in text
@@ -87,6 +90,7 @@ def test_plain_output_has_stage_lines_progress_lines_and_no_control_characters(w
     # the worker's training steps, as plain lines: name, counts, share, elapsed and ETA
     progress = [line for line in run.stderr.splitlines() if re.search(r"\| train-dq@20%-seed0 +\d+/30 \(\d+%\), .* elapsed, ETA ", line)]
     assert progress, run.stderr
+    assert re.search(r"\| sample-dq-0\.2 +\d+/600 \(\d+%\), .* elapsed, ETA ", run.stderr), run.stderr  # the subset's rows
     assert "subset 20.0%" in run.stdout
 
 
