@@ -17,7 +17,9 @@ either way):
 After one uncounted warm-up round, the sides alternate for ``--repeats`` rounds. Reported: the
 medians of wall-clock throughput on both sides and their ratio, and, measured inside the "with"
 runs, the share of the process's CPU time spent in the checksum codec (encode and verify, timed
-per call with the calling thread's CPU clock). On a shared machine the A/B ratios carry the
+per call with the calling thread's CPU clock). A commit's read-back (the content digest) strips
+the checksums it has just computed without verifying them again (``dq_ops.store._WrittenCrc32c``,
+which costs nothing); every later read verifies them. On a shared machine the A/B ratios carry the
 machine's noise; the share does not, since the codec and the rest are timed in the same run.
 Also printed: what ``Store.open`` of the snapshot costs, and the chunk listing within it that
 finds lost chunks.
