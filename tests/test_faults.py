@@ -148,10 +148,19 @@ def test_ctrl_c_then_kill_9_during_embeddings_then_a_rerun_resumes_to_identical_
     assert list(store.glob(f"*/{STAGING}/*")) == []
 
 
-def test_a_run_closes_what_a_run_killed_before_it_left_running(prefect_harness, workspace):
-    """``kill -9`` mid-embeddings leaves the run's Prefect flow and task runs Running and its MLflow
-    run RUNNING (nothing was left to close them); the next run on the store finds the killed run's
-    record, sees its process gone, closes them (Crashed, FAILED) and says so in one line."""
+def _staged_images(store: Path) -> bool:
+    """Whether an ingest is writing the snapshot's training images into the store's staging."""
+    staging = store / "datasets" / STAGING
+    return staging.exists() and any(staging.glob("*/train/images"))
+
+
+@pytest.mark.parametrize("stage", ["ingest", "embeddings"])
+def test_a_run_closes_what_a_run_killed_before_it_left_running(prefect_harness, workspace, stage):
+    """``kill -9`` during ingest or mid-embeddings leaves the run's Prefect flow and task runs
+    Running (and its MLflow run RUNNING, once it was started: it starts while ingest runs); the next
+    run on the store finds the killed run's record, sees its process gone, closes them (Crashed,
+    FAILED) and says so in one line. The run killed during ingest reads all 70,000 images of
+    Fashion-MNIST (a window of seconds); the run after it, the light 600."""
     import mlflow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -159,10 +168,16 @@ def test_a_run_closes_what_a_run_killed_before_it_left_running(prefect_harness, 
 
     root = workspace["root"]
     env = workspace["env"] | {"PREFECT_API_URL": PREFECT_API_URL.value()}  # one server for both runs
-    store = root / "crashed-store"
+    store = root / f"crashed-during-{stage}"
     config = _config(root, store)
-    proc = _start(config, env, root)
-    _wait_for_chunks(proc, store, 1)
+    if stage == "ingest":
+        whole = root / f"{store.name}-whole.yaml"
+        whole.write_text(yaml.safe_dump(yaml.safe_load(config.read_text()) | {"dataset": {}}))
+        proc = _start(whole, env, root)
+        wait_while_running(proc, lambda: _staged_images(store), every=0.05)
+    else:
+        proc = _start(config, env, root)
+        _wait_for_chunks(proc, store, 1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     (record,) = [json.loads(path.read_text()) for path in (store / "runs").glob("*.json")]
@@ -174,22 +189,36 @@ def test_a_run_closes_what_a_run_killed_before_it_left_running(prefect_harness, 
             task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         return flow_run.state.name, {run.name: run.state.name for run in task_runs}
 
-    tracking = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
-    experiment = tracking.get_experiment_by_name("dq").experiment_id
-    (killed,) = tracking.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    def mlflow_runs() -> list:
+        if not (store / "mlflow.db").exists():  # killed before its tracking store was made
+            return []
+        tracking = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+        experiment = tracking.get_experiment_by_name("dq")
+        return [] if experiment is None else tracking.search_runs(
+            [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+
     flow_state, task_states = prefect_states()
-    assert flow_state == "Running" and "Running" in task_states.values() and killed.info.status == "RUNNING"
+    assert flow_state == "Running"
+    if stage == "ingest":
+        # the server learns of a task run from its events, sent in batches: a kill may beat the first
+        assert set(task_states.items()) <= {("ingest-fashion-mnist", "Running")}, task_states
+    else:
+        assert "Running" in task_states.values(), task_states
+    open_tasks = bool(task_states)
+    killed = mlflow_runs()
+    assert [run.info.status for run in killed] == ["RUNNING"] * len(killed)
+    assert killed or stage == "ingest"  # mid-embeddings its MLflow run is there
 
     rerun = _finish(_start(config, env, root))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     said = [line for line in rerun.stderr.splitlines() if "whose process was killed" in line]
     assert len(said) == 1 and flow_run_id in said[0] and f"pid {record['pid']}" in said[0], rerun.stderr[-3000:]
-    assert "1 MLflow run(s) marked FAILED" in said[0]
+    assert f"{len(killed)} MLflow run(s) marked FAILED" in said[0]
     flow_state, task_states = prefect_states()
-    assert flow_state == "Crashed" and "Crashed" in task_states.values(), task_states
+    assert flow_state == "Crashed" and ("Crashed" in task_states.values() or not open_tasks), task_states
     assert not {"Running", "Pending", "Scheduled"} & set(task_states.values()), task_states
-    assert tracking.get_run(killed.info.run_id).info.status == "FAILED"
-    assert list((store / "runs").glob("*.json")) == []  # the killed run's record closed, the rerun's removed at its end
+    assert [run.info.status for run in mlflow_runs()] == ["FAILED"] * len(killed)
+    assert not (store / "runs").exists()  # the killed run's record closed, the rerun's removed at its end
 
     again = _finish(_start(config, env, root))  # nothing left to close: nothing said
     assert again.returncode == 0 and "whose process was killed" not in again.stderr, again.stderr[-3000:]
@@ -315,8 +344,7 @@ def test_kill_9_during_ingest_then_a_rerun_stores_the_same_snapshot(tmp_path):
     store = tmp_path / "store"
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", "--store", str(store)], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    staging = store / "datasets" / STAGING
-    wait_while_running(proc, lambda: staging.exists() and any(staging.glob("*/train/images")), every=0.05)
+    wait_while_running(proc, lambda: _staged_images(store), every=0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert Store(str(store)).list("datasets") == [] and Store(str(store)).read_ref("datasets", "fashion-mnist") is None
