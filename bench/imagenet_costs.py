@@ -86,7 +86,7 @@ class Stage:
     flow_images: int  # images (or image-steps) the stage processes for ImageNet-1k
     what: str  # how flow_images comes about
     parallel: int  # processes sharing the work on 2 cores
-    default_run: bool  # a stage of the flow with its default settings (else an alternative setting)
+    default_run: bool  # counted in the flow's default total (else a part of a row, or another setting)
     costs: list[Cost] = field(default_factory=list)
 
 
@@ -121,6 +121,11 @@ class Cost:
 
     wall: float
     cpu: float
+
+
+def figure(value: float) -> str:
+    """Three significant digits, thousands separated: the costs span 0.1 to 40,000."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def timed(work: Callable[[], object], images: int) -> Cost:
@@ -210,21 +215,21 @@ def main() -> None:
     arms = len(evaluation.arms)
     train_images, subset_images = (IMAGENET_TRAIN, "1.28M"), (subset, "60% subset")
     stage_list = [
-        Stage("ingest: read (JPEG decode, resize 224, ids)", read_source, *train_images, 1, False),
-        Stage("ingest: read + Zarr write", ingest_source, *train_images, 1, True),
+        Stage("ingest, of which the read (JPEG decode, resize 224, ids)", read_source, *train_images, 1, False),
+        Stage("ingest (read + Zarr write)", ingest_source, *train_images, 1, True),
         Stage(f"embeddings, Lite0 at {embedding.image_size} px (default)", embedder(embedding.image_size), *train_images, 2, True),
-        Stage("embeddings, Lite0 at 224 px", embedder(224), *train_images, 2, False),
+        Stage("embeddings, Lite0 at 224 px (alternative)", embedder(224), *train_images, 2, False),
         Stage(f"bins, 1,280-d, {args.bin_classes} classes of 1,281", bins, *train_images, 2, True),
         Stage(f"patch scoring, Grad-CAM++ at {patches.cam_image_size} px (default)", scorer(patches.cam_image_size),
               *subset_images, 2, True),
-        Stage("patch scoring, Grad-CAM++ at 224 px", scorer(224), *subset_images, 2, False),
+        Stage("patch scoring, Grad-CAM++ at 224 px (alternative)", scorer(224), *subset_images, 2, False),
         Stage(f"MAE training step, {patches.patch_size}-px patches (default)", mae_stages[patches.patch_size][0], mae_steps,
               f"{patches.mae_epochs} epochs × {patches.mae_train_samples:,}", 1, True),
         Stage(f"MAE reconstruction, {patches.patch_size}-px patches (default)", mae_stages[patches.patch_size][1],
               *subset_images, 2, True),
-        Stage("MAE training step, 16-px patches", mae_stages[16][0], mae_steps,
+        Stage("MAE training step, 16-px patches (alternative)", mae_stages[16][0], mae_steps,
               f"{patches.mae_epochs} epochs × {patches.mae_train_samples:,}", 1, False),
-        Stage("MAE reconstruction, 16-px patches", mae_stages[16][1], *subset_images, 2, False),
+        Stage("MAE reconstruction, 16-px patches (alternative)", mae_stages[16][1], *subset_images, 2, False),
         Stage(f"evaluation training, {evaluation.architecture} 224 px", evaluate, arms * trained,
               f"{arms} arms × {evaluation.epochs:g} epochs × {n_train:,}", 2, True),
     ]
@@ -249,8 +254,8 @@ def main() -> None:
         wall, cpu = (statistics.median(getattr(c, part) for c in stage.costs) for part in ("wall", "cpu"))
         hours = stage.flow_images * cpu / stage.parallel / 3600
         total += hours if stage.default_run else 0.0
-        print(f"| {stage.name}{'' if stage.default_run else ' (alternative)'} | {1000 * wall:,.1f} | {1000 * cpu:,.1f} | "
-              f"{stage.flow_images:,} ({stage.what}) | {stage.parallel} | {hours:,.1f} |")
+        print(f"| {stage.name} | {figure(1000 * wall)} | {figure(1000 * cpu)} | {stage.flow_images:,} ({stage.what}) | "
+              f"{stage.parallel} | {figure(hours)} |")
     print(f"\nThe flow's defaults end to end (ingest with its write, embeddings at {embedding.image_size} px, bins, "
           f"Grad-CAM++ at {patches.cam_image_size} px, the {patches.patch_size}-px MAE, evaluation): {total:,.0f} h "
           f"≈ {total / 24:,.1f} days on these 2 cores.")
