@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -241,6 +242,7 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             print(f"  repeat {repeat + 1}: {stage.name}: {1000 * stage.costs[-1].wall:.1f} s wall, "
                   f"{1000 * stage.costs[-1].cpu:.1f} s CPU per 1,000 (load {loads[-1]:.1f})", flush=True)
+    shutil.rmtree(work)  # the source shard and one store per ingest measurement
 
     mean_kb = statistics.mean(len(j) for j in jpegs) / 1024
     print(f"\nImageNet-like inputs: {args.images} Fashion-MNIST images as {JPEG_SIZE[0]}×{JPEG_SIZE[1]} colour JPEGs "
