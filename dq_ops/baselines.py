@@ -23,14 +23,17 @@ from dq_ops.sampling import check_ratio, keep_count
 
 
 def select_random(
-    features: np.ndarray | FeatureRows,
+    features: np.ndarray | FeatureRows | int,
     labels: np.ndarray | None,
     ratio: float,
     seed: int,
     *,
     sizes: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
-    """Uniform random subset: a seeded permutation prefix per class (nested across ratios)."""
+    """Uniform random subset: a seeded permutation prefix per class (nested across ratios).
+
+    The draw depends on the class sizes alone, so ``features`` may be just the row count: a
+    caller that holds no features then need not read them (n·d values for nothing)."""
     return _per_class(features, labels, ratio, seed, sizes, lambda rows, k, rng: rng.permutation(len(rows))[:k])
 
 
@@ -80,7 +83,8 @@ def _per_class(
     select: Callable[[FeatureRows, int, np.random.Generator], np.ndarray],
 ) -> np.ndarray:
     ratio = check_ratio(ratio)
-    rows = checked_rows(features)
+    # A row count (select_random's) stands for features no selector reads: a class's rows are its indices.
+    rows = np.arange(features) if isinstance(features, int) else checked_rows(features)
     classes, groups = class_groups(labels, len(rows))
     if sizes is None:
         counts = [keep_count(len(g), ratio) for g in groups]

@@ -359,7 +359,12 @@ def subset_coverage(embeddings: Artifact, labels: np.ndarray | None, subset: np.
         if progress:
             progress(n, n)
 
-    query_features = np.asarray(features.get_orthogonal_selection((queries, slice(None))))
+    # The query rows chunk by chunk too: one orthogonal read of them decodes every chunk at once.
+    query_features = np.concatenate(
+        [np.asarray(features[start:start + step])[picked - start]
+         for start in range(0, n, step) if (picked := queries[(queries >= start) & (queries < start + step)]).size]
+        or [np.zeros((0, *features.shape[1:]), dtype=features.dtype)]
+    )
     return coverage_from_blocks(blocks(), labels, subset, queries, query_features, bins).metrics()
 
 
@@ -433,7 +438,10 @@ class BaselineStage(_SubsetStage):
 
     def select(self, bins: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray:
         sizes = sample_sizes(bins, labels, self.ratio, rounding_of(self.bins))
-        return BASELINES[self.method](embedding_rows(self.embeddings), labels, self.ratio, self.seed, sizes=sizes)
+        # A random draw depends on the class sizes alone: the (n, d) features stay in the store
+        # (read whole, the flow process would hold several copies of them at once).
+        rows = self.embeddings["features"].shape[0] if self.method == "random" else embedding_rows(self.embeddings)
+        return BASELINES[self.method](rows, labels, self.ratio, self.seed, sizes=sizes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,6 +74,14 @@ def test_random_depends_on_seed_and_nests_across_ratios(real):
     assert np.all(np.isin(a, select_random(x, labels, 0.3, seed=0)))
 
 
+def test_random_needs_only_the_row_count(real):
+    x, labels, bin_of_sample = real
+    sizes = sample_sizes([np.flatnonzero(bin_of_sample == b) for b in range(10)], labels, 0.125)
+    for class_labels, class_sizes in ((labels, sizes), (None, None)):
+        assert np.array_equal(select_random(len(x), class_labels, 0.125, seed=5, sizes=class_sizes),
+                              select_random(x, class_labels, 0.125, seed=5, sizes=class_sizes))
+
+
 def test_kcenter_matches_brute_force_and_covers_better_than_random(real):
     x, _, _ = real
     x = x[:300]
