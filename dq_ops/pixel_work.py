@@ -54,9 +54,12 @@ def get_mae(mae: Artifact) -> MaskedAutoencoder:
 
 
 def keep_top_patches(classifier: Classifier, images: np.ndarray, patch_size: int, drop_ratio: float,
-                 batch_size: int = 64) -> PackedPatches:
+                     batch_size: int = 16) -> PackedPatches:
     """Grad-CAM++ of each image for its own predicted class, pooled to the patch grid; the top
-    ``1 − θ`` patches kept (pure: arrays in, packed patches out)."""
+    ``1 − θ`` patches kept (pure: arrays in, packed patches out).
+
+    ``batch_size`` bounds the activations the backward pass keeps, the largest memory of a patch
+    worker; the maps do not depend on it (the model is in eval mode)."""
     device = next(classifier.model.parameters()).device
     cam = gradcam_plus_plus(classifier.model, classifier.target_layer, classifier.preprocess(images, device), batch_size)
     keep = select_patches(patch_scores(cam, patch_grid(images.shape[1:3], patch_size)), drop_ratio)
