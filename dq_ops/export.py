@@ -165,7 +165,11 @@ def _replace(fs, new: str, root: str, previous: bool) -> None:
         return
     if previous:
         fs.rm(root, recursive=True)
-    fs.mv(new, root, recursive=True)
+    # File by file: a recursive move also copies the folder's own key, which object stores do not have.
+    fs.invalidate_cache(new)
+    for path in fs.find(new):
+        fs.copy(path, f"{root}{path[len(new):]}")
+    fs.rm(new, recursive=True)
 
 
 def _check_target(fs, root: str, out_url: str, overwrite: bool) -> bool:

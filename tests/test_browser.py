@@ -80,7 +80,7 @@ def test_mlflow_ui_shows_the_run_and_its_accuracy(chromium, screenshots, ops_sta
     )
     page = context.new_page()
     page.goto(f"{ops_stack.topology.mlflow_url}/#/experiments/{experiment['experiment_id']}/runs/{mlflow_run['info']['run_id']}")
-    page.get_by_text("accuracy_dq_r0.1_mean").first.wait_for()
+    page.get_by_text("accuracy_dq_r0.1_mean").first.wait_for(timeout=120_000)  # the run page renders slowly on a loaded machine
     assistant = page.get_by_role("button", name="Close")  # MLflow opens its assistant panel on a first visit
     if assistant.count():
         assistant.first.click()
