@@ -2,8 +2,9 @@
 the store), the Prefect artifacts and the MLflow records. The one place a run shows itself.
 
 The parent MLflow run's metrics sit at ``step`` = the run's index among the runs of its dataset
-and settings (:attr:`~tasks.summary.RunSummary.schedule_step`), so a schedule's charts read as
-lines over time; each arm's nested run has one step per evaluation seed.
+and settings (:attr:`~tasks.summary.RunSummary.schedule_step`); the same metrics go at the same
+step to the schedule's one trend run (:func:`trend_key`), where each reads as a line over the
+schedule's runs. Each arm's nested run has one step per evaluation seed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -20,6 +22,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from dq_ops.config import DQConfig
 from dq_ops.selection import CATEGORIES
+from dq_ops.store import derive_key
+from dq_ops.urls import redact_credentials
 from tasks.report import bin_gallery, bin_size_plot, bin_size_rows, render_report
 from tasks.summary import RunSummary, SubsetRun
 from tasks.tracking import Tracker
@@ -39,7 +43,12 @@ def publish_run(config: DQConfig, tracker: Tracker, summary: RunSummary, run_nam
     for s in summary.subsets:
         _publish_selection(tracker, s)
     _log_evaluations(config, tracker, summary, step)
-    tracker.log_metrics(run_metrics(summary), step=step)
+    metrics = run_metrics(summary)
+    tracker.log_metrics(metrics, step=step)
+    trend_run = tracker.log_trend(trend_key(summary), f"trend · {config.dataset.name}", {
+        "dq_dataset": config.dataset.name, "dq_store": store_identity(summary.store_url),
+        "dq_selection": summary.schedule.key,
+    }, metrics, step)
     tracker.set_tags({"dq_snapshot": summary.dataset.name})
     gallery = _publish_gallery(tracker, summary)
     report = render_report(config, summary, tracker.run_url, gallery)
@@ -51,6 +60,7 @@ def publish_run(config: DQConfig, tracker: Tracker, summary: RunSummary, run_nam
     bin_sizes = bin_size_rows(summary.bins.summary["classes"], summary.bins.summary["bin_sizes"], summary.class_names)
     create_table_artifact(bin_sizes, key="dq-bin-sizes", description="Samples per class and bin")
     create_link_artifact(tracker.run_url, link_text="MLflow run", key="dq-mlflow-run")
+    create_link_artifact(tracker.url_of(trend_run), link_text="MLflow trend of this schedule", key="dq-mlflow-trend")
     create_table_artifact(trend_rows(tracker.recent_runs(config.dataset.name, TREND_RUNS), config.sampling.ratios),
                           key=dataset_key("dq-trend", config.dataset.name),
                           description=f"The last {TREND_RUNS} runs of {config.dataset.name}, oldest first")
@@ -61,6 +71,22 @@ def publish_run(config: DQConfig, tracker: Tracker, summary: RunSummary, run_nam
         if s.reconstruction:
             tracker.log_bytes(s.reconstruction.open()["preview_png"][:].tobytes(), f"pictures/reconstruction_r{s.ratio}.png")
     return report_url
+
+
+def trend_key(summary: RunSummary) -> str:
+    """The schedule a run belongs to, as its trend run's ``dq_trend`` tag: its store and the
+    selection history that numbers its steps (:attr:`~tasks.summary.RunSummary.schedule`), so
+    the trend's steps are that history's; ``<dataset>-<16 hex digits>``."""
+    selection = summary.schedule.key
+    dataset = summary.dataset.summary["dataset"]
+    return f"{dataset}-{derive_key('trend', {'store': store_identity(summary.store_url), 'selection': selection})}"
+
+
+def store_identity(url: str) -> str:
+    """A store's URL as every run of it names it: a local path absolute, no password."""
+    if "://" not in url or url.startswith("file://"):
+        return str(Path(url.removeprefix("file://")).resolve())
+    return redact_credentials(url)
 
 
 def run_metrics(summary: RunSummary) -> dict[str, float]:

@@ -23,6 +23,7 @@ def record_selection(
     history = selection_history(store, key)
     change = last_change(history)
     return SelectionRecord(
+        key=key,
         diff=diff,
         diff_url=diff.filename and f"{subset.url}/{diff.filename}",
         previous_run=history[-2] if len(history) > 1 else None,

@@ -99,8 +99,10 @@ class SelectionRecord:
     ``previous_run`` is the entry of the run before (None on a first run), ``last_change`` the
     latest entry that changed the selection, this run's included (None if none did), and
     ``position`` this run's index in the history: its place in the schedule of these settings.
+    ``key`` names that history (the store's ref ``refs/subsets/<key>.json``).
     """
 
+    key: str
     diff: SelectionDiff
     diff_url: str | None  # this run's id lists, when it changed the selection
     previous_run: dict[str, Any] | None
@@ -183,10 +185,16 @@ class RunSummary:
         return subset.size / self.train_size
 
     @property
+    def schedule(self) -> SelectionRecord:
+        """The selection history that numbers this run in its schedule: the longest of its keep
+        ratios' (so a ratio added later joins the line; ties go to the first key, whatever the
+        order of the ratios)."""
+        return min((s.selection for s in self.subsets), key=lambda record: (-record.position, record.key))
+
+    @property
     def schedule_step(self) -> int:
-        """This run's index among the runs of its dataset and settings (0 for the first): the
-        longest selection history of its keep ratios, so a ratio added later joins the line."""
-        return max((s.selection.position for s in self.subsets), default=0)
+        """This run's index among the runs of its dataset and settings (0 for the first)."""
+        return self.schedule.position
 
     def to_json(self, report_path: str, tracking_uri: str, mlflow_run_id: str) -> dict[str, Any]:
         """The flow's result: plain JSON, readable without dq's classes (a deployment's caller)."""

@@ -1,4 +1,5 @@
-"""MLflow tracking: one parent run per flow run, nested runs per evaluation arm.
+"""MLflow tracking: one parent run per flow run, nested runs per evaluation arm, and one trend
+run per schedule (:meth:`Tracker.log_trend`) that carries every run's metrics at its step.
 
 Everything goes through an explicit ``MlflowClient`` and run ids rather than MLflow's
 thread-local "active run", because Prefect runs tasks in worker threads. Only the flow's own
@@ -28,6 +29,7 @@ MLFLOW_DB_NAME = "mlflow.db"
 # MLflow 3's UI opens an experiment by its kind: a training one on its runs table, an untagged one
 # in the GenAI view, which shows no runs.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+TREND_TAG = "dq_trend"  # a trend run's schedule key: how each run of the schedule finds it
 
 
 def _local_root(config: DQConfig) -> Path:
@@ -62,10 +64,19 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 
 def _setup_lock(uri: str) -> AbstractContextManager[None]:
-    """A lock beside a sqlite tracking database (its first use runs migrations); none for servers."""
+    """A lock beside a sqlite tracking database, held while a run makes what concurrent runs share
+    (its first use runs migrations; the experiment; a schedule's trend run); none for servers."""
     if uri.startswith("sqlite:///"):
         return file_lock(uri.removeprefix("sqlite:///") + ".lock")
     return nullcontext()
+
+
+def _log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], timestamp_ms: int, step: int) -> None:
+    from mlflow.entities import Metric
+
+    items = [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items() if v is not None]
+    for start in range(0, len(items), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=items[start:start + 1000])
 
 
 def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
@@ -83,19 +94,25 @@ class _Session:
         import mlflow
 
         with _setup_lock(uri):  # concurrent runs: one creates (migrates) the database and the experiment
-            self.client = mlflow.MlflowClient(tracking_uri=uri)
+            self.uri, self.client = uri, mlflow.MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                self.experiment_id = self.client.create_experiment(
-                    experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                try:
+                    self.experiment_id = self.client.create_experiment(
+                        experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                except mlflow.MlflowException as exc:  # a server has no lock: a concurrent run made it first
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
             else:
                 self.experiment_id = found.experiment_id
                 if EXPERIMENT_KIND_TAG not in found.tags:  # made before dq set its kind; a user's choice stays
                     self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        self.run_id = ""
+        self.run_id, self.run_name, self.start_time = "", "", 0
 
     def start_run(self, run_name: str, tags: dict[str, str], params: Mapping[str, Any]) -> tuple[str, str]:
-        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        info = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info
+        self.run_id, self.run_name, self.start_time = info.run_id, info.run_name, info.start_time
         _log_params(self.client, self.run_id, params)
         return self.experiment_id, self.run_id
 
@@ -103,12 +120,41 @@ class _Session:
         _log_params(self.client, run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], run_id: str, step: int) -> None:
-        from mlflow.entities import Metric
+        _log_metrics(self.client, run_id, metrics, int(time.time() * 1000), step)
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+    def log_trend(self, key: str, name: str, tags: Mapping[str, str], metrics: Mapping[str, float], step: int) -> str:
+        """Log ``metrics`` to the trend run ``key`` at ``step``, timed at this run's start (so a
+        chart over wall time spaces the points by the runs' dates); returns the trend run's id.
+
+        A metric the trend run already has at ``step`` (a retried run) keeps that point: MLflow
+        would add a second one. The trend run names the run of its latest step
+        (``dq_latest_run_id``, ``dq_latest_run_name``, a link in its description), this run names
+        the trend run (``dq_trend_run_id``), and the trend run ends FINISHED each time."""
+        trend = self._trend_run(key, name, tags)
+        trend_id = trend.info.run_id
+        logged = {k for k in trend.data.metrics.keys() & metrics.keys()
+                  if any(point.step == step for point in self.client.get_metric_history(trend_id, k))}
+        _log_metrics(self.client, trend_id, {k: v for k, v in metrics.items() if k not in logged}, self.start_time, step)
+        if step >= int(trend.data.tags.get("dq_latest_step", -1)):  # a re-logged older step leaves the latest
+            link = f"[{self.run_name}](#/experiments/{self.experiment_id}/runs/{self.run_id})"
+            self.set_tags(trend_id, {
+                "dq_latest_step": str(step), "dq_latest_run_id": self.run_id, "dq_latest_run_name": self.run_name,
+                "mlflow.note.content": f"The metrics of every dq run of this schedule, one step per run. Latest: {link}.",
+            })
+        self.client.set_terminated(trend_id, status="FINISHED")
+        self.client.set_tag(self.run_id, "dq_trend_run_id", trend_id)
+        return trend_id
+
+    def _trend_run(self, key: str, name: str, tags: Mapping[str, str]) -> Any:
+        """The trend run ``key`` (the oldest, should a deployment without locks have made two),
+        made when there is none; see :meth:`Tracker.log_trend` for the locks around it."""
+        with _setup_lock(self.uri):
+            found = self.client.search_runs([self.experiment_id], f"tags.{TREND_TAG} = '{key}'",
+                                             order_by=["attributes.start_time ASC"], max_results=1)
+            if found:
+                return found[0]
+            return self.client.create_run(self.experiment_id, run_name=name,
+                                          tags={**tags, TREND_TAG: key, "dq_role": "trend"})
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
@@ -225,6 +271,7 @@ class Tracker:
         self.uri = resolve_tracking_uri(config)
         target = (self.uri, config.tracking.experiment, _location(config, self.uri))
         self._process, self._connection = _prewarmed.pop(target, None) or _spawn(target)
+        self._store_url = config.store_url
         self._lock = threading.Lock()  # one call at a time: Prefect runs tasks in threads
         self._ids: tuple[str, str] | None = None
         self._error: tuple[str, str, str] | None = None
@@ -293,8 +340,12 @@ class Tracker:
     @property
     def run_url(self) -> str:
         """Where the run shows up: on the tracking server, or in ``mlflow ui`` on its default port."""
+        return self.url_of(self.run_id)
+
+    def url_of(self, run_id: str) -> str:
+        """Where a run of this experiment shows up (see :attr:`run_url`)."""
         base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         self._call("log_params", run_id, dict(params))
@@ -304,6 +355,23 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, str], run_id: str | None = None) -> None:
         self._call("set_tags", run_id or self.run_id, dict(tags))
+
+    def log_trend(self, key: str, name: str, tags: Mapping[str, str], metrics: Mapping[str, float], step: int) -> str:
+        """Log ``metrics`` at ``step`` to the long-lived trend run of the schedule ``key`` too (found
+        by its tag ``dq_trend``, made as ``name`` with ``tags`` when there is none), so each metric
+        reads as one line over the schedule's runs; a step it already has keeps its points. Returns
+        the trend run's id.
+
+        Concurrent runs must not make two trend runs. Runs of one schedule share its store (their
+        steps come from its history): on a local store they find or make the trend run and log to
+        it one at a time under the store's lock, whatever the tracking backend; on a sqlite
+        database they find or make it under the lock beside it, whatever the store. With an object
+        store and a tracking server, one run of a schedule at a time is up to the deployment, as it
+        is for the store's own history (:mod:`dq_ops.locks`)."""
+        from dq_ops.store import Store  # zarr and numpy: not at import, which the tracking process shares
+
+        with Store(self._store_url).lock("trend", key):
+            return self._call("log_trend", key, name, dict(tags), dict(metrics), step)
 
     def recent_runs(self, dataset: str, limit: int) -> list[dict[str, Any]]:
         """The latest ``limit`` finished flow runs of ``dataset`` (this one included), newest first."""

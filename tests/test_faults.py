@@ -112,8 +112,10 @@ def test_two_runs_on_one_store_at_once_both_succeed(reference):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("dq")
-    finished = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    finished = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED' and tags.dq_role = 'flow'")
     assert len(finished) == 2
+    (trend,) = client.search_runs([experiment.experiment_id], filter_string="tags.dq_role = 'trend'")  # one per schedule
+    assert {run.data.tags["dq_trend_run_id"] for run in finished} == {trend.info.run_id}
 
 
 def test_ctrl_c_then_kill_9_during_embeddings_then_a_rerun_resumes_to_identical_results(workspace, reference):
