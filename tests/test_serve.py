@@ -197,8 +197,8 @@ def test_a_served_schedule_explains_every_version_of_a_changing_source(prefect_s
     """The four-version schedule through ``serve.py``: each version of the source (rewritten in
     place, as its owner updates it) is quantized by a run of the served deployment; the store keeps
     each change's id lists and every run's history entry, the reports say what changed since the
-    previous run, MLflow has each run's per-ratio counts at a step per run, and the last run's
-    Prefect trend table lists them all."""
+    previous run, MLflow has each run's per-ratio counts at a step per run and the schedule's trend
+    run has them as lines, and the last run's Prefect trend table lists them all."""
     import mlflow
 
     source = tmp_path / "source.npz"
@@ -279,12 +279,13 @@ def test_a_served_schedule_explains_every_version_of_a_changing_source(prefect_s
     # MLflow: each run's per-ratio counts.
     tracking = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
     experiment = tracking.get_experiment_by_name("dq").experiment_id
-    metrics, run_ids = [], []
+    metrics, run_ids, churns = [], [], []
     for run in runs:
         (tracked,) = tracking.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{run.id}'")
         assert tracked.info.status == "FINISHED"
         metrics.append({c: tracked.data.metrics[f"selection_{c}_r{ALL}"] for c in (*CATEGORIES, "churn")})
         run_ids.append(tracked.info.run_id)
+        churns.append(tracked.data.metrics["selection_churn_r0.25"])
         assert "selection_churn_r0.25" in tracked.data.metrics and "selection_churn" not in tracked.data.metrics
     assert [{c: m[c] for c in CATEGORIES} for m in metrics] == [
         dict.fromkeys(CATEGORIES, 0), counts[1], counts[2], counts[3]]
@@ -294,6 +295,17 @@ def test_a_served_schedule_explains_every_version_of_a_changing_source(prefect_s
     # schedule), the experiment opening on its runs; in Prefect the last runs in one table.
     steps = [[m.step for m in tracking.get_metric_history(run_id, f"selection_churn_r{ALL}")] for run_id in run_ids]
     assert steps == [[0], [1], [2], [3]]
+    # ... and one trend run for the schedule (both keep ratios), each metric one line over the runs.
+    (trend,) = tracking.search_runs([experiment], "tags.dq_role = 'trend'")
+    assert trend.info.status == "FINISHED" and trend.data.tags["dq_latest_run_id"] == run_ids[-1]
+    assert {tracking.get_run(run_id).data.tags["dq_trend_run_id"] for run_id in run_ids} == {trend.info.run_id}
+
+    def line(metric: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in tracking.get_metric_history(trend.info.run_id, metric)]
+
+    for category in (*CATEGORIES, "churn"):
+        assert line(f"selection_{category}_r{ALL}") == list(enumerate(m[category] for m in metrics)), category
+    assert line("selection_churn_r0.25") == list(enumerate(churns))
     assert tracking.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
     with SyncPrefectClient(prefect_server["PREFECT_API_URL"]) as client:
         (trend,) = client.read_artifacts(artifact_filter=ArtifactFilter(
