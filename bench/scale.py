@@ -723,6 +723,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_samples = args.test_samples if args.test_samples is not None else min(10_000, max(1, args.samples // 10))
     layout = Layout(args.samples, test_samples, args.shard_rows, args.size, args.seed)
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the shell started us ignoring it
     print(f"scale bench: {layout.samples:,} training + {test_samples:,} test samples, {layout.size} px RGB, "
           f"{layout.train_shards} training shards; load average {os.getloadavg()}", flush=True)
     cached = build_source(layout, args.cache, args.jobs)
