@@ -7,6 +7,12 @@ moves to it. Re-ingesting unchanged content finds the same snapshot; a failed in
 snapshot and the pointer as they were. The dataset group's attributes hold ``modality``
 ("images" or "texts"), ``class_names`` (or null) and ``source_format``.
 
+Sources stored as shards (Parquet, WebDataset) are spread over dask workers when a cluster runs
+or the source is large: each worker decodes whole shards into parts of the staging group, then
+each output chunk is gathered from the parts on a worker and the parts are removed. The flow
+process holds shard lists and counts, never pixels, and the snapshot is byte-identical to the one
+a single process writes (same rows in the same order, same chunks, same fingerprint).
+
 The artifact's parameters are the dataset settings that shape its content (format, limit, resize,
 error policy, text fields, label field). The source URL and the dataset name are left out, so the
 same data ingested from another place has the same fingerprint and downstream caches still hit.
@@ -16,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -24,13 +31,21 @@ import zarr
 from dq_ops.config import DatasetConfig
 from dq_ops.errors import DQInputError
 from dq_ops.progress import Progress
-from dq_ops.readers import Batch, SkippedItem, open_reader
-from dq_ops.store import Store, write_array
+from dq_ops.readers import Batch, Reader, SkippedItem, open_reader
+from dq_ops.readers.base import ItemErrors, OnError, PartitionedReader
+from dq_ops.stage import is_running, resolve_client
+from dq_ops.store import Store, open_zarr_store, write_array
+
+if TYPE_CHECKING:
+    from dq_ops.stage import ClientSource
 
 # Bumped when what ingest writes for the same source changes (it enters the ingest cache key).
 INGEST_VERSION = 2
 # Samples per reader batch: small enough for large images (256 × 224² RGB ≈ 38 MB).
 BATCH_SIZE = 256
+# A sharded source this large is spread over workers even when no cluster runs yet: decoding it
+# here would take longer than starting a local cluster.
+SPREAD_MIN_SAMPLES = 20_000
 
 
 @dataclass(frozen=True)
@@ -49,11 +64,15 @@ class IngestResult:
     skipped: list[SkippedItem]
 
 
-def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = None) -> IngestResult:
+def ingest(
+    config: DatasetConfig, store: Store, *, progress: Progress | None = None, client: ClientSource = None,
+) -> IngestResult:
     """Read ``config``'s source and store it as a snapshot of ``datasets/<config.name>``.
 
-    ``progress(done, total)`` is called after every batch; ``total`` counts the samples the
-    source announces (after ``limit``), so with skipped items ``done`` may end below it.
+    ``progress(done, total)`` is called after every batch (every part when spread over
+    workers); ``total`` counts the samples the source announces (after ``limit``), so with
+    skipped items ``done`` may end below it. ``client``: a dask client, or a function that
+    starts one, for sharded sources (module docstring); without, everything is read here.
     Raises :class:`DQInputError` naming the file or record at fault.
     """
     reader = open_reader(config)
@@ -78,10 +97,16 @@ def ingest(config: DatasetConfig, store: Store, *, progress: Progress | None = N
     with store.write_snapshot("datasets", config.name, params, source=config.url) as snapshot:
         group = snapshot.group
         for split, source, test_side in plan:
-            batches = reader.iter_batches(source, BATCH_SIZE)
-            if test_side is not None:
-                batches = _hold_out(batches, config.test_fraction, test_side)
-            counts[split] = _write_split(group.create_group(split), reader.modality, batches, capacity[split], tick)
+            hold_out = None if test_side is None else (config.test_fraction, test_side)
+            if _spreads(reader, source, client):
+                spread = _SpreadSplit(reader, source, hold_out, config.on_error, f"{snapshot.url}/{split}",
+                                      store.storage_options, capacity[split])
+                counts[split] = spread.write(group.create_group(split), resolve_client(client), tick)
+            else:
+                batches = reader.iter_batches(source, BATCH_SIZE)
+                if hold_out is not None:
+                    batches = _hold_out(batches, *hold_out)
+                counts[split] = _write_split(group.create_group(split), reader.modality, batches, capacity[split], tick)
             if counts[split] == 0:
                 skipped = f" ({len(reader.skipped)} bad items skipped)" if reader.skipped else ""
                 raise DQInputError(f"{reader.source}: split {split!r} has no samples (empty dataset){skipped}")
@@ -115,6 +140,171 @@ def _hold_out(batches: Iterator[Batch], fraction: float, test_side: bool) -> Ite
         rows = held_out(batch.ids, fraction) == test_side
         if rows.any():
             yield Batch(batch.samples[rows], batch.labels[rows], batch.ids[rows])
+
+
+def _spreads(reader: Reader, split: str, client: ClientSource) -> bool:
+    """Whether ``split`` is read on dask workers: a sharded source of several shards, with a
+    cluster running or a source large enough to start one."""
+    if client is None or not isinstance(reader, PartitionedReader) or len(reader.parts(split)) < 2:
+        return False
+    return is_running(client) or reader.num_samples(split) >= SPREAD_MIN_SAMPLES
+
+
+@dataclass(frozen=True)
+class PartJob:
+    """Decode one part of a split on a worker into its own group at ``url``."""
+
+    part: Any
+    take: int | None  # at most this many good samples (the split's limit falls inside this part)
+    hold_out: tuple[float, bool] | None  # (test fraction, keep the held-out side?)
+    on_error: OnError
+    url: str
+    storage_options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PartWritten:
+    rows: int  # rows written (after the hold-out)
+    good: int  # good samples read (before it: what the limit counts)
+    skipped: list[SkippedItem] = field(default_factory=list)
+
+
+def write_part(job: PartJob, reader: PartitionedReader) -> PartWritten:
+    """Worker side: decode ``job.part`` with ``reader`` and write its rows as ``images|texts, labels, ids``."""
+    errors = ItemErrors(job.on_error)
+    good = 0
+
+    def counted(batches: Iterator[Batch]) -> Iterator[Batch]:
+        nonlocal good
+        for batch in batches:
+            good += len(batch)
+            yield batch
+
+    batches = counted(reader.part_batches(job.part, BATCH_SIZE, job.take, errors))
+    if job.hold_out is not None:
+        batches = _hold_out(batches, *job.hold_out)
+    group = zarr.open_group(open_zarr_store(job.url, job.storage_options), mode="w")
+    rows = _write_split(group, reader.modality, batches, job.part.samples, lambda n: None)
+    return PartWritten(rows, good, errors.skipped)
+
+
+@dataclass(frozen=True)
+class GatherJob:
+    """Fill rows ``[start, stop)`` of a split's arrays (whole chunks) from consecutive parts."""
+
+    url: str
+    storage_options: dict[str, Any]
+    start: int
+    stop: int
+    pieces: list[tuple[str, int, int]]  # (part URL, first row, end row), in order
+
+
+def gather_rows(job: GatherJob) -> int:
+    """Worker side: copy the pieces' rows into the split's arrays."""
+    split = zarr.open_group(open_zarr_store(job.url, job.storage_options), mode="r+")
+    parts = [(zarr.open_group(open_zarr_store(url, job.storage_options), mode="r"), a, b) for url, a, b in job.pieces]
+    for name in split.array_keys():
+        split[name][job.start:job.stop] = np.concatenate([np.asarray(part[name][a:b]) for part, a, b in parts])
+    return job.stop - job.start
+
+
+@dataclass
+class _SpreadSplit:
+    """One output split read on dask workers: parts decoded in waves, then gathered chunk by chunk.
+
+    The split's ``limit`` counts good samples in read order: parts whose bounds fit in what is left
+    are read whole, at once; the part the limit falls in is read alone, capped, and so on until
+    the limit is reached or the parts run out.
+    """
+
+    reader: PartitionedReader
+    source: str
+    hold_out: tuple[float, bool] | None
+    on_error: OnError
+    url: str
+    storage_options: dict[str, Any]
+    capacity: int
+
+    def write(self, group: zarr.Group, client: Any, tick: Callable[[int], None]) -> int:
+        parts = self.reader.parts(self.source)
+        limit = self.reader.num_samples(self.source)
+        group.create_group("parts")  # the workers' parts, removed once gathered
+        [reader] = client.scatter([self.reader], hash=False)  # sent to the workers once, not with every job
+        written: list[tuple[str, PartWritten]] = []
+        good, next_part = 0, 0
+        while good < limit and next_part < len(parts):
+            wave, bound, take = [], 0, None
+            while next_part < len(parts) and bound + parts[next_part].samples <= limit - good:
+                wave.append(next_part)
+                bound += parts[next_part].samples
+                next_part += 1
+            if not wave:  # the limit falls inside the next part
+                wave, take, next_part = [next_part], limit - good, next_part + 1
+            jobs = [PartJob(parts[k], take, self.hold_out, self.on_error, f"{self.url}/parts/{k}", self.storage_options)
+                    for k in wave]
+            for job, done in zip(jobs, _run_all(client, write_part, jobs, lambda d: tick(d.rows), reader)):
+                written.append((job.url, done))
+                self.reader.skipped.extend(done.skipped)
+                good += done.good
+        rows = self._gather(group, client, [(url, done.rows) for url, done in written if done.rows])
+        del group["parts"]
+        return rows
+
+    def _gather(self, group: zarr.Group, client: Any, parts: list[tuple[str, int]]) -> int:
+        """Create the split's arrays as a single writer would (so chunks and bytes match) and fill
+        them from the parts, one job per output chunk."""
+        total = sum(rows for _, rows in parts)
+        if total == 0:
+            return 0
+        first = zarr.open_group(open_zarr_store(parts[0][0], self.storage_options), mode="r")
+        sample_name = "images" if self.reader.modality == "images" else "texts"
+        samples = first[sample_name]
+        arrays = [write_array(group, sample_name, shape=(self.capacity, *samples.shape[1:]), dtype=samples.dtype)]
+        chunk_rows = arrays[0].chunks[0]
+        arrays += [write_array(group, "labels", shape=(self.capacity,), dtype=np.int64, chunk_rows=chunk_rows),
+                   write_array(group, "ids", shape=(self.capacity,), dtype=str, chunk_rows=chunk_rows)]
+        offsets = np.cumsum([0] + [rows for _, rows in parts])
+        jobs = []
+        for start in range(0, total, chunk_rows):
+            stop = min(total, start + chunk_rows)
+            pieces = [(url, max(start, lo) - lo, min(stop, hi) - lo)
+                      for (url, _), lo, hi in zip(parts, offsets[:-1].tolist(), offsets[1:].tolist()) if lo < stop and hi > start]
+            jobs.append(GatherJob(self.url, self.storage_options, start, stop, pieces))
+        _run_all(client, gather_rows, jobs, lambda _: None)
+        if total < self.capacity:
+            for array in arrays:
+                array.resize((total, *array.shape[1:]))
+        return total
+
+
+def _run_all(client: Any, function: Callable[..., Any], jobs: list[Any], finished: Callable[[Any], None],
+             *shared: Any) -> list[Any]:
+    """``function(job, *shared)`` for every job on the cluster (``shared``: scattered data); results
+    in job order, ``finished(result)`` as each completes.
+
+    A failed job cancels the jobs after it; those before it run on, so the error raised is the
+    earliest in job order: the one a single reader would have met first.
+    """
+    import distributed
+
+    futures = [client.submit(function, job, *shared, pure=False) for job in jobs]
+    position = {future.key: k for k, future in enumerate(futures)}
+    first_failed = len(futures)
+    try:
+        for future in distributed.as_completed(futures):
+            k = position[future.key]
+            if k > first_failed or future.cancelled():
+                continue
+            if future.status == "error":
+                first_failed = k
+                client.cancel([f for f in futures[k + 1:] if not f.done()])
+            else:
+                finished(future.result())
+    finally:
+        client.cancel([f for f in futures if not f.done()])  # interrupted: nothing left running
+    if first_failed < len(futures):
+        raise futures[first_failed].exception()
+    return [future.result() for future in futures]
 
 
 def _write_split(

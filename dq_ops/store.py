@@ -342,9 +342,11 @@ class VerifyResult:
 
 @dataclass
 class SnapshotWrite:
-    """A snapshot being written: the staging ``group`` to fill; ``artifact`` once committed."""
+    """A snapshot being written: the staging ``group`` to fill (at ``url``, for dask workers);
+    ``artifact`` once committed."""
 
     group: zarr.Group
+    url: str
     artifact: Artifact | None = None
 
 
@@ -625,7 +627,8 @@ class Store:
         staging = f"{base}-{uuid.uuid4().hex[:12]}"
         with self.writing(), self._staging_lock(kind, staging):
             try:  # from the staging group's creation on: a full disk can fail it half made
-                write = SnapshotWrite(self._open_group(self.artifact_url(kind, f"{STAGING}/{staging}"), "w"))
+                url = self.artifact_url(kind, f"{STAGING}/{staging}")
+                write = SnapshotWrite(self._open_group(url, "w"), url)
                 yield write
                 record = self._record(kind, staging, write.group, params, inputs)
                 name = f"{base}-{record['fingerprint'][:12]}"

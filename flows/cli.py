@@ -72,6 +72,7 @@ def _ingest(args: argparse.Namespace, console: Console) -> int:
     from dq_ops.ingest import ingest
     from dq_ops.preflight import check_store_writable
     from dq_ops.store import Store
+    from tasks.cluster import close_dask_clients, dask_client
 
     config = DQConfig.from_yaml(args.config) if args.config else DQConfig()
     flags = {"format": args.format, "url": args.url, "name": args.name, "limit": args.limit,
@@ -87,8 +88,11 @@ def _ingest(args: argparse.Namespace, console: Console) -> int:
     store = Store(store_url)
     store.clean_staging()  # what killed runs left behind
 
-    with console.progress(f"ingest {dataset.name}") as progress:
-        result = ingest(dataset, store, progress=progress)
+    try:  # a sharded source is decoded on the configured cluster's workers (started only for one)
+        with console.progress(f"ingest {dataset.name}") as progress:
+            result = ingest(dataset, store, progress=progress, client=lambda: dask_client(config.cluster))
+    finally:
+        close_dask_clients()
 
     print(f"ingested {result.name} ({dataset.format}, {result.modality}) from {result.source}")
     for split, count in result.counts.items():

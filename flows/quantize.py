@@ -70,7 +70,7 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         recorded = record_run(store, str(flow_run.get_id()), run_name)
         precision = cluster_precision(config.cluster)
         with timed("ingest"):
-            dataset = ingest_dataset(config.dataset, store_url)
+            dataset = ingest_dataset(config.dataset, store_url, config.cluster)
         preflight(config, dataset.open())  # what the data must allow, before the expensive stages
         tracker.wait()  # and a reachable MLflow (it connected while ingest ran)
         crashed = close_crashed_runs(store, tracker)

@@ -13,10 +13,11 @@ from typing import Any
 
 from prefect import task
 
-from dq_ops.config import DatasetConfig
+from dq_ops.config import ClusterConfig, DatasetConfig
 from dq_ops.ingest import INGEST_VERSION, ingest
 from dq_ops.store import Store
 from dq_ops.urls import filesystem, is_glob
+from tasks.cluster import dask_client
 from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, source_cache_key
 
 
@@ -38,8 +39,8 @@ def source_signature(url: str) -> str:
     return digest.hexdigest()
 
 
-def _ingest_material(config: DatasetConfig, store_url: str) -> dict[str, Any]:
-    """The dataset settings plus the source's current signature."""
+def _ingest_material(config: DatasetConfig, store_url: str, **_: object) -> dict[str, Any]:
+    """The dataset settings plus the source's current signature (where it runs is no part of it)."""
     return {"config": config.model_dump(mode="json"), "source": source_signature(config.url), "version": INGEST_VERSION}
 
 
@@ -51,11 +52,12 @@ def _ingest_material(config: DatasetConfig, store_url: str) -> dict[str, Any]:
     retry_condition_fn=retry_unless_bad_input,
     retry_delay_seconds=5,
 )
-def ingest_dataset(config: DatasetConfig, store_url: str) -> StageResult:
-    """Ingest the source and return the dataset snapshot with per-split counts."""
+def ingest_dataset(config: DatasetConfig, store_url: str, cluster: ClusterConfig) -> StageResult:
+    """Ingest the source and return the dataset snapshot with per-split counts; a sharded source
+    is decoded on the cluster's workers (``dq_ops.ingest``)."""
     progress = ProgressArtifact(f"Ingesting {config.name} from {config.url}")
     store = Store(store_url)
-    result = ingest(config, store, progress=progress)
+    result = ingest(config, store, progress=progress, client=lambda: dask_client(cluster))
     return StageResult.from_artifact(
         store, store.open("datasets", result.name),
         **{

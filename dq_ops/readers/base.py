@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import fsspec
 import numpy as np
@@ -78,6 +78,19 @@ class Reader(Protocol):
     def class_names(self) -> list[str] | None: ...
 
     def iter_batches(self, split: str, batch_size: int) -> Iterator[Batch]: ...
+
+
+@runtime_checkable
+class PartitionedReader(Reader, Protocol):
+    """A reader whose splits come in parts (shards) that decode independently: ingest spreads
+    them over dask workers (``dq_ops.ingest``). Concatenated in order, the parts' samples are
+    ``iter_batches``' samples."""
+
+    def parts(self, split: str) -> list[Any]:
+        """The split's parts in read order; each has ``samples``, an upper bound of what it holds."""
+
+    def part_batches(self, part: Any, batch_size: int, take: int | None, errors: ItemErrors) -> Iterator[Batch]:
+        """The first ``take`` (None: all) good samples of ``part``, decoded; bad ones go to ``errors``."""
 
 
 @dataclass

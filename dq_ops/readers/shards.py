@@ -91,6 +91,11 @@ class ShardReader:
         self._shards = {split: by_split[split] for split in order_splits(set(by_split))}
         self._gray, self._size = self._probe()
 
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled on a dask worker (ingest spreads shards): Pillow's pixel limit is per process.
+        self.__dict__.update(state)
+        allow_image_pixels(self._max_pixels)
+
     def _find(self, path: str) -> tuple[list[str], str]:
         """The shard files of ``path`` (folder, file or glob) and the root their names are relative to."""
         if is_glob(path):
@@ -145,41 +150,47 @@ class ShardReader:
         return None
 
     def iter_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
-        good = itertools.islice(self._decoded(split), self.num_samples(split))
-        while chunk := list(itertools.islice(good, batch_size)):
-            records, images = zip(*chunk)
-            stacked = np.stack(images)
-            positions = [record.id if record.id is not None else record.name for record in records]
-            yield Batch(stacked, np.array([record.label for record in records], dtype=np.int64), sample_ids(positions, stacked))
+        good = itertools.islice(self._decoded(self._shards[split], self._errors), self.num_samples(split))
+        yield from _batched(good, batch_size)
 
-    def _decoded(self, split: str) -> Iterator[tuple[Record, np.ndarray]]:
-        """The split's good records with their pixels, shard after shard."""
-        for shard in self._shards[split]:
-            for record in self._records(shard, self._errors):
-                pixels = self._decode(record)
+    def parts(self, split: str) -> list[Shard]:
+        """The split's shards in read order: the units ingest spreads over dask workers
+        (``dq_ops.ingest``); ``Shard.samples`` bounds what each holds."""
+        return list(self._shards[split])
+
+    def part_batches(self, part: Shard, batch_size: int, take: int | None, errors: ItemErrors) -> Iterator[Batch]:
+        """The first ``take`` (None: all) good samples of one shard, decoded, in batches; bad ones
+        go to ``errors``. Concatenated in :meth:`parts` order they are :meth:`iter_batches`' samples."""
+        yield from _batched(itertools.islice(self._decoded([part], errors), take), batch_size)
+
+    def _decoded(self, shards: list[Shard], errors: ItemErrors) -> Iterator[tuple[Record, np.ndarray]]:
+        """The good records of ``shards`` with their pixels, shard after shard."""
+        for shard in shards:
+            for record in self._records(shard, errors):
+                pixels = self._decode(record, errors)
                 if pixels is not None:
                     yield record, pixels
 
-    def _decode(self, record: Record) -> np.ndarray | None:
+    def _decode(self, record: Record, errors: ItemErrors) -> np.ndarray | None:
         """The stored pixels of one record, or ``None`` for a bad one (reported to the error policy)."""
         where = self._where(record.name)
         if record.label < NO_LABEL:
-            self._errors.bad(where, f"label {record.label}: labels must be >= 0, or -1 for 'no label'")
+            errors.bad(where, f"label {record.label}: labels must be >= 0, or -1 for 'no label'")
             return None
         try:
             image = Image.open(io.BytesIO(record.data))  # in memory: nothing to close
             if image.size[0] * image.size[1] > self._max_pixels:
-                self._errors.bad(where, too_large(image.size, self._max_pixels))
+                errors.bad(where, too_large(image.size, self._max_pixels))
                 return None
             image.load()
         except Image.DecompressionBombError:  # Pillow's limit (twice its warning limit) is above ours
-            self._errors.bad(where, too_large(None, self._max_pixels))
+            errors.bad(where, too_large(None, self._max_pixels))
             return None
         except UnidentifiedImageError:  # its message names a file object, not the sample
-            self._errors.bad(where, "corrupt image: Pillow cannot identify it as an image")
+            errors.bad(where, "corrupt image: Pillow cannot identify it as an image")
             return None
         except (OSError, SyntaxError, ValueError) as exc:  # Pillow raises all three on bad data
-            self._errors.bad(where, f"corrupt image ({exc})")
+            errors.bad(where, f"corrupt image ({exc})")
             return None
         mode, size = image.mode, image.size
         if self._gray and mode not in GRAY_MODES:
@@ -200,6 +211,14 @@ class ShardReader:
             image = resize_image(image, self._resize)
         pixels = np.asarray(image)
         return pixels[..., None] if self._gray else pixels
+
+
+def _batched(good: Iterator[tuple[Record, np.ndarray]], batch_size: int) -> Iterator[Batch]:
+    while chunk := list(itertools.islice(good, batch_size)):
+        records, images = zip(*chunk)
+        stacked = np.stack(images)
+        positions = [record.id if record.id is not None else record.name for record in records]
+        yield Batch(stacked, np.array([record.label for record in records], dtype=np.int64), sample_ids(positions, stacked))
 
 
 def _split_of(name: str) -> str:
