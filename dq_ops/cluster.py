@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from dq_ops.config import ClusterConfig
 from dq_ops.errors import DQInputError
+from dq_ops.progress import Progress
 
 if TYPE_CHECKING:  # imported where a cluster starts: distributed is slow to import
     from distributed import Client
@@ -182,7 +183,7 @@ def dask_client(config: ClusterConfig) -> Iterator[Client]:
 
 
 def submit_reporting(client: Client, function: Callable[..., Any], *args: Any, key: str,
-                     progress: Callable[[int, int], None] | None) -> Any:
+                     progress: Progress | None) -> Any:
     """``function(*args, progress)`` as one task on ``client``'s workers; its result.
 
     Work that runs for minutes on a worker (a training) reports its own ``progress(done, total)``:

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from dq_ops.errors import DQInputError
 from dq_ops.mae_store import ReconstructedPatchDataset, load_mae_artifact
+from dq_ops.progress import Progress
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, DQDamagedError, DQStoreError, Store
 from dq_ops.urls import filesystem
 
@@ -76,7 +77,7 @@ def export_subset(
     fmt: ExportFormat,
     *,
     images: Callable[[np.ndarray], np.ndarray] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     overwrite: bool = False,
     shard_size: int = SHARD_SIZE,
 ) -> ExportResult:
@@ -105,7 +106,7 @@ def export_subset(
     if is_text != (fmt == "jsonl"):
         kind = "text" if is_text else "image"
         raise DQInputError(f"{dataset.url} holds {kind} samples: export it as {'jsonl' if is_text else 'image-folder, npz, parquet or webdataset'}, not {fmt}")
-    final_root, root = root, f"{root.rstrip('/')}.{uuid.uuid4().hex[:8]}.partial"
+    final_root, root = root, _partial_root(fs, root)
     try:
         with store.reading(lambda: [subset, dataset]):  # a chunk that fails to decode names its artifact
             samples = _write_export(fs, root, subset, split, fmt, images, progress, shard_size, dataset.group.attrs.get("class_names"))
@@ -117,7 +118,7 @@ def export_subset(
 
 
 def _write_export(fs, root: str, subset: Artifact, split, fmt: ExportFormat,
-                  images: Callable[[np.ndarray], np.ndarray] | None, progress: Callable[[int, int], None] | None,
+                  images: Callable[[np.ndarray], np.ndarray] | None, progress: Progress | None,
                   shard_size: int, class_names: list[str] | None) -> int:
     """Every file of the export into the new folder ``root``, the manifest last; returns the
     number of samples exported."""
@@ -150,11 +151,20 @@ def _write_export(fs, root: str, subset: Artifact, split, fmt: ExportFormat,
     return len(rows)
 
 
+def _partial_root(fs, root: str) -> str:
+    """Where the export is written before it is complete: beside ``root``, or inside it when
+    ``root`` is a bucket (nothing is beside a bucket)."""
+    tag = uuid.uuid4().hex[:8]
+    if not isinstance(fs, LocalFileSystem) and "/" not in root.strip("/"):
+        return f"{root.rstrip('/')}/.dq-export-{tag}.partial"
+    return f"{root.rstrip('/')}.{tag}.partial"
+
+
 def _replace(fs, new: str, root: str, previous: bool) -> None:
     """Move the finished export folder ``new`` to ``root``. Locally ``root`` (a previous export,
     or an empty folder) is renamed aside first and removed once the new one is in place; on
-    object stores, which have no folders to rename, a previous export is removed and the new
-    one copied over."""
+    object stores, which have no folders to rename, a previous export is removed (all of
+    ``root`` but ``new``, which may lie inside a bucket root) and the new one copied over."""
     if isinstance(fs, LocalFileSystem):
         aside = f"{new}.replaced"
         if fs.exists(root):
@@ -164,7 +174,9 @@ def _replace(fs, new: str, root: str, previous: bool) -> None:
             shutil.rmtree(aside)
         return
     if previous:
-        fs.rm(root, recursive=True)
+        for entry in fs.ls(root, detail=False):
+            if entry.rstrip("/") != new.rstrip("/"):
+                fs.rm(entry, recursive=True)
     # File by file: a recursive move also copies the folder's own key, which object stores do not have.
     fs.invalidate_cache(new)
     for path in fs.find(new):

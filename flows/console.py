@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, TextIO
 
+from dq_ops.progress import Progress
 from dq_ops.urls import redact_credentials
 from tasks.progress import LOGGER as STAGE_LOGGER
 
@@ -232,7 +233,7 @@ class Console:
         return console
 
     @contextmanager
-    def progress(self, name: str) -> Iterator[Callable[[int, int], None]]:
+    def progress(self, name: str) -> Iterator[Progress]:
         """A ``progress(done, total)`` callback for work outside a flow (``dq ingest``, ``dq export``):
         the same bar or plain lines as a stage's, gone when the block ends."""
         key = f"{name}-{time.monotonic_ns()}"

@@ -403,6 +403,45 @@ def test_shards_on_s3_ingest_export_and_ingest_back(tmp_path, fm, s3):
     np.testing.assert_array_equal(back["train"]["ids"], splits["train"]["ids"][rows])
 
 
+def test_an_export_to_a_bucket_root_is_written_inside_it_and_replaced_whole(tmp_path, fm, s3):
+    """Nothing is beside a bucket: the unfinished export lies inside it, and an overwrite
+    replaces the previous export without touching the new one."""
+    import os
+
+    from dq_ops.export import export_subset
+
+    images, labels = fm
+    settings, fs = s3
+    fs.mkdir("rootexports")
+    _hf_parquet(tmp_path / "src" / "train-00000-of-00001.parquet", images, labels.tolist())
+    store = Store(str(tmp_path / "store"))
+    ingest(DatasetConfig(format="parquet", url=str(tmp_path / "src"), name="fm"), store)
+    subset = _subset(store, "fm", np.arange(0, N, 3))  # 20 samples
+    buckets = set(fs.ls(""))
+    seen: list[set[str]] = []
+
+    def look(done: int, total: int) -> None:  # while the export is written: no bucket made for it
+        fs.invalidate_cache()
+        seen.append(set(fs.ls("")) - buckets)
+
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        export_subset(store, subset, "s3://rootexports", "webdataset", shard_size=8, progress=look)
+        assert seen and not any(seen)
+        fs.invalidate_cache()
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("rootexports")) == [
+            "manifest.jsonl", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+        export_subset(store, subset, "s3://rootexports", "parquet", shard_size=10, overwrite=True)
+        fs.invalidate_cache()
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("rootexports")) == [
+            "manifest.jsonl", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert len(fs.cat("rootexports/manifest.jsonl").decode().splitlines()) == 20
+
+
 def test_the_ingest_cache_key_sees_shards_added_to_a_glob(tmp_path, fm):
     from tasks.ingest import source_signature
 
@@ -413,3 +452,67 @@ def test_the_ingest_cache_key_sees_shards_added_to_a_glob(tmp_path, fm):
     assert source_signature(pattern) == first
     _tar(tmp_path / "train-000001.tar", _cls_samples(fm[0][5:10], fm[1][5:10], start=5))
     assert source_signature(pattern) != first
+
+
+# -- spread over dask workers -------------------------------------------------------------------
+def _artifact_files(artifact) -> dict[str, bytes]:
+    """Every file of an artifact below its root but its ``zarr.json`` (which names the snapshot)."""
+    root = Path(artifact.url)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p != root / "zarr.json"}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_an_ingest_spread_over_dask_workers_writes_the_single_process_snapshot(tmp_path, fm, fmt):
+    """Shards decoded on two worker processes, with a bad sample, a limit that falls inside a
+    shard and a hold-out: the same snapshot, byte for byte, as one process writes."""
+    from distributed import Client, LocalCluster
+
+    images, labels = fm
+    source = tmp_path / "src"
+    for k in range(5):  # 5 shards of 12; shards 2 and 4 hold an undecodable image
+        rows = range(12 * k, 12 * k + 12)
+        encoded = [_encode(images[r]) for r in rows]
+        if k in (2, 4):
+            encoded[4] = b"not an image"
+        if fmt == "parquet":
+            _hf_parquet(source / f"train-{k:05d}-of-00005.parquet", images[list(rows)], labels[list(rows)].tolist(),
+                        encoded=encoded)
+        else:
+            _tar(source / f"train-{k:06d}.tar", [(f"{r:06d}", {"png": e, "cls": str(int(labels[r])).encode()})
+                                                   for r, e in zip(rows, encoded)])
+    settings = [
+        {"on_error": "skip"},
+        {"on_error": "skip", "limit": 31},  # shards 0-1 whole, the limit falls inside shard 2
+        {"on_error": "skip", "test_fraction": 0.25},
+    ]
+    started: list[bool] = []
+    ticks: list[tuple[int, int]] = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            cluster.get_client() as client:
+
+        def start() -> Client:  # a cluster started on demand: a source this small never starts one
+            started.append(True)
+            return client
+
+        for number, extra in enumerate(settings):
+            config = DatasetConfig(format=fmt, url=str(source), name=f"d{number}", **extra)
+            alone = ingest(config, Store(str(tmp_path / f"alone{number}")))
+            assert ingest(config, Store(str(tmp_path / f"lazy{number}")), client=start).fingerprint == alone.fingerprint
+            assert not started
+            ticks.clear()
+            spread = ingest(config, Store(str(tmp_path / f"spread{number}")), client=client,
+                            progress=lambda done, total: ticks.append((done, total)))
+            assert (spread.fingerprint, spread.counts) == (alone.fingerprint, alone.counts)
+            assert [str(item) for item in spread.skipped] == [str(item) for item in alone.skipped]
+            stored = {p: Store(str(tmp_path / f"{p}{number}")).open("datasets", f"d{number}") for p in ("alone", "spread")}
+            assert _artifact_files(stored["spread"]) == _artifact_files(stored["alone"])
+            assert not any(path.startswith("parts") for split in alone.counts for path in _artifact_files(stored["spread"]))
+            assert ticks[-1][0] == sum(spread.counts.values())
+        assert alone.counts["train"] + alone.counts["test"] == 58
+        limited = Store(str(tmp_path / "spread1")).open("datasets", "d1")
+        np.testing.assert_array_equal(limited["train/labels"][:], np.delete(labels[:32], 28))
+
+        # under on_error="raise" the error names the first bad sample in read order (shard 2's, not 4's)
+        with pytest.raises(DQInputError, match=r"train-0+2[-.].*:(4|000028)\b"):
+            ingest(DatasetConfig(format=fmt, url=str(source), name="raise"), Store(str(tmp_path / "raise")), client=client)
+        assert Store(str(tmp_path / "raise")).list("datasets") == []
