@@ -114,7 +114,7 @@ def export_subset(
     finally:
         if fs.exists(root):
             fs.rm(root, recursive=True)
-    return ExportResult(out_url, fmt, samples, f"{final_root}/manifest.jsonl")
+    return ExportResult(out_url, fmt, samples, f"{out_url.rstrip('/')}/manifest.jsonl")  # the URL, protocol kept
 
 
 def _write_export(fs, root: str, subset: Artifact, split, fmt: ExportFormat,

@@ -391,6 +391,7 @@ def test_shards_on_s3_ingest_export_and_ingest_back(tmp_path, fm, s3):
     subset = _subset(Store(store), "fm", rows)
     done = dq("export", subset, "s3://shards/out", "--format", "webdataset", "--shard-size", "5", "--store", store, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert "manifest s3://shards/out/manifest.jsonl" in done.stdout
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("shards/out")) == [
         "manifest.jsonl", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
 
