@@ -19,12 +19,14 @@ holds the queries and one block.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from dq_ops.errors import DQInputError
+from dq_ops.features import single_threaded_blas
 
 UNCOVERED = 2.0  # the diameter of the unit sphere: samples of a class with nothing selected
 MAX_QUERIES = 5_000
@@ -71,8 +73,17 @@ def coverage_from_blocks(
     """Coverage of ``queries`` (rows of the split, with their ``query_features``) by ``subset``.
 
     ``blocks`` yields ``(first_row, features)`` blocks that together cover the split's rows in
-    order; only their selected rows are used. ``labels``: one per row of the split (all equal
-    for an unlabelled split).
+    order; only their selected rows are used. The next block is fetched (read and decoded by
+    the iterable) while the current one is measured. ``labels``: one per row of the split (all
+    equal for an unlabelled split).
+
+    Per block and class c, with :math:`Q_c` the class's unit query rows and :math:`S_c` its
+    unit selected rows in the block, ``‖q − s‖² = |q|² + |s|² − 2 q·s`` over
+    :math:`Q_c S_c^T`. The queries are grouped by class once (their rows and squared norms reused
+    by every block) and a block's selected rows by one stable sort of their labels, so the work
+    per block is the products, whatever the number of classes. The products are small (a class's
+    queries by its selected rows in one block) and many: one BLAS thread each (a second one
+    spin-waits between calls, which on shared cores costs more than it saves).
     """
     subset = np.asarray(subset, dtype=np.int64)
     queries = np.asarray(queries, dtype=np.int64)
@@ -84,40 +95,68 @@ def coverage_from_blocks(
     selected = np.zeros(len(labels), dtype=bool)
     selected[subset] = True
     units = _unit(query_features)
-    query_labels = labels[queries]
+    # Per class: the positions of its queries (ascending, as a boolean mask would give them),
+    # their unit rows and squared norms.
+    query_classes, query_order, query_starts = _groups(labels[queries])
+    query_groups = {}
+    for c, members in zip(query_classes.tolist(), np.split(query_order, query_starts[1:])):
+        q = units[members]
+        query_groups[c] = (members, q, (q * q).sum(1)[:, None])
     best = np.full(len(queries), UNCOVERED ** 2)
-    for start, block in blocks:
-        rows = start + np.flatnonzero(selected[start:start + len(block)])
-        if rows.size == 0:
-            continue
-        chosen = _unit(np.asarray(block)[rows - start])
-        for c in np.unique(labels[rows]):
-            mine, theirs = query_labels == c, labels[rows] == c
-            if not mine.any():
+    with single_threaded_blas():
+        for start, block in _read_ahead(blocks):
+            rows = start + np.flatnonzero(selected[start:start + len(block)])
+            if rows.size == 0:
                 continue
-            q, s = units[mine], chosen[theirs]
-            # ‖q − s‖² = |q|² + |s|² − 2 q·s for unit (or zero) rows
-            squared = (q * q).sum(1)[:, None] + (s * s).sum(1)[None, :] - 2.0 * (q @ s.T)
-            best[mine] = np.minimum(best[mine], squared.min(axis=1))
+            chosen = _unit(np.asarray(block)[rows - start])
+            classes, order, starts = _groups(labels[rows])
+            for c, members in zip(classes.tolist(), np.split(order, starts[1:])):
+                if c not in query_groups:
+                    continue
+                mine, q, q_squared = query_groups[c]
+                s = chosen[members]
+                squared = q_squared + (s * s).sum(1)[None, :] - 2.0 * (q @ s.T)
+                best[mine] = np.minimum(best[mine], squared.min(axis=1))
     distances = np.sqrt(np.clip(best, 0.0, None))
     distances[selected[queries]] = 0.0
-    classes = np.unique(labels)
-    split_share = np.array([np.mean(labels == c) for c in classes])
-    subset_share = np.array([np.mean(labels[subset] == c) for c in classes]) if subset.size else np.zeros(len(classes))
+    classes, split_counts = np.unique(labels, return_counts=True)
+    subset_class = np.searchsorted(classes, labels[subset])  # each selected sample's class, as a position in classes
+    subset_share = np.bincount(subset_class, minlength=len(classes)) / len(subset) if subset.size else np.zeros(len(classes))
     touched: dict[int, int] = {}
     if bins is not None:
         bin_of = np.full(len(labels), -1)
         for b, members in enumerate(bins):
             bin_of[np.asarray(members, dtype=np.int64)] = b
-        for c in classes:
-            picked = bin_of[subset[labels[subset] == c]]
-            touched[int(c)] = int(np.unique(picked[picked >= 0]).size)
+        picked = bin_of[subset]
+        in_a_bin = picked >= 0
+        class_and_bin = np.unique(subset_class[in_a_bin] * len(bins) + picked[in_a_bin])
+        bins_per_class = np.bincount(class_and_bin // len(bins), minlength=len(classes))
+        touched = {int(c): int(n) for c, n in zip(classes, bins_per_class)}
     return Coverage(
         mean=float(distances.mean()) if len(distances) else 0.0,
         p95=float(np.percentile(distances, 95)) if len(distances) else 0.0,
         queries=len(queries), bins_touched=touched,
-        class_share_error=float(np.abs(subset_share - split_share).max()),
+        class_share_error=float(np.abs(subset_share - split_counts / len(labels)).max()),
     )
+
+
+def _groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct ``values`` (sorted), the positions that sort ``values`` stably (each value's
+    positions ascending) and where each value's run starts in that order."""
+    order = np.argsort(values, kind="stable")
+    distinct, starts = np.unique(values[order], return_index=True)
+    return distinct, order, starts
+
+
+def _read_ahead(blocks: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+    """``blocks`` with the next one fetched on a thread while the caller works on the current one
+    (reading and decoding a stored chunk release the GIL)."""
+    iterator = iter(blocks)
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(next, iterator, None)
+        while (block := ahead.result()) is not None:
+            ahead = reader.submit(next, iterator, None)
+            yield block
 
 
 def subset_coverage(
