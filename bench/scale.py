@@ -1,8 +1,8 @@
 """dq at production size: a Parquet dataset on S3 through the real CLI, every stage's wall time,
 throughput and every process's peak memory, then a refresh.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/scale.py [--samples 1280000] [--size 32] \\
-        [--json out.json] [--compare-to smaller.json] [--no-refresh] [--keep-work]
+    PYTHONPATH=$PWD .venv/bin/python bench/scale.py [--samples 1280000] [--classes 1000] [--size 32] \\
+        [--json out.json] [--compare-to smaller.json] [--no-refresh] [--keep-work] [--generate-only]
 
 What it builds and starts (all on loopback, all stopped on exit, error and Ctrl-C included):
 
@@ -16,7 +16,21 @@ What it builds and starts (all on loopback, all stopped on exit, error and Ctrl-
    ``train-00000-of-000NN.parquet`` … and one ``test-00000-of-00001.parquet`` made the same way
    from the test images. Every sample's pixels depend only on (seed, its block of rows), so the
    shards are cached on local disk between invocations (``--cache``, a folder per samples, size,
-   seed and shard size) and uploaded to the S3 server on each run.
+   seed, shard size and classes) and uploaded to the S3 server on each run. ``--generate-only``
+   builds the cache and exits: generating 1,280,000 samples takes longer than is worth spending
+   inside a measured session, and a shard is written under a temporary name and renamed when
+   complete, so an interrupted generation resumes where it stopped.
+
+   **Classes.** ``--classes`` (a multiple of 10) spreads the samples over that many labels: the
+   garment's class times ``classes / 10`` tint groups, a group being a range of foreground colour
+   (each colour channel's range cut into a few equal parts; every group equally likely), so a
+   class is a kind of garment in one range of colours and stays visible in the pixels, which do
+   not depend on ``--classes``. The default, 1,000, is ImageNet-1k's shape (1,000 classes of
+   about 1,281 at 1,280,000 samples): the greedy behind the bins grows faster than linearly with
+   a class's size, so the same samples in Fashion-MNIST's 10 classes (``--classes 10``, 128,000
+   per class) would spend hours on bins alone (docs/benchmarks.md) and measure a shape that
+   production data rarely has. ``--classes 10`` keeps the shards (and the cache folder) of the
+   runs made before ``--classes`` existed.
 2. **The services.** moto's S3 server (as ``infra.services`` and ``tests/ops_fixtures.py`` start
    it) with one bucket; a Prefect server of this run's own (its own ``PREFECT_HOME``); ``dask
    scheduler`` and two ``dask worker`` processes (``--nthreads 1``, ``--memory-limit``, each with
@@ -84,6 +98,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dq_ops.readers.idx import FASHION_MNIST_CLASSES  # noqa: E402
+
 BIN = Path(sys.executable).parent
 BUCKET = "dq-scale"
 QUIET = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -99,19 +115,45 @@ EMBEDDED_LINE = re.compile(r"^embedded\s+(?P<n>[\d,]+) samples this run")
 # ---------------------------------------------------------------- the source
 
 
-def _tint(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(n, s, s) uint8 → (n, s, s, 3): a per-sample foreground and background colour."""
+FOREGROUND = (90, 255)  # range of every foreground colour channel (uniform)
+
+
+def _tint(gray: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(n, s, s) uint8 → (n, s, s, 3): a per-sample foreground and background colour; and the
+    (n, 3) foreground colours."""
     n = len(gray)
-    fg = rng.uniform(90, 255, size=(n, 1, 1, 3)).astype(np.float32)
+    fg = rng.uniform(*FOREGROUND, size=(n, 1, 1, 3)).astype(np.float32)
     bg = rng.uniform(0, 70, size=(n, 1, 1, 3)).astype(np.float32)
     alpha = gray[..., None].astype(np.float32) / 255
-    return (bg + (fg - bg) * alpha).round().astype(np.uint8)
+    return (bg + (fg - bg) * alpha).round().astype(np.uint8), fg.reshape(n, 3)
+
+
+def tint_levels(groups: int) -> tuple[int, int, int]:
+    """Levels per colour channel (red, green, blue) whose product is ``groups``, as even as
+    possible (the largest as small as it can be): 100 → (5, 5, 4)."""
+    splits = [(a, b, groups // (a * b)) for a in range(1, groups + 1) if groups % a == 0
+              for b in range(1, a + 1) if (groups // a) % b == 0 and groups // (a * b) <= b]
+    return min(splits, key=lambda levels: levels[0])
+
+
+def tint_group(foreground: np.ndarray, groups: int) -> np.ndarray:
+    """(n, 3) foreground colours → (n,) tint groups in [0, groups): each channel's range cut
+    into :func:`tint_levels` equal parts. The channels are independent and uniform, so every
+    group is equally likely."""
+    levels = np.array(tint_levels(groups))
+    low, high = FOREGROUND
+    level = np.minimum(((foreground - low) / (high - low) * levels).astype(np.int64), levels - 1)
+    return (level[:, 0] * levels[1] + level[:, 1]) * levels[2] + level[:, 2]
 
 
 def make_block(images: np.ndarray, labels: np.ndarray, start: int, stop: int, size: int, seed: int,
-               split: str) -> tuple[list[bytes], np.ndarray, list[str]]:
+               split: str, classes: int = 10) -> tuple[list[bytes], np.ndarray, list[str]]:
     """Samples ``start``..``stop`` of a split: PNG bytes, labels and ids. Deterministic in
-    (seed, split, start), so a cached shard and a refresh's new rows are reproducible."""
+    (seed, split, start), so a cached shard and a refresh's new rows are reproducible.
+
+    ``classes`` (a multiple of the 10 Fashion-MNIST classes): label = fashion class ·
+    (classes / 10) + :func:`tint_group` of the sample's foreground colour, so a class is a kind
+    of garment in one range of colours. The pixels do not depend on ``classes``."""
     from PIL import Image
 
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, start])
@@ -128,22 +170,29 @@ def make_block(images: np.ndarray, labels: np.ndarray, start: int, stop: int, si
     dy, dx = rng.integers(0, room + 1, size=n), rng.integers(0, room + 1, size=n)
     for i in range(n):
         canvas[i, dy[i]:dy[i] + inner, dx[i]:dx[i] + inner] = gray[i]
-    rgb = _tint(canvas, rng)
+    rgb, foreground = _tint(canvas, rng)
     encoded = []
     for pixels in rgb:
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
     ids = [f"{split}-{start + i:08d}" for i in range(n)]
-    return encoded, labels[source], ids
+    groups = classes // len(FASHION_MNIST_CLASSES)
+    return encoded, labels[source] * groups + tint_group(foreground, groups), ids
 
 
-def _schema():
+def class_names(classes: int) -> list[str]:
+    """The ClassLabel names: the garment, and the tint group when there are several per garment."""
+    groups = classes // len(FASHION_MNIST_CLASSES)
+    if groups == 1:
+        return list(FASHION_MNIST_CLASSES)
+    return [f"{garment} (tint {group})" for garment in FASHION_MNIST_CLASSES for group in range(groups)]
+
+
+def _schema(classes: int):
     import pyarrow as pa
 
-    from dq_ops.readers.idx import FASHION_MNIST_CLASSES
-
-    features = {"image": {"_type": "Image"}, "label": {"names": list(FASHION_MNIST_CLASSES), "_type": "ClassLabel"},
+    features = {"image": {"_type": "Image"}, "label": {"names": class_names(classes), "_type": "ClassLabel"},
                 "id": {"dtype": "string", "_type": "Value"}}
     return pa.schema(
         [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64()), ("id", pa.string())],
@@ -151,7 +200,7 @@ def _schema():
     )
 
 
-def write_shard(path: Path, split: str, start: int, stop: int, size: int, seed: int,
+def write_shard(path: Path, split: str, start: int, stop: int, size: int, seed: int, classes: int,
                 keep: set[str] | None = None) -> int:
     """Generate rows ``start``..``stop`` of ``split`` into one Parquet file, block by block;
     ``keep``: only these ids (a shard rewritten without some rows). Returns the rows written."""
@@ -161,15 +210,17 @@ def write_shard(path: Path, split: str, start: int, stop: int, size: int, seed: 
     images, labels = _fashion_mnist(split)
     partial = path.with_suffix(".partial")
     written = 0
-    with pq.ParquetWriter(partial, _schema()) as writer:
+    schema = _schema(classes)
+    with pq.ParquetWriter(partial, schema) as writer:
         for block in range(start, stop, ROWS_PER_BLOCK):
-            encoded, block_labels, ids = make_block(images, labels, block, min(block + ROWS_PER_BLOCK, stop), size, seed, split)
+            encoded, block_labels, ids = make_block(images, labels, block, min(block + ROWS_PER_BLOCK, stop), size, seed, split,
+                                                  classes)
             rows = [i for i, sample_id in enumerate(ids) if keep is None or sample_id in keep]
             image = pa.StructArray.from_arrays(
                 [pa.array([encoded[i] for i in rows], pa.binary()), pa.array([f"{ids[i]}.png" for i in rows])],
                 names=["bytes", "path"])
             writer.write_table(pa.table({"image": image, "label": pa.array(block_labels[rows], pa.int64()),
-                                         "id": pa.array([ids[i] for i in rows])}, schema=_schema()))
+                                         "id": pa.array([ids[i] for i in rows])}, schema=schema))
             written += len(rows)
     partial.rename(path)
     return written
@@ -182,8 +233,8 @@ def _fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     return load_fashion_mnist(split)
 
 
-def _write_train_shard(path: Path, start: int, stop: int, size: int, seed: int) -> int:
-    return write_shard(path, "train", start, stop, size, seed)
+def _write_train_shard(path: Path, start: int, stop: int, size: int, seed: int, classes: int) -> int:
+    return write_shard(path, "train", start, stop, size, seed, classes)
 
 
 @dataclass(frozen=True)
@@ -193,6 +244,7 @@ class Layout:
     shard_rows: int
     size: int
     seed: int
+    classes: int
 
     @property
     def train_shards(self) -> int:
@@ -213,20 +265,22 @@ def build_source(layout: Layout, cache: Path, jobs: int) -> Path:
     """The cached shards of ``layout`` (generated where missing, ``jobs`` processes); returns their folder."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    folder = cache / f"n{layout.samples}-t{layout.test_samples}-px{layout.size}-seed{layout.seed}-rows{layout.shard_rows}"
+    # (10 classes leave the name as it was before --classes: those shards are the same)
+    classes = "" if layout.classes == len(FASHION_MNIST_CLASSES) else f"-classes{layout.classes}"
+    folder = cache / f"n{layout.samples}-t{layout.test_samples}-px{layout.size}-seed{layout.seed}-rows{layout.shard_rows}{classes}"
     folder.mkdir(parents=True, exist_ok=True)
     started, made = time.perf_counter(), 0
     missing = [i for i in range(layout.train_shards) if not (folder / layout.train_name(i)).exists()]
     if missing:
         with ProcessPoolExecutor(jobs) as pool:
             futures = {pool.submit(_write_train_shard, folder / layout.train_name(i), *layout.train_rows(i),
-                                   layout.size, layout.seed): i for i in missing}
+                                   layout.size, layout.seed, layout.classes): i for i in missing}
             for future in as_completed(futures):
                 made += future.result()
                 print(f"  generated {layout.train_name(futures[future])} ({made:,} samples, "
                       f"{time.perf_counter() - started:.0f} s)", flush=True)
     if not (folder / layout.test_name).exists():
-        made += write_shard(folder / layout.test_name, "test", 0, layout.test_samples, layout.size, layout.seed)
+        made += write_shard(folder / layout.test_name, "test", 0, layout.test_samples, layout.size, layout.seed, layout.classes)
     if made:
         print(f"source: generated {made:,} samples in {time.perf_counter() - started:.0f} s into {folder}", flush=True)
     return folder
@@ -503,7 +557,7 @@ def refresh_source(fs, layout: Layout, source: str, work: Path) -> tuple[int, in
     some rows, a random choice), written to the bucket. Returns (added, removed)."""
     added, removed = max(1, layout.samples // 100), max(1, layout.samples // 200)
     new_name = layout.train_name(layout.train_shards, of=layout.train_shards + 1)
-    write_shard(work / new_name, "train", layout.samples, layout.samples + added, layout.size, layout.seed)
+    write_shard(work / new_name, "train", layout.samples, layout.samples + added, layout.size, layout.seed, layout.classes)
     fs.put(str(work / new_name), f"{source}/{new_name}")
     rng = np.random.default_rng(layout.seed + 1)
     left, index = removed, 0
@@ -513,7 +567,7 @@ def refresh_source(fs, layout: Layout, source: str, work: Path) -> tuple[int, in
         gone = set(rng.choice(np.arange(start, stop), size=take, replace=False).tolist())
         keep = {f"train-{i:08d}" for i in range(start, stop) if i not in gone}
         path = work / f"rewritten-{layout.train_name(index)}"
-        write_shard(path, "train", start, stop, layout.size, layout.seed, keep=keep)
+        write_shard(path, "train", start, stop, layout.size, layout.seed, layout.classes, keep=keep)
         fs.put(str(path), f"{source}/{layout.train_name(index)}")
         left, index = left - take, index + 1
     return added, removed
@@ -704,6 +758,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1_280_000, help="training samples (default 1,280,000)")
     parser.add_argument("--test-samples", type=int, help="samples of the test shard (default min(10,000, samples / 10))")
+    parser.add_argument("--classes", type=int, default=1000,
+                        help="labels, a multiple of 10: garment × tint group (default 1,000, ImageNet-1k's; 10: "
+                             "Fashion-MNIST's own)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     parser.add_argument("--shard-rows", type=int, default=10_000, help="samples per training shard (default 10,000)")
     parser.add_argument("--seed", type=int, default=0)
@@ -714,23 +771,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
     parser.add_argument("--worker-memory", default="6GiB", help="dask worker --memory-limit (default 6GiB)")
     parser.add_argument("--no-refresh", action="store_true", help="only the first run")
+    parser.add_argument("--generate-only", action="store_true",
+                        help="build and cache the source's shards, then exit (nothing started, nothing measured)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--compare-to", type=Path, help="a smaller run's --json: growth factors")
     parser.add_argument("--subset-stages", type=int, help="not implemented yet: patches, MAE and evaluation on a subset")
     args = parser.parse_args(argv)
     if args.subset_stages:
         parser.error("--subset-stages is not implemented yet")
+    if args.classes < 1 or args.classes % len(FASHION_MNIST_CLASSES):
+        parser.error(f"--classes must be a positive multiple of {len(FASHION_MNIST_CLASSES)}, got {args.classes}")
     test_samples = args.test_samples if args.test_samples is not None else min(10_000, max(1, args.samples // 10))
-    layout = Layout(args.samples, test_samples, args.shard_rows, args.size, args.seed)
+    layout = Layout(args.samples, test_samples, args.shard_rows, args.size, args.seed, args.classes)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the shell started us ignoring it
-    print(f"scale bench: {layout.samples:,} training + {test_samples:,} test samples, {layout.size} px RGB, "
-          f"{layout.train_shards} training shards; load average {os.getloadavg()}", flush=True)
+    print(f"scale bench: {layout.samples:,} training + {test_samples:,} test samples in {layout.classes:,} classes, "
+          f"{layout.size} px RGB, {layout.train_shards} training shards; load average {os.getloadavg()}", flush=True)
     cached = build_source(layout, args.cache, args.jobs)
+    if args.generate_only:
+        print(f"source cached in {cached}", flush=True)
+        return {"source": str(cached)}
     work = args.work or Path(tempfile.mkdtemp(prefix="dq-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = {"samples": layout.samples, "test_samples": test_samples, "size": layout.size,
+        result = {"samples": layout.samples, "test_samples": test_samples, "classes": layout.classes, "size": layout.size,
                   "shard_rows": layout.shard_rows, "cpus": os.cpu_count(),
                   "memory_gib": psutil.virtual_memory().total / 2**30} | measure(args, layout, cached, work)
     finally:

@@ -1,4 +1,5 @@
-"""bench/scale.py at a tiny size: the whole path (Parquet shards on moto's S3 server, a dask
+"""bench/scale.py: its source (classes as garment × tint group, the cache --generate-only
+fills) and, at a tiny size, the whole path (Parquet shards on moto's S3 server, a dask
 scheduler with two workers, ``dq run`` and ``dq export`` through the CLI) and its report."""
 
 from __future__ import annotations
@@ -7,19 +8,52 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import scale  # noqa: E402
 
-pytestmark = pytest.mark.slow
+
+def test_classes_are_garments_in_tint_groups():
+    images, labels = scale._fashion_mnist("train")
+    garments = scale.make_block(images, labels, 0, 2000, 32, 0, "train", classes=10)
+    tinted = scale.make_block(images, labels, 0, 2000, 32, 0, "train", classes=40)
+    assert tinted[0] == garments[0] and tinted[2] == garments[2]  # the same pixels and ids
+    assert (tinted[1] // 4 == garments[1]).all()  # four tint groups per garment
+    assert set(tinted[1].tolist()) == set(range(40))
+    assert scale.tint_levels(100) == (5, 5, 4) and scale.tint_levels(7) == (7, 1, 1)
+    # each channel's range cut into equal parts: the corners of the colour cube are the first and last group
+    low, high = scale.FOREGROUND
+    corners = np.array([[low, low, low], [high, high, high], [high - 1e-3, low, low]], dtype=np.float32)
+    assert scale.tint_group(corners, 100).tolist() == [0, 99, 80]
+    assert scale.class_names(20)[:3] == ["T-shirt/top (tint 0)", "T-shirt/top (tint 1)", "Trouser (tint 0)"]
 
 
+def test_generate_only_fills_the_cache_and_starts_nothing(tmp_path, capsys):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    argv = ["--samples", "40", "--shard-rows", "20", "--test-samples", "10", "--classes", "20", "--jobs", "1",
+            "--cache", str(tmp_path), "--generate-only"]
+    folder = Path(scale.main(argv)["source"])
+    assert folder.name.endswith("-classes20")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "test-00000-of-00001.parquet", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    table = pq.read_table(folder / "train-00001-of-00002.parquet")
+    assert table.num_rows == 20 and set(table.column("label").to_pylist()) <= set(range(20))
+    assert json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["label"]["names"] == scale.class_names(20)
+    assert "generated 50 samples" in capsys.readouterr().out
+    scale.main(argv)  # cached: nothing generated again
+    assert "generated" not in capsys.readouterr().out
+    assert not {p.pid for p in psutil.Process().children(recursive=True)} - before
+
+
+@pytest.mark.slow
 def test_scale_bench_tiny(tmp_path, capsys):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    result = scale.main(["--samples", "1000", "--shard-rows", "500", "--no-refresh", "--jobs", "1",
+    result = scale.main(["--samples", "1000", "--classes", "10", "--shard-rows", "500", "--no-refresh", "--jobs", "1",
                          "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "work"),
                          "--json", str(tmp_path / "out.json")])
     stages = {s["name"]: s for s in result["first"]["stages"]}
