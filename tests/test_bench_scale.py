@@ -50,6 +50,17 @@ def test_generate_only_fills_the_cache_and_starts_nothing(tmp_path, capsys):
     assert not {p.pid for p in psutil.Process().children(recursive=True)} - before
 
 
+def test_ten_classes_are_taken_from_a_cached_source_with_more(tmp_path, capsys):
+    argv = ["--samples", "40", "--shard-rows", "20", "--test-samples", "10", "--jobs", "1", "--generate-only"]
+    scale.main([*argv, "--classes", "20", "--cache", str(tmp_path / "a")])
+    derived = Path(scale.main([*argv, "--classes", "10", "--cache", str(tmp_path / "a")])["source"])
+    assert "generated" not in capsys.readouterr().out.split("10 classes")[1]  # relabelled, not generated
+    generated = Path(scale.main([*argv, "--classes", "10", "--cache", str(tmp_path / "b")])["source"])
+    for shard in sorted(generated.iterdir()):
+        ours, theirs = pq.read_table(derived / shard.name), pq.read_table(shard)
+        assert ours.equals(theirs) and ours.schema.metadata == theirs.schema.metadata
+
+
 @pytest.mark.slow
 def test_scale_bench_tiny(tmp_path, capsys):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
