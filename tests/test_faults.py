@@ -9,6 +9,7 @@ one: the same bins and subsets, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import yaml
 import zarr
 
 from dq_ops.store import STAGING, Store
-from tests.cli_helpers import Finished, cli_env, dq, wait_while_running
+from tests.cli_helpers import Finished, cli_env, dq, mlflow_server, wait_while_running
 
 CHUNKS = 6  # 600 rows / 100
 
@@ -162,15 +163,25 @@ def test_a_run_closes_what_a_run_killed_before_it_left_running(prefect_harness, 
     Running (and its MLflow run RUNNING, once it was started: it starts while ingest runs); the next
     run on the store finds the killed run's record, sees its process gone, closes them (Crashed,
     FAILED) and says so in one line. The run killed during ingest reads all 70,000 images of
-    Fashion-MNIST (a window of seconds); the run after it, the light 600."""
-    import mlflow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    Fashion-MNIST (a window of seconds) and tracks in the store's SQLite; the run killed
+    mid-embeddings tracks on a real MLflow server, which the next run closes its runs on."""
     from prefect.settings import PREFECT_API_URL
 
     root = workspace["root"]
     env = workspace["env"] | {"PREFECT_API_URL": PREFECT_API_URL.value()}  # one server for both runs
     store = root / f"crashed-during-{stage}"
+    with contextlib.ExitStack() as servers:
+        if stage == "embeddings":
+            env["MLFLOW_TRACKING_URI"] = servers.enter_context(mlflow_server(root / "tracking-server"))
+        _kill_then_rerun_closes_it(root, env, store, stage)
+
+
+def _kill_then_rerun_closes_it(root: Path, env: dict[str, str], store: Path, stage: str) -> None:
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    tracking_uri = env.get("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
     config = _config(root, store)
     if stage == "ingest":
         whole = root / f"{store.name}-whole.yaml"
@@ -192,9 +203,9 @@ def test_a_run_closes_what_a_run_killed_before_it_left_running(prefect_harness, 
         return flow_run.state.name, {run.name: run.state.name for run in task_runs}
 
     def mlflow_runs() -> list:
-        if not (store / "mlflow.db").exists():  # killed before its tracking store was made
+        if "MLFLOW_TRACKING_URI" not in env and not (store / "mlflow.db").exists():  # killed before it was made
             return []
-        tracking = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+        tracking = mlflow.MlflowClient(tracking_uri=tracking_uri)
         experiment = tracking.get_experiment_by_name("dq")
         return [] if experiment is None else tracking.search_runs(
             [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 
 import mlflow
@@ -18,7 +13,7 @@ from dq_ops.config import DQConfig
 from dq_ops.errors import DQInputError
 from tasks import tracking
 from tasks.tracking import Tracker, TrackingError
-from tests.cli_helpers import free_port
+from tests.cli_helpers import mlflow_server as tracking_server
 
 
 def _config(tmp_path, uri: str | None = None) -> DQConfig:
@@ -252,28 +247,8 @@ def test_concurrent_runs_of_a_schedule_share_one_trend_run(tmp_path):
 
 @pytest.fixture
 def mlflow_server(tmp_path) -> Iterator[str]:
-    """A tracking server on a free loopback port (sqlite behind it); its URL."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts")],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "no MLflow server after 180 s"
-                time.sleep(0.5)
+    with tracking_server(tmp_path / "tracking-server") as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def test_a_trend_run_through_a_tracking_server(tmp_path, mlflow_server):
