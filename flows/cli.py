@@ -405,7 +405,7 @@ def entrypoint() -> NoReturn:
 
     Other threads are joined and the exit handlers run (Prefect sends its last logs and events,
     MLflow closes its database); the interpreter's own teardown is skipped. With torch loaded it
-    takes 1–3 s, frees nothing the operating system would not, and would otherwise be the
+    takes seconds, frees nothing the operating system would not, and would otherwise be the
     slowest part of an unchanged re-run.
     """
     import atexit

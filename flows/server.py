@@ -1,8 +1,8 @@
 """Which Prefect API a local ``dq run`` talks to.
 
-Prefect's default without ``PREFECT_API_URL`` is a temporary server per process, which costs
-10–25 s to start on a small machine: more than a whole re-run of an unchanged dataset, and the
-runs vanish from any UI afterwards. So ``dq run`` keeps one local server instead: it uses
+Prefect's default without ``PREFECT_API_URL`` is a temporary server per process, which takes
+longer to start on a small machine than a whole re-run of an unchanged dataset, and whose runs
+vanish from any UI afterwards. So ``dq run`` keeps one local server instead: it uses
 ``PREFECT_API_URL`` when set; else a healthy server on ``127.0.0.1:<port>``; else it starts
 ``prefect server start --background`` there (stopped by ``prefect server stop``) and uses it.
 The runs then stay visible in that server's UI. ``DQ_PREFECT_SERVER=ephemeral`` (or ``dq run
