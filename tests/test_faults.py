@@ -100,6 +100,7 @@ def reference(workspace):
     return store, runs
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_store_at_once_both_succeed(reference):
     store, runs = reference
     for run in runs:
@@ -119,6 +120,7 @@ def test_two_runs_on_one_store_at_once_both_succeed(reference):
     assert {run.data.tags["dq_trend_run_id"] for run in finished} == {trend.info.run_id}
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_kill_9_during_embeddings_then_a_rerun_resumes_to_identical_results(workspace, reference):
     root, env = workspace["root"], workspace["env"]
     store = root / "interrupted-store"
@@ -158,6 +160,7 @@ def _staged_images(store: Path) -> bool:
 
 
 @pytest.mark.parametrize("stage", ["ingest", "embeddings"])
+@pytest.mark.slow
 def test_a_run_closes_what_a_run_killed_before_it_left_running(prefect_harness, workspace, stage):
     """``kill -9`` during ingest or mid-embeddings leaves the run's Prefect flow and task runs
     Running (and its MLflow run RUNNING, once it was started: it starts while ingest runs); the next
@@ -294,6 +297,7 @@ def pixel_reference(workspace):
 
 
 @pytest.mark.parametrize("stage", ["patch scoring", "evaluation"])
+@pytest.mark.slow
 def test_kill_9_during_a_stage_then_a_rerun_completes_with_identical_results(workspace, pixel_reference, stage):
     root, env = workspace["root"], workspace["env"]
     store = root / f"killed-during-{stage.replace(' ', '-')}"

@@ -14,6 +14,8 @@ from dq_ops.sampling import bin_intensities, sample_bins
 from dq_ops.store import Store
 from tests.test_docs import README, python_blocks
 
+pytestmark = pytest.mark.slow  # whole `dq run`s: minutes each
+
 
 def _config(store_url: str, ratios: list[float]) -> DQConfig:
     return DQConfig.model_validate({

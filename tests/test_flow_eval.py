@@ -10,6 +10,8 @@ from dq_ops.config import DQConfig
 from dq_ops.paired import paired_gap
 from dq_ops.store import Store
 
+pytestmark = pytest.mark.slow  # whole `dq run`s: minutes each
+
 
 def _name(url: str) -> str:
     return url.rsplit("/", 1)[-1]

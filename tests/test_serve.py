@@ -152,6 +152,7 @@ def _run_served(client: SyncPrefectClient, deployment: Deployment, log: Path) ->
     return flow_run, {run.name: run.state.name for run in task_runs}
 
 
+@pytest.mark.slow
 def test_a_served_deployment_runs_to_completion(prefect_server, tmp_path):
     config = _tiny_config(tmp_path)
     with _serving(config, "served-test", prefect_server, tmp_path) as served, \
@@ -193,6 +194,7 @@ def _names(rows: np.ndarray) -> set[str]:
     return {f"fm-{r}" for r in rows}
 
 
+@pytest.mark.slow
 def test_a_served_schedule_explains_every_version_of_a_changing_source(prefect_server, tmp_path):
     """The four-version schedule through ``serve.py``: each version of the source (rewritten in
     place, as its owner updates it) is quantized by a run of the served deployment; the store keeps
