@@ -54,10 +54,18 @@ def check_ratio(ratio: float) -> float:
 
 
 def draw_keys(ids: Sequence[str] | np.ndarray, seed: int) -> np.ndarray:
-    """Stable per-sample draw keys: the first 8 bytes of ``sha256(f"{seed}:{id}")`` as uint64."""
-    return np.array(
-        [int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in ids], dtype=np.uint64
-    )
+    """Stable per-sample draw keys: the first 8 bytes of ``sha256(f"{seed}:{id}")`` as uint64.
+
+    One hash per sample is the cost, so the rest stays out of the loop: the seed's prefix is
+    hashed once and copied, the ids are Python strings (a NumPy array's elements would be
+    formatted one by one), and the 8-byte prefixes are read as big-endian integers at once."""
+    prefix = hashlib.sha256(f"{seed}:".encode())
+    digests = bytearray()
+    for sample_id in ids.tolist() if isinstance(ids, np.ndarray) else ids:
+        digest = prefix.copy()
+        digest.update(f"{sample_id}".encode())
+        digests += digest.digest()[:8]
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
 
 
 def sample_bins(
@@ -222,7 +230,8 @@ def _checked_bins(bins: Sequence[np.ndarray], labels: np.ndarray | None) -> list
         raise DQInputError(f"bins hold a negative sample index {every.min()}")
     if labels is not None and every.max() >= len(labels):
         raise DQInputError(f"bins hold sample {every.max()} but there are only {len(labels)} labels")
-    if np.unique(every).size != every.size:
+    ordered = np.sort(every)
+    if (ordered[1:] == ordered[:-1]).any():
         raise DQInputError("bins overlap: a sample appears in more than one bin (or twice in one)")
     return out
 
