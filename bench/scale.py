@@ -74,6 +74,7 @@ every process's peak (at this size / at that one) and per-stage throughput ratio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import json
@@ -89,6 +90,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -719,9 +721,12 @@ def measure(args: argparse.Namespace, layout: Layout, cached: Path, work: Path) 
         results["services_peak_rss"] = sampler.peaks(0, time.monotonic())
         return results
     finally:
-        if sampler is not None:
-            sampler.close()
-        processes.stop_all()
+        # A second signal must not cut the cleanup short (``timeout`` signals the bench and then
+        # its process group, so the bench gets two), or the services outlive the bench.
+        with _signals_ignored():
+            if sampler is not None:
+                sampler.close()
+            processes.stop_all()
 
 
 # ---------------------------------------------------------------- the report
@@ -773,6 +778,17 @@ def print_comparison(result: dict[str, Any], smaller: dict[str, Any]) -> None:
         if other and stage["samples_per_s"] and other["samples_per_s"]:
             print(f"| {name} | {stage['samples_per_s']:,.0f} | {other['samples_per_s']:,.0f} | "
                   f"{stage['samples_per_s'] / other['samples_per_s']:.2f} |")
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored inside the block, their handlers restored after it."""
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
