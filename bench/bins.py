@@ -1,4 +1,4 @@
-"""GraphCut bin generation: ``dq_ops.bins.generate_bins`` against the literal reference greedy.
+r"""GraphCut bin generation: ``dq_ops.bins.generate_bins`` against the literal reference greedy.
 
     python bench/bins.py [--quick]
 
@@ -21,6 +21,16 @@ from a fixed seed.
 
 ``--quick`` shrinks every case by 10× (the reference then runs on all classes of (a)).
 Timings depend on the machine's load, which is printed with the table.
+
+    python bench/bins.py --per-class 1280 12800 25600 51200 [--dim 1280] [--features rows.npy]
+
+How one class's greedy grows with its size, as a dask worker runs it (``generate_class_bins``
+with the flow's defaults: 10 bins, ``per-class`` budgets, cosine, the 256 MB Gram budget; one
+BLAS thread): one class of each size, each in its own subprocess, on the embedding-like rows
+above (or the first rows of ``--features``, a saved (n, d) array, e.g. real embeddings). Between
+consecutive sizes the growth exponent :math:`e = \log(t_2/t_1) / \log(n_2/n_1)`; the last one
+projects a class of 128,000 (1,280,000 samples in 10 classes) as :math:`t_{last} (128000/n_{last})^e`,
+and the smallest size's time × 1,000 gives 1,000 classes of it (1,280 each: ImageNet-1k's shape).
 """
 
 from __future__ import annotations
@@ -101,12 +111,64 @@ def run_case(name: str, scale: int, ref_classes: int) -> dict:
     return out
 
 
+def run_class(n: int, dim: int, features_path: Path | None) -> dict:
+    """Child process: one class of ``n`` rows through ``generate_class_bins`` with the flow's defaults."""
+    from dq_ops.bins import bin_budgets, generate_class_bins
+    from dq_ops.config import BinsConfig
+
+    if features_path is None:
+        rows, _ = embedding_like(n, dim, 0, seed=0)
+    else:
+        stored = np.load(features_path, mmap_mode="r")
+        if len(stored) < n:
+            raise SystemExit(f"{features_path} has {len(stored):,} rows, fewer than {n:,}")
+        rows = np.ascontiguousarray(stored[:n], dtype=np.float32)
+    config = BinsConfig()
+    budgets = bin_budgets([n], config.num_bins, config.budget_rule)[0]
+    start = time.perf_counter()
+    generate_class_bins(rows, budgets, kernel=config.kernel, memory_budget_mb=config.memory_budget_mb)
+    return {"n": n, "dim": rows.shape[1], "seconds": time.perf_counter() - start,
+            "zero_share": float((rows == 0).mean()), "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def per_class(sizes: list[int], dim: int, features_path: Path | None) -> None:
+    source = f"the first rows of {features_path}" if features_path else f"embedding-like rows, {dim} dims"
+    print(f"bench/bins.py --per-class: {source}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    print("\n| rows in the class | seconds | growth exponent from the previous size | share of zeros | peak RSS (MB) | load average after |")
+    print("|---|---|---|---|---|---|")
+    results: list[dict] = []
+    for n in sorted(sizes):
+        cmd = [sys.executable, __file__, "--class-rows", str(n), "--dim", str(dim)]
+        cmd += ["--features", str(features_path)] if features_path else []
+        result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        exponent = (np.log(result["seconds"] / results[-1]["seconds"]) / np.log(n / results[-1]["n"])) if results else None
+        result["exponent"] = exponent
+        results.append(result)
+        print(f"| {n:,} | {result['seconds']:.1f} | {'–' if exponent is None else f'{exponent:.2f}'} | "
+              f"{result['zero_share']:.2f} | {result['rss_mb']:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
+    last, smallest = results[-1], results[0]
+    if last["exponent"] is not None:
+        one = last["seconds"] * (128_000 / last["n"]) ** last["exponent"]
+        print(f"\nprojected: one class of 128,000 rows {one:,.0f} s; 10 of them {10 * one / 3600:.1f} core-hours")
+    print(f"1,000 classes of {smallest['n']:,} rows: {1000 * smallest['seconds'] / 3600:.2f} core-hours")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every case 10x smaller")
     parser.add_argument("--ref-classes", type=int, default=1, help="classes of (a) the literal reference runs on")
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--per-class", type=int, nargs="+", metavar="ROWS", help="one class of each size (see above)")
+    parser.add_argument("--dim", type=int, default=1280, help="feature dimensions of --per-class (default 1280, EfficientNet-Lite0's)")
+    parser.add_argument("--features", type=Path, help="--per-class on the first rows of this saved (n, d) array")
+    parser.add_argument("--class-rows", type=int, help=argparse.SUPPRESS)  # child mode of --per-class
     args = parser.parse_args()
+    if args.class_rows:
+        print(json.dumps(run_class(args.class_rows, args.dim, args.features)))
+        return
+    if args.per_class:
+        per_class(args.per_class, args.dim, args.features)
+        return
     scale = 10 if args.quick else 1
     if args.case:
         print(json.dumps(run_case(args.case, scale, args.ref_classes)))
