@@ -462,20 +462,28 @@ def _artifact_files(artifact) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p != root / "zarr.json"}
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
-def test_an_ingest_spread_over_dask_workers_writes_the_single_process_snapshot(tmp_path, fm, fmt):
-    """Shards decoded on two worker processes, with a bad sample, a limit that falls inside a
-    shard and a hold-out: the same snapshot, byte for byte, as one process writes."""
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset", "image-folder"])
+def test_an_ingest_spread_over_dask_workers_writes_the_single_process_snapshot(tmp_path, fm, fmt, monkeypatch):
+    """Shards (an image folder: parts of its sorted files) decoded on two worker processes, with a
+    bad sample, a limit that falls inside a part and a hold-out: the same snapshot, byte for
+    byte, as one process writes."""
     from distributed import Client, LocalCluster
+
+    from dq_ops.readers import image_folder
 
     images, labels = fm
     source = tmp_path / "src"
+    monkeypatch.setattr(image_folder, "PART_FILES", 12)  # five parts of the 60 files, as five shards
     for k in range(5):  # 5 shards of 12; shards 2 and 4 hold an undecodable image
         rows = range(12 * k, 12 * k + 12)
         encoded = [_encode(images[r]) for r in rows]
         if k in (2, 4):
             encoded[4] = b"not an image"
-        if fmt == "parquet":
+        if fmt == "image-folder":  # one class folder, files in row order: parts are the shards' rows
+            (source / "all").mkdir(parents=True, exist_ok=True)
+            for r, data in zip(rows, encoded):
+                (source / "all" / f"{r:06d}.png").write_bytes(data)
+        elif fmt == "parquet":
             _hf_parquet(source / f"train-{k:05d}-of-00005.parquet", images[list(rows)], labels[list(rows)].tolist(),
                         encoded=encoded)
         else:
@@ -511,9 +519,10 @@ def test_an_ingest_spread_over_dask_workers_writes_the_single_process_snapshot(t
             assert ticks[-1][0] == sum(spread.counts.values())
         assert alone.counts["train"] + alone.counts["test"] == 58
         limited = Store(str(tmp_path / "spread1")).open("datasets", "d1")
-        np.testing.assert_array_equal(limited["train/labels"][:], np.delete(labels[:32], 28))
+        if fmt != "image-folder":  # its labels are its one folder's
+            np.testing.assert_array_equal(limited["train/labels"][:], np.delete(labels[:32], 28))
 
         # under on_error="raise" the error names the first bad sample in read order (shard 2's, not 4's)
-        with pytest.raises(DQInputError, match=r"train-0+2[-.].*:(4|000028)\b"):
+        with pytest.raises(DQInputError, match=r"(train-0+2[-.].*:(4|000028)|all/000028\.png)\b"):
             ingest(DatasetConfig(format=fmt, url=str(source), name="raise"), Store(str(tmp_path / "raise")), client=client)
         assert Store(str(tmp_path / "raise")).list("datasets") == []

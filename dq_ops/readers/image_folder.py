@@ -14,10 +14,14 @@ header) to learn sizes and colour modes. That finds mixed sizes before a write s
 decides the stored channels: all grayscale → ``(H, W, 1)``, otherwise every image is converted
 to RGB ``(H, W, 3)``. An image of more than ``max_image_pixels`` pixels is a bad item named by its
 file (a decompression bomb would exhaust memory; see :func:`~dq_ops.readers.base.allow_image_pixels`).
+
+A split's files, in sorted order, come in parts of :data:`PART_FILES`: the units that ingest
+decodes on dask workers for a large folder (a :class:`~dq_ops.readers.base.PartitionedReader`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,6 +47,20 @@ from dq_ops.readers.base import (
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLIT_FOLDERS = frozenset({"train", "val", "test"})
+PART_FILES = 10_000  # files per part: enough decoding per dask task to outweigh its scheduling
+
+
+@dataclass(frozen=True)
+class FolderPart:
+    """Files ``[start, stop)`` of a split, in sorted order."""
+
+    split: str
+    start: int
+    stop: int
+
+    @property
+    def samples(self) -> int:
+        return self.stop - self.start
 
 
 @dataclass(frozen=True)
@@ -143,12 +161,12 @@ class ImageFolderReader:
     def class_names(self) -> list[str] | None:
         return self._classes or None
 
-    def _decode(self, entry: _Entry) -> np.ndarray | None:
+    def _decode(self, entry: _Entry, errors: ItemErrors) -> np.ndarray | None:
         try:
             with self._fs.open(f"{self._root}/{entry.path}", "rb") as fh, Image.open(fh) as image:
                 image = image.convert("L" if self._gray else "RGB")
         except (OSError, SyntaxError, ValueError) as exc:  # e.g. a truncated file whose header was fine
-            self._errors.bad(f"{self.source}/{entry.path}", f"corrupt image ({exc})")
+            errors.bad(f"{self.source}/{entry.path}", f"corrupt image ({exc})")
             return None
         if self._resize is not None:
             image = resize_image(image, self._resize)
@@ -156,17 +174,24 @@ class ImageFolderReader:
         return pixels[..., None] if self._gray else pixels
 
     def iter_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
-        entries = self._entries[split]
-        for start in range(0, len(entries), batch_size):
-            decoded = [(e, self._decode(e)) for e in entries[start:start + batch_size]]
-            good = [(e, pixels) for e, pixels in decoded if pixels is not None]
-            if good:
-                images = np.stack([pixels for _, pixels in good])
-                yield Batch(
-                    images,
-                    np.array([e.label for e, _ in good], dtype=np.int64),
-                    sample_ids([e.path for e, _ in good], images),
-                )
+        yield from self._batches(self._entries[split], batch_size, None, self._errors)
+
+    def parts(self, split: str) -> list[FolderPart]:
+        """The split's files in parts of :data:`PART_FILES`, in read order."""
+        count = len(self._entries[split])
+        return [FolderPart(split, start, min(start + PART_FILES, count)) for start in range(0, count, PART_FILES)]
+
+    def part_batches(self, part: FolderPart, batch_size: int, take: int | None, errors: ItemErrors) -> Iterator[Batch]:
+        """The first ``take`` (None: all) good images of one part, decoded, in batches; bad ones go
+        to ``errors``. Concatenated in :meth:`parts` order they are :meth:`iter_batches`' samples."""
+        yield from self._batches(self._entries[part.split][part.start:part.stop], batch_size, take, errors)
+
+    def _batches(self, entries: list[_Entry], batch_size: int, take: int | None, errors: ItemErrors) -> Iterator[Batch]:
+        decoded = ((entry, self._decode(entry, errors)) for entry in entries)
+        good = itertools.islice(((entry, pixels) for entry, pixels in decoded if pixels is not None), take)
+        while chunk := list(itertools.islice(good, batch_size)):
+            images = np.stack([pixels for _, pixels in chunk])
+            yield Batch(images, np.array([e.label for e, _ in chunk], dtype=np.int64), sample_ids([e.path for e, _ in chunk], images))
 
 
 def _wxh(size: tuple[int, int]) -> str:
