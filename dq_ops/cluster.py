@@ -18,15 +18,13 @@ A remote cluster (``kind="address"``) keeps whatever its operator configured.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from dq_ops.config import ClusterConfig
 from dq_ops.errors import DQInputError
-from dq_ops.progress import Progress
 
 if TYPE_CHECKING:  # imported where a cluster starts: distributed is slow to import
     from distributed import Client
@@ -38,7 +36,6 @@ WORKERS_TIMEOUT_S = 120.0  # a cluster that scales up may take a while to start 
 # A random dashboard port (several clusters may run on one shared machine), on loopback like the
 # scheduler and workers of a local cluster (dask's ":0" would listen on every interface).
 LOCAL_DASHBOARD = "127.0.0.1:0"
-REPORT_INTERVAL_S = 1.0  # a worker's progress reaches the client at most this often (and once at the end)
 
 
 def _visible_gpus() -> int:
@@ -180,45 +177,3 @@ def dask_client(config: ClusterConfig) -> Iterator[Client]:
             cluster = LocalCluster(processes=True, dashboard_address=LOCAL_DASHBOARD, **sizes)
     with cluster, Client(cluster) as client:
         yield client
-
-
-def submit_reporting(client: Client, function: Callable[..., Any], *args: Any, key: str,
-                     progress: Progress | None) -> Any:
-    """``function(*args, progress)`` as one task on ``client``'s workers; its result.
-
-    Work that runs for minutes on a worker (a training) reports its own ``progress(done, total)``:
-    the worker sends each report as a dask event (:func:`_run_reporting`), and this thread, waiting
-    for the result, hands the latest one to ``progress`` about once per :data:`REPORT_INTERVAL_S`.
-    """
-    from distributed import wait
-
-    topic = f"{key}-progress"
-    latest: list[list[int]] = []
-    client.subscribe_topic(topic, lambda event: latest.append(event[1]))  # called on the client's event loop
-    try:
-        future = client.submit(_run_reporting, topic, function, *args, key=key, pure=False)
-        while True:
-            try:
-                wait(future, timeout=REPORT_INTERVAL_S)  # never raises the task's own error: result() does
-                break
-            except TimeoutError:
-                if latest and progress is not None:
-                    progress(*latest[-1])
-        return future.result()
-    finally:
-        client.unsubscribe_topic(topic)
-
-
-def _run_reporting(topic: str, function: Callable[..., Any], *args: Any) -> Any:
-    """Worker side of :func:`submit_reporting`: ``function(*args, progress)``, each report an event."""
-    from distributed import get_worker
-
-    worker, last = get_worker(), [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done >= total or now - last[0] >= REPORT_INTERVAL_S:
-            last[0] = now
-            worker.log_event(topic, [int(done), int(total)])
-
-    return function(*args, progress)

@@ -18,7 +18,7 @@ from dq_ops.mae import MAEConfig, MaskedAutoencoder, reconstruct, train_mae
 from dq_ops.mae_store import load_mae, load_mae_artifact, mae_checkpoint_bytes
 from dq_ops.patch_store import PackedPatches, PatchStore, pack_patches, unpack_patches, whole_image_bytes
 from dq_ops.patches import patch_grid, select_patches
-from dq_ops.pixels import PixelChunkJob, ScorerSpec, subset_images
+from dq_ops.pixels import MAEJob, PixelChunkJob, ScorerSpec, subset_images
 from dq_ops.progress import Progress
 from dq_ops.reconstruction_quality import baseline_fill, dropped_squared_error
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
@@ -98,20 +98,20 @@ def reconstruct_chunk(job: PixelChunkJob) -> int:
     return job.stop - job.start
 
 
-def train_mae_job(store_url: str, storage_options: dict[str, Any], dataset: str, config: dict[str, Any],
-                  seed: int, progress: Progress | None = None) -> tuple[bytes, list[float], dict[str, Any]]:
+def train_mae_job(job: MAEJob, progress: Progress | None = None) -> tuple[bytes, list[float], dict[str, Any]]:
     """Train (or load) the MAE where this runs (a worker, on its device); returns the checkpoint
     bytes, the per-step losses and the model's configuration (a model-sized payload, never data).
     ``progress(step, total_steps)`` follows the training."""
+    config = job.config
     if config["mae_checkpoint"]:
         model, history = load_mae(config["mae_checkpoint"]), []
     else:
-        split = Store(store_url, storage_options).open("datasets", dataset)[SPLIT]
+        split = Store(job.store_url, job.storage_options).open("datasets", job.dataset)[SPLIT]
         n = split["images"].shape[0]
-        rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, config["mae_train_samples"])])
+        rows = np.sort(np.random.default_rng(job.seed).permutation(n)[: min(n, config["mae_train_samples"])])
         images = np.asarray(split["images"].get_orthogonal_selection((rows,)))
         mae_config = MAEConfig(image_size=images.shape[1:3], in_chans=images.shape[3], patch_size=config["patch_size"],
                                mask_ratio=config["mae_mask_ratio"])
-        model, history = train_mae(images, mae_config, seed=seed, epochs=config["mae_epochs"], device=default_device(),
+        model, history = train_mae(images, mae_config, seed=job.seed, epochs=config["mae_epochs"], device=default_device(),
                                    progress=None if progress is None else lambda step, total, loss: progress(step, total))
     return mae_checkpoint_bytes(model), history, json.loads(model.config.to_json())

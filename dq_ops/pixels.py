@@ -31,7 +31,6 @@ identically, and dq's is faster (``bench/gradcam.py``; figures in docs/benchmark
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +38,6 @@ import numpy as np
 import zarr
 
 from dq_ops.backbone_spec import weights_digest
-from dq_ops.cluster import submit_reporting
 from dq_ops.config import EmbeddingConfig, PatchConfig
 from dq_ops.errors import DQInputError
 from dq_ops.gallery import reconstruction_grid
@@ -48,7 +46,7 @@ from dq_ops.patch_store import default_chunk_rows as patch_chunk_rows
 from dq_ops.patches import kept_patch_count, patch_grid
 from dq_ops.progress import Progress
 from dq_ops.reconstruction_quality import psnr_db
-from dq_ops.stage import ChunkedStage, Stage, call, resolve_client
+from dq_ops.stage import ChunkedStage, Stage, run_jobs
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
 from dq_ops.store import Artifact, Store, file_digest, open_zarr_store, write_array
 
@@ -87,6 +85,17 @@ class PixelChunkJob:
 
     def staging(self) -> zarr.Group:
         return zarr.open_group(open_zarr_store(self.staging_url, self.storage_options), mode="r+")
+
+
+@dataclass(frozen=True)
+class MAEJob:
+    """The MAE training task's input: the dataset by store URL and name, the patch settings."""
+
+    store_url: str
+    storage_options: dict[str, Any]
+    dataset: str
+    config: dict[str, Any]  # PatchConfig as JSON
+    seed: int
 
 
 def subset_images(store: Store, dataset: str, subset: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,14 +213,10 @@ class MAEStage(Stage):
         return [] if self.config.mae_checkpoint else [self.dataset]
 
     def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
-        job = ("dq_ops.pixel_work:train_mae_job", self.store.url, self.store.storage_options, self.dataset.name,
-               self.config.model_dump(mode="json"), self.seed)
-        client = resolve_client(client)
-        if client is None:
-            checkpoint, history, mae_config = call(*job, progress)
-        else:
-            checkpoint, history, mae_config = submit_reporting(client, call, *job, key=f"dq-mae-{self.name()}-{uuid.uuid4().hex[:8]}",
-                                                               progress=progress)
+        job = MAEJob(self.store.url, self.store.storage_options, self.dataset.name, self.config.model_dump(mode="json"), self.seed)
+        name = self.name()
+        [(checkpoint, history, mae_config)] = run_jobs(client, "dq_ops.pixel_work:train_mae_job", [job],
+                                                       key=lambda _: f"dq-mae-{name}", progress=progress)
         write_array(group, "checkpoint", np.frombuffer(checkpoint, dtype=np.uint8))
         write_array(group, "loss_history", np.asarray(history, dtype=np.float32))
         group.attrs["mae_config"] = mae_config

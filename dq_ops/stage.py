@@ -21,6 +21,10 @@ A :class:`ChunkedStage` is a stage whose work splits into row chunks run by dask
 inline without a client): each chunk job reads its rows through URLs, writes its rows into a
 resumable staging group and marks ``done[chunk]`` last, so a killed run resumes where it stopped.
 This is datatrove's pipeline step with completion markers, applied to Zarr chunks.
+
+Every stage runs its remote work the same way, through :func:`run_jobs`: a list of picklable
+jobs, run on the dask cluster when there is one and in this process otherwise, with the same
+progress, error and cancellation rules everywhere.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import zarr
@@ -47,6 +52,10 @@ if TYPE_CHECKING:  # distributed is slow to import: only where a cluster runs
     ClientSource = Client | Callable[[], Client] | None
 
 log = logging.getLogger(__name__)
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+REPORT_INTERVAL_S = 1.0  # a worker's progress reaches the client at most this often (and once at the end)
 
 
 def resolve_client(client: ClientSource) -> Client | None:
@@ -130,17 +139,147 @@ class ChunkJob(Protocol):
     stop: int
 
 
-def call(function: str, *args: Any) -> Any:
-    """Call the function ``function`` names (``"module:function"``), imported where this runs:
-    a stage hands work to a worker without importing the work's libraries itself."""
+def run_jobs(
+    client: ClientSource,
+    function: Callable[..., Result] | str,
+    jobs: Sequence[Job],
+    *,
+    shared: tuple[Any, ...] = (),
+    on_done: Callable[[Result], None] | None = None,
+    key: Callable[[Job], str] | None = None,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> list[Result]:
+    """``function(job, *shared)`` for every job; the results, in job order. The one way a stage runs its work.
+
+    * Where: on the workers of ``client`` (a running client, or a function that starts one,
+      called only when there are jobs); without one, in this process, one job after the other,
+      or on up to ``threads`` threads for work that releases the GIL.
+    * ``function``: a module-level function, or ``"module:function"``, imported where the job
+      runs, so the caller need not import the work's libraries (finding an artifact done never
+      loads torch).
+    * ``shared``: further arguments, the same for every job (e.g. data scattered to the workers once).
+    * ``on_done(result)``: after each job, in the order they finish, in this thread (progress).
+    * ``key(job)``: the stem of the job's dask task key; a fresh token follows it on every call,
+      so a rerun never meets its cancelled predecessors. Default: a random key.
+    * ``progress``: for one job that reports its own ``progress(done, total)`` (a training), called
+      as ``function(job, *shared, progress)``. On a worker each report is a dask event, and this
+      thread, waiting for the result, hands the latest one to ``progress`` about once per
+      :data:`REPORT_INTERVAL_S`.
+
+    A failed job cancels the jobs after it in job order (those not started never start); those
+    before it run on, so the error raised, as the job raised it, is the one running the jobs in
+    order would have met first. An interruption (an error from ``on_done``, Ctrl-C) cancels every
+    job not started. What finished jobs wrote stays (a resumable stage picks it up on a rerun).
+    """
+    if progress is not None and len(jobs) != 1:
+        raise ValueError("a job reports its own progress only when it runs alone")
+    cluster = resolve_client(client) if jobs else None
+    if cluster is not None:
+        return _run_on_cluster(cluster, function, jobs, shared, on_done, key, progress)
+    run = _imported(function)
+    if threads > 1 and len(jobs) > 1:
+        pool = ThreadPoolExecutor(min(threads, len(jobs)))
+        try:
+            futures = [pool.submit(run, job, *shared) for job in jobs]
+
+            def cancel(pending: list[Future]) -> None:
+                for future in pending:
+                    future.cancel()
+
+            return _collect(futures, as_completed(futures), lambda future: future.exception() is not None, cancel, on_done)
+        finally:
+            pool.shutdown(cancel_futures=True)  # jobs not started yet never start (as on the cluster)
+    results = []
+    for job in jobs:
+        results.append(run(job, *shared) if progress is None else run(job, *shared, progress))
+        if on_done is not None:
+            on_done(results[-1])
+    return results
+
+
+def _run_on_cluster(cluster: Client, function: Callable[..., Result] | str, jobs: Sequence[Job], shared: tuple[Any, ...],
+                    on_done: Callable[[Result], None] | None, key: Callable[[Job], str] | None,
+                    progress: Progress | None) -> list[Result]:
+    """:func:`run_jobs` on ``cluster``'s workers."""
+    import distributed
+
+    token = uuid.uuid4().hex[:8]
+    keys = [None if key is None else f"{key(job)}-{token}" for job in jobs]
+    topic = None if progress is None else f"{keys[0] or f'dq-{token}'}-progress"
+    latest: list[list[int]] = []
+    if topic is not None:
+        cluster.subscribe_topic(topic, lambda event: latest.append(event[1]))  # called on the client's event loop
+    futures: list[distributed.Future] = []
+    try:
+        futures = [cluster.submit(_run_job, function, topic, job, *shared, key=job_key, pure=False)
+                   for job, job_key in zip(jobs, keys)]
+        while progress is not None:
+            try:
+                distributed.wait(futures, timeout=REPORT_INTERVAL_S)  # never raises the job's own error: result() does
+                break
+            except TimeoutError:
+                if latest:
+                    progress(*latest[-1])
+        return _collect(futures, distributed.as_completed(futures), lambda future: future.status == "error",
+                        cluster.cancel, on_done)
+    finally:
+        cluster.cancel([future for future in futures if not future.done()])  # interrupted: nothing left running
+        if topic is not None:
+            cluster.unsubscribe_topic(topic)
+
+
+def _collect(futures: list[Any], finished: Iterable[Any], failed: Callable[[Any], bool],
+             cancel: Callable[[list[Any]], Any], on_done: Callable[[Any], None] | None) -> list[Any]:
+    """The results of ``futures`` (thread or dask futures) in order, ``finished`` yielding each as
+    it completes; the error rule of :func:`run_jobs`."""
+    position = {id(future): k for k, future in enumerate(futures)}
+    first_failed = len(futures)
+    for future in finished:
+        k = position[id(future)]
+        if k > first_failed or future.cancelled():
+            continue
+        if failed(future):
+            first_failed = k
+            cancel([f for f in futures[k + 1:] if not f.done()])
+        elif on_done is not None:
+            on_done(future.result())
+    if first_failed < len(futures):
+        futures[first_failed].result()  # re-raises the job's own exception (a worker's, with its traceback)
+    return [future.result() for future in futures]
+
+
+def _imported(function: Callable[..., Result] | str) -> Callable[..., Result]:
+    """``function``, or the function a ``"module:function"`` string names, imported here."""
+    if callable(function):
+        return function
     module, name = function.split(":")
-    return getattr(importlib.import_module(module), name)(*args)
+    return getattr(importlib.import_module(module), name)
 
 
-def run_chunk(worker: str, job: ChunkJob) -> int:
-    """Worker side: run one chunk with the function ``worker`` names, then mark it done (last,
-    so a done chunk is complete)."""
-    count = call(worker, job)
+def _run_job(function: Callable[..., Result] | str, topic: str | None, job: Any, *shared: Any) -> Result:
+    """Worker side of :func:`run_jobs`: ``function(job, *shared)``, or with a ``topic``
+    ``function(job, *shared, progress)`` whose reports go out as dask events."""
+    run = _imported(function)
+    if topic is None:
+        return run(job, *shared)
+    from distributed import get_worker
+
+    worker, last = get_worker(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= REPORT_INTERVAL_S:
+            last[0] = now
+            worker.log_event(topic, [int(done), int(total)])
+
+    return run(job, *shared, progress)
+
+
+def run_chunk(job: ChunkJob, worker: str) -> int:
+    """Worker side of a chunk job: run it with the function ``worker`` names, then mark it done
+    (last, so a done chunk is complete)."""
+    count = _imported(worker)(job)
     zarr.open_group(open_zarr_store(job.staging_url, job.storage_options), mode="r+")["done"][job.index] = True
     return count
 
@@ -243,30 +382,9 @@ class ChunkedStage(Stage):
         if cluster is None:  # no cluster: everything runs here
             here, remote = here + remote, []
         threaded = [job for job in here if self.moves_bytes_only(job)]
-        pool = ThreadPoolExecutor(max(1, min(len(threaded), len(os.sched_getaffinity(0)))))
-        try:
-            for job_done in as_completed([pool.submit(run_chunk, self.worker, job) for job in threaded]):
-                ran(job_done.result())
-        finally:
-            # On an error or an interruption, jobs not started yet never start (as on the cluster).
-            pool.shutdown(cancel_futures=True)
-        for job in here:
-            if not self.moves_bytes_only(job):
-                ran(run_chunk(self.worker, job))
-        if remote:
-            import distributed
-
-            token = uuid.uuid4().hex[:8]  # fresh task keys: a rerun must not meet its cancelled predecessors
-            futures = [
-                cluster.submit(run_chunk, self.worker, job, key=f"dq-{self.kind}-{name}-{job.index}-{token}")
-                for job in remote
-            ]
-            try:
-                for future in distributed.as_completed(futures):
-                    ran(future.result())  # re-raises a worker's exception here
-            finally:
-                # On an error or an interruption stop what has not started; done chunks stay for a rerun.
-                cluster.cancel([f for f in futures if not f.done()])
+        run_jobs(None, run_chunk, threaded, shared=(self.worker,), on_done=ran, threads=len(os.sched_getaffinity(0)))
+        run_jobs(None, run_chunk, [job for job in here if not self.moves_bytes_only(job)], shared=(self.worker,), on_done=ran)
+        run_jobs(cluster, run_chunk, remote, shared=(self.worker,), on_done=ran, key=lambda job: f"dq-{self.kind}-{name}-{job.index}")
         group = self.store.resumable(self.kind, name)[0]
         self.finalize(group)
         del group["done"]

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
@@ -35,7 +34,6 @@ import zarr
 
 from dq_ops.baselines import select_herding, select_kcenter, select_random
 from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
-from dq_ops.cluster import submit_reporting
 from dq_ops.config import BinsConfig, EvaluationConfig, SamplingConfig
 from dq_ops.coverage import coverage_from_blocks, query_rows
 from dq_ops.embed import content_keys
@@ -43,7 +41,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups, single_threaded_blas
 from dq_ops.progress import Progress
 from dq_ops.sampling import bin_intensities, sample_bins, sample_sizes
-from dq_ops.stage import Stage, is_running, resolve_client
+from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
 
 if TYPE_CHECKING:
@@ -538,12 +536,8 @@ class EvaluateStage(Stage):
         job = TrainJob(self.store.url, self.store.storage_options, self.dataset.name,
                        self.subset.name if self.subset else None, self.images.name if self.images else None,
                        self.config, self.seed)
-        client = resolve_client(client)
-        if client is None:
-            result = run_training(job, progress)
-        else:
-            result = submit_reporting(client, run_training, job, key=f"dq-train-{self.name()}-{uuid.uuid4().hex[:8]}",
-                                      progress=progress)
+        name = self.name()
+        [result] = run_jobs(client, run_training, [job], key=lambda _: f"dq-train-{name}", progress=progress)
         group.attrs.update(result)
 
 

@@ -1,0 +1,104 @@
+"""``dq_ops.stage.run_jobs``, the one way stages run their work: in order here, on threads, or on a
+dask cluster, with the same results, progress and error rule everywhere."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from distributed import Client, get_worker
+
+from dq_ops.stage import run_jobs
+
+STARTED: set[int] = set()
+STARTED_LOCK = threading.Lock()
+
+
+def square_plus(job: int, offset: int) -> int:
+    return job * job + offset
+
+
+def earlier_fails_later(job: int) -> int:
+    """Job 0 fails after a while, job 1 at once, the others take a moment each."""
+    with STARTED_LOCK:
+        STARTED.add(job)
+    if job == 0:
+        time.sleep(0.5)
+        raise ValueError("job 0 failed")
+    if job == 1:
+        raise ValueError("job 1 failed")
+    time.sleep(0.2)
+    return job
+
+
+def reports(job: int, progress) -> int:
+    for step in range(1, 4):
+        time.sleep(0.6)
+        progress(step, 3)
+    return job
+
+
+@pytest.fixture(scope="module")
+def client():
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def fresh_started():
+    STARTED.clear()
+
+
+@pytest.mark.parametrize("where", ["inline", "threads", "cluster"])
+def test_results_come_in_job_order_and_each_finished_job_is_reported(where, client):
+    finished = []
+    results = run_jobs(client if where == "cluster" else None, square_plus, list(range(6)), shared=(1,),
+                       on_done=finished.append, threads=3 if where == "threads" else 1)
+    assert results == [k * k + 1 for k in range(6)]
+    assert sorted(finished) == results
+
+
+def test_a_function_named_by_import_path_is_imported_where_it_runs(client):
+    assert run_jobs(None, "operator:neg", [1, 2]) == [-1, -2]
+    assert run_jobs(client, "operator:neg", [1, 2]) == [-1, -2]
+
+
+def test_a_client_source_is_called_only_when_there_are_jobs():
+    def never() -> Client:
+        raise AssertionError("started a cluster for no jobs")
+
+    assert run_jobs(never, square_plus, [], shared=(0,)) == []
+
+
+@pytest.mark.parametrize("where", ["threads", "cluster"])
+def test_the_error_raised_is_the_earliest_in_job_order_and_later_jobs_are_cancelled(where, client):
+    with pytest.raises(ValueError, match="job 0 failed"):
+        run_jobs(client if where == "cluster" else None, earlier_fails_later, list(range(8)), threads=2)
+    # job 1's failure cancels everything after it: at most the job a free slot took meanwhile started
+    assert len(STARTED - {0, 1}) <= 2
+
+
+def test_in_order_the_first_error_stops_the_rest():
+    with pytest.raises(ValueError, match="job 0 failed"):
+        run_jobs(None, earlier_fails_later, list(range(4)))
+    assert STARTED == {0}
+
+
+def own_key(job: int) -> str:
+    return get_worker().get_current_task()
+
+
+def test_task_keys_carry_the_stem_and_a_fresh_token(client):
+    keys = [run_jobs(client, own_key, [3, 4], key=lambda job: f"dq-test-{job}") for _ in range(2)]
+    assert all(key.startswith(f"dq-test-{job}-") for run in keys for job, key in zip([3, 4], run))
+    assert len({key for run in keys for key in run}) == 4  # a rerun never meets its predecessors' keys
+
+
+@pytest.mark.parametrize("where", ["inline", "cluster"])
+def test_a_lone_job_reports_its_own_progress(where, client):
+    seen = []
+    assert run_jobs(client if where == "cluster" else None, reports, [7], progress=lambda done, total: seen.append((done, total))) == [7]
+    assert seen and set(seen) <= {(1, 3), (2, 3), (3, 3)}
+    with pytest.raises(ValueError, match="alone"):
+        run_jobs(None, reports, [1, 2], progress=lambda done, total: None)
