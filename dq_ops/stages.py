@@ -26,7 +26,6 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,7 +40,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups, single_threaded_blas
 from dq_ops.progress import Progress
 from dq_ops.sampling import bin_intensities, sample_bins, sample_sizes
-from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
+from dq_ops.stage import Stage, is_running, run_jobs
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
 
 if TYPE_CHECKING:
@@ -99,13 +98,24 @@ def _class_digest(embeddings: Artifact, content: np.ndarray, budgets: np.ndarray
     return digest.hexdigest()
 
 
-def _class_bins_worker(
-    store_url: str, storage_options: dict[str, Any], embeddings_name: str, rows: np.ndarray, budgets: np.ndarray,
-    kernel: str, memory_budget_mb: int,
-) -> list[np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class ClassBinsJob:
+    """One class's greedy as a picklable job: the embeddings by store URL and name, the class's rows."""
+
+    store_url: str
+    storage_options: dict[str, Any]
+    embeddings: str
+    rows: np.ndarray
+    budgets: np.ndarray
+    kernel: str
+    memory_budget_mb: int
+
+
+def _class_bins_worker(job: ClassBinsJob) -> list[np.ndarray]:
     """One class's bins, run on a dask worker: read the class's rows from the store, run the greedy."""
-    embeddings = Store(store_url, storage_options).open("embeddings", embeddings_name)
-    return generate_class_bins(embedding_rows(embeddings, rows), budgets, kernel=kernel, memory_budget_mb=memory_budget_mb)
+    embeddings = Store(job.store_url, job.storage_options).open("embeddings", job.embeddings)
+    return generate_class_bins(embedding_rows(embeddings, job.rows), job.budgets, kernel=job.kernel,
+                               memory_budget_mb=job.memory_budget_mb)
 
 
 class BinsStage(Stage):
@@ -179,26 +189,6 @@ class BinsStage(Stage):
         if self.config.refresh == "incremental":
             self.store.write_ref(self.kind, self._lineage(), {"latest": artifact.name})
         return artifact
-
-    def _map(self, client: ClientSource, function: Callable[..., Any], jobs: list[tuple],
-             finished: Callable[[], None]) -> list[Any]:
-        """``function(store_url, storage_options, embeddings_name, *job)`` for every job, on the
-        client's workers when there is one (started only when there are jobs), in job order;
-        ``finished()`` after each job, in the order they finish."""
-        shared = (self.store.url, self.store.storage_options, self.embeddings.name)
-        cluster = resolve_client(client) if jobs else None
-        if cluster is None:
-            results = []
-            for job in jobs:
-                results.append(function(*shared, *job))
-                finished()
-            return results
-        from distributed import as_completed
-
-        futures = [cluster.submit(function, *shared, *job, pure=False) for job in jobs]
-        for _ in as_completed(futures):
-            finished()
-        return cluster.gather(futures)
 
     def _earlier_classes(self) -> dict[str, tuple[Artifact, int]]:
         """Class digest → (earlier bins artifact with this stage's parameters, its class label)."""
@@ -293,7 +283,7 @@ class BinsStage(Stage):
         # progress counts classes: those taken from earlier bins are done from the start
         done = [len(groups) - len(todo)]
 
-        def class_finished() -> None:
+        def class_finished(_bins: list[np.ndarray]) -> None:
             done[0] += 1
             if progress:
                 progress(done[0], len(groups))
@@ -301,8 +291,9 @@ class BinsStage(Stage):
         if progress:
             progress(done[0], len(groups))
         if is_running(client) or sum(len(groups[c]) for c in todo) > BINS_INLINE_ROWS:
-            jobs = [(groups[c], budgets[c], kernel, self.config.memory_budget_mb) for c in todo]
-            class_bins = self._map(client, _class_bins_worker, jobs, class_finished)
+            jobs = [ClassBinsJob(self.store.url, self.store.storage_options, self.embeddings.name, groups[c], budgets[c],
+                                 kernel, self.config.memory_budget_mb) for c in todo]
+            class_bins = run_jobs(client, _class_bins_worker, jobs, on_done=class_finished)
         else:
             # A refresh's few changed classes: here, their rows read in one pass (classes interleave
             # across every chunk; reading class by class would decode each chunk once per class),
@@ -315,11 +306,8 @@ class BinsStage(Stage):
                 return generate_class_bins(rows.take(np.searchsorted(changed, groups[c])), budgets[c], kernel=kernel,
                                            memory_budget_mb=self.config.memory_budget_mb)
 
-            with single_threaded_blas(), ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-                futures = [pool.submit(bin_class, c) for c in todo]
-                for _ in as_completed(futures):
-                    class_finished()
-                class_bins = [future.result() for future in futures]
+            with single_threaded_blas():
+                class_bins = run_jobs(None, bin_class, todo, on_done=class_finished, threads=len(os.sched_getaffinity(0)))
         for c, bins in zip(todo, class_bins):
             for b, local in enumerate(bins):
                 bin_of_sample[groups[c][local]] = b

@@ -6,10 +6,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 from distributed import Client, get_worker
 
+from dq_ops.config import BinsConfig
 from dq_ops.stage import run_jobs
+from dq_ops.stages import BinsStage
+from dq_ops.store import QUANTIZED_SPLIT, Store, write_array
 
 STARTED: set[int] = set()
 STARTED_LOCK = threading.Lock()
@@ -102,3 +106,31 @@ def test_a_lone_job_reports_its_own_progress(where, client):
     assert seen and set(seen) <= {(1, 3), (2, 3), (3, 3)}
     with pytest.raises(ValueError, match="alone"):
         run_jobs(None, reports, [1, 2], progress=lambda done, total: None)
+
+
+def test_bins_on_a_cluster_and_in_this_process_are_the_same_bytes(tmp_path, client):
+    """BinsStage's class greedies through the runner: on the workers (a running client) and here
+    (no client, in order) they write the same bins; the class counter reaches every class."""
+    rng = np.random.default_rng(0)
+    n, classes = 300, 3
+    stores = {where: Store(str(tmp_path / where)) for where in ("cluster", "here")}
+    artifacts = {}
+    for where, store in stores.items():
+        with store.write("datasets", "toy", {"toy": 1}) as group:
+            split = group.create_group(QUANTIZED_SPLIT)
+            write_array(split, "labels", np.arange(n, dtype=np.int64) % classes)
+            write_array(split, "ids", np.array([f"s{k}" for k in range(n)]))
+        dataset = store.open("datasets", "toy")
+        with store.write("embeddings", "toy", {"toy": 1}, [dataset.fingerprint]) as group:
+            write_array(group, "features", rng.standard_normal((n, 8)).astype(np.float32) if where == "cluster"
+                        else np.asarray(stores["cluster"].open("embeddings", "toy")["features"][:]))
+            write_array(group, "ids", np.array([f"s{k}" for k in range(n)]))
+        counted = []
+        stage = BinsStage(store, dataset, store.open("embeddings", "toy"), BinsConfig(num_bins=4))
+        artifacts[where] = stage.run(client=client if where == "cluster" else None,
+                                     progress=lambda done, total, seen=counted: seen.append((done, total)))
+        assert counted[-1] == (classes, classes) and sorted(stage.classes_rebinned) == list(range(classes))
+    cluster, here = artifacts["cluster"], artifacts["here"]
+    assert (np.asarray(cluster["bin_of_sample"][:]) == np.asarray(here["bin_of_sample"][:])).all()
+    assert cluster.record["content_digest"] == here.record["content_digest"]  # the record's other fields date the write
+    assert {k: v for k, v in cluster.group.attrs.items() if k != "dq"} == {k: v for k, v in here.group.attrs.items() if k != "dq"}
