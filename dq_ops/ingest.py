@@ -33,10 +33,12 @@ from dq_ops.errors import DQInputError
 from dq_ops.progress import Progress
 from dq_ops.readers import Batch, Reader, SkippedItem, open_reader
 from dq_ops.readers.base import ItemErrors, OnError, PartitionedReader
-from dq_ops.stage import is_running, resolve_client
+from dq_ops.stage import is_running, resolve_client, run_jobs
 from dq_ops.store import Store, open_zarr_store, write_array
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from dq_ops.stage import ClientSource
 
 # Bumped when what ingest writes for the same source changes (it enters the ingest cache key).
@@ -225,7 +227,7 @@ class _SpreadSplit:
     storage_options: dict[str, Any]
     capacity: int
 
-    def write(self, group: zarr.Group, client: Any, tick: Callable[[int], None]) -> int:
+    def write(self, group: zarr.Group, client: Client, tick: Callable[[int], None]) -> int:
         parts = self.reader.parts(self.source)
         limit = self.reader.num_samples(self.source)
         group.create_group("parts")  # the workers' parts, removed once gathered
@@ -242,7 +244,8 @@ class _SpreadSplit:
                 wave, take, next_part = [next_part], limit - good, next_part + 1
             jobs = [PartJob(parts[k], take, self.hold_out, self.on_error, f"{self.url}/parts/{k}", self.storage_options)
                     for k in wave]
-            for job, done in zip(jobs, _run_all(client, write_part, jobs, lambda d: tick(d.rows), reader)):
+            # the error raised is the earliest in job order: the one a single reader would have met first
+            for job, done in zip(jobs, run_jobs(client, write_part, jobs, shared=(reader,), on_done=lambda d: tick(d.rows))):
                 written.append((job.url, done))
                 self.reader.skipped.extend(done.skipped)
                 good += done.good
@@ -250,7 +253,7 @@ class _SpreadSplit:
         del group["parts"]
         return rows
 
-    def _gather(self, group: zarr.Group, client: Any, parts: list[tuple[str, int]]) -> int:
+    def _gather(self, group: zarr.Group, client: Client, parts: list[tuple[str, int]]) -> int:
         """Create the split's arrays as a single writer would (so chunks and bytes match) and fill
         them from the parts, one job per output chunk."""
         total = sum(rows for _, rows in parts)
@@ -270,41 +273,11 @@ class _SpreadSplit:
             pieces = [(url, max(start, lo) - lo, min(stop, hi) - lo)
                       for (url, _), lo, hi in zip(parts, offsets[:-1].tolist(), offsets[1:].tolist()) if lo < stop and hi > start]
             jobs.append(GatherJob(self.url, self.storage_options, start, stop, pieces))
-        _run_all(client, gather_rows, jobs, lambda _: None)
+        run_jobs(client, gather_rows, jobs)
         if total < self.capacity:
             for array in arrays:
                 array.resize((total, *array.shape[1:]))
         return total
-
-
-def _run_all(client: Any, function: Callable[..., Any], jobs: list[Any], finished: Callable[[Any], None],
-             *shared: Any) -> list[Any]:
-    """``function(job, *shared)`` for every job on the cluster (``shared``: scattered data); results
-    in job order, ``finished(result)`` as each completes.
-
-    A failed job cancels the jobs after it; those before it run on, so the error raised is the
-    earliest in job order: the one a single reader would have met first.
-    """
-    import distributed
-
-    futures = [client.submit(function, job, *shared, pure=False) for job in jobs]
-    position = {future.key: k for k, future in enumerate(futures)}
-    first_failed = len(futures)
-    try:
-        for future in distributed.as_completed(futures):
-            k = position[future.key]
-            if k > first_failed or future.cancelled():
-                continue
-            if future.status == "error":
-                first_failed = k
-                client.cancel([f for f in futures[k + 1:] if not f.done()])
-            else:
-                finished(future.result())
-    finally:
-        client.cancel([f for f in futures if not f.done()])  # interrupted: nothing left running
-    if first_failed < len(futures):
-        raise futures[first_failed].exception()
-    return [future.result() for future in futures]
 
 
 def _write_split(
