@@ -22,9 +22,13 @@ inline without a client): each chunk job reads its rows through URLs, writes its
 resumable staging group and marks ``done[chunk]`` last, so a killed run resumes where it stopped.
 This is datatrove's pipeline step with completion markers, applied to Zarr chunks.
 
-Every stage runs its remote work the same way, through :func:`run_jobs`: a list of picklable
-jobs, run on the dask cluster when there is one and in this process otherwise, with the same
-progress, error and cancellation rules everywhere.
+Every stage runs its work the same way, through :func:`run_jobs`: a list of picklable jobs, run
+on the dask cluster when there is one and in this process otherwise, with the same progress,
+error and cancellation rules everywhere. A job is a frozen dataclass that names artifacts by
+store URL and name (row indices at most, never pixels or features); the function it runs is a
+module-level function beside its stage, or in the stage module's ``*_work`` companion when it
+needs model libraries (``dq_ops.pixel_work``), named there by ``"module:function"`` so that
+the stage module never imports it.
 """
 
 from __future__ import annotations
@@ -291,9 +295,9 @@ class ChunkedStage(Stage):
     number of rows and rows per chunk, one picklable job per chunk (:meth:`job`) and the module-
     level function that runs a job (:attr:`worker`, returning a count, e.g. rows computed). The
     function is named by import path and imported where it runs, so a stage module need not
-    import its model libraries: finding an artifact done never loads torch. Jobs a stage keeps
-    in the calling process (:meth:`inline`) run there, on threads when they only move bytes
-    (:meth:`moves_bytes_only`). After a run, ``chunks_resumed`` / ``chunks_total`` say how much
+    import its model libraries: finding an artifact done never loads torch. Every job runs
+    through :func:`run_jobs`; those a stage keeps in the calling process (:meth:`inline`) run
+    there, on threads when they only move bytes (:meth:`moves_bytes_only`). After a run, ``chunks_resumed`` / ``chunks_total`` say how much
     an earlier run had done and ``work_done`` sums what the workers returned.
     """
 
