@@ -57,6 +57,13 @@ BASELINES: dict[str, Callable[..., np.ndarray]] = {
 # in this process rather than on a cluster started for them: for a refresh's few changed classes
 # that is quicker than starting a local cluster (measured with bench/refresh.py).
 BINS_INLINE_ROWS = 32_768
+# Classes are binned in jobs of several classes whose rows are read in one pass: each job decodes
+# about every chunk of the features (classes interleave), so one job per class would read the
+# whole array once per class. A job holds at most CLASS_BATCH_ROWS rows (131,072 × 1,280 float32
+# is 640 MiB, within a worker's memory beside its greedy) and, where the classes allow, the
+# split is cut into at least CLASS_BATCH_JOBS jobs so that every worker of a cluster gets some.
+CLASS_BATCH_ROWS = 131_072
+CLASS_BATCH_JOBS = 32
 
 
 def split_labels(dataset: Artifact, split: str = QUANTIZED_SPLIT) -> np.ndarray | None:
@@ -100,22 +107,42 @@ def _class_digest(embeddings: Artifact, content: np.ndarray, budgets: np.ndarray
 
 @dataclasses.dataclass(frozen=True)
 class ClassBinsJob:
-    """One class's greedy as a picklable job: the embeddings by store URL and name, the class's rows."""
+    """Some classes' greedies as a picklable job: the embeddings by store URL and name, each
+    class's rows and bin budgets."""
 
     store_url: str
     storage_options: dict[str, Any]
     embeddings: str
-    rows: np.ndarray
-    budgets: np.ndarray
+    rows: list[np.ndarray]
+    budgets: list[np.ndarray]
     kernel: str
     memory_budget_mb: int
 
 
-def _class_bins_worker(job: ClassBinsJob) -> list[np.ndarray]:
-    """One class's bins, run on a dask worker: read the class's rows from the store, run the greedy."""
+def _class_bins_worker(job: ClassBinsJob) -> list[list[np.ndarray]]:
+    """The job's classes' bins, run on a dask worker: their rows read in one pass (classes
+    interleave across every chunk: read class by class, each chunk would be decoded once per
+    class), then each class's greedy."""
     embeddings = Store(job.store_url, job.storage_options).open("embeddings", job.embeddings)
-    return generate_class_bins(embedding_rows(embeddings, job.rows), job.budgets, kernel=job.kernel,
-                               memory_budget_mb=job.memory_budget_mb)
+    wanted = np.sort(np.concatenate(job.rows))
+    rows = embedding_rows(embeddings, wanted)
+    return [generate_class_bins(rows.take(np.searchsorted(wanted, members)), budgets, kernel=job.kernel,
+                                memory_budget_mb=job.memory_budget_mb)
+            for members, budgets in zip(job.rows, job.budgets)]
+
+
+def class_batches(sizes: list[int], rows_per_batch: int) -> list[list[int]]:
+    """Consecutive positions of ``sizes`` in batches of at most ``rows_per_batch`` rows (a larger
+    class alone)."""
+    batches: list[list[int]] = []
+    rows = 0
+    for position, size in enumerate(sizes):
+        if not batches or rows + size > rows_per_batch:
+            batches.append([])
+            rows = 0
+        batches[-1].append(position)
+        rows += size
+    return batches
 
 
 class BinsStage(Stage):
@@ -271,29 +298,35 @@ class BinsStage(Stage):
         bin_of_sample = np.empty(n, dtype=np.int32)
         earlier = self._earlier_classes()
         todo = []
+        read: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # an earlier artifact's labels and bins, read once
         for c, members in enumerate(groups):
             if digests[c] in earlier:
                 artifact, label = earlier[digests[c]]
-                old_labels = np.asarray(artifact["labels"][:])
-                old_members = np.arange(len(old_labels)) if label == -1 else np.flatnonzero(old_labels == label)
-                bin_of_sample[members] = artifact["bin_of_sample"].get_orthogonal_selection((old_members,))
+                if artifact.name not in read:
+                    read[artifact.name] = np.asarray(artifact["labels"][:]), np.asarray(artifact["bin_of_sample"][:])
+                old_labels, old_bins = read[artifact.name]
+                bin_of_sample[members] = old_bins if label == -1 else old_bins[old_labels == label]
             else:
                 todo.append(c)
         self.classes_rebinned = [int(classes[c]) for c in todo]
         # progress counts classes: those taken from earlier bins are done from the start
         done = [len(groups) - len(todo)]
 
-        def class_finished(_bins: list[np.ndarray]) -> None:
-            done[0] += 1
+        def classes_finished(finished: list[list[np.ndarray]]) -> None:
+            done[0] += len(finished)
             if progress:
                 progress(done[0], len(groups))
 
         if progress:
             progress(done[0], len(groups))
         if is_running(client) or sum(len(groups[c]) for c in todo) > BINS_INLINE_ROWS:
-            jobs = [ClassBinsJob(self.store.url, self.store.storage_options, self.embeddings.name, groups[c], budgets[c],
-                                 kernel, self.config.memory_budget_mb) for c in todo]
-            class_bins = run_jobs(client, _class_bins_worker, jobs, on_done=class_finished)
+            sizes = [len(groups[c]) for c in todo]
+            per_job = min(CLASS_BATCH_ROWS, -(-sum(sizes) // CLASS_BATCH_JOBS))
+            batches = [[todo[i] for i in batch] for batch in class_batches(sizes, per_job)]
+            jobs = [ClassBinsJob(self.store.url, self.store.storage_options, self.embeddings.name,
+                                 [groups[c] for c in batch], [budgets[c] for c in batch], kernel, self.config.memory_budget_mb)
+                    for batch in batches]
+            class_bins = [bins for batch in run_jobs(client, _class_bins_worker, jobs, on_done=classes_finished) for bins in batch]
         else:
             # A refresh's few changed classes: here, their rows read in one pass (classes interleave
             # across every chunk; reading class by class would decode each chunk once per class),
@@ -307,7 +340,8 @@ class BinsStage(Stage):
                                            memory_budget_mb=self.config.memory_budget_mb)
 
             with single_threaded_blas():
-                class_bins = run_jobs(None, bin_class, todo, on_done=class_finished, threads=len(os.sched_getaffinity(0)))
+                class_bins = run_jobs(None, bin_class, todo, on_done=lambda bins: classes_finished([bins]),
+                                      threads=len(os.sched_getaffinity(0)))
         for c, bins in zip(todo, class_bins):
             for b, local in enumerate(bins):
                 bin_of_sample[groups[c][local]] = b

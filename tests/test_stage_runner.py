@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from distributed import Client, get_worker
 
+from dq_ops import stages
 from dq_ops.config import BinsConfig
 from dq_ops.stage import run_jobs
-from dq_ops.stages import BinsStage
+from dq_ops.stages import BinsStage, class_batches
 from dq_ops.store import QUANTIZED_SPLIT, Store, write_array
 
 STARTED: set[int] = set()
@@ -108,11 +109,19 @@ def test_a_lone_job_reports_its_own_progress(where, client):
         run_jobs(None, reports, [1, 2], progress=lambda done, total: None)
 
 
-def test_bins_on_a_cluster_and_in_this_process_are_the_same_bytes(tmp_path, client):
-    """BinsStage's class greedies through the runner: on the workers (a running client) and here
-    (no client, in order) they write the same bins; the class counter reaches every class."""
+def test_classes_are_batched_in_order_up_to_a_row_budget():
+    assert class_batches([40, 40, 30, 100, 5, 5], 100) == [[0, 1], [2], [3], [4, 5]]
+    assert class_batches([250, 10], 100) == [[0], [1]]  # a class over the budget goes alone
+    assert class_batches([], 100) == []
+
+
+def test_bins_on_a_cluster_and_in_this_process_are_the_same_bytes(tmp_path, client, monkeypatch):
+    """BinsStage's class greedies through the runner: on the workers (a running client, classes in
+    jobs of several) and here (no client, in order) they write the same bins; the class counter
+    reaches every class."""
+    monkeypatch.setattr(stages, "CLASS_BATCH_JOBS", 3)  # 7 classes of ~43 rows: jobs of two classes
     rng = np.random.default_rng(0)
-    n, classes = 300, 3
+    n, classes = 300, 7
     stores = {where: Store(str(tmp_path / where)) for where in ("cluster", "here")}
     artifacts = {}
     for where, store in stores.items():
