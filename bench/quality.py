@@ -21,7 +21,8 @@ the flow's logistic regression on sentence embeddings (``dq_ops.text_eval``). Ar
 
 FEATURES (each cached as ``.npy`` in ``--cache`` with its cost in seconds per 1,000 images):
 ``effnet32`` / ``effnet64`` / ``effnet112`` (ImageNet EfficientNet-Lite0 at that input size,
-penultimate 1,280-d), ``pixels-pca`` (PCA-64 of the pixels), ``mae`` (the mean encoder token of the flow's own MAE,
+penultimate 1,280-d; ``effnet64spatial``: its last feature map before global pooling, 2×2×1,280
+at 64 px — at 32 px the map is 1×1 and pooling changes nothing), ``pixels-pca`` (PCA-64 of the pixels), ``mae`` (the mean encoder token of the flow's own MAE,
 trained as the flow trains it), ``gradient32`` (the reference's
 last-layer gradient embedding on ``effnet32`` with a random head), ``minilm`` (texts).
 
@@ -160,7 +161,11 @@ def features(data: Dataset, name: str, cache: Path, split: str = "train") -> tup
 
         from dq_ops.backbones import load_image_extractor
 
-        extractor = load_image_extractor(image_size=int(name[len("effnet"):]), device=torch.device("cpu"))
+        size = int(name[len("effnet"):].removesuffix("spatial"))
+        extractor = load_image_extractor(image_size=size, device=torch.device("cpu"))
+        if name.endswith("spatial"):  # the last feature map before global pooling: 1,280 × (size / 32)² values
+            extractor.model.global_pool = torch.nn.Identity()
+            extractor.dim *= (size // 32) ** 2
         values = np.concatenate([extractor(samples[i:i + 2048]) for i in range(0, len(samples), 2048)])
     else:
         raise SystemExit(f"unknown features {name!r}")
