@@ -145,10 +145,10 @@ class ProgressArtifact:
     event for the ``dq`` terminal's bar.
 
     Fed by a dq_ops ``progress(done, total)`` callback (from the task's thread, or from the dask
-    client's thread for work reported by a worker). Each artifact update is an API call (~10 ms),
-    so updates are throttled to whole-percent steps at most once per :attr:`interval_s`, plus the
-    final 100%: a stage reporting every batch (ingest: ~140 batches of Fashion-MNIST in 2 s) would
-    otherwise spend more time on its progress than on its work. The terminal throttles its own.
+    client's thread for work reported by a worker). Each artifact update is an API call, so
+    updates are throttled to whole-percent steps at most once per :attr:`interval_s`, plus the
+    final 100%: a stage reporting every small batch would otherwise spend more time on its
+    progress than on its work. The terminal throttles its own.
     """
 
     interval_s = 1.0

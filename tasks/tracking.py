@@ -259,9 +259,9 @@ def prewarm(config: DQConfig) -> None:
 class Tracker:
     """The MLflow side of one flow run, driven from a process of its own.
 
-    MLflow with its sqlite store imports ~1.7 s of Python (mlflow, SQLAlchemy, alembic) and
-    then talks to its database. In a thread that work held the flow's GIL against the first
-    stages (ingest ran 2.5× slower beside it); in a process it runs on another core. The process
+    MLflow with its sqlite store imports a lot of Python (mlflow, SQLAlchemy, alembic) and
+    then talks to its database. In a thread that work holds the flow's GIL against the first
+    stages; in a process it runs on another core. The process
     (started here, or earlier by :func:`prewarm`) connects and creates the run while the first
     stages run, then serves the flow's calls one at a time; the first call that needs the run
     waits for it and raises its error, if any. :meth:`close` ends it.
