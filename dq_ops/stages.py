@@ -119,16 +119,20 @@ class ClassBinsJob:
     memory_budget_mb: int
 
 
-def _class_bins_worker(job: ClassBinsJob) -> list[list[np.ndarray]]:
-    """The job's classes' bins, run on a dask worker: their rows read in one pass (classes
-    interleave across every chunk: read class by class, each chunk would be decoded once per
-    class), then each class's greedy."""
-    embeddings = Store(job.store_url, job.storage_options).open("embeddings", job.embeddings)
-    wanted = np.sort(np.concatenate(job.rows))
+def classes_rows(embeddings: Artifact, groups: list[np.ndarray]) -> Iterator[FeatureRows]:
+    """Each class's rows of ``groups``, in order, from one read of the features: classes
+    interleave across every chunk, so reading class by class would decode each chunk once per class."""
+    wanted = np.sort(np.concatenate(groups)) if groups else np.zeros(0, dtype=np.int64)
     rows = embedding_rows(embeddings, wanted)
-    return [generate_class_bins(rows.take(np.searchsorted(wanted, members)), budgets, kernel=job.kernel,
-                                memory_budget_mb=job.memory_budget_mb)
-            for members, budgets in zip(job.rows, job.budgets)]
+    for members in groups:
+        yield rows.take(np.searchsorted(wanted, members))
+
+
+def _class_bins_worker(job: ClassBinsJob) -> list[list[np.ndarray]]:
+    """The job's classes' bins, run on a dask worker: their rows read in one pass, then each class's greedy."""
+    embeddings = Store(job.store_url, job.storage_options).open("embeddings", job.embeddings)
+    return [generate_class_bins(rows, budgets, kernel=job.kernel, memory_budget_mb=job.memory_budget_mb)
+            for rows, budgets in zip(classes_rows(embeddings, job.rows), job.budgets)]
 
 
 def class_batches(sizes: list[int], rows_per_batch: int) -> list[list[int]]:
@@ -328,16 +332,13 @@ class BinsStage(Stage):
                     for batch in batches]
             class_bins = [bins for batch in run_jobs(client, _class_bins_worker, jobs, on_done=classes_finished) for bins in batch]
         else:
-            # A refresh's few changed classes: here, their rows read in one pass (classes interleave
-            # across every chunk; reading class by class would decode each chunk once per class),
-            # their greedies on threads (BLAS releases the GIL; one BLAS thread each, limited once
-            # around them all), which beats running them one by one.
-            changed = np.sort(np.concatenate([groups[c] for c in todo])) if todo else np.zeros(0, dtype=np.int64)
-            rows = embedding_rows(self.embeddings, changed)
+            # A refresh's few changed classes: here, their rows read in one pass, their greedies on
+            # threads (BLAS releases the GIL; one BLAS thread each, limited once around them all),
+            # which beats running them one by one.
+            rows = dict(zip(todo, classes_rows(self.embeddings, [groups[c] for c in todo])))
 
             def bin_class(c: int) -> list[np.ndarray]:
-                return generate_class_bins(rows.take(np.searchsorted(changed, groups[c])), budgets[c], kernel=kernel,
-                                           memory_budget_mb=self.config.memory_budget_mb)
+                return generate_class_bins(rows[c], budgets[c], kernel=kernel, memory_budget_mb=self.config.memory_budget_mb)
 
             with single_threaded_blas():
                 class_bins = run_jobs(None, bin_class, todo, on_done=lambda bins: classes_finished([bins]),
