@@ -16,10 +16,15 @@ a single process writes (same rows in the same order, same chunks, same fingerpr
 The artifact's parameters are the dataset settings that shape its content (format, limit, resize,
 error policy, text fields, label field). The source URL and the dataset name are left out, so the
 same data ingested from another place has the same fingerprint and downstream caches still hit.
+
+As a pipeline stage (:class:`IngestStage`), ingest's key is the dataset settings plus a signature
+of the source files (:func:`source_signature`): the dataset's ref records the key its latest
+snapshot was read under, so an unchanged source is not read again, and a refreshed one is.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,15 +38,16 @@ from dq_ops.errors import DQInputError
 from dq_ops.progress import Progress
 from dq_ops.readers import Batch, Reader, SkippedItem, open_reader
 from dq_ops.readers.base import ItemErrors, OnError, PartitionedReader
-from dq_ops.stage import is_running, resolve_client, run_jobs
-from dq_ops.store import Store, open_zarr_store, write_array
+from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
+from dq_ops.store import Artifact, DQStoreError, Store, open_zarr_store, write_array
+from dq_ops.urls import filesystem, is_glob
 
 if TYPE_CHECKING:
     from distributed import Client
 
     from dq_ops.stage import ClientSource
 
-# Bumped when what ingest writes for the same source changes (it enters the ingest cache key).
+# Bumped when what ingest writes for the same source changes (it enters the ingest stage's key).
 INGEST_VERSION = 2
 # Samples per reader batch: small enough for large images (256 × 224² RGB ≈ 38 MB).
 BATCH_SIZE = 256
@@ -69,7 +75,8 @@ class IngestResult:
 def ingest(
     config: DatasetConfig, store: Store, *, progress: Progress | None = None, client: ClientSource = None,
 ) -> IngestResult:
-    """Read ``config``'s source and store it as a snapshot of ``datasets/<config.name>``.
+    """Read ``config``'s source and store it as a snapshot of ``datasets/<config.name>`` (always
+    reads it: ``dq ingest``; a run's stage reads it only when it changed, :class:`IngestStage`).
 
     ``progress(done, total)`` is called after every batch (every part when spread over
     workers); ``total`` counts the samples the source announces (after ``limit``), so with
@@ -77,56 +84,143 @@ def ingest(
     starts one, for sharded sources (module docstring); without, everything is read here.
     Raises :class:`DQInputError` naming the file or record at fault.
     """
-    reader = open_reader(config)
-    # (output split, reader split, keep-test flag or None): a hold-out reads "train" twice.
-    if config.test_fraction is not None and reader.splits() == ["train"]:
-        plan = [("train", "train", False), ("test", "train", True)]
+    return IngestStage(store, config).ingest(progress=progress, client=client)
+
+
+def source_signature(url: str) -> str:
+    """sha256 over (path, size, modification time) of every file under ``url``.
+
+    Cheap on any fsspec filesystem (a listing, no reads); any added, removed, resized or
+    rewritten file changes it.
+    """
+    fs, root = filesystem(url)
+    if is_glob(root):
+        paths = fs.glob(root, detail=True)
     else:
-        plan = [(split, split, None) for split in reader.splits()]
-    capacity = {out: reader.num_samples(source) for out, source, _ in plan}
-    total, done = sum(reader.num_samples(source) for source in {source for _, source, _ in plan}), 0
+        paths = fs.find(root, withdirs=False, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+    digest = hashlib.sha256()
+    for path, info in sorted(paths.items()):
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+        digest.update(f"{path}|{info.get('size')}|{mtime}\n".encode())
+    return digest.hexdigest()
 
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
 
-    # The image column shapes only Parquet content: left out otherwise, so other datasets keep their fingerprints.
-    # The pixel limit only refuses images (what a skipped one changes, the content digest holds).
-    params = config.model_dump(mode="json", exclude={"url", "name", "max_image_pixels"} | ({"image_field"} if config.format != "parquet" else set()))
-    counts: dict[str, int] = {}
-    with store.write_snapshot("datasets", config.name, params, source=config.url) as snapshot:
-        group = snapshot.group
-        for split, source, test_side in plan:
-            hold_out = None if test_side is None else (config.test_fraction, test_side)
-            if _spreads(reader, source, client):
-                spread = _SpreadSplit(reader, source, hold_out, config.on_error, f"{snapshot.url}/{split}",
-                                      store.storage_options, capacity[split])
-                counts[split] = spread.write(group.create_group(split), resolve_client(client), tick)
-            else:
-                batches = reader.iter_batches(source, BATCH_SIZE)
-                if hold_out is not None:
-                    batches = _hold_out(batches, *hold_out)
-                counts[split] = _write_split(group.create_group(split), reader.modality, batches, capacity[split], tick)
-            if counts[split] == 0:
-                skipped = f" ({len(reader.skipped)} bad items skipped)" if reader.skipped else ""
-                raise DQInputError(f"{reader.source}: split {split!r} has no samples (empty dataset){skipped}")
-        group.attrs.update(
-            {"modality": reader.modality, "class_names": reader.class_names(), "source_format": config.format}
+def snapshot_summary(snapshot: Artifact) -> dict[str, Any]:
+    """What a dataset snapshot holds, read from it: ``modality``, per-split ``counts`` (the
+    quantized split first) and ``class_names``."""
+    splits = sorted(snapshot.group.group_keys(), key=lambda split: (split != "train", split))
+    return {
+        "modality": snapshot.group.attrs["modality"],
+        "counts": {split: int(snapshot[f"{split}/labels"].shape[0]) for split in splits},
+        "class_names": snapshot.group.attrs["class_names"],
+    }
+
+
+class IngestStage(Stage):
+    """Ingest as a pipeline stage: the source read into a dataset snapshot.
+
+    Its key (:meth:`name`) covers the dataset settings, the source's :func:`source_signature`
+    and the stage version. A snapshot's name comes from its content, which is only known once
+    the source is read, so "done" is not a stored ``datasets/<key>``: it is the dataset's ref
+    saying that its latest snapshot was ingested under this key (``source_key``), and that
+    snapshot intact. A source changed since, a snapshot of another source made latest in
+    between, or a damaged snapshot is read again.
+    """
+
+    kind = "datasets"
+    version = INGEST_VERSION
+
+    def __init__(self, store: Store, config: DatasetConfig):
+        super().__init__(store)
+        self.config = config
+        self.skipped: list[SkippedItem] = []  # bad items the last read skipped (on_error: skip)
+
+    @functools.cached_property
+    def _source(self) -> str:
+        """The source's signature, taken once: the key names the state of the source this stage reads."""
+        return source_signature(self.config.url)
+
+    def params(self) -> dict[str, Any]:
+        return {"config": self.config.model_dump(mode="json"), "source": self._source}
+
+    def inputs(self) -> list[Artifact]:
+        return []
+
+    def stored(self, name: str | None = None) -> Artifact | None:
+        ref = self.store.read_ref(self.kind, self.config.name)
+        if ref is None or ref.get("source_key") != (name or self.name()):
+            return None
+        try:
+            return self.store.open(self.kind, ref["latest"])
+        except DQStoreError:  # damaged or removed since: read again
+            return None
+
+    def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
+        raise NotImplementedError("ingest writes a snapshot named by its content: see run()")
+
+    def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
+        """The dataset's latest snapshot when it was read from this very source state, else the
+        snapshot :meth:`ingest` writes."""
+        stored = self.stored()
+        if stored is not None:
+            return stored
+        return self.store.open(self.kind, self.ingest(progress=progress, client=client).name)
+
+    def ingest(self, *, progress: Progress | None = None, client: ClientSource = None) -> IngestResult:
+        """Read the source into a new snapshot (or find its content stored) and make it latest,
+        recording this stage's key in the dataset's ref."""
+        config, store = self.config, self.store
+        reader = open_reader(config)
+        # (output split, reader split, keep-test flag or None): a hold-out reads "train" twice.
+        if config.test_fraction is not None and reader.splits() == ["train"]:
+            plan = [("train", "train", False), ("test", "train", True)]
+        else:
+            plan = [(split, split, None) for split in reader.splits()]
+        capacity = {out: reader.num_samples(source) for out, source, _ in plan}
+        total, done = sum(reader.num_samples(source) for source in {source for _, source, _ in plan}), 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        # The image column shapes only Parquet content: left out otherwise, so other datasets keep their fingerprints.
+        # The pixel limit only refuses images (what a skipped one changes, the content digest holds).
+        params = config.model_dump(mode="json", exclude={"url", "name", "max_image_pixels"} | ({"image_field"} if config.format != "parquet" else set()))
+        counts: dict[str, int] = {}
+        with store.write_snapshot("datasets", config.name, params, source=config.url, source_key=self.name()) as snapshot:
+            group = snapshot.group
+            for split, source, test_side in plan:
+                hold_out = None if test_side is None else (config.test_fraction, test_side)
+                if _spreads(reader, source, client):
+                    spread = _SpreadSplit(reader, source, hold_out, config.on_error, f"{snapshot.url}/{split}",
+                                          store.storage_options, capacity[split])
+                    counts[split] = spread.write(group.create_group(split), resolve_client(client), tick)
+                else:
+                    batches = reader.iter_batches(source, BATCH_SIZE)
+                    if hold_out is not None:
+                        batches = _hold_out(batches, *hold_out)
+                    counts[split] = _write_split(group.create_group(split), reader.modality, batches, capacity[split], tick)
+                if counts[split] == 0:
+                    skipped = f" ({len(reader.skipped)} bad items skipped)" if reader.skipped else ""
+                    raise DQInputError(f"{reader.source}: split {split!r} has no samples (empty dataset){skipped}")
+            group.attrs.update(
+                {"modality": reader.modality, "class_names": reader.class_names(), "source_format": config.format}
+            )
+        self.skipped = list(reader.skipped)
+        artifact = snapshot.artifact
+        return IngestResult(
+            dataset=config.name,
+            name=artifact.name,
+            url=artifact.url,
+            fingerprint=artifact.fingerprint,
+            source=reader.source,
+            modality=reader.modality,
+            counts=counts,
+            class_names=reader.class_names(),
+            skipped=list(reader.skipped),
         )
-    artifact = snapshot.artifact
-    return IngestResult(
-        dataset=config.name,
-        name=artifact.name,
-        url=artifact.url,
-        fingerprint=artifact.fingerprint,
-        source=reader.source,
-        modality=reader.modality,
-        counts=counts,
-        class_names=reader.class_names(),
-        skipped=list(reader.skipped),
-    )
 
 
 def held_out(ids: np.ndarray, fraction: float) -> np.ndarray:

@@ -103,6 +103,15 @@ class Stage(ABC):
         """The output artifact's name: a hash of version, parameters and input fingerprints."""
         return derive_key(self.kind, self.key_params(), self.input_fingerprints())
 
+    def stored(self, name: str | None = None) -> Artifact | None:
+        """The stage's result when the store holds it complete and intact, else None: the one
+        answer to "is this stage done?" (Prefect's cache serves a result only while it agrees).
+        ``name``: :meth:`name`, when the caller has it already."""
+        try:
+            return self.store.open(self.kind, name or self.name())
+        except DQStoreError:  # absent, incomplete or damaged: computed (again)
+            return None
+
     def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
         """The stored result, computed and committed first if the store lacks it.
 
@@ -110,8 +119,9 @@ class Stage(ABC):
         lock, then finds the artifact stored (``Store.lock``).
         """
         name = self.name()
-        if self.store.exists(self.kind, name):
-            return self.store.open(self.kind, name)
+        stored = self.stored(name)
+        if stored is not None:
+            return stored
         with self.store.writing(), self.store.lock("stage", self.kind, name):
             if not self._stored_intact(name):
                 params, inputs = self.key_params(), self.input_fingerprints()
@@ -346,8 +356,9 @@ class ChunkedStage(Stage):
         """As :meth:`Stage.run`; the stage lock also keeps a second run out of the resumable
         staging group while the first writes it (it waits, then finds the artifact stored)."""
         name = self.name()
-        if self.store.exists(self.kind, name):
-            return self.store.open(self.kind, name)
+        stored = self.stored(name)
+        if stored is not None:
+            return stored
         # a worker's write error comes back here (pickled with its errno): disk full names the store
         with self.store.writing(), self.store.lock("stage", self.kind, name):
             if self._stored_intact(name):

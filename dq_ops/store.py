@@ -614,6 +614,7 @@ class Store:
     @contextmanager
     def write_snapshot(
         self, kind: str, base: str, params: Mapping[str, Any], inputs: Sequence[str] = (), *, source: str | None = None,
+        source_key: str | None = None,
     ) -> Iterator[SnapshotWrite]:
         """Write an immutable snapshot ``kind/<base>-<fingerprint[:12]>`` and make it ``base``'s latest.
 
@@ -622,7 +623,8 @@ class Store:
         exists (unchanged content) the new copy is discarded and the existing one becomes latest
         again; a damaged one (:meth:`check`) is replaced by the new copy. ``source`` (where the
         content was read from) goes into the record, outside the fingerprint: it is what
-        :meth:`ingest_command` names.
+        :meth:`ingest_command` names. ``source_key`` (the key of the ingest that read it,
+        ``dq_ops.ingest.IngestStage``) goes into the ref beside ``latest``.
         """
         staging = f"{base}-{uuid.uuid4().hex[:12]}"
         with self.writing(), self._staging_lock(kind, staging):
@@ -643,7 +645,7 @@ class Store:
                         extra = {"source": source} if source is not None else {}
                         write.group.attrs["dq"] = record | {"name": name, "snapshot_of": base} | extra
                         self._publish(kind, staging, name)
-                self._push_ref(kind, base, name)
+                self._push_ref(kind, base, name, source_key)
                 write.artifact = self.open(kind, name)
             except BaseException:
                 self._remove(kind, STAGING, staging)
@@ -661,7 +663,8 @@ class Store:
         return self._path("refs", kind, f"{base}.json")
 
     def read_ref(self, kind: str, base: str) -> dict[str, Any] | None:
-        """The ref ``refs/<kind>/<base>``: ``{"latest": name, "history": [oldest, ..., latest]}``, or None."""
+        """The ref ``refs/<kind>/<base>``, or None. A dataset's: ``{"latest": name, "history":
+        [oldest, ..., latest], "source_key": the key of the ingest that made latest}``."""
         path = self._ref_path(kind, base)
         if not self.fs.exists(path):
             return None
@@ -684,10 +687,11 @@ class Store:
                 Path(temporary).unlink(missing_ok=True)
                 raise
 
-    def _push_ref(self, kind: str, base: str, name: str) -> None:
+    def _push_ref(self, kind: str, base: str, name: str, source_key: str | None) -> None:
         with self.lock("ref", kind, base):  # read-modify-write: concurrent runs must not lose an entry
             history = [n for n in (self.read_ref(kind, base) or {}).get("history", []) if n != name]
-            self.write_ref(kind, base, {"latest": name, "history": [*history, name]})
+            key = {} if source_key is None else {"source_key": source_key}
+            self.write_ref(kind, base, {"latest": name, "history": [*history, name], **key})
 
     # -- garbage collection ------------------------------------------------------------------
     def gc(self, keep: int, *, dry_run: bool = False) -> list[str]:
@@ -724,7 +728,8 @@ class Store:
                 for base, ref in refs.items():
                     history = [n for n in ref["history"] if f"datasets/{n}" not in removed]
                     if history != ref["history"]:
-                        self.write_ref("datasets", base, {"latest": history[-1] if history else None, "history": history})
+                        # the latest snapshot is always kept: its ingest key stays valid
+                        self.write_ref("datasets", base, {**ref, "latest": history[-1] if history else None, "history": history})
         return removed
 
     # -- integrity ---------------------------------------------------------------------------

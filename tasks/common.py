@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -22,8 +23,8 @@ from prefect.runtime import flow_run
 
 from dq_ops.errors import FULL_ERRNOS, REFUSED_ERRNOS, DQInputError
 from dq_ops.stage import Stage
-from dq_ops.store import Artifact, DQStoreError, Store, derive_key
-from dq_ops.urls import filesystem
+from dq_ops.store import Artifact, Store
+from dq_ops.urls import redact_credentials
 from tasks.offline import set_offline_env  # noqa: F401  (the flow calls it; defined without Prefect imports)
 from tasks.progress import stage_advanced, stage_started
 
@@ -50,13 +51,6 @@ class StageResult:
     def open(self) -> Artifact:
         return Store(self.store_url).open(self.kind, self.name)
 
-    def is_current(self) -> bool:
-        """Whether the store still holds this very artifact (same fingerprint)."""
-        try:
-            return self.open().fingerprint == self.fingerprint
-        except DQStoreError:
-            return False
-
     def computed_now(self) -> bool:
         """Whether the current flow run computed this result (rather than a cache hit)."""
         return self.computed_in is not None and self.computed_in == str(flow_run.get_id())
@@ -81,20 +75,28 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
+def store_identity(url: str) -> str:
+    """A store's URL as every run of it names it: a local path absolute (links resolved), no password."""
+    if "://" not in url or url.startswith("file://"):
+        return str(Path(url.removeprefix("file://")).resolve())
+    return redact_credentials(url.rstrip("/"))
+
+
 def store_tag(url: str) -> str:
-    """8 hex digits naming a store root (local paths made absolute): part of every cache key, so
-    the same stage against another store is computed there, never served from the first one."""
-    fs, root = filesystem(url)
-    return hashlib.sha256(fs.unstrip_protocol(root).encode()).hexdigest()[:8]
+    """8 hex digits naming a store (:func:`store_identity`): part of every cache key, so the same
+    stage against another store is computed there, never served from the first one."""
+    return hashlib.sha256(store_identity(url).encode()).hexdigest()[:8]
 
 
-def _served_only_if_stored(context: TaskRunContext, key: str) -> str:
-    """``key``, unless the result cached under it names an artifact the store no longer holds
-    (deleted, or replaced by a different one): then a one-off key, so the task runs again."""
+def _served_only_if_done(context: TaskRunContext, key: str, stage: Stage, name: str) -> str:
+    """``key``, unless the result cached under it is not what the stage finds done (its artifact
+    deleted, damaged or replaced; for ingest, the dataset's latest snapshot read from another
+    source state): then a one-off key, so the task runs again. The stage decides, the cache follows."""
     result_store = getattr(context, "result_store", None)
     if result_store is not None and result_store.exists(key):
         cached = result_store.read(key).result
-        if isinstance(cached, StageResult) and not cached.is_current():
+        done = stage.stored(name)
+        if isinstance(cached, StageResult) and (done is None or done.fingerprint != cached.fingerprint):
             return f"{key}-rebuild-{uuid.uuid4().hex[:8]}"
     return key
 
@@ -115,7 +117,8 @@ def stage_cache_key(build: Callable[..., Stage]) -> Callable[[TaskRunContext, di
     def key_fn(context: TaskRunContext, arguments: dict[str, Any]) -> str:
         _started(context)
         stage = build(**arguments)
-        return _served_only_if_stored(context, f"{stage.kind}-{stage.name()}-{store_tag(stage.store.url)}")
+        name = stage.name()
+        return _served_only_if_done(context, f"{stage.kind}-{name}-{store_tag(stage.store.url)}", stage, name)
 
     return key_fn
 
@@ -126,18 +129,6 @@ def stage_task(name: str, task_run_name: str | Callable[[], str], build: Callabl
     and retries for transient faults only (:func:`retry_unless_bad_input`)."""
     return task(name=name, task_run_name=task_run_name, cache_key_fn=stage_cache_key(build), retries=retries,
                 retry_condition_fn=retry_unless_bad_input, **options)
-
-
-def source_cache_key(stage: str, material: Callable[..., dict[str, Any]]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    """A ``cache_key_fn`` for a task that reads outside the store (ingest): a hash of
-    ``material(**task_arguments)`` (settings and a signature of the source) plus the store tag."""
-
-    def key_fn(context: TaskRunContext, arguments: dict[str, Any]) -> str:
-        _started(context)
-        key = derive_key(stage, material(**arguments))
-        return _served_only_if_stored(context, f"{stage}-{key}-{store_tag(arguments['store_url'])}")
-
-    return key_fn
 
 
 class ProgressArtifact:

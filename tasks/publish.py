@@ -13,7 +13,6 @@ import json
 import os
 import tempfile
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -23,7 +22,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from dq_ops.config import DQConfig
 from dq_ops.selection import CATEGORIES
 from dq_ops.store import derive_key
-from dq_ops.urls import redact_credentials
+from tasks.common import store_identity
 from tasks.report import bin_gallery, bin_size_plot, bin_size_rows, render_report
 from tasks.summary import RunSummary, SubsetRun
 from tasks.tracking import Tracker
@@ -80,13 +79,6 @@ def trend_key(summary: RunSummary) -> str:
     selection = summary.schedule.key
     dataset = summary.dataset.summary["dataset"]
     return f"{dataset}-{derive_key('trend', {'store': store_identity(summary.store_url), 'selection': selection})}"
-
-
-def store_identity(url: str) -> str:
-    """A store's URL as every run of it names it: a local path absolute, no password."""
-    if "://" not in url or url.startswith("file://"):
-        return str(Path(url.removeprefix("file://")).resolve())
-    return redact_credentials(url)
 
 
 def run_metrics(summary: RunSummary) -> dict[str, float]:

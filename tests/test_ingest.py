@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from PIL import Image
 
 from dq_ops.config import DatasetConfig, DatasetFormat
 from dq_ops.errors import DQInputError
-from dq_ops.ingest import ingest
+from dq_ops.ingest import IngestStage, ingest
 from dq_ops.readers.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from dq_ops.store import Store, open_zarr_store, write_array
 
@@ -305,6 +306,44 @@ def test_a_stored_dataset_can_be_reingested_from_its_zarr_group(tmp_path):
     assert again.counts == first.counts and again.class_names == first.class_names
     for key in ("train/images", "train/labels", "train/ids", "test/images"):
         np.testing.assert_array_equal(store.open("datasets", "copy")[key][:], store.open("datasets", "fm")[key][:])
+
+
+def test_the_ingest_stage_reads_its_source_only_when_it_changed(tmp_path, fm_test):
+    images, labels = fm_test
+    source, other = tmp_path / "fm.npz", tmp_path / "other.npz"
+    np.savez(source, x_train=images[:40], y_train=labels[:40], x_test=images[40:50], y_test=labels[40:50])
+    np.savez(other, x_train=images[50:70], y_train=labels[50:70])
+    store, config = _store(tmp_path), DatasetConfig(format="npz", url=str(source), name="fm")
+    first = IngestStage(store, config).run()
+    assert store.read_ref("datasets", "fm")["source_key"] == IngestStage(store, config).name()
+
+    # Same paths, sizes and times, other bytes: a stage that read the source would fail on them.
+    stat = source.stat()
+    source.write_bytes(b"\0" * stat.st_size)
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert IngestStage(store, config).run().fingerprint == first.fingerprint
+
+    # A snapshot of another source made latest in between: read again, and latest again.
+    np.savez(source, x_train=images[:40], y_train=labels[:40], x_test=images[40:50], y_test=labels[40:50])
+    ingest(DatasetConfig(format="npz", url=str(other), name="fm"), store)
+    assert store.open("datasets", "fm").fingerprint != first.fingerprint
+    assert IngestStage(store, config).stored() is None
+    again = IngestStage(store, config).run()
+    assert again.name == first.name and store.open("datasets", "fm").fingerprint == first.fingerprint
+
+    # gc keeps what makes the latest snapshot done; a damaged one is read again (and replaced).
+    assert "datasets/" + first.name not in store.gc(keep=1)
+    assert IngestStage(store, config).stored().fingerprint == first.fingerprint
+    chunk = next(p for p in (tmp_path / "store" / "datasets" / first.name / "train" / "labels" / "c").rglob("*") if p.is_file())
+    chunk.unlink()
+    assert IngestStage(store, config).stored() is None
+    assert IngestStage(store, config).run().fingerprint == first.fingerprint
+    assert store.check("datasets", first.name) is None
+
+    # A source that changed is read: a new snapshot becomes latest.
+    np.savez(source, x_train=images[:45], y_train=labels[:45], x_test=images[45:50], y_test=labels[45:50])
+    grown = IngestStage(store, config).run()
+    assert grown.name != first.name and grown["train/labels"].shape == (45,)
 
 
 def test_bad_zarr_sources_are_named(tmp_path):

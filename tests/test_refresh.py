@@ -323,6 +323,22 @@ def test_a_weights_file_replaced_in_place_is_recomputed(prefect_harness, tmp_pat
                            torch.tensor(_open(config.store_url, first["embeddings"]["url"])["features"][:]))
 
 
+def test_the_cache_serves_ingest_only_while_the_store_agrees(prefect_harness, tmp_path):
+    from dq_ops.ingest import ingest
+
+    source = _write_npz(tmp_path / "source.npz", np.arange(120))
+    config = _config(tmp_path / "store", source, bins={"num_bins": 2})
+    first, _ = _run(config)
+    # another source ingested under the same name makes its snapshot latest: the run's ingest
+    # stage is not done any more, whatever Prefect's cache holds, and reads its own source again
+    ingest(config.dataset.model_copy(update={"url": str(_write_npz(tmp_path / "other.npz", np.arange(60)))}),
+           Store(config.store_url))
+    second, states = _run(config)
+    assert states["ingest-fm"] == "Completed" and _state_of(states, "bins-") == "Cached"
+    assert second["dataset"]["url"] == first["dataset"]["url"]
+    assert Store(config.store_url).open("datasets", "fm").fingerprint == first["dataset"]["fingerprint"]
+
+
 def test_a_grown_image_folder_embeds_only_new_files(prefect_harness, tmp_path):
     images, labels = load_fashion_mnist("train")
     test_images, test_labels = load_fashion_mnist("test")

@@ -444,7 +444,7 @@ def test_an_export_to_a_bucket_root_is_written_inside_it_and_replaced_whole(tmp_
 
 
 def test_the_ingest_cache_key_sees_shards_added_to_a_glob(tmp_path, fm):
-    from tasks.ingest import source_signature
+    from dq_ops.ingest import source_signature
 
     _tar(tmp_path / "train-000000.tar", _cls_samples(fm[0][:5], fm[1][:5]))
     pattern = str(tmp_path / "train-*.tar")
