@@ -227,29 +227,40 @@ class EmbeddingsStage(ChunkedStage):
         features = group.get("features")
         return features is not None and features.shape == (self.num_rows(), self.dim) and features.chunks[0] == self._chunk_rows
 
+    @staticmethod
+    def _rows_to_embed(jobs: list[_ChunkJob]) -> list[np.ndarray]:
+        """Per job, the positions (within its chunk) of the rows no donor holds."""
+        return [np.setdiff1d(np.arange(job.stop - job.start), job.copied if job.copied is not None else []) for job in jobs]
 
     def inline(self, jobs: list[_ChunkJob], cluster_running: bool) -> tuple[list[_ChunkJob], list[_ChunkJob]]:
         """Chunks that only copy from the donor run here. When no cluster runs yet, the rows to
         embed are few and this process computes at the stage's precision, every chunk runs here
-        (no cluster start); on a refresh, the new rows (scattered over many chunks, each of which
-        would pad a batch of its own) are first embedded together in full batches. With nothing
-        to embed (a refresh that only removed samples) the model library is never imported."""
-        to_embed = [np.setdiff1d(np.arange(job.stop - job.start), job.copied if job.copied is not None else []) for job in jobs]
+        (no cluster start). With nothing to embed (a refresh that only removed samples) the model
+        library is never imported."""
+        to_embed = self._rows_to_embed(jobs)
         if not any(len(positions) for positions in to_embed):
             return jobs, []
-        from dq_ops.backbones import get_extractor, inference_precision
+        from dq_ops.backbones import inference_precision
 
         same_precision = self.samples == "texts" or inference_precision() == self._params["precision"]
         if cluster_running or sum(len(p) for p in to_embed) > INLINE_ROWS or not same_precision:
             copy_only = [job for job, positions in zip(jobs, to_embed) if len(positions) == 0]
             return copy_only, [job for job, positions in zip(jobs, to_embed) if len(positions)]
-        if all(job.copied is None for job in jobs):  # a first run: chunk by chunk, resumable as usual
-            return jobs, []
+        return jobs, []
+
+    def prepare_inline(self, jobs: list[_ChunkJob]) -> list[_ChunkJob]:
+        """On a refresh, the new rows of the chunks run here are scattered over many chunks, each
+        of which would pad a batch of its own: they are embedded together in full batches first
+        and handed to their jobs (``fresh``). A first run embeds chunk by chunk, resumable as usual."""
+        to_embed = self._rows_to_embed(jobs)
+        if all(job.copied is None for job in jobs) or not any(len(positions) for positions in to_embed):
+            return jobs
+        from dq_ops.backbones import get_extractor
+
         rows = np.concatenate([job.start + positions for job, positions in zip(jobs, to_embed)]).astype(np.int64)
-        fresh = get_extractor(self.spec)(self.split_group[self.samples].get_orthogonal_selection((rows,)), self.config.batch_size) \
-            if len(rows) else np.empty((0, self.dim), dtype=np.float32)
+        fresh = get_extractor(self.spec)(self.split_group[self.samples].get_orthogonal_selection((rows,)), self.config.batch_size)
         bounds = np.cumsum([0] + [len(p) for p in to_embed])
-        return [dataclasses.replace(job, fresh=fresh[a:b]) for job, a, b in zip(jobs, bounds[:-1], bounds[1:])], []
+        return [dataclasses.replace(job, fresh=fresh[a:b]) for job, a, b in zip(jobs, bounds[:-1], bounds[1:])]
 
     def moves_bytes_only(self, job: _ChunkJob) -> bool:
         """Jobs whose new rows were computed before (``fresh``) or that only copy."""

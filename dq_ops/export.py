@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from dq_ops.errors import DQInputError
 from dq_ops.mae_store import ReconstructedPatchDataset, load_mae_artifact
 from dq_ops.progress import Progress
+from dq_ops.stage import run_jobs
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, DQDamagedError, DQStoreError, Store
 from dq_ops.urls import filesystem
 
@@ -44,6 +45,7 @@ ExportFormat = Literal["image-folder", "npz", "parquet", "webdataset", "jsonl"]
 EXPORT_FORMATS: tuple[str, ...] = ("image-folder", "npz", "parquet", "webdataset", "jsonl")
 SHARD_SIZE = 10_000
 _ROWS_PER_READ = 4096
+_READ_BYTES = 64 * 2**20  # at most this many pixel bytes read at once per thread
 # Parquet rows per row group, as Hugging Face datasets writes image data: readers hold a row group.
 _ROW_GROUP_ROWS = 100
 
@@ -121,34 +123,67 @@ def _write_export(fs, root: str, subset: Artifact, split, fmt: ExportFormat,
                   images: Callable[[np.ndarray], np.ndarray] | None, progress: Progress | None,
                   shard_size: int, class_names: list[str] | None) -> int:
     """Every file of the export into the new folder ``root``, the manifest last; returns the
-    number of samples exported."""
+    number of samples exported.
+
+    Image folders and shards are written piece by piece (a shard, or a run of files), the pieces
+    on threads over this machine's cores: PNG encoding and file writes release the GIL. The
+    files are the same whatever the number of threads."""
     rows = np.asarray(subset["indices"][:])
     ids = np.asarray(subset["ids"][:])
     labels = np.asarray(split["labels"].get_orthogonal_selection((rows,)))
     fs.makedirs(root, exist_ok=True)
     manifest = [{"id": str(i), "row": int(r), "label": int(y)} for i, r, y in zip(ids, rows, labels)]
+    n = len(rows)
     if fmt == "npz":
         buffer = io.BytesIO()  # one array in memory: npz is the format for subsets that fit
         np.savez_compressed(buffer, images=_pixels(split, rows, images), labels=labels, ids=np.array([str(i) for i in ids]))
         with fs.open(f"{root}/subset.npz", "wb") as fh:
             fh.write(buffer.getvalue())
-    shards = _SHARD_WRITERS[fmt](fs, root, len(rows), shard_size, class_names) if fmt in _SHARD_WRITERS else None
-    for start in range(0, len(rows), _ROWS_PER_READ):
-        chunk = slice(start, start + _ROWS_PER_READ)
-        if fmt == "image-folder":
-            _write_images(fs, root, _pixels(split, rows[chunk], images), labels[chunk], ids[chunk], class_names, manifest[chunk])
-        elif shards is not None:
-            shards.write(_pixels(split, rows[chunk], images), labels[chunk], ids[chunk], manifest[chunk])
-        elif fmt == "jsonl":
-            texts = split["texts"].get_orthogonal_selection((rows[chunk],))
-            with fs.open(f"{root}/subset.jsonl", "a" if start else "w") as fh:
-                for entry, text in zip(manifest[chunk], texts):
+    elif fmt == "jsonl":
+        with fs.open(f"{root}/subset.jsonl", "w") as fh:
+            for start in range(0, n, _ROWS_PER_READ):
+                chunk = slice(start, start + _ROWS_PER_READ)
+                for entry, text in zip(manifest[chunk], split["texts"].get_orthogonal_selection((rows[chunk],))):
                     fh.write(json.dumps({"id": entry["id"], "text": str(text), "label": entry["label"]}) + "\n")
-        if progress:
-            progress(min(start + _ROWS_PER_READ, len(rows)), len(rows))
+                if progress:
+                    progress(min(start + _ROWS_PER_READ, n), n)
+    else:
+        sample_bytes = int(np.prod(split["images"].shape[1:])) * split["images"].dtype.itemsize
+        read_rows = max(1, min(_ROWS_PER_READ, _READ_BYTES // sample_bytes))
+        shard = _SHARDS.get(fmt)
+        step = shard_size if shard is not None else _ROWS_PER_READ
+        pieces = [(start, min(start + step, n)) for start in range(0, n, step)]
+
+        def write_piece(piece: tuple[int, int]) -> int:
+            start, stop = piece
+            out = None if shard is None else shard(fs, root, start // step, len(pieces), class_names)
+            for a in range(start, stop, read_rows):
+                b = min(a + read_rows, stop)
+                pixels = _pixels(split, rows[a:b], images)
+                if out is None:
+                    _write_images(fs, root, pixels, labels[a:b], ids[a:b], class_names, manifest[a:b])
+                else:
+                    for k, image in enumerate(pixels, start=a):
+                        out.add(f"{k:06d}", _png(image), int(labels[k]), str(ids[k]))
+                        manifest[k]["file"] = out.name
+            if out is not None:
+                out.close()
+            return stop - start
+
+        done = 0
+
+        def written(count: int) -> None:
+            nonlocal done
+            done += count
+            if progress:
+                progress(done, n)
+
+        # a caller's images (MAE reconstructions) come from one model: one piece at a time
+        threads = 1 if images is not None else len(os.sched_getaffinity(0))
+        run_jobs(None, write_piece, pieces, on_done=written, threads=threads)
     with fs.open(f"{root}/manifest.jsonl", "w") as fh:
         fh.writelines(json.dumps(entry) + "\n" for entry in manifest)
-    return len(rows)
+    return n
 
 
 def _partial_root(fs, root: str) -> str:
@@ -229,59 +264,34 @@ def _write_images(fs, root, pixels, labels, ids, class_names, manifest) -> None:
         entry["file"] = path
 
 
-class _ShardWriter:
-    """Samples into shards of ``shard_size``, in order. A shard is opened at its first sample and
-    closed at its last; the last shard when the ``total``-th sample is written."""
+class _Shard:
+    """One shard file, written sample by sample in order and finished by :meth:`close`."""
 
-    def __init__(self, fs, root: str, total: int, shard_size: int, class_names: list[str] | None):
-        self._fs, self._root, self._total, self._size = fs, root, total, shard_size
-        self._class_names = class_names
-        self._shards = -(-total // shard_size)
-        self._written = 0
+    name: str
 
-    def write(self, pixels: np.ndarray, labels: np.ndarray, ids: np.ndarray, manifest: list[dict]) -> None:
-        for image, label, sample_id, entry in zip(pixels, labels, ids, manifest):
-            name = self._name(self._written // self._size)
-            if self._written % self._size == 0:
-                self._fh = self._fs.open(f"{self._root}/{name}", "wb")
-                self._open()
-            self._add(f"{self._written:06d}", _png(image), int(label), str(sample_id))
-            entry["file"] = name
-            self._written += 1
-            if self._written % self._size == 0 or self._written == self._total:
-                self._close()
-                self._fh.close()
-
-    def _name(self, shard: int) -> str:
+    def add(self, key: str, png: bytes, label: int, sample_id: str) -> None:
         raise NotImplementedError
 
-    def _open(self) -> None:
-        raise NotImplementedError
-
-    def _add(self, key: str, png: bytes, label: int, sample_id: str) -> None:
-        raise NotImplementedError
-
-    def _close(self) -> None:
+    def close(self) -> None:
         raise NotImplementedError
 
 
-class _ParquetShards(_ShardWriter):
+class _ParquetShard(_Shard):
     """``train-00000-of-0000N.parquet`` in the Hugging Face datasets layout."""
 
-    def _name(self, shard: int) -> str:
-        return f"{QUANTIZED_SPLIT}-{shard:05d}-of-{self._shards:05d}.parquet"
-
-    def _open(self) -> None:
-        label = {"names": self._class_names, "_type": "ClassLabel"} if self._class_names else {"dtype": "int64", "_type": "Value"}
+    def __init__(self, fs, root: str, index: int, shards: int, class_names: list[str] | None):
+        self.name = f"{QUANTIZED_SPLIT}-{index:05d}-of-{shards:05d}.parquet"
+        label = {"names": class_names, "_type": "ClassLabel"} if class_names else {"dtype": "int64", "_type": "Value"}
         features = {"image": {"_type": "Image"}, "label": label, "id": {"dtype": "string", "_type": "Value"}}
         schema = pa.schema(
             [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64()), ("id", pa.string())],
             metadata={"huggingface": json.dumps({"info": {"features": features}})},
         )
+        self._fh = fs.open(f"{root}/{self.name}", "wb")
         self._writer = pq.ParquetWriter(self._fh, schema)
         self._rows: list[tuple[bytes, int, str]] = []
 
-    def _add(self, key: str, png: bytes, label: int, sample_id: str) -> None:
+    def add(self, key: str, png: bytes, label: int, sample_id: str) -> None:
         self._rows.append((png, label, sample_id))
         if len(self._rows) == _ROW_GROUP_ROWS:
             self._flush()
@@ -293,32 +303,33 @@ class _ParquetShards(_ShardWriter):
             self._writer.write_table(pa.table(columns, schema=self._writer.schema))
             self._rows = []
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self._flush()
         self._writer.close()
+        self._fh.close()
 
 
-class _WebDatasetShards(_ShardWriter):
+class _WebDatasetShard(_Shard):
     """``train-000000.tar`` with ``<key>.png``, ``<key>.cls`` and ``<key>.json`` per sample."""
 
-    def _name(self, shard: int) -> str:
-        return f"{QUANTIZED_SPLIT}-{shard:06d}.tar"
-
-    def _open(self) -> None:
+    def __init__(self, fs, root: str, index: int, shards: int, class_names: list[str] | None):
+        self.name = f"{QUANTIZED_SPLIT}-{index:06d}.tar"
+        self._fh = fs.open(f"{root}/{self.name}", "wb")
         self._tar = tarfile.open(fileobj=self._fh, mode="w|")  # streamed: object stores cannot seek
 
-    def _add(self, key: str, png: bytes, label: int, sample_id: str) -> None:
+    def add(self, key: str, png: bytes, label: int, sample_id: str) -> None:
         meta = json.dumps({"id": sample_id, "label": label}).encode()
         for extension, data in (("png", png), ("cls", str(label).encode()), ("json", meta)):
             member = tarfile.TarInfo(f"{key}.{extension}")
             member.size, member.mode = len(data), 0o644
             self._tar.addfile(member, io.BytesIO(data))
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self._tar.close()
+        self._fh.close()
 
 
-_SHARD_WRITERS: dict[str, type[_ShardWriter]] = {"parquet": _ParquetShards, "webdataset": _WebDatasetShards}
+_SHARDS: dict[str, type[_Shard]] = {"parquet": _ParquetShard, "webdataset": _WebDatasetShard}
 
 
 class SubsetImages(Dataset):

@@ -306,8 +306,9 @@ class ChunkedStage(Stage):
     level function that runs a job (:attr:`worker`, returning a count, e.g. rows computed). The
     function is named by import path and imported where it runs, so a stage module need not
     import its model libraries: finding an artifact done never loads torch. Every job runs
-    through :func:`run_jobs`; those a stage keeps in the calling process (:meth:`inline`) run
-    there, on threads when they only move bytes (:meth:`moves_bytes_only`). After a run, ``chunks_resumed`` / ``chunks_total`` say how much
+    through :func:`run_jobs`; those a stage keeps in the calling process (:meth:`inline`, which
+    only plans; :meth:`prepare_inline` does their shared work) run there, on threads when they
+    only move bytes (:meth:`moves_bytes_only`). After a run, ``chunks_resumed`` / ``chunks_total`` say how much
     an earlier run had done and ``work_done`` sums what the workers returned.
     """
 
@@ -342,6 +343,12 @@ class ChunkedStage(Stage):
         ``cluster_running``: whether the caller handed a running client rather than a way to
         start one. Default: everything on the cluster."""
         return [], jobs
+
+    def prepare_inline(self, jobs: list[ChunkJob]) -> list[ChunkJob]:
+        """Work the jobs kept in this process share, done once before they run (e.g. one batched
+        model pass over rows scattered across their chunks); returns the jobs to run. Default:
+        the jobs as they are."""
+        return jobs
 
     def moves_bytes_only(self, job: ChunkJob) -> bool:
         """Whether a job run in this process only copies or writes rows (no model): such jobs run
@@ -385,6 +392,7 @@ class ChunkedStage(Stage):
         jobs = [self.job(url, k, k * chunk_rows, min(n, (k + 1) * chunk_rows)) for k in np.flatnonzero(~done).tolist()]
         self.work_done = 0
         here, remote = self.inline(jobs, cluster_running=is_running(client))
+        here = self.prepare_inline(here) if here else here
         cluster = resolve_client(client) if remote else None
 
         def ran(count: int) -> None:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from dq_ops.config import DatasetConfig
 from dq_ops.errors import DQInputError
+from dq_ops.export import export_subset
 from dq_ops.ingest import ingest
 from dq_ops.readers.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from dq_ops.store import Store, write_array
@@ -247,6 +248,14 @@ def test_export_as_shards_and_ingest_back_keeps_pixels_labels_and_ids(tmp_path, 
     assert [m["id"] for m in manifest] == back["train/ids"][:].tolist()
     assert back.group.attrs["class_names"] == (list(FASHION_MNIST_CLASSES) if fmt == "parquet" else None)
 
+    # Shards are written on threads; pixels handed in by the caller are written one shard at a
+    # time: the same files either way.
+    one_by_one = tmp_path / "one-by-one"
+    export_subset(Store(str(store_path)), subset, str(one_by_one), fmt, shard_size=8,
+                  images=lambda picked: np.asarray(original["images"].get_orthogonal_selection((picked,))))
+    for name in [*shards, "manifest.jsonl"]:
+        assert (one_by_one / name).read_bytes() == (out / name).read_bytes(), name
+
 
 # -- bad input ----------------------------------------------------------------------------------
 def _corrupt_parquet(root: Path, fm) -> None:
@@ -408,8 +417,6 @@ def test_an_export_to_a_bucket_root_is_written_inside_it_and_replaced_whole(tmp_
     """Nothing is beside a bucket: the unfinished export lies inside it, and an overwrite
     replaces the previous export without touching the new one."""
     import os
-
-    from dq_ops.export import export_subset
 
     images, labels = fm
     settings, fs = s3
