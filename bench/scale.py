@@ -68,7 +68,11 @@ artifact kind (``datasets``, ``embeddings``, ``bins``, ``subsets``) and under ea
 
 ``--json`` writes every figure; ``--compare-to`` a smaller run's JSON prints growth factors of
 every process's peak (at this size / at that one) and per-stage throughput ratios.
-``--subset-stages`` (patch scoring, MAE and evaluation on a subset) is not implemented yet.
+``--subset-stages N`` adds a last ``dq run`` on the same store with the pixel stages on: keep ratio
+N / training samples (a subset of about N images), patch dropping, the MAE and its
+reconstructions, and evaluation (arms ``dq``, ``dq_pixels`` and ``random``, one draw) for
+``--subset-epochs`` passes (default 1: a throughput figure, not a converged accuracy). Ingest,
+embeddings and bins are served from the store; those stages' rows count the subset's samples.
 """
 
 from __future__ import annotations
@@ -466,7 +470,8 @@ class Stage:
 
 def stage_key(task_run_name: str) -> str:
     """A task run's name without its dataset and hashes: the key shared by runs of any size."""
-    for prefix, key in (("ingest-", "ingest"), ("embed", "embeddings"), ("bins-", "bins")):
+    for prefix, key in (("ingest-", "ingest"), ("embed", "embeddings"), ("bins-", "bins"), ("drop-patches-", "patches"),
+                        ("mae-", "mae"), ("reconstruct-", "reconstruction")):
         if task_run_name.startswith(prefix):
             return key
     return task_run_name
@@ -475,7 +480,11 @@ def stage_key(task_run_name: str) -> str:
 def store_kind(name: str) -> str | None:
     if name.startswith("export"):
         return None
-    return {"ingest": "datasets", "embeddings": "embeddings", "bins": "bins"}.get(name, "subsets" if name.startswith("sample-") else None)
+    kinds = {"ingest": "datasets", "embeddings": "embeddings", "bins": "bins", "patches": "patches", "mae": "models",
+             "reconstruction": "reconstructions"}
+    if name.startswith("train-"):
+        return "evaluations"
+    return kinds.get(name, "subsets" if name.startswith("sample-") else None)
 
 
 @dataclass
@@ -487,8 +496,9 @@ class RunResult:
 
 
 def dq_run(processes: Processes, sampler: Sampler, config: Path, work: Path, label: str,
-           train_samples: int, test_samples: int) -> RunResult:
-    """One ``dq run`` subprocess; its stage lines read as they arrive."""
+           train_samples: int, test_samples: int, pixel_stages: bool = False) -> RunResult:
+    """One ``dq run`` subprocess; its stage lines read as they arrive. ``pixel_stages``: a run of
+    one keep ratio whose later stages work on its subset (their rows count the subset's samples)."""
     log = (work / f"{label}.stderr").open("w")
     started = time.monotonic()
     process = processes.start("flow", [str(BIN / "dq"), "run", str(config)], cwd=work,
@@ -525,10 +535,13 @@ def dq_run(processes: Processes, sampler: Sampler, config: Path, work: Path, lab
             subsets[round(float(match["ratio"]) / 100, 4)] = (int(match["size"].replace(",", "")), match["url"].rsplit("/", 1)[-1])
         if match := EMBEDDED_LINE.match(line.strip()):
             embedded = int(match["n"].replace(",", ""))
+    subset_samples = next(iter(subsets.values()))[0] if pixel_stages else None
     for stage in stages:
         stage.peaks = sampler.peaks(stage.start, stage.stop)
         stage.samples = (train_samples + test_samples if stage.name == "ingest" else
-                         embedded if stage.name == "embeddings" else train_samples)
+                         embedded if stage.name == "embeddings" else
+                         train_samples if subset_samples is None or stage.name == "bins" or stage.name.startswith("sample-")
+                         else subset_samples)
     # What no stage line covers: Prefect's flow start, the tracking process, the report and publishing.
     covered, end = 0.0, started
     for stage in sorted(stages, key=lambda s: s.start):
@@ -642,15 +655,20 @@ def start_services(processes: Processes, work: Path, worker_memory: str) -> tupl
     return endpoint, api_url, address
 
 
-def write_config(path: Path, source: str, store: str, address: str) -> None:
+def write_config(path: Path, source: str, store: str, address: str, subset_ratio: float | None = None,
+                 subset_epochs: float = 1.0) -> None:
+    """The bench's run configuration; with ``subset_ratio``, the pixel stages on a subset of that ratio."""
     import yaml
 
+    stages: dict[str, Any] = {"sampling": {"ratios": list(RATIOS)}, "patches": {"enabled": False},
+                              "evaluation": {"enabled": False}}
+    if subset_ratio is not None:
+        stages = {"sampling": {"ratios": [subset_ratio]}, "patches": {"enabled": True},
+                  "evaluation": {"enabled": True, "seeds": [0], "epochs": subset_epochs, "min_steps": 1}}
     path.write_text(yaml.safe_dump({
         "store_url": store,
         "dataset": {"format": "parquet", "url": source, "name": "scale"},
-        "sampling": {"ratios": list(RATIOS)},
-        "patches": {"enabled": False},
-        "evaluation": {"enabled": False},
+        **stages,
         "cluster": {"kind": "address", "address": address},
     }))
 
@@ -682,8 +700,14 @@ def measure(args: argparse.Namespace, layout: Layout, cached: Path, work: Path) 
         write_config(config, source, store, address)
         sampler = Sampler(processes)
         results: dict[str, Any] = {}
-        for label in ["first"] if args.no_refresh else ["first", "refresh"]:
-            train = layout.samples
+        labels = ["first"] if args.no_refresh else ["first", "refresh"]
+        for label in labels + (["subset-stages"] if args.subset_stages else []):
+            change = results.get("refresh_change", {"added": 0, "removed": 0})
+            train = layout.samples + change["added"] - change["removed"]
+            run_config = config
+            if label == "subset-stages":
+                run_config = work / "subset-stages.yaml"
+                write_config(run_config, source, store, address, round(args.subset_stages / train, 6), args.subset_epochs)
             if label == "refresh":
                 added, removed = refresh_source(fs, layout, f"{BUCKET}/source", work)
                 train = layout.samples + added - removed
@@ -691,11 +715,11 @@ def measure(args: argparse.Namespace, layout: Layout, cached: Path, work: Path) 
                 print(f"refresh: +{added:,} new samples (one shard), −{removed:,} removed", flush=True)
             print(f"dq run ({label}) …", flush=True)
             load_before = os.getloadavg()
-            run = dq_run(processes, sampler, config, work, label, train, layout.test_samples)
+            run = dq_run(processes, sampler, run_config, work, label, train, layout.test_samples, label == "subset-stages")
             print(f"dq run ({label}) done in {run.wall_s:.0f} s", flush=True)
             exports = []
             for ratio, (size, name) in sorted(run.subsets.items()):
-                if ratio not in RATIOS:
+                if ratio not in RATIOS or label == "subset-stages":
                     continue
                 out = f"s3://{BUCKET}/exports/r{ratio}"
                 stage = dq_export(processes, sampler, work, store, name, out, size, f"export-{ratio}")
@@ -816,10 +840,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="build and cache the source's shards, then exit (nothing started, nothing measured)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--compare-to", type=Path, help="a smaller run's --json: growth factors")
-    parser.add_argument("--subset-stages", type=int, help="not implemented yet: patches, MAE and evaluation on a subset")
+    parser.add_argument("--subset-stages", type=int, metavar="N",
+                        help="then patches, MAE and evaluation on a subset of about N samples (module docstring)")
+    parser.add_argument("--subset-epochs", type=float, default=1.0, help="evaluation epochs of --subset-stages (default 1)")
     args = parser.parse_args(argv)
-    if args.subset_stages:
-        parser.error("--subset-stages is not implemented yet")
     if args.classes < 1 or args.classes % len(FASHION_MNIST_CLASSES):
         parser.error(f"--classes must be a positive multiple of {len(FASHION_MNIST_CLASSES)}, got {args.classes}")
     test_samples = args.test_samples if args.test_samples is not None else min(10_000, max(1, args.samples // 10))
@@ -851,6 +875,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"dq run {refresh['wall_s'] / first['wall_s']:.1%} of the first run's wall "
               f"({refresh['wall_s']:.0f} s / {first['wall_s']:.0f} s); with exports "
               f"{refresh['with_exports_s'] / first['with_exports_s']:.1%}")
+    if "subset-stages" in result:
+        print_table(result, "subset-stages")
     services = result["services_peak_rss"]
     print("\nservices, peak RSS over the whole bench: "
           + ", ".join(f"{role} {_gib(services.get(role))} GiB" for role in SERVICE_ROLES))

@@ -66,7 +66,7 @@ def test_scale_bench_tiny(tmp_path, capsys):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     result = scale.main(["--samples", "1000", "--classes", "10", "--shard-rows", "500", "--no-refresh", "--jobs", "1",
                          "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "work"),
-                         "--json", str(tmp_path / "out.json")])
+                         "--json", str(tmp_path / "out.json"), "--subset-stages", "150"])
     stages = {s["name"]: s for s in result["first"]["stages"]}
     assert {"ingest", "embeddings", "bins", "sample-dq-0.1", "sample-dq-0.6", "export-0.1", "export-0.6",
             "dq run (whole)"} <= set(stages)
@@ -82,8 +82,17 @@ def test_scale_bench_tiny(tmp_path, capsys):
     assert all(whole[role] > 0 for role in ("flow", "worker-0", "worker-1", "scheduler"))
     assert stages["embeddings"]["store_bytes"] > 0
     assert json.loads((tmp_path / "out.json").read_text())["samples"] == 1000
+    # the pixel stages on a subset of 150, everything before sampling served from the store
+    pixels = {s["name"]: s for s in result["subset-stages"]["stages"]}
+    assert {pixels[name]["status"] for name in ("ingest", "embeddings", "bins")} == {"cached"}
+    assert {"sample-dq-0.15", "patches", "mae", "reconstruction", "train-dq-seed0", "train-dq_pixels-seed0",
+            "train-random-seed0"} <= set(pixels)
+    assert abs(result["subset-stages"]["subsets"]["0.15"]["size"] - 150) <= 10  # per-class rounding
+    assert pixels["patches"]["samples"] == result["subset-stages"]["subsets"]["0.15"]["size"]
+    assert pixels["patches"]["store_bytes"] > 0 and pixels["train-dq-seed0"]["store_bytes"] > 0
     printed = capsys.readouterr().out
     assert "| stage | wall s | samples/s |" in printed and "| export-0.6 |" in printed
+    assert "### subset-stages run" in printed
     # every server and worker it started is gone
     left = {p.pid for p in psutil.Process().children(recursive=True)} - before
     assert not left
