@@ -369,7 +369,8 @@ def test_a_full_disk_names_the_store_and_is_not_retried(ws, tmp_path, free_kib):
     disk), and the store keeps every byte."""
     mount, store = tmp_path / "disk", tmp_path / "disk" / "store"
     mount.mkdir()
-    config = _config(ws, "full-disk", store_url=str(store))
+    # a limit the stored snapshot was not ingested under: the run's ingest reads and writes
+    config = _config(ws, "full-disk", store_url=str(store), dataset={"limit": 150})
     done = _dq_in_mount_namespace(
         ws, f"mount -t tmpfs -o size=1m tmpfs {mount} && cp -a {ws['store']} {store} && "
             f"{{ dd if=/dev/zero of={mount}/filler bs=4k 2>/dev/null; true; }} && truncate -s -{free_kib}K {mount}/filler",

@@ -85,11 +85,11 @@ def test_scale_bench_tiny(tmp_path, capsys):
     # the pixel stages on a subset of 150, everything before sampling served from the store
     pixels = {s["name"]: s for s in result["subset-stages"]["stages"]}
     assert {pixels[name]["status"] for name in ("ingest", "embeddings", "bins")} == {"cached"}
-    assert {"sample-dq-0.15", "patches", "mae", "reconstruction", "train-dq-seed0", "train-dq_pixels-seed0",
-            "train-random-seed0"} <= set(pixels)
+    assert {"sample-dq-0.15", "patches", "mae", "reconstruction", "train-dq@15%-seed0", "train-dq_pixels@15%-seed0",
+            "train-random@15%-seed0"} <= set(pixels)
     assert abs(result["subset-stages"]["subsets"]["0.15"]["size"] - 150) <= 10  # per-class rounding
     assert pixels["patches"]["samples"] == result["subset-stages"]["subsets"]["0.15"]["size"]
-    assert pixels["patches"]["store_bytes"] > 0 and pixels["train-dq-seed0"]["store_bytes"] > 0
+    assert pixels["patches"]["store_bytes"] > 0 and pixels["train-dq@15%-seed0"]["store_bytes"] > 0
     printed = capsys.readouterr().out
     assert "| stage | wall s | samples/s |" in printed and "| export-0.6 |" in printed
     assert "### subset-stages run" in printed
