@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from dq_ops.config import ClusterConfig
 from dq_ops.errors import DQInputError
+from dq_ops.stage import _run_job
 
 if TYPE_CHECKING:  # imported where a cluster starts: distributed is slow to import
     from distributed import Client
@@ -79,8 +80,6 @@ def workers_precision(client: Client, timeout: float | None = None) -> str:
 
     A scheduler without workers would keep the run waiting without end: after ``timeout``
     seconds (default :data:`WORKERS_TIMEOUT_S`) that is an error naming the scheduler."""
-    from dq_ops.backbones import inference_precision
-
     timeout = WORKERS_TIMEOUT_S if timeout is None else timeout
     try:
         client.wait_for_workers(1, timeout=timeout)
@@ -89,7 +88,8 @@ def workers_precision(client: Client, timeout: float | None = None) -> str:
             f"cluster.address {client.scheduler.address}: the dask scheduler there has no workers "
             f"(none joined within {timeout:g} s)"
         ) from None
-    return "+".join(sorted(set(client.run(inference_precision).values())))
+    # The function named, not imported: each worker imports torch, the flow process never does.
+    return "+".join(sorted(set(client.run(_run_job, "dq_ops.backbones:inference_precision", None, None).values())))
 
 
 def check_scheduler(address: str | None) -> None:

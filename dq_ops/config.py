@@ -148,6 +148,11 @@ class PatchConfig(_Section):
     )
 
 
+# The evaluation networks dq_ops.models builds, named here so that checking a configuration
+# (in the flow process, which never loads torch) does not import them.
+MODEL_NAMES: tuple[str, ...] = ("medium_cnn", "small_cnn", "resnet18", "vit_tiny")
+
+
 class EvaluationConfig(_Section):
     """Stage 6: train from scratch on each arm's subset and compare."""
 

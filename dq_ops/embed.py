@@ -46,11 +46,13 @@ from dq_ops.config import EmbeddingConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import gradient_embedding
 from dq_ops.progress import Progress
-from dq_ops.stage import ChunkedStage
+from dq_ops.stage import ChunkedStage, is_running, run_jobs
 from dq_ops.store import Artifact, Store, feature_compressor, open_zarr_store, write_array
 
 if TYPE_CHECKING:
     from distributed import Client
+
+    from dq_ops.stage import ClientSource
 
 # Default rows per task: tens of seconds of CPU work for a small backbone (enough to hide task
 # overhead), capped at about 64 MB of decoded input so that large images fit a worker's memory.
@@ -187,6 +189,7 @@ class EmbeddingsStage(ChunkedStage):
         if self._chunk_rows < 1:
             raise DQInputError(f"chunk_rows must be positive, got {self._chunk_rows}")
         self._donor: tuple[Artifact | None, dict[str, int]] | None = None
+        self._client: ClientSource = None  # the run's cluster: it, not this process, loads the model
 
     def params(self) -> dict[str, Any]:
         return dict(self._params)
@@ -194,18 +197,23 @@ class EmbeddingsStage(ChunkedStage):
     def inputs(self) -> list[Artifact]:
         return [self.dataset]
 
+    def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
+        self._client = client
+        return super().run(progress=progress, client=client)
+
     @functools.cached_property
     def dim(self) -> int:
-        """Feature dimension: the donor's, else the model's (an image backbone's needs its
-        architecture, so a refresh that only removes samples never imports torch)."""
+        """Feature dimension: the donor's, else the model's. An image backbone's is built (on
+        the meta device) where its rows will be embedded: on a worker when they go to the
+        cluster, so the flow process never imports torch."""
         donor, _ = self.donor()
         if donor is not None:
             return int(donor["features"].shape[1])
         if self.samples == "texts":
             return text_dim(self.config.text_model)
-        from dq_ops.backbones import backbone_dim
-
-        return backbone_dim(self.config.backbone)
+        goes_to_cluster = is_running(self._client) or self.num_rows() > INLINE_ROWS
+        [dim] = run_jobs(self._client if goes_to_cluster else None, "dq_ops.backbones:backbone_dim", [self.config.backbone])
+        return int(dim)
 
     def num_rows(self) -> int:
         return int(self.split_group["ids"].shape[0])
@@ -240,13 +248,19 @@ class EmbeddingsStage(ChunkedStage):
         to_embed = self._rows_to_embed(jobs)
         if not any(len(positions) for positions in to_embed):
             return jobs, []
+        few = not cluster_running and sum(len(p) for p in to_embed) <= INLINE_ROWS
+        if few and self._computes_here_as_on_workers():
+            return jobs, []
+        copy_only = [job for job, positions in zip(jobs, to_embed) if len(positions) == 0]
+        return copy_only, [job for job, positions in zip(jobs, to_embed) if len(positions)]
+
+    def _computes_here_as_on_workers(self) -> bool:
+        """Whether this process computes at the stage's precision (asked only when it would compute)."""
+        if self.samples == "texts":
+            return True
         from dq_ops.backbones import inference_precision
 
-        same_precision = self.samples == "texts" or inference_precision() == self._params["precision"]
-        if cluster_running or sum(len(p) for p in to_embed) > INLINE_ROWS or not same_precision:
-            copy_only = [job for job, positions in zip(jobs, to_embed) if len(positions) == 0]
-            return copy_only, [job for job, positions in zip(jobs, to_embed) if len(positions)]
-        return jobs, []
+        return inference_precision() == self._params["precision"]
 
     def prepare_inline(self, jobs: list[_ChunkJob]) -> list[_ChunkJob]:
         """On a refresh, the new rows of the chunks run here are scattered over many chunks, each

@@ -16,7 +16,7 @@ import numpy as np
 
 from dq_ops.bins import bin_budgets
 from dq_ops.cluster import check_scheduler
-from dq_ops.config import DQConfig
+from dq_ops.config import MODEL_NAMES, DQConfig
 from dq_ops.errors import DQInputError
 from dq_ops.features import class_groups
 from dq_ops.sampling import keep_count
@@ -41,8 +41,6 @@ def check_config(config: DQConfig) -> None:
     else:
         _check_backbone(config)
         if config.evaluation.enabled:
-            from dq_ops.models import MODEL_NAMES
-
             if config.evaluation.architecture not in MODEL_NAMES:
                 raise DQInputError(
                     f"evaluation.architecture: unknown model {config.evaluation.architecture!r}; known: {', '.join(MODEL_NAMES)}"

@@ -72,7 +72,7 @@ def _ingest(args: argparse.Namespace, console: Console) -> int:
     from dq_ops.ingest import ingest
     from dq_ops.preflight import check_store_writable
     from dq_ops.store import Store
-    from tasks.cluster import close_dask_clients, dask_client
+    from tasks.cluster import close_dask_clients, cluster_client
 
     config = DQConfig.from_yaml(args.config) if args.config else DQConfig()
     flags = {"format": args.format, "url": args.url, "name": args.name, "limit": args.limit,
@@ -90,7 +90,7 @@ def _ingest(args: argparse.Namespace, console: Console) -> int:
 
     try:  # a sharded source is decoded on the configured cluster's workers (started only for one)
         with console.progress(f"ingest {dataset.name}") as progress:
-            result = ingest(dataset, store, progress=progress, client=lambda: dask_client(config.cluster))
+            result = ingest(dataset, store, progress=progress, client=cluster_client(config.cluster))
     finally:
         close_dask_clients()
 

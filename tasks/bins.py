@@ -5,7 +5,7 @@ from __future__ import annotations
 from dq_ops.config import BinsConfig, ClusterConfig
 from dq_ops.stages import BinsStage
 from dq_ops.store import Store
-from tasks.cluster import dask_client
+from tasks.cluster import cluster_client
 from tasks.common import ProgressArtifact, StageResult, stage_task
 
 
@@ -25,7 +25,7 @@ def generate_bins_task(
     whose members did not change since an earlier run take their earlier bins."""
     stage = _stage(store_url, dataset, embeddings, params)
     artifact = stage.run(
-        client=(lambda: dask_client(cluster)) if cluster is not None else None,
+        client=cluster_client(cluster),
         progress=ProgressArtifact(f"GraphCut bins ({params.num_bins}) per class"),
     )
     attrs = artifact.group.attrs

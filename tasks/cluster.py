@@ -20,6 +20,8 @@ from dq_ops.config import ClusterConfig
 if TYPE_CHECKING:
     from distributed import Client
 
+    from dq_ops.stage import ClientSource
+
 _lock = threading.Lock()
 _clients: dict[str, Client] = {}
 _stack = ExitStack()
@@ -35,6 +37,18 @@ def dask_client(config: ClusterConfig) -> Client:
             logging.getLogger("distributed").setLevel(logging.WARNING)
             _clients[key] = _context.run(_stack.enter_context, open_dask_client(config))
         return _clients[key]
+
+
+def cluster_client(config: ClusterConfig | None) -> ClientSource:
+    """What a stage runs its work on: nothing without a cluster; the client of the scheduler at
+    ``cluster.address``, which runs already (connecting starts nothing), so stages send it even
+    small work and the flow process never loads a model; else a function that starts the local
+    cluster on first use, so that a stage whose work is done, or small enough to do here, starts none."""
+    if config is None:
+        return None
+    if config.kind == "address":
+        return dask_client(config)
+    return lambda: dask_client(config)
 
 
 def close_dask_clients() -> None:

@@ -8,7 +8,7 @@ from prefect.runtime import task_run
 from dq_ops.config import ClusterConfig, EmbeddingConfig
 from dq_ops.embed import EmbeddingsStage
 from dq_ops.store import Store
-from tasks.cluster import dask_client
+from tasks.cluster import cluster_client
 from tasks.common import ProgressArtifact, StageResult, stage_task
 
 
@@ -46,7 +46,7 @@ def compute_embeddings(
     """
     stage = _stage(store_url, dataset, split, params, seed, precision)
     progress = ProgressArtifact(f"Embedding {dataset.name}/{split} with {_model_name(dataset, params)}")
-    artifact = stage.run(client=lambda: dask_client(cluster), progress=progress)
+    artifact = stage.run(client=cluster_client(cluster), progress=progress)
     if stage.chunks_resumed:
         get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
     features = artifact["features"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dq_ops.config import ClusterConfig, EvaluationConfig
 from dq_ops.stages import EvaluateStage, TextEvaluateStage
 from dq_ops.store import Store
-from tasks.cluster import dask_client
+from tasks.cluster import cluster_client
 from tasks.common import ProgressArtifact, StageResult, stage_task
 
 
@@ -40,7 +40,7 @@ def evaluate_arm(
     """Train ``params.architecture`` on the arm's samples and measure final-epoch test accuracy,
     on a worker of ``cluster`` when given (the flow submits every (arm, seed) at once)."""
     stage = _train(store_url, dataset, arm, subset, params, seed, images)
-    artifact = stage.run(client=(lambda: dask_client(cluster)) if cluster is not None else None,  # started only to train
+    artifact = stage.run(client=cluster_client(cluster),  # started only to train
                          progress=ProgressArtifact(f"Training {params.architecture} on {arm} (seed {seed})"))
     return StageResult.from_artifact(stage.store, artifact, arm=arm, **dict(artifact.group.attrs))
 

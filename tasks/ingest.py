@@ -13,7 +13,7 @@ from prefect import get_run_logger
 from dq_ops.config import ClusterConfig, DatasetConfig
 from dq_ops.ingest import IngestStage, snapshot_summary
 from dq_ops.store import Store
-from tasks.cluster import dask_client
+from tasks.cluster import cluster_client
 from tasks.common import ProgressArtifact, StageResult, stage_task
 
 # Bad items named one by one in the task's log; the rest are counted.
@@ -30,7 +30,7 @@ def ingest_dataset(config: DatasetConfig, store_url: str, cluster: ClusterConfig
     is decoded on the cluster's workers (``dq_ops.ingest``)."""
     stage = _stage(config, store_url)
     progress = ProgressArtifact(f"Ingesting {config.name} from {config.url}")
-    snapshot = stage.run(progress=progress, client=lambda: dask_client(cluster))
+    snapshot = stage.run(progress=progress, client=cluster_client(cluster))
     if stage.skipped:
         shown = "; ".join(str(item) for item in stage.skipped[:SKIPPED_LOGGED])
         more = f" and {len(stage.skipped) - SKIPPED_LOGGED} more" if len(stage.skipped) > SKIPPED_LOGGED else ""

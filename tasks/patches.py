@@ -8,7 +8,7 @@ from dq_ops.config import ClusterConfig, EmbeddingConfig, PatchConfig
 from dq_ops.pixels import DropPatchesStage, MAEStage, ReconstructStage
 from dq_ops.stage import ChunkedStage
 from dq_ops.store import Store
-from tasks.cluster import dask_client
+from tasks.cluster import cluster_client
 from tasks.common import ProgressArtifact, StageResult, stage_task
 
 
@@ -40,7 +40,7 @@ def drop_patches(
     Chunked over the workers; a retry or a rerun after a crash resumes from the chunks already written.
     """
     stage = _drop(store_url, dataset, subset, params, embedding)
-    artifact = stage.run(client=lambda: dask_client(cluster),
+    artifact = stage.run(client=cluster_client(cluster),
                          progress=ProgressArtifact(f"Grad-CAM++ patch scores for {subset.summary.get('size')} images"))
     _log_resumed(stage)
     return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))
@@ -50,7 +50,7 @@ def drop_patches(
 def prepare_mae(store_url: str, dataset: StageResult, params: PatchConfig, seed: int, cluster: ClusterConfig) -> StageResult:
     """Train the dataset's MAE as one task on a worker (or take the configured checkpoint) and keep it in the store."""
     stage = _mae(store_url, dataset, params, seed)
-    artifact = stage.run(client=lambda: dask_client(cluster), progress=ProgressArtifact("Training the MAE on a dask worker"))
+    artifact = stage.run(client=cluster_client(cluster), progress=ProgressArtifact("Training the MAE on a dask worker"))
     history = artifact["loss_history"][:]
     return StageResult.from_artifact(
         stage.store, artifact,
@@ -65,6 +65,6 @@ def reconstruct_patches(
 ) -> StageResult:
     """Restore every dropped patch with the MAE, chunk by chunk on the workers; kept pixels stay bit-exact."""
     stage = _reconstruct(store_url, dataset, patches, mae)
-    artifact = stage.run(client=lambda: dask_client(cluster), progress=ProgressArtifact(f"MAE reconstruction of {patches.name}"))
+    artifact = stage.run(client=cluster_client(cluster), progress=ProgressArtifact(f"MAE reconstruction of {patches.name}"))
     _log_resumed(stage)
     return StageResult.from_artifact(stage.store, artifact, **dict(artifact.group.attrs))

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -135,3 +136,30 @@ def test_a_scheduler_without_workers_is_an_error_naming_it_not_a_wait_without_en
         check_scheduler(cluster.scheduler_address)  # it answers the handshake
         with pytest.raises(DQInputError, match=f"cluster.address {cluster.scheduler_address}: .* has no workers"):
             workers_precision(client, timeout=2)
+
+
+def test_the_flow_process_never_imports_torch_when_a_cluster_runs_the_models(scheduler_address, tmp_path):
+    """Every model (backbone, Grad-CAM++, MAE, evaluation network) runs on the workers, so the
+    process that runs the flow only plans: it never imports torch (some 470 MB of RSS). Checked
+    on a whole `dq run`, evaluation included: the modules it imported, listed as it exits."""
+    import yaml
+
+    config = _config(str(tmp_path / "store"), {"kind": "address", "address": scheduler_address}).model_dump(mode="json")
+    config["evaluation"] = {"enabled": True, "seeds": [0], "epochs": 1, "min_steps": 1}
+    path, modules = tmp_path / "run.yaml", tmp_path / "modules.json"
+    path.write_text(yaml.safe_dump(config))
+    script = textwrap.dedent(f"""
+        import atexit, json, sys
+        atexit.register(lambda: open({str(modules)!r}, "w").write(json.dumps(sorted(sys.modules))))
+        sys.argv = ["dq", "run", {str(path)!r}]
+        from flows.cli import entrypoint
+        entrypoint()
+    """)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    imported = set(json.loads(modules.read_text()))
+    assert {"dq_ops.stages", "distributed"} <= imported  # the list is the run's
+    assert not {name for name in imported if name.split(".")[0] == "torch"}
+    evaluations = Store(str(tmp_path / "store")).list("evaluations")
+    assert len(evaluations) == 3  # dq, dq_pixels and random trained (on the workers)

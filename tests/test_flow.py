@@ -150,7 +150,8 @@ def subset_labels(store: Store, rows: np.ndarray) -> np.ndarray:
 def test_export_and_torch_dataset_of_the_subset(first_run, tmp_path):
     from PIL import Image
 
-    from dq_ops.export import export_subset, subset_torch_dataset
+    from dq_ops.export import export_subset
+    from dq_ops.torch_dataset import subset_torch_dataset
 
     config, state = first_run
     summary = state.result()
