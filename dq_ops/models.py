@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
+from dq_ops.config import MODEL_NAMES
 from dq_ops.errors import DQInputError
 
 DEFAULT_MODEL = "medium_cnn"
@@ -98,7 +99,7 @@ _BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "resnet18": _resnet18_cifar,
     "vit_tiny": TinyViT,
 }
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+assert tuple(_BUILDERS) == MODEL_NAMES, "dq_ops.config.MODEL_NAMES names every builder"
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
