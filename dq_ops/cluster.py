@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 
 from dq_ops.config import ClusterConfig
 from dq_ops.errors import DQInputError
-from dq_ops.stage import _run_job
 
 if TYPE_CHECKING:  # imported where a cluster starts: distributed is slow to import
     from distributed import Client
@@ -88,8 +87,14 @@ def workers_precision(client: Client, timeout: float | None = None) -> str:
             f"cluster.address {client.scheduler.address}: the dask scheduler there has no workers "
             f"(none joined within {timeout:g} s)"
         ) from None
-    # The function named, not imported: each worker imports torch, the flow process never does.
-    return "+".join(sorted(set(client.run(_run_job, "dq_ops.backbones:inference_precision", None, None).values())))
+    return "+".join(sorted(set(client.run(_worker_precision).values())))
+
+
+def _worker_precision() -> str:
+    """Worker side of :func:`workers_precision`: torch is imported there, never in the flow process."""
+    from dq_ops.backbones import inference_precision
+
+    return inference_precision()
 
 
 def check_scheduler(address: str | None) -> None:
