@@ -43,32 +43,38 @@ def gradcam_plus_plus(
 
     model.eval()
     device = next(model.parameters()).device
-    maps = []
     handle = target_layer.register_forward_hook(keep_output)
     try:
-        for start in range(0, len(images), batch_size):
-            captured.clear()
-            # Gradients must flow even when the model's parameters are frozen.
-            x = images[start:start + batch_size].detach().to(device).float().requires_grad_(True)
-            with torch.enable_grad():
-                logits = model(x)
-                if not captured:
-                    raise DQInputError("target_layer was not called during the model's forward pass")
-                acts = captured[-1]
-                score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
-                (grads,) = torch.autograd.grad(score, acts)
-            acts, grads = acts.detach(), grads.detach()
-            g2 = grads.pow(2)
-            denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g2 * grads
-            alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, 1.0), 0.0)
-            weights = (alpha * grads.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
-            cam = (weights * acts).sum(1, keepdim=True).clamp(min=0)
-            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            peak = cam.amax(dim=(1, 2), keepdim=True)
-            maps.append((cam / torch.where(peak > 0, peak, 1.0)).clamp(0, 1).cpu().numpy())
+        maps = [_batch_cam(model, images[start:start + batch_size].to(device), captured)
+                for start in range(0, len(images), batch_size)]
     finally:
         handle.remove()
     return np.concatenate(maps).astype(np.float32, copy=False)
+
+
+def _batch_cam(model: nn.Module, images: torch.Tensor, captured: list[torch.Tensor]) -> np.ndarray:
+    """:func:`gradcam_plus_plus` of one batch. A function of its own so that the batch's autograd
+    graph (the activations saved in the forward pass) is freed before the next batch's forward
+    pass runs, not held beside it by the loop's variables."""
+    # Gradients must flow even when the model's parameters are frozen.
+    x = images.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        if not captured:
+            raise DQInputError("target_layer was not called during the model's forward pass")
+        acts = captured[-1]
+        captured.clear()
+        score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+        (grads,) = torch.autograd.grad(score, acts)
+    acts, grads = acts.detach(), grads.detach()
+    g2 = grads.pow(2)
+    denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g2 * grads
+    alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, 1.0), 0.0)
+    weights = (alpha * grads.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+    cam = (weights * acts).sum(1, keepdim=True).clamp(min=0)
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    return (cam / torch.where(peak > 0, peak, 1.0)).clamp(0, 1).cpu().numpy()
 
 
 def patch_scores(cam: np.ndarray, grid: Sequence[int]) -> np.ndarray:

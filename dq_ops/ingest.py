@@ -13,6 +13,12 @@ each output chunk is gathered from the parts on a worker and the parts are remov
 process holds shard lists and counts, never pixels, and the snapshot is byte-identical to the one
 a single process writes (same rows in the same order, same chunks, same fingerprint).
 
+A refresh decodes only the shards that changed. Beside each snapshot read shard by shard, the
+sidecar ``parts.json`` records where each shard's rows lie in it, under the shard's path, name,
+size and modification time. The next ingest with the same settings gathers an unchanged shard's
+rows from that earlier snapshot, as stored, instead of decoding the shard again; the snapshot
+it writes is the same, row for row and byte for byte.
+
 The artifact's parameters are the dataset settings that shape its content (format, limit, resize,
 error policy, text fields, label field). The source URL and the dataset name are left out, so the
 same data ingested from another place has the same fingerprint and downstream caches still hit.
@@ -26,7 +32,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Iterator
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +46,9 @@ from dq_ops.errors import DQInputError
 from dq_ops.progress import Progress
 from dq_ops.readers import Batch, Reader, SkippedItem, open_reader
 from dq_ops.readers.base import ItemErrors, OnError, PartitionedReader
+from dq_ops.readers.shards import Shard, ShardReader
 from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
-from dq_ops.store import Artifact, DQStoreError, Store, open_zarr_store, write_array
+from dq_ops.store import DECODE_ERRORS, Artifact, DQStoreError, Store, open_zarr_store, write_array
 from dq_ops.urls import filesystem, is_glob
 
 if TYPE_CHECKING:
@@ -54,6 +63,10 @@ BATCH_SIZE = 256
 # A sharded source this large is spread over workers even when no cluster runs yet: decoding it
 # here would take longer than starting a local cluster.
 SPREAD_MIN_SAMPLES = 20_000
+# Beside a snapshot read shard by shard: where each shard's rows lie in it (module docstring).
+PARTS_SIDECAR = "parts.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,21 +100,27 @@ def ingest(
     return IngestStage(store, config).ingest(progress=progress, client=client)
 
 
-def source_signature(url: str) -> str:
-    """sha256 over (path, size, modification time) of every file under ``url``.
-
-    Cheap on any fsspec filesystem (a listing, no reads); any added, removed, resized or
-    rewritten file changes it.
-    """
+def file_signatures(url: str) -> dict[str, str]:
+    """``"size|modification time"`` of every file under ``url``, by path: a listing, no reads."""
     fs, root = filesystem(url)
     if is_glob(root):
         paths = fs.glob(root, detail=True)
     else:
         paths = fs.find(root, withdirs=False, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+    return {path: f"{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('created') or ''}"
+            for path, info in paths.items()}
+
+
+def source_signature(url: str | Mapping[str, str]) -> str:
+    """sha256 over (path, size, modification time) of every file under ``url`` (or of the
+    :func:`file_signatures` already taken).
+
+    Cheap on any fsspec filesystem (a listing, no reads); any added, removed, resized or
+    rewritten file changes it.
+    """
     digest = hashlib.sha256()
-    for path, info in sorted(paths.items()):
-        mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
-        digest.update(f"{path}|{info.get('size')}|{mtime}\n".encode())
+    for path, signature in sorted((file_signatures(url) if isinstance(url, str) else url).items()):
+        digest.update(f"{path}|{signature}\n".encode())
     return digest.hexdigest()
 
 
@@ -136,9 +155,13 @@ class IngestStage(Stage):
         self.skipped: list[SkippedItem] = []  # bad items the last read skipped (on_error: skip)
 
     @functools.cached_property
+    def _files(self) -> dict[str, str]:
+        """The source's files, listed once: the key names the state of the source this stage reads."""
+        return file_signatures(self.config.url)
+
+    @functools.cached_property
     def _source(self) -> str:
-        """The source's signature, taken once: the key names the state of the source this stage reads."""
-        return source_signature(self.config.url)
+        return source_signature(self._files)
 
     def params(self) -> dict[str, Any]:
         return {"config": self.config.model_dump(mode="json"), "source": self._source}
@@ -188,15 +211,18 @@ class IngestStage(Stage):
         # The image column shapes only Parquet content: left out otherwise, so other datasets keep their fingerprints.
         # The pixel limit only refuses images (what a skipped one changes, the content digest holds).
         params = config.model_dump(mode="json", exclude={"url", "name", "max_image_pixels"} | ({"image_field"} if config.format != "parquet" else set()))
+        earlier = self._earlier_parts(reader, params)
         counts: dict[str, int] = {}
+        layouts: dict[str, list[dict[str, Any]]] = {}
         with store.write_snapshot("datasets", config.name, params, source=config.url, source_key=self.name()) as snapshot:
             group = snapshot.group
             for split, source, test_side in plan:
                 hold_out = None if test_side is None else (config.test_fraction, test_side)
                 if _spreads(reader, source, client):
                     spread = _SpreadSplit(reader, source, hold_out, config.on_error, f"{snapshot.url}/{split}",
-                                          store.storage_options, capacity[split])
-                    counts[split] = spread.write(group.create_group(split), resolve_client(client), tick)
+                                          store.storage_options, capacity[split], self._files, earlier.get(split, {}))
+                    counts[split] = self._write_spread(group, split, spread, resolve_client(client), tick)
+                    layouts[split] = spread.layout
                 else:
                     batches = reader.iter_batches(source, BATCH_SIZE)
                     if hold_out is not None:
@@ -210,6 +236,9 @@ class IngestStage(Stage):
             )
         self.skipped = list(reader.skipped)
         artifact = snapshot.artifact
+        if layouts:
+            record = {"version": INGEST_VERSION, "params": params, "splits": layouts}
+            store.write_sidecar(self.kind, artifact.name, PARTS_SIDECAR, json.dumps(record).encode())
         return IngestResult(
             dataset=config.name,
             name=artifact.name,
@@ -221,6 +250,74 @@ class IngestStage(Stage):
             class_names=reader.class_names(),
             skipped=list(reader.skipped),
         )
+
+
+    def _write_spread(self, group: zarr.Group, split: str, spread: _SpreadSplit, client: Client,
+                      tick: Callable[[int], None]) -> int:
+        """``spread.write`` into ``group[split]``. Should the rows taken from the earlier snapshot
+        fail to decode (damaged since), the split is read again from every shard."""
+        ticked, skipped = 0, len(spread.reader.skipped)
+
+        def counted(n: int) -> None:
+            nonlocal ticked
+            ticked += n
+            tick(n)
+
+        try:
+            return spread.write(group.create_group(split), client, counted)
+        except DECODE_ERRORS as exc:
+            if not spread.earlier:
+                raise
+            log.warning("%s: the rows of unchanged shards in %s did not decode (%s): reading every shard again",
+                        self.config.name, next(iter(spread.earlier.values())).url, exc)
+        tick(-ticked)
+        del spread.reader.skipped[skipped:], group[split]
+        spread.earlier = {}
+        return spread.write(group.create_group(split), client, tick)
+
+    def _earlier_parts(self, reader: Reader, params: dict[str, Any]) -> dict[str, dict[str, PartRows]]:
+        """Per output split, the shards whose rows the dataset's latest snapshot already holds
+        (by :func:`part_key`), when it was read shard by shard with these very settings and its
+        images have the shape this read decodes to."""
+        ref = self.store.read_ref(self.kind, self.config.name)
+        if ref is None or not isinstance(reader, ShardReader):
+            return {}
+        try:
+            snapshot = self.store.open(self.kind, ref["latest"])
+            payload = self.store.read_sidecar(self.kind, snapshot.name, PARTS_SIDECAR)
+        except DQStoreError:  # damaged or removed since: nothing to take rows from
+            return {}
+        record = json.loads(payload) if payload is not None else {}
+        if record.get("version") != INGEST_VERSION or record.get("params") != params:
+            return {}
+        found = {}
+        for split, layout in record["splits"].items():
+            if split not in snapshot.group or tuple(snapshot[f"{split}/images"].shape[1:]) != reader.sample_shape():
+                continue
+            found[split] = {entry["key"]: PartRows(f"{snapshot.url}/{split}", entry["start"], entry["stop"], entry["good"],
+                                                   [SkippedItem(*item) for item in entry["skipped"]])
+                            for entry in layout}
+        return found
+
+
+def part_key(part: Any, files: Mapping[str, str]) -> str | None:
+    """What identifies a shard's decoded rows across snapshots: its path, name (which its ids
+    hold) and file signature (size, modification time); None for other parts (folders of files)."""
+    if not isinstance(part, Shard) or part.path not in files:
+        return None
+    return f"{part.path}|{part.name}|{files[part.path]}"
+
+
+@dataclass(frozen=True)
+class PartRows:
+    """A shard's rows ``[start, stop)`` of an earlier snapshot's split at ``url``, with the good
+    samples read and the items skipped when it was decoded."""
+
+    url: str
+    start: int
+    stop: int
+    good: int
+    skipped: list[SkippedItem]
 
 
 def held_out(ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -292,7 +389,7 @@ class GatherJob:
     storage_options: dict[str, Any]
     start: int
     stop: int
-    pieces: list[tuple[str, int, int]]  # (part URL, first row, end row), in order
+    pieces: list[tuple[str, int, int]]  # (URL of a part or of an earlier snapshot's split, first row, end row), in order
 
 
 def gather_rows(job: GatherJob) -> int:
@@ -310,7 +407,9 @@ class _SpreadSplit:
 
     The split's ``limit`` counts good samples in read order: parts whose bounds fit in what is left
     are read whole, at once; the part the limit falls in is read alone, capped, and so on until
-    the limit is reached or the parts run out.
+    the limit is reached or the parts run out. A part read whole whose rows an earlier snapshot
+    holds (``earlier``, by :func:`part_key` over the source's ``files``) is not decoded: the
+    gather takes its rows from there. ``layout`` is what the snapshot's ``parts.json`` records.
     """
 
     reader: PartitionedReader
@@ -320,13 +419,17 @@ class _SpreadSplit:
     url: str
     storage_options: dict[str, Any]
     capacity: int
+    files: Mapping[str, str]
+    earlier: Mapping[str, PartRows]
+    layout: list[dict[str, Any]] = field(default_factory=list)
 
     def write(self, group: zarr.Group, client: Client, tick: Callable[[int], None]) -> int:
         parts = self.reader.parts(self.source)
         limit = self.reader.num_samples(self.source)
         group.create_group("parts")  # the workers' parts, removed once gathered
         [reader] = client.scatter([self.reader], hash=False)  # sent to the workers once, not with every job
-        written: list[tuple[str, PartWritten]] = []
+        # per part read: (its key if read whole, the group holding its rows, the first of them, what was read)
+        written: list[tuple[str | None, str, int, PartWritten]] = []
         good, next_part = 0, 0
         while good < limit and next_part < len(parts):
             wave, bound, take = [], 0, None
@@ -336,21 +439,36 @@ class _SpreadSplit:
                 next_part += 1
             if not wave:  # the limit falls inside the next part
                 wave, take, next_part = [next_part], limit - good, next_part + 1
-            jobs = [PartJob(parts[k], take, self.hold_out, self.on_error, f"{self.url}/parts/{k}", self.storage_options)
-                    for k in wave]
+            keys = {k: None if take is not None else part_key(parts[k], self.files) for k in wave}
+            reused = {k: self.earlier[key] for k, key in keys.items() if key in self.earlier}
+            for rows in reused.values():
+                tick(rows.stop - rows.start)
+            jobs = {k: PartJob(parts[k], take, self.hold_out, self.on_error, f"{self.url}/parts/{k}", self.storage_options)
+                    for k in wave if k not in reused}
             # the error raised is the earliest in job order: the one a single reader would have met first
-            for job, done in zip(jobs, run_jobs(client, write_part, jobs, shared=(reader,), on_done=lambda d: tick(d.rows))):
-                written.append((job.url, done))
-                self.reader.skipped.extend(done.skipped)
-                good += done.good
-        rows = self._gather(group, client, [(url, done.rows) for url, done in written if done.rows])
+            decoded = dict(zip(jobs, run_jobs(client, write_part, list(jobs.values()), shared=(reader,),
+                                              on_done=lambda d: tick(d.rows))))
+            for k in wave:
+                if k in reused:
+                    rows = reused[k]
+                    written.append((keys[k], rows.url, rows.start, PartWritten(rows.stop - rows.start, rows.good, rows.skipped)))
+                else:
+                    written.append((keys[k], jobs[k].url, 0, decoded[k]))
+                self.reader.skipped.extend(written[-1][3].skipped)
+                good += written[-1][3].good
+        rows = self._gather(group, client, [(url, first, done.rows) for _, url, first, done in written])
         del group["parts"]
+        offsets = np.cumsum([0] + [done.rows for *_, done in written]).tolist()
+        self.layout = [{"key": key, "start": start, "stop": stop, "good": done.good,
+                        "skipped": [[item.name, item.reason] for item in done.skipped]}
+                       for (key, _, _, done), start, stop in zip(written, offsets[:-1], offsets[1:]) if key is not None]
         return rows
 
-    def _gather(self, group: zarr.Group, client: Client, parts: list[tuple[str, int]]) -> int:
+    def _gather(self, group: zarr.Group, client: Client, parts: list[tuple[str, int, int]]) -> int:
         """Create the split's arrays as a single writer would (so chunks and bytes match) and fill
-        them from the parts, one job per output chunk."""
-        total = sum(rows for _, rows in parts)
+        them from the parts (group URL, first row there, rows), one job per output chunk."""
+        parts = [part for part in parts if part[2]]
+        total = sum(rows for *_, rows in parts)
         if total == 0:
             return 0
         first = zarr.open_group(open_zarr_store(parts[0][0], self.storage_options), mode="r")
@@ -360,12 +478,13 @@ class _SpreadSplit:
         chunk_rows = arrays[0].chunks[0]
         arrays += [write_array(group, "labels", shape=(self.capacity,), dtype=np.int64, chunk_rows=chunk_rows),
                    write_array(group, "ids", shape=(self.capacity,), dtype=str, chunk_rows=chunk_rows)]
-        offsets = np.cumsum([0] + [rows for _, rows in parts])
+        offsets = np.cumsum([0] + [rows for *_, rows in parts])
         jobs = []
         for start in range(0, total, chunk_rows):
             stop = min(total, start + chunk_rows)
-            pieces = [(url, max(start, lo) - lo, min(stop, hi) - lo)
-                      for (url, _), lo, hi in zip(parts, offsets[:-1].tolist(), offsets[1:].tolist()) if lo < stop and hi > start]
+            pieces = [(url, first + max(start, lo) - lo, first + min(stop, hi) - lo)
+                      for (url, first, _), lo, hi in zip(parts, offsets[:-1].tolist(), offsets[1:].tolist())
+                      if lo < stop and hi > start]
             jobs.append(GatherJob(self.url, self.storage_options, start, stop, pieces))
         run_jobs(client, gather_rows, jobs)
         if total < self.capacity:

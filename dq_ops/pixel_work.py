@@ -54,15 +54,24 @@ def get_mae(mae: Artifact) -> MaskedAutoencoder:
 
 
 def keep_top_patches(classifier: Classifier, images: np.ndarray, patch_size: int, drop_ratio: float,
-                     batch_size: int = 16) -> PackedPatches:
+                     batch_size: int = 16, slice_batches: int = 16) -> PackedPatches:
     """Grad-CAM++ of each image for its own predicted class, pooled to the patch grid; the top
     ``1 − θ`` patches kept (pure: arrays in, packed patches out).
 
-    ``batch_size`` bounds the activations the backward pass keeps, the largest memory of a patch
-    worker; the maps do not depend on it (the model is in eval mode)."""
+    ``batch_size`` bounds the activations the backward pass keeps; the maps do not depend on it
+    (the model is in eval mode). Images are resized and their maps pooled ``slice_batches``
+    batches at a time, so a chunk never holds all its images at the CAM size, nor all its
+    full-size maps: both grow with the chunk (thousands of small images), the pooled scores do not.
+    Slices are whole batches, so the batches, and the maps, are those of one pass."""
     device = next(classifier.model.parameters()).device
-    cam = gradcam_plus_plus(classifier.model, classifier.target_layer, classifier.preprocess(images, device), batch_size)
-    keep = select_patches(patch_scores(cam, patch_grid(images.shape[1:3], patch_size)), drop_ratio)
+    grid = patch_grid(images.shape[1:3], patch_size)
+    step = batch_size * slice_batches
+    scores = [
+        patch_scores(gradcam_plus_plus(classifier.model, classifier.target_layer,
+                                       classifier.preprocess(images[start:start + step], device), batch_size), grid)
+        for start in range(0, len(images), step)
+    ]
+    keep = select_patches(np.concatenate(scores), drop_ratio)
     return pack_patches(images, keep, patch_size)
 
 

@@ -658,6 +658,11 @@ class Store:
         with self.writing():
             self.fs.pipe_file(self._path(kind, name, filename), payload)
 
+    def read_sidecar(self, kind: str, name: str, filename: str) -> bytes | None:
+        """The bytes of an artifact's sidecar file (:meth:`write_sidecar`), or None when it has none."""
+        path = self._path(kind, name, filename)
+        return self.fs.cat_file(path) if self.fs.exists(path) else None
+
     def _ref_path(self, kind: str, base: str) -> str:
         _check_kind(kind)
         return self._path("refs", kind, f"{base}.json")

@@ -139,6 +139,20 @@ def test_gradcam_plus_plus_is_batch_independent_and_frozen_model_safe(fashion, c
     np.testing.assert_allclose(together, apart, atol=1e-4)
 
 
+def test_scoring_a_chunk_slice_by_slice_keeps_the_same_patches(fashion, classifier) -> None:
+    """A chunk is resized and scored a few batches at a time (bounded memory): whole batches, so
+    the kept patches are exactly those of one pass over the chunk."""
+    from dq_ops.backbones import Classifier
+    from dq_ops.pixel_work import keep_top_patches
+
+    scorer, images = Classifier(*classifier), fashion[0][:30]
+    one_pass = keep_top_patches(scorer, images, 4, 0.2, batch_size=4, slice_batches=len(images))
+    for slice_batches in (1, 3):
+        sliced = keep_top_patches(scorer, images, 4, 0.2, batch_size=4, slice_batches=slice_batches)
+        np.testing.assert_array_equal(sliced.keep_mask, one_pass.keep_mask)
+        np.testing.assert_array_equal(sliced.patches, one_pass.patches)
+
+
 def test_gradcam_plus_plus_rejects_a_layer_outside_the_forward_pass(classifier) -> None:
     model, _, preprocess = classifier
     with pytest.raises(DQInputError, match="target_layer"):

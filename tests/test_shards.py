@@ -55,7 +55,8 @@ def _sha12(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:12]
 
 
-def _hf_parquet(path: Path, images: np.ndarray, labels: list[int | None], *, encoded: list[bytes] | None = None) -> None:
+def _hf_parquet(path: Path, images: np.ndarray, labels: list[int | None], *, encoded: list[bytes] | None = None,
+                compression: str = "snappy") -> None:
     """A shard as Hugging Face ``datasets`` writes one: ``image`` {bytes, path}, ``label`` (ClassLabel)."""
     data = encoded if encoded is not None else [_encode(image) for image in images]
     table = pa.table({
@@ -66,7 +67,7 @@ def _hf_parquet(path: Path, images: np.ndarray, labels: list[int | None], *, enc
     features = {"image": {"_type": "Image"}, "label": {"names": list(FASHION_MNIST_CLASSES), "_type": "ClassLabel"}}
     table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=8)  # several row groups per shard
+    pq.write_table(table, path, row_group_size=8, compression=compression)  # several row groups per shard
 
 
 def _tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
@@ -464,9 +465,13 @@ def test_the_ingest_cache_key_sees_shards_added_to_a_glob(tmp_path, fm):
 
 # -- spread over dask workers -------------------------------------------------------------------
 def _artifact_files(artifact) -> dict[str, bytes]:
-    """Every file of an artifact below its root but its ``zarr.json`` (which names the snapshot)."""
+    """Every file of an artifact below its root but its ``zarr.json`` (which names the snapshot)
+    and the sidecar saying where its shards' rows lie (not content: only a spread read has one)."""
+    from dq_ops.ingest import PARTS_SIDECAR
+
     root = Path(artifact.url)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p != root / "zarr.json"}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p not in (root / "zarr.json", root / PARTS_SIDECAR)}
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset", "image-folder"])
@@ -533,3 +538,72 @@ def test_an_ingest_spread_over_dask_workers_writes_the_single_process_snapshot(t
         with pytest.raises(DQInputError, match=r"(train-0+2[-.].*:(4|000028)|all/000028\.png)\b"):
             ingest(DatasetConfig(format=fmt, url=str(source), name="raise"), Store(str(tmp_path / "raise")), client=client)
         assert Store(str(tmp_path / "raise")).list("datasets") == []
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_a_refresh_decodes_only_the_shards_that_changed(tmp_path, fm, fmt, caplog):
+    """Five shards (one with a bad image, skipped) with a hold-out, then shard 1 rewritten without
+    a row and shard 5 added. In the unchanged shards every image's bytes are then overwritten in
+    place with garbage, their sizes and modification times kept: decoding them would skip every
+    row, so the refresh must take their rows from the earlier snapshot, and what it writes is,
+    file for file, a fresh ingest of the real shards. With a chunk of that snapshot damaged, the
+    next read decodes every shard again."""
+    import os
+    import shutil
+
+    from distributed import LocalCluster
+
+    images, labels = fm
+    source, real = tmp_path / "src", tmp_path / "real"
+
+    def shard(k: int, rows: list[int]) -> tuple[Path, list[bytes]]:
+        encoded = [b"not an image" if (k, r) == (3, 34) else _encode(images[r]) for r in rows]
+        if fmt == "parquet":  # uncompressed: each image's bytes lie as they are in the file
+            path = source / f"train-{k:05d}.parquet"
+            _hf_parquet(path, images[rows], labels[rows].tolist(), encoded=encoded, compression="none")
+        else:
+            path = source / f"train-{k:06d}.tar"
+            _tar(path, [(f"{r:06d}", {"png": e, "cls": str(int(labels[r])).encode()}) for r, e in zip(rows, encoded)])
+        return path, encoded
+
+    def garble(path: Path, encoded: list[bytes]) -> None:
+        stat, data = path.stat(), path.read_bytes()
+        for image in encoded:
+            at = data.index(image)
+            data = data[:at] + bytes(len(image)) + data[at + len(image):]
+        path.write_bytes(data)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    shards = [shard(k, list(range(10 * k, 10 * k + 10))) for k in range(5)]
+    config = DatasetConfig(format=fmt, url=str(source), name="d", on_error="skip", test_fraction=0.25)
+    store = Store(str(tmp_path / "store"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            cluster.get_client() as client:
+        first = ingest(config, store, client=client)
+        assert {item.name.rsplit("/", 1)[-1] for item in first.skipped} == {f"{shards[3][0].name}:{4 if fmt == 'parquet' else '000034'}"}
+        shard(1, [10, 11, 13, 14, 15, 16, 17, 18, 19])
+        shard(5, list(range(50, 60)))
+        shutil.copytree(source, real)  # the refreshed source as it really is
+        for k in (0, 2, 3, 4):
+            garble(*shards[k])
+        ticks: list[int] = []
+        refresh = ingest(config, store, client=client, progress=lambda done, total: ticks.append(done))
+        fresh_store = Store(str(tmp_path / "fresh"))
+        fresh = ingest(config.model_copy(update={"url": str(real)}), fresh_store, client=client)
+        assert (refresh.fingerprint, refresh.counts) == (fresh.fingerprint, fresh.counts) != (first.fingerprint, first.counts)
+        assert [str(item).replace(str(real), str(source)) for item in fresh.skipped] == [str(item) for item in refresh.skipped]
+        assert ticks[-1] == sum(refresh.counts.values()) == 58
+        assert _artifact_files(store.open("datasets", refresh.name)) == _artifact_files(fresh_store.open("datasets", fresh.name))
+
+        for k in (0, 2, 3, 4):  # the real shards back, then a chunk of their rows in the snapshot damaged
+            shutil.copy2(real / shards[k][0].name, shards[k][0])
+        chunk = min(p for p in (Path(store.url) / "datasets" / refresh.name / "train" / "images").rglob("*")
+                    if p.is_file() and p.name != "zarr.json")
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+        with caplog.at_level("WARNING", logger="dq_ops.ingest"):
+            again = ingest(config, store, client=client)
+        assert "did not decode" in caplog.text and "reading every shard again" in caplog.text
+        assert again.fingerprint == fresh.fingerprint
+        assert _artifact_files(store.open("datasets", again.name)) == _artifact_files(fresh_store.open("datasets", fresh.name))

@@ -142,6 +142,11 @@ class ShardReader:
     def splits(self) -> list[str]:
         return list(self._shards)
 
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of every decoded image: the first image's channels, at ``resize`` or its size."""
+        width, height = self._size if self._resize is None else (self._resize, self._resize)
+        return height, width, 1 if self._gray else 3
+
     def num_samples(self, split: str) -> int:
         n = sum(shard.samples for shard in self._shards[split])
         return min(n, self._limit or n)
