@@ -251,7 +251,6 @@ class IngestStage(Stage):
             skipped=list(reader.skipped),
         )
 
-
     def _write_spread(self, group: zarr.Group, split: str, spread: _SpreadSplit, client: Client,
                       tick: Callable[[int], None]) -> int:
         """``spread.write`` into ``group[split]``. Should the rows taken from the earlier snapshot
