@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -380,13 +381,31 @@ def subset_coverage(embeddings: Artifact, labels: np.ndarray | None, subset: np.
         if progress:
             progress(n, n)
 
-    # The query rows chunk by chunk too: one orthogonal read of them decodes every chunk at once.
-    query_features = np.concatenate(
-        [np.asarray(features[start:start + step])[picked - start]
-         for start in range(0, n, step) if (picked := queries[(queries >= start) & (queries < start + step)]).size]
-        or [np.zeros((0, *features.shape[1:]), dtype=features.dtype)]
-    )
-    return coverage_from_blocks(blocks(), labels, subset, queries, query_features, bins).metrics()
+    return coverage_from_blocks(blocks(), labels, subset, queries, _query_features(embeddings, queries), bins).metrics()
+
+
+# The coverage queries' feature rows of the last embeddings artifact measured: a run's subsets
+# (every keep ratio, DQ and each baseline) share them, and reading them touches every chunk.
+_QUERIES: dict[str, np.ndarray] = {}
+_QUERIES_LOCK = threading.Lock()
+
+
+def _query_features(embeddings: Artifact, queries: np.ndarray) -> np.ndarray:
+    """``features[queries]``, read chunk by chunk (one orthogonal read of them would decode every
+    chunk at once), once per embeddings artifact and process."""
+    key = f"{embeddings.url}|{embeddings.fingerprint}|{len(queries)}"
+    with _QUERIES_LOCK:  # subset tasks may run side by side
+        if key not in _QUERIES:
+            features, step = embeddings["features"], embeddings["features"].chunks[0]
+            rows = np.concatenate(
+                [np.asarray(features[start:start + step])[picked - start]
+                 for start in range(0, features.shape[0], step)
+                 if (picked := queries[(queries >= start) & (queries < start + step)]).size]
+                or [np.zeros((0, *features.shape[1:]), dtype=features.dtype)]
+            )
+            _QUERIES.clear()
+            _QUERIES[key] = rows
+        return _QUERIES[key]
 
 
 class _SubsetStage(Stage):
