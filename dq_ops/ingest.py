@@ -70,9 +70,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ShardReuse:
+    """How one split read shard by shard was made: shards decoded, shards whose rows were taken
+    from the earlier snapshot ``source`` (unchanged since it was read), and those rows."""
+
+    decoded: int
+    reused: int
+    reused_rows: int
+    source: str | None
+
+    def __str__(self) -> str:
+        taken = f", {self.reused} unchanged: {self.reused_rows:,} rows from {self.source}" if self.reused else ""
+        return f"{self.decoded} shards decoded{taken}"
+
+
+@dataclass(frozen=True)
 class IngestResult:
     """What an ingest stored: the snapshot (name, URL, fingerprint), per-split counts, skipped items,
-    class names. ``dataset`` is the dataset's name, ``name`` its snapshot's."""
+    class names, and per split read shard by shard what was decoded (``shards``). ``dataset`` is
+    the dataset's name, ``name`` its snapshot's."""
 
     dataset: str
     name: str
@@ -83,6 +99,7 @@ class IngestResult:
     counts: dict[str, int]
     class_names: list[str] | None
     skipped: list[SkippedItem]
+    shards: dict[str, ShardReuse] = field(default_factory=dict)
 
 
 def ingest(
@@ -153,6 +170,7 @@ class IngestStage(Stage):
         super().__init__(store)
         self.config = config
         self.skipped: list[SkippedItem] = []  # bad items the last read skipped (on_error: skip)
+        self.shards: dict[str, ShardReuse] = {}  # per split the last read spread: shards decoded and reused
 
     @functools.cached_property
     def _files(self) -> dict[str, str]:
@@ -214,6 +232,7 @@ class IngestStage(Stage):
         earlier = self._earlier_parts(reader, params)
         counts: dict[str, int] = {}
         layouts: dict[str, list[dict[str, Any]]] = {}
+        shards: dict[str, ShardReuse] = {}
         with store.write_snapshot("datasets", config.name, params, source=config.url, source_key=self.name()) as snapshot:
             group = snapshot.group
             for split, source, test_side in plan:
@@ -223,6 +242,7 @@ class IngestStage(Stage):
                                           store.storage_options, capacity[split], self._files, earlier.get(split, {}))
                     counts[split] = self._write_spread(group, split, spread, resolve_client(client), tick)
                     layouts[split] = spread.layout
+                    shards[split] = spread.reuse()
                 else:
                     batches = reader.iter_batches(source, BATCH_SIZE)
                     if hold_out is not None:
@@ -234,7 +254,7 @@ class IngestStage(Stage):
             group.attrs.update(
                 {"modality": reader.modality, "class_names": reader.class_names(), "source_format": config.format}
             )
-        self.skipped = list(reader.skipped)
+        self.skipped, self.shards = list(reader.skipped), shards
         artifact = snapshot.artifact
         if layouts:
             record = {"version": INGEST_VERSION, "params": params, "splits": layouts}
@@ -249,6 +269,7 @@ class IngestStage(Stage):
             counts=counts,
             class_names=reader.class_names(),
             skipped=list(reader.skipped),
+            shards=shards,
         )
 
     def _write_spread(self, group: zarr.Group, split: str, spread: _SpreadSplit, client: Client,
@@ -421,6 +442,8 @@ class _SpreadSplit:
     files: Mapping[str, str]
     earlier: Mapping[str, PartRows]
     layout: list[dict[str, Any]] = field(default_factory=list)
+    _parts: int = field(default=0, init=False)  # parts the last write read
+    _reused: list[tuple[str, int]] = field(default_factory=list, init=False)  # (earlier split URL, rows) of those it took
 
     def write(self, group: zarr.Group, client: Client, tick: Callable[[int], None]) -> int:
         parts = self.reader.parts(self.source)
@@ -458,10 +481,17 @@ class _SpreadSplit:
         rows = self._gather(group, client, [(url, first, done.rows) for _, url, first, done in written])
         del group["parts"]
         offsets = np.cumsum([0] + [done.rows for *_, done in written]).tolist()
+        self._reused = [(url, done.rows) for key, url, _, done in written if key in self.earlier]
+        self._parts = len(written)
         self.layout = [{"key": key, "start": start, "stop": stop, "good": done.good,
                         "skipped": [[item.name, item.reason] for item in done.skipped]}
                        for (key, _, _, done), start, stop in zip(written, offsets[:-1], offsets[1:]) if key is not None]
         return rows
+
+    def reuse(self) -> ShardReuse:
+        """What the last :meth:`write` decoded and what it took from the earlier snapshot."""
+        source = self._reused[0][0].rsplit("/", 1)[0] if self._reused else None
+        return ShardReuse(self._parts - len(self._reused), len(self._reused), sum(rows for _, rows in self._reused), source)
 
     def _gather(self, group: zarr.Group, client: Client, parts: list[tuple[str, int, int]]) -> int:
         """Create the split's arrays as a single writer would (so chunks and bytes match) and fill

@@ -101,6 +101,8 @@ def _ingest(args: argparse.Namespace, console: Console) -> int:
         print(f"  {'classes':<12}{len(result.class_names)}: {', '.join(result.class_names)}")
     print(f"  {'fingerprint':<12}{result.fingerprint}")
     print(f"  {'artifact':<12}{result.url}")
+    for split, reuse in result.shards.items():
+        print(f"  {split + ' read':<12}{reuse}")
     if result.skipped:
         print(f"  {'skipped':<12}{len(result.skipped)} bad items:")
         for item in result.skipped[:MAX_SKIPPED_SHOWN]:

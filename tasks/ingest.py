@@ -31,6 +31,8 @@ def ingest_dataset(config: DatasetConfig, store_url: str, cluster: ClusterConfig
     stage = _stage(config, store_url)
     progress = ProgressArtifact(f"Ingesting {config.name} from {config.url}")
     snapshot = stage.run(progress=progress, client=cluster_client(cluster))
+    for split, reuse in stage.shards.items():
+        get_run_logger().info("%s: %s", split, reuse)
     if stage.skipped:
         shown = "; ".join(str(item) for item in stage.skipped[:SKIPPED_LOGGED])
         more = f" and {len(stage.skipped) - SKIPPED_LOGGED} more" if len(stage.skipped) > SKIPPED_LOGGED else ""

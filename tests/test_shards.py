@@ -593,6 +593,10 @@ def test_a_refresh_decodes_only_the_shards_that_changed(tmp_path, fm, fmt, caplo
         assert (refresh.fingerprint, refresh.counts) == (fresh.fingerprint, fresh.counts) != (first.fingerprint, first.counts)
         assert [str(item).replace(str(real), str(source)) for item in fresh.skipped] == [str(item) for item in refresh.skipped]
         assert ticks[-1] == sum(refresh.counts.values()) == 58
+        assert {split: (r.decoded, r.reused) for split, r in first.shards.items()} == {"train": (5, 0), "test": (5, 0)}
+        assert {split: (r.decoded, r.reused) for split, r in refresh.shards.items()} == {"train": (2, 4), "test": (2, 4)}
+        assert sum(r.reused_rows for r in refresh.shards.values()) == 39  # shards 0, 2-4 but the bad image
+        assert refresh.shards["train"].source.endswith(first.name)
         assert _artifact_files(store.open("datasets", refresh.name)) == _artifact_files(fresh_store.open("datasets", fresh.name))
 
         for k in (0, 2, 3, 4):  # the real shards back, then a chunk of their rows in the snapshot damaged
@@ -605,5 +609,5 @@ def test_a_refresh_decodes_only_the_shards_that_changed(tmp_path, fm, fmt, caplo
         with caplog.at_level("WARNING", logger="dq_ops.ingest"):
             again = ingest(config, store, client=client)
         assert "did not decode" in caplog.text and "reading every shard again" in caplog.text
-        assert again.fingerprint == fresh.fingerprint
+        assert again.fingerprint == fresh.fingerprint and again.shards["train"].reused == 0
         assert _artifact_files(store.open("datasets", again.name)) == _artifact_files(fresh_store.open("datasets", fresh.name))
