@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,7 @@ from dq_ops.readers import Batch, Reader, SkippedItem, open_reader
 from dq_ops.readers.base import ItemErrors, OnError, PartitionedReader
 from dq_ops.readers.shards import Shard, ShardReader
 from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
-from dq_ops.store import DECODE_ERRORS, Artifact, DQStoreError, Store, open_zarr_store, write_array
+from dq_ops.store import DECODE_ERRORS, Artifact, DQStoreError, Store, copy_chunk, open_zarr_store, write_array
 from dq_ops.urls import filesystem, is_glob
 
 if TYPE_CHECKING:
@@ -72,16 +73,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ShardReuse:
     """How one split read shard by shard was made: shards decoded, shards whose rows were taken
-    from the earlier snapshot ``source`` (unchanged since it was read), and those rows."""
+    from the earlier snapshot ``source`` (unchanged since it was read), those rows, and the
+    chunks copied as stored bytes (whole chunks of a part or of ``source``) rather than encoded."""
 
     decoded: int
     reused: int
     reused_rows: int
     source: str | None
+    copied_chunks: int = 0
 
     def __str__(self) -> str:
         taken = f", {self.reused} unchanged: {self.reused_rows:,} rows from {self.source}" if self.reused else ""
-        return f"{self.decoded} shards decoded{taken}"
+        return f"{self.decoded} shards decoded{taken}; {self.copied_chunks} chunks copied as stored"
 
 
 @dataclass(frozen=True)
@@ -291,7 +294,8 @@ class IngestStage(Stage):
             log.warning("%s: the rows of unchanged shards in %s did not decode (%s): reading every shard again",
                         self.config.name, next(iter(spread.earlier.values())).url, exc)
         tick(-ticked)
-        del spread.reader.skipped[skipped:], group[split]
+        del spread.reader.skipped[skipped:]
+        _remove_group(group, split)
         spread.earlier = {}
         return spread.write(group.create_group(split), client, tick)
 
@@ -318,6 +322,20 @@ class IngestStage(Stage):
                                                    [SkippedItem(*item) for item in entry["skipped"]])
                             for entry in layout}
         return found
+
+
+def _remove_group(parent: zarr.Group, name: str, attempts: int = 20) -> None:
+    """``del parent[name]`` after a failed job: cancelling the others does not stop those already
+    running on a worker, and one that writes a chunk meanwhile makes the removal fail (a folder
+    not empty); they finish within seconds, so the removal is tried again."""
+    for attempt in range(attempts):
+        try:
+            del parent[name]
+            return
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
 
 
 def part_key(part: Any, files: Mapping[str, str]) -> str | None:
@@ -412,13 +430,20 @@ class GatherJob:
     pieces: list[tuple[str, int, int]]  # (URL of a part or of an earlier snapshot's split, first row, end row), in order
 
 
-def gather_rows(job: GatherJob) -> int:
-    """Worker side: copy the pieces' rows into the split's arrays."""
+def gather_rows(job: GatherJob) -> bool:
+    """Worker side: copy the pieces' rows into the split's arrays; whether they were copied as
+    stored bytes. A piece that is one whole chunk of an earlier snapshot (an unchanged shard's
+    rows at a chunk boundary, as when shards are only added) or of a part is copied as its
+    stored bytes, not decoded and encoded again."""
     split = zarr.open_group(open_zarr_store(job.url, job.storage_options), mode="r+")
     parts = [(zarr.open_group(open_zarr_store(url, job.storage_options), mode="r"), a, b) for url, a, b in job.pieces]
+    as_stored = True
     for name in split.array_keys():
+        if len(parts) == 1 and copy_chunk(parts[0][0][name], parts[0][1], split[name], job.start, job.stop - job.start):
+            continue
         split[name][job.start:job.stop] = np.concatenate([np.asarray(part[name][a:b]) for part, a, b in parts])
-    return job.stop - job.start
+        as_stored = False
+    return as_stored
 
 
 @dataclass
@@ -444,11 +469,13 @@ class _SpreadSplit:
     layout: list[dict[str, Any]] = field(default_factory=list)
     _parts: int = field(default=0, init=False)  # parts the last write read
     _reused: list[tuple[str, int]] = field(default_factory=list, init=False)  # (earlier split URL, rows) of those it took
+    _copied: int = field(default=0, init=False)  # chunks the last write copied as stored bytes
 
     def write(self, group: zarr.Group, client: Client, tick: Callable[[int], None]) -> int:
         parts = self.reader.parts(self.source)
         limit = self.reader.num_samples(self.source)
         group.create_group("parts")  # the workers' parts, removed once gathered
+        self._copied = 0
         [reader] = client.scatter([self.reader], hash=False)  # sent to the workers once, not with every job
         # per part read: (its key if read whole, the group holding its rows, the first of them, what was read)
         written: list[tuple[str | None, str, int, PartWritten]] = []
@@ -491,7 +518,8 @@ class _SpreadSplit:
     def reuse(self) -> ShardReuse:
         """What the last :meth:`write` decoded and what it took from the earlier snapshot."""
         source = self._reused[0][0].rsplit("/", 1)[0] if self._reused else None
-        return ShardReuse(self._parts - len(self._reused), len(self._reused), sum(rows for _, rows in self._reused), source)
+        return ShardReuse(self._parts - len(self._reused), len(self._reused), sum(rows for _, rows in self._reused), source,
+                          self._copied)
 
     def _gather(self, group: zarr.Group, client: Client, parts: list[tuple[str, int, int]]) -> int:
         """Create the split's arrays as a single writer would (so chunks and bytes match) and fill
@@ -511,11 +539,15 @@ class _SpreadSplit:
         jobs = []
         for start in range(0, total, chunk_rows):
             stop = min(total, start + chunk_rows)
-            pieces = [(url, first + max(start, lo) - lo, first + min(stop, hi) - lo)
-                      for (url, first, _), lo, hi in zip(parts, offsets[:-1].tolist(), offsets[1:].tolist())
-                      if lo < stop and hi > start]
+            pieces: list[tuple[str, int, int]] = []
+            for (url, first, _), lo, hi in zip(parts, offsets[:-1].tolist(), offsets[1:].tolist()):
+                if lo < stop and hi > start:
+                    piece = (url, first + max(start, lo) - lo, first + min(stop, hi) - lo)
+                    if pieces and pieces[-1][0] == url and pieces[-1][2] == piece[1]:  # consecutive rows of one group
+                        piece = (url, pieces.pop()[1], piece[2])
+                    pieces.append(piece)
             jobs.append(GatherJob(self.url, self.storage_options, start, stop, pieces))
-        run_jobs(client, gather_rows, jobs)
+        self._copied = sum(run_jobs(client, gather_rows, jobs))
         if total < self.capacity:
             for array in arrays:
                 array.resize((total, *array.shape[1:]))

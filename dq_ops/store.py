@@ -60,9 +60,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from dq_ops import __version__
@@ -245,6 +248,28 @@ def checksummed(compressor: zarr.abc.codec.BytesBytesCodec | None) -> list[zarr.
     """The bytes codecs of every stored array: ``compressor`` (if any), then a CRC32C per chunk,
     so a chunk whose bytes changed fails to decode instead of decoding to wrong values."""
     return [*([compressor] if compressor is not None else []), Crc32cCodec()]
+
+
+def copy_chunk(source: zarr.Array, row: int, target: zarr.Array, start: int, count: int) -> bool:
+    """Copy ``count`` rows of ``source`` from ``row`` into ``target`` at ``start`` as stored bytes,
+    when they are one whole chunk of each, of one shape and codec pipeline ending in CRC32C (what
+    :func:`write_array` makes); returns False, copying nothing, otherwise. The checksum is
+    verified first: a damaged chunk raises ``ValueError`` as its decoding would."""
+    rows = target.chunks[0]
+    if (count != rows or source.chunks != target.chunks or source.dtype != target.dtype or source.fill_value != target.fill_value
+            or source.metadata.codecs != target.metadata.codecs or not isinstance(target.metadata.codecs[-1], Crc32cCodec)
+            or row % rows or start % rows or row + rows > source.shape[0] or start + rows > target.shape[0]):
+        return False
+    rest = (0,) * (target.ndim - 1)
+    stored = source._async_array.store_path / source.metadata.encode_chunk_key((row // rows, *rest))
+    data = sync(stored.get(prototype=default_buffer_prototype()))
+    if data is None:  # never written: all fill value, as the target's chunk is until written
+        return True
+    raw = data.as_numpy_array()
+    if np.uint32(google_crc32c.value(raw[:-4].tobytes())).tobytes() != raw[-4:].tobytes():
+        raise ValueError(f"{source.store_path}: stored and computed checksum do not match in the chunk at row {row}")
+    sync((target._async_array.store_path / target.metadata.encode_chunk_key((start // rows, *rest))).set(data))
+    return True
 
 
 def write_array(

@@ -611,3 +611,49 @@ def test_a_refresh_decodes_only_the_shards_that_changed(tmp_path, fm, fmt, caplo
         assert "did not decode" in caplog.text and "reading every shard again" in caplog.text
         assert again.fingerprint == fresh.fingerprint and again.shards["train"].reused == 0
         assert _artifact_files(store.open("datasets", again.name)) == _artifact_files(fresh_store.open("datasets", fresh.name))
+
+
+def test_shards_only_added_copy_the_unchanged_chunks_as_stored(tmp_path, fm, caplog):
+    """Four shards of 400 images at 128 px (chunks of 512 rows: most straddle two shards), then a
+    fifth added: the refresh copies the three chunks that the unchanged shards fill as their
+    stored bytes, instead of decoding and encoding them, and writes, file for file, what a fresh
+    ingest of the five shards writes. A damaged chunk is not copied: its checksum fails, and
+    every shard is read again."""
+    from distributed import LocalCluster
+
+    images, labels = fm
+    rows = np.arange(1800) % len(images)  # the 60 test images over and over
+
+    def shard(k: int, start: int, stop: int) -> None:
+        _hf_parquet(source / f"train-{k:05d}.parquet", images[rows[start:stop]], labels[rows[start:stop]].tolist())
+
+    source = tmp_path / "src"
+    for k in range(4):
+        shard(k, 400 * k, 400 * k + 400)
+    config = DatasetConfig(format="parquet", url=str(source), name="d", resize=128)
+    store, fresh_store = Store(str(tmp_path / "store")), Store(str(tmp_path / "fresh"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            cluster.get_client() as client:
+        first = ingest(config, store, client=client)
+        assert store.open("datasets", first.name)["train/images"].chunks[0] == 512  # 16 KiB rows: 8 MiB chunks
+        shard(4, 1600, 1700)
+        refresh = ingest(config, store, client=client)
+        fresh = ingest(config, fresh_store, client=client)
+        assert _artifact_files(store.open("datasets", refresh.name)) == _artifact_files(fresh_store.open("datasets", fresh.name))
+        np.testing.assert_array_equal(store.open("datasets", refresh.name)["train/labels"][:], labels[rows[:1700]])
+
+        chunk = Path(store.url) / "datasets" / refresh.name / "train" / "images" / "c" / "1" / "0" / "0" / "0"
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+        shard(5, 1700, 1800)
+        with caplog.at_level("WARNING", logger="dq_ops.ingest"):
+            again = ingest(config, store, client=client)
+    assert (first.shards["train"].decoded, first.shards["train"].copied_chunks) == (4, 0)
+    reuse = refresh.shards["train"]
+    assert (reuse.decoded, reuse.reused, reuse.reused_rows, reuse.copied_chunks) == (1, 4, 1600, 3)
+    assert (refresh.fingerprint, refresh.counts) == (fresh.fingerprint, {"train": 1700})
+    assert "checksum" in caplog.text and "reading every shard again" in caplog.text
+    assert again.shards["train"].reused == 0 and again.counts == {"train": 1800}
+    np.testing.assert_array_equal(store.open("datasets", again.name)["train/images"][:1700],
+                                  fresh_store.open("datasets", fresh.name)["train/images"][:])
