@@ -52,6 +52,7 @@ import logging
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -66,6 +67,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.errors import ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore
 
 from dq_ops import __version__
@@ -199,12 +201,23 @@ def group_digest(group: zarr.Group, *, verify: bool = True) -> str:
     ``verify=False`` skips the chunk checksums: for a commit's read-back of what it just wrote
     (the digest is the same; a chunk damaged since fails its checksum at its first real read)."""
     digest = hashlib.sha256()
-    for path, array in sorted(group.arrays(), key=lambda item: item[0]):
+    with _sidecars_unlisted():
+        arrays, groups = sorted(group.arrays(), key=lambda item: item[0]), sorted(group.groups(), key=lambda item: item[0])
+    for path, array in arrays:
         digest.update(f"{path}={array_digest(array if verify else _without_verifying(array))};".encode())
-    for path, sub in sorted(group.groups(), key=lambda item: item[0]):
+    for path, sub in groups:
         digest.update(f"{path}/{group_digest(sub, verify=verify)};".encode())
     digest.update(canonical_json({k: v for k, v in group.attrs.asdict().items() if k != "dq"}).encode())
     return digest.hexdigest()
+
+
+@contextmanager
+def _sidecars_unlisted() -> Iterator[None]:
+    """Zarr warns about every file in a group that is not a Zarr node: the sidecars
+    (:meth:`Store.write_sidecar`) beside an artifact's arrays are meant to be there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component", category=ZarrUserWarning)
+        yield
 
 
 def decode_problem(group: zarr.Group) -> str | None:
@@ -212,7 +225,8 @@ def decode_problem(group: zarr.Group) -> str | None:
 
     Reads every chunk once; what ``dq verify`` and :meth:`Store.reading` use to find damage."""
     try:
-        members = sorted(group.members(max_depth=None), key=lambda item: item[0])
+        with _sidecars_unlisted():
+            members = sorted(group.members(max_depth=None), key=lambda item: item[0])
     except ValueError as exc:  # an array's zarr.json no longer parses
         return f"an array's zarr.json does not parse ({type(exc).__name__}: {exc})"
     for path, array in members:
