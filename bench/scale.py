@@ -2,7 +2,8 @@
 throughput and every process's peak memory, then a refresh.
 
     PYTHONPATH=$PWD .venv/bin/python bench/scale.py [--samples 1280000] [--classes 1000] [--size 32] \\
-        [--json out.json] [--compare-to smaller.json] [--no-refresh] [--keep-work] [--generate-only]
+        [--json out.json] [--compare-to smaller.json] [--no-refresh] [--refresh-removed 0.005] \\
+        [--bins-refresh incremental] [--keep-work] [--generate-only]
 
 What it builds and starts (all on loopback, all stopped on exit, error and Ctrl-C included):
 
@@ -43,7 +44,11 @@ What it builds and starts (all on loopback, all stopped on exit, error and Ctrl-
    SUBSET s3://<bucket>/exports/r<ratio> --format parquet`` for each DQ subset; the exported row
    counts are checked against the subset sizes.
 4. **The refresh.** +1% new samples (a new training shard) and −0.5% removed (the first shards
-   rewritten without some rows), then the same ``dq run`` and exports again.
+   rewritten without some rows; ``--refresh-removed`` sets the share, 0 for a refresh that only
+   adds), then the same ``dq run`` and exports again. The new shard gives every class new
+   samples, so exact bins (``bins.refresh: exact``, the default) re-bin every class;
+   ``--bins-refresh incremental`` runs both runs with ``bins.refresh: incremental``, where the
+   refresh joins the new samples to the first run's bins instead.
 
 **Stage boundaries** come from what ``dq run`` prints on stderr: one line per task run when it
 finishes, ``HH:MM:SS | <task run name> computed|cached <seconds> s``. The line is read as it
@@ -592,10 +597,10 @@ def parquet_rows(fs, path: str) -> int:
     return rows
 
 
-def refresh_source(fs, layout: Layout, source: str, work: Path) -> tuple[int, int]:
-    """+1% new samples (a new training shard), −0.5% removed (the first shards rewritten without
-    some rows, a random choice), written to the bucket. Returns (added, removed)."""
-    added, removed = max(1, layout.samples // 100), max(1, layout.samples // 200)
+def refresh_source(fs, layout: Layout, source: str, work: Path, removed_share: float) -> tuple[int, int]:
+    """+1% new samples (a new training shard), ``removed_share`` removed (the first shards
+    rewritten without some rows, a random choice), written to the bucket. Returns (added, removed)."""
+    added, removed = max(1, layout.samples // 100), round(layout.samples * removed_share)
     new_name = layout.train_name(layout.train_shards, of=layout.train_shards + 1)
     write_shard(work / new_name, "train", layout.samples, layout.samples + added, layout.size, layout.seed, layout.classes)
     fs.put(str(work / new_name), f"{source}/{new_name}")
@@ -655,15 +660,15 @@ def start_services(processes: Processes, work: Path, worker_memory: str) -> tupl
     return endpoint, api_url, address
 
 
-def write_config(path: Path, source: str, store: str, address: str, subset_ratio: float | None = None,
-                 subset_epochs: float = 1.0) -> None:
+def write_config(path: Path, source: str, store: str, address: str, bins_refresh: str,
+                 subset_ratio: float | None = None, subset_epochs: float = 1.0) -> None:
     """The bench's run configuration; with ``subset_ratio``, the pixel stages on a subset of that ratio."""
     import yaml
 
-    stages: dict[str, Any] = {"sampling": {"ratios": list(RATIOS)}, "patches": {"enabled": False},
-                              "evaluation": {"enabled": False}}
+    stages: dict[str, Any] = {"bins": {"refresh": bins_refresh}, "sampling": {"ratios": list(RATIOS)},
+                              "patches": {"enabled": False}, "evaluation": {"enabled": False}}
     if subset_ratio is not None:
-        stages = {"sampling": {"ratios": [subset_ratio]}, "patches": {"enabled": True},
+        stages |= {"sampling": {"ratios": [subset_ratio]}, "patches": {"enabled": True},
                   "evaluation": {"enabled": True, "seeds": [0], "epochs": subset_epochs, "min_steps": 1}}
     path.write_text(yaml.safe_dump({
         "store_url": store,
@@ -697,7 +702,7 @@ def measure(args: argparse.Namespace, layout: Layout, cached: Path, work: Path) 
         fs.put(f"{cached}/", f"{BUCKET}/source/", recursive=True)
         print(f"uploaded the source ({du(fs, f'{BUCKET}/source'):,} bytes) in {time.monotonic() - started:.0f} s", flush=True)
         config = work / "scale.yaml"
-        write_config(config, source, store, address)
+        write_config(config, source, store, address, args.bins_refresh)
         sampler = Sampler(processes)
         results: dict[str, Any] = {}
         labels = ["first"] if args.no_refresh else ["first", "refresh"]
@@ -707,9 +712,9 @@ def measure(args: argparse.Namespace, layout: Layout, cached: Path, work: Path) 
             run_config = config
             if label == "subset-stages":
                 run_config = work / "subset-stages.yaml"
-                write_config(run_config, source, store, address, round(args.subset_stages / train, 6), args.subset_epochs)
+                write_config(run_config, source, store, address, args.bins_refresh, round(args.subset_stages / train, 6), args.subset_epochs)
             if label == "refresh":
-                added, removed = refresh_source(fs, layout, f"{BUCKET}/source", work)
+                added, removed = refresh_source(fs, layout, f"{BUCKET}/source", work, args.refresh_removed)
                 train = layout.samples + added - removed
                 results["refresh_change"] = {"added": added, "removed": removed}
                 print(f"refresh: +{added:,} new samples (one shard), −{removed:,} removed", flush=True)
@@ -836,6 +841,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
     parser.add_argument("--worker-memory", default="6GiB", help="dask worker --memory-limit (default 6GiB)")
     parser.add_argument("--no-refresh", action="store_true", help="only the first run")
+    parser.add_argument("--refresh-removed", type=float, default=0.005,
+                        help="share of the samples the refresh removes (default 0.005; 0: it only adds a shard)")
+    parser.add_argument("--bins-refresh", choices=("exact", "incremental"), default="exact",
+                        help="the runs' bins.refresh (default exact, dq's default)")
     parser.add_argument("--generate-only", action="store_true",
                         help="build and cache the source's shards, then exit (nothing started, nothing measured)")
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -860,7 +869,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     try:
         result = {"samples": layout.samples, "test_samples": test_samples, "classes": layout.classes, "size": layout.size,
-                  "shard_rows": layout.shard_rows, "cpus": os.cpu_count(),
+                  "shard_rows": layout.shard_rows, "bins_refresh": args.bins_refresh, "refresh_removed": args.refresh_removed, "cpus": os.cpu_count(),
                   "memory_gib": psutil.virtual_memory().total / 2**30} | measure(args, layout, cached, work)
     finally:
         if args.work is None and not args.keep_work:

@@ -22,6 +22,9 @@ earlier embeddings artifact of the same parameters (any snapshot of any dataset 
 Rows whose content hash (and label) the donor holds are copied from it by the workers; only the
 rest go through the backbone. The extractor runs fixed-size batches (see
 :class:`~dq_ops.backbones.ImageExtractor`), so a computed row has the same bytes as in a full run.
+A chunk whose rows are, in order, one whole chunk of the donor (every chunk before the first new
+or removed sample, when samples are only added after them) is copied as its stored bytes,
+without decoding or encoding it.
 
 The key's parameters say what was computed, not how: the batch size, chunk size and cluster are
 left out; the numeric precision is in (float32 on CPU, bf16/fp16 autocast on CUDA workers). The
@@ -47,7 +50,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.features import gradient_embedding
 from dq_ops.progress import Progress
 from dq_ops.stage import ChunkedStage, is_running, run_jobs
-from dq_ops.store import Artifact, Store, feature_compressor, open_zarr_store, write_array
+from dq_ops.store import Artifact, Store, copy_chunk, feature_compressor, open_zarr_store, write_array
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -83,13 +86,16 @@ class _ChunkJob:
     copied: np.ndarray | None = None  # positions in [start, stop) whose features the donor holds
     donor_rows: np.ndarray | None = None  # their rows in the donor
     fresh: np.ndarray | None = None  # features of the other rows, when computed before the job (inline)
+    whole_donor_chunk: bool = False  # the donor rows are one whole stored chunk, in order: copy its bytes
 
 
 def embed_chunk(job: _ChunkJob) -> int:
     """Worker side: fill rows [start, stop) of the staging group; return the rows computed."""
+    out = zarr.open_group(open_zarr_store(job.staging_url, job.storage_options), mode="r+")
+    if job.whole_donor_chunk and _copy_stored_chunk(job, out):
+        return 0
     source = zarr.open_group(open_zarr_store(job.dataset_url, job.storage_options, read_only=True), mode="r")
     split = source[job.split]
-    out = zarr.open_group(open_zarr_store(job.staging_url, job.storage_options), mode="r+")
     features = np.empty((job.stop - job.start, out["features"].shape[1]), dtype=np.float32)
     computed = np.ones(len(features), dtype=bool)
     if job.donor_url is not None and len(job.copied):
@@ -110,6 +116,15 @@ def embed_chunk(job: _ChunkJob) -> int:
             features, labels, num_classes=job.gradient_classes, seed=job.seed
         ).g
     return len(rows)
+
+
+def _copy_stored_chunk(job: _ChunkJob, out: zarr.Group) -> bool:
+    """Copy the donor's stored chunk of every embedding array into this job's chunk as its bytes
+    (no decoding, no encoding; the checksum verified). False where a layout differs: the job
+    then writes its rows as usual, over anything copied."""
+    donor = zarr.open_group(open_zarr_store(job.donor_url, job.storage_options, read_only=True), mode="r")
+    names = ["features"] + (["gradients"] if job.gradient_classes is not None else [])
+    return all(copy_chunk(donor[name], int(job.donor_rows[0]), out[name], job.start, job.stop - job.start) for name in names)
 
 
 def _gradient_classes(split: zarr.Group, class_names: list[str] | None, where: str) -> int:
@@ -146,7 +161,8 @@ class EmbeddingsStage(ChunkedStage):
     random head seeded by ``seed`` (``seed`` enters the key only then). The precision the
     workers compute in is part of the key (CUDA workers use bf16/fp16 autocast). ``chunk_rows``
     (rows per task) defaults to :func:`default_chunk_rows`; a rerun must use the same value to
-    resume. After :meth:`run`, ``work_done`` is the number of samples that went through the model.
+    resume. After :meth:`run`, ``work_done`` is the number of samples that went through the model
+    and ``chunks_copied`` the chunks copied from the donor as stored bytes.
     """
 
     kind = "embeddings"
@@ -189,6 +205,8 @@ class EmbeddingsStage(ChunkedStage):
         if self._chunk_rows < 1:
             raise DQInputError(f"chunk_rows must be positive, got {self._chunk_rows}")
         self._donor: tuple[Artifact | None, dict[str, int]] | None = None
+        self.chunks_copied = 0  # chunks of this run copied from the donor as stored bytes
+        self._donor_layout: bool | None = None
         self._client: ClientSource = None  # the run's cluster: it, not this process, loads the model
 
     def params(self) -> dict[str, Any]:
@@ -311,7 +329,28 @@ class EmbeddingsStage(ChunkedStage):
             self.dataset.url, self.split, self.samples, staging_url, self.store.storage_options, self.spec,
             self.config.batch_size, index, start, stop, self.gradient_classes, self.seed,
             donor.url if donor is not None else None, copied, donor_rows,
+            whole_donor_chunk=self._is_whole_donor_chunk(staging_url, donor_rows, stop - start),
         )
+
+    def _is_whole_donor_chunk(self, staging_url: str, donor_rows: np.ndarray | None, rows: int) -> bool:
+        """Whether ``donor_rows`` are, in order, one whole stored chunk of the donor's features
+        whose bytes this layout can take as they are (a refresh that only added samples after
+        them, say). Counted in ``chunks_copied``."""
+        if donor_rows is None or len(donor_rows) != rows or rows != self._chunk_rows or not self._donor_layout_matches(staging_url):
+            return False
+        whole = donor_rows[0] % rows == 0 and bool(np.all(np.diff(donor_rows) == 1))
+        self.chunks_copied += whole
+        return whole
+
+    def _donor_layout_matches(self, staging_url: str) -> bool:
+        """Same chunk rows, dtype and codecs in the donor's features as in this staging layout
+        (read once per run)."""
+        if self._donor_layout is None:
+            donor = self.donor()[0]["features"]
+            staged = zarr.open_group(open_zarr_store(staging_url, self.store.storage_options), mode="r")["features"]
+            self._donor_layout = (donor.chunks == staged.chunks and donor.dtype == staged.dtype
+                                  and donor.metadata.codecs == staged.metadata.codecs)
+        return self._donor_layout
 
 
 

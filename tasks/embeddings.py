@@ -49,6 +49,8 @@ def compute_embeddings(
     artifact = stage.run(client=cluster_client(cluster), progress=progress)
     if stage.chunks_resumed:
         get_run_logger().info("resumed: %d of %d chunks already done", stage.chunks_resumed, stage.chunks_total)
+    if stage.chunks_copied:
+        get_run_logger().info("%d of %d chunks copied from the earlier embeddings as stored", stage.chunks_copied, stage.chunks_total)
     features = artifact["features"]
     return StageResult.from_artifact(
         stage.store, artifact,

@@ -61,6 +61,30 @@ def test_ten_classes_are_taken_from_a_cached_source_with_more(tmp_path, capsys):
         assert ours.equals(theirs) and ours.schema.metadata == theirs.schema.metadata
 
 
+@pytest.mark.parametrize("removed_share", [0.0, 0.05])
+def test_the_refresh_adds_a_shard_and_removes_its_share_from_the_first_shards(tmp_path, removed_share):
+    import fsspec
+    import yaml
+
+    from dq_ops.config import DQConfig
+
+    layout = scale.Layout(samples=40, test_samples=10, shard_rows=20, size=32, seed=0, classes=10)
+    source, work = tmp_path / "source", tmp_path / "work"
+    source.mkdir(), work.mkdir()
+    for index in range(layout.train_shards):
+        scale.write_shard(source / layout.train_name(index), "train", *layout.train_rows(index), layout.size, layout.seed,
+                          layout.classes)
+    first = pq.read_table(source / layout.train_name(0)).column("id").to_pylist()
+    added, removed = scale.refresh_source(fsspec.filesystem("file"), layout, str(source), work, removed_share)
+    assert (added, removed) == (1, round(40 * removed_share))
+    assert pq.read_table(source / layout.train_name(2, of=3)).num_rows == added
+    kept = pq.read_table(source / layout.train_name(0)).column("id").to_pylist()
+    assert set(kept) <= set(first) and len(first) - len(kept) == removed
+    config = tmp_path / "scale.yaml"
+    scale.write_config(config, str(source), str(tmp_path / "store"), "tcp://127.0.0.1:1", "incremental")
+    assert DQConfig.model_validate(yaml.safe_load(config.read_text())).bins.refresh == "incremental"
+
+
 @pytest.mark.slow
 def test_scale_bench_tiny(tmp_path, capsys):
     before = {p.pid for p in psutil.Process().children(recursive=True)}

@@ -18,7 +18,7 @@ from distributed import Client
 from dq_ops.backbones import load_image_extractor
 from dq_ops.cluster import dask_client, resolve_kind
 from dq_ops.config import ClusterConfig, EmbeddingConfig
-from dq_ops.embed import embed_dataset
+from dq_ops.embed import EmbeddingsStage, embed_dataset
 from dq_ops.errors import DQInputError
 from dq_ops.features import GradientEmbedding, gradient_embedding
 from dq_ops.readers.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
@@ -214,12 +214,35 @@ def test_a_refresh_that_only_removes_samples_copies_rows_without_importing_torch
         stage = EmbeddingsStage(store, store.open("datasets", "data-fewer"), "train", EmbeddingConfig(chunk_rows=64),
                                 seed=0, precision="float32")
         artifact = stage.run()
-        print(json.dumps({{"torch": "torch" in sys.modules, "embedded": stage.work_done, "name": artifact.name}}))
+        print(json.dumps({{"torch": "torch" in sys.modules, "embedded": stage.work_done, "copied": stage.chunks_copied,
+                          "name": artifact.name}}))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1],
                           env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.splitlines()[-1])
-    assert report == {"torch": False, "embedded": 0, "name": report["name"]}
+    assert report == {"torch": False, "embedded": 0, "copied": 0, "name": report["name"]}  # rows moved: decoded, copied
     copied = np.asarray(image_store.open("embeddings", report["name"])["features"][:])
     np.testing.assert_array_equal(copied, np.asarray(image_run[0].artifact["features"][:])[keep])
+
+
+def test_chunks_that_line_up_with_the_earlier_embeddings_are_copied_as_stored(image_run, image_store):
+    # The refreshed snapshot lost the first chunk's samples and gained 40: each of its chunks
+    # before the new rows is, in order, a whole chunk of the committed embeddings (the next
+    # one), so its stored bytes are copied (checksum verified, nothing decoded or encoded).
+    images, labels = load_fashion_mnist("train")
+    rows = np.arange(CHUNK_ROWS, N_IMAGES + 40)
+    with image_store.write("datasets", "data-shifted", {"source": "images"}) as group:
+        split = group.create_group("train")
+        write_array(split, "images", images[rows, ..., None], chunk_rows=100)
+        write_array(split, "labels", labels[rows], chunk_rows=100)
+        write_array(split, "ids", np.array([f"train:{i}" for i in rows]), chunk_rows=100)
+        group.attrs.update(image_store.open("datasets", "data").group.attrs.asdict())
+    stage = EmbeddingsStage(image_store, image_store.open("datasets", "data-shifted"), "train",
+                            EmbeddingConfig(batch_size=16), seed=0, precision="float32", chunk_rows=CHUNK_ROWS)
+    refreshed = stage.run()
+    kept = N_IMAGES - CHUNK_ROWS
+    assert (stage.chunks_copied, stage.work_done) == (kept // CHUNK_ROWS, 40)
+    np.testing.assert_array_equal(refreshed["features"][:kept], image_run[0].artifact["features"][CHUNK_ROWS:])
+    local = load_image_extractor(image_size=32)(images[N_IMAGES:N_IMAGES + 40, ..., None], batch_size=16)
+    np.testing.assert_allclose(refreshed["features"][kept:], local, rtol=1e-4, atol=1e-5)
