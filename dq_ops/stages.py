@@ -41,7 +41,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups, single_threaded_blas
 from dq_ops.progress import Progress
 from dq_ops.sampling import bin_intensities, sample_bins, sample_sizes
-from dq_ops.stage import Stage, is_running, run_jobs
+from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
 
 if TYPE_CHECKING:
@@ -59,12 +59,13 @@ BASELINES: dict[str, Callable[..., np.ndarray]] = {
 # that is quicker than starting a local cluster (measured with bench/refresh.py).
 BINS_INLINE_ROWS = 32_768
 # Classes are binned in jobs of several classes whose rows are read in one pass: each job decodes
-# about every chunk of the features (classes interleave), so one job per class would read the
-# whole array once per class. A job holds at most CLASS_BATCH_ROWS rows (131,072 × 1,280 float32
-# is 640 MiB, within a worker's memory beside its greedy) and, where the classes allow, the
-# split is cut into at least CLASS_BATCH_JOBS jobs so that every worker of a cluster gets some.
+# about every chunk of the features (classes interleave), so every job costs a pass over the
+# whole array and the jobs are as few as memory and the cluster allow. A job holds at most
+# CLASS_BATCH_ROWS rows (131,072 × 1,280 float32 is 640 MiB, within a worker's memory beside its
+# greedy) and, where the classes allow, the split is cut into JOBS_PER_THREAD jobs per worker
+# thread, so that every thread gets work and an uneven job does not leave the others idle.
 CLASS_BATCH_ROWS = 131_072
-CLASS_BATCH_JOBS = 32
+JOBS_PER_THREAD = 2
 
 
 def split_labels(dataset: Artifact, split: str = QUANTIZED_SPLIT) -> np.ndarray | None:
@@ -107,15 +108,34 @@ def _class_digest(embeddings: Artifact, content: np.ndarray, budgets: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassBins:
+    """What one class's bins are made from: its rows (positions in the split) and either its bin
+    budgets (the exact greedy, :func:`dq_ops.bins.generate_class_bins`) or, to join new rows to
+    bins made before, each row's current bin, -1 for rows to join (:func:`dq_ops.bins.join_bins`)."""
+
+    rows: np.ndarray
+    budgets: np.ndarray | None = None
+    current: np.ndarray | None = None
+
+    def bin_of(self, features: FeatureRows, num_bins: int, kernel: str, memory_budget_mb: int) -> np.ndarray:
+        """The bin of each of the class's rows (int32, in the order of ``rows``)."""
+        if self.current is not None:
+            return join_bins(features, self.current, num_bins, kernel=kernel)
+        local = np.empty(len(self.rows), dtype=np.int32)
+        for b, picked in enumerate(generate_class_bins(features, self.budgets, kernel=kernel, memory_budget_mb=memory_budget_mb)):
+            local[picked] = b
+        return local
+
+
+@dataclasses.dataclass(frozen=True)
 class ClassBinsJob:
-    """Some classes' greedies as a picklable job: the embeddings by store URL and name, each
-    class's rows and bin budgets."""
+    """Some classes' bins as a picklable job: the embeddings by store URL and name, the classes."""
 
     store_url: str
     storage_options: dict[str, Any]
     embeddings: str
-    rows: list[np.ndarray]
-    budgets: list[np.ndarray]
+    classes: list[ClassBins]
+    num_bins: int
     kernel: str
     memory_budget_mb: int
 
@@ -129,11 +149,11 @@ def classes_rows(embeddings: Artifact, groups: list[np.ndarray]) -> Iterator[Fea
         yield rows.take(np.searchsorted(wanted, members))
 
 
-def _class_bins_worker(job: ClassBinsJob) -> list[list[np.ndarray]]:
-    """The job's classes' bins, run on a dask worker: their rows read in one pass, then each class's greedy."""
+def _class_bins_worker(job: ClassBinsJob) -> list[np.ndarray]:
+    """The job's classes' bins, run on a dask worker: their rows read in one pass, then class by class."""
     embeddings = Store(job.store_url, job.storage_options).open("embeddings", job.embeddings)
-    return [generate_class_bins(rows, budgets, kernel=job.kernel, memory_budget_mb=job.memory_budget_mb)
-            for rows, budgets in zip(classes_rows(embeddings, job.rows), job.budgets)]
+    return [work.bin_of(features, job.num_bins, job.kernel, job.memory_budget_mb)
+            for work, features in zip(job.classes, classes_rows(embeddings, [work.rows for work in job.classes]))]
 
 
 def class_batches(sizes: list[int], rows_per_batch: int) -> list[list[int]]:
@@ -235,12 +255,12 @@ class BinsStage(Stage):
     def compute(self, group: zarr.Group, progress: Progress | None, client: ClientSource) -> None:
         previous = self.previous()
         if previous is not None:
-            self._join(group, previous, progress)
+            self._join(group, previous, progress, client)
         else:
             self._compute_exact(group, progress, client)
             group.attrs["joined_since_rebuild"] = 0
 
-    def _join(self, group: zarr.Group, previous: Artifact, progress: Progress | None) -> None:
+    def _join(self, group: zarr.Group, previous: Artifact, progress: Progress | None, client: ClientSource) -> None:
         """Join the new (and relabelled) samples to ``previous``' bins; ``progress`` counts classes."""
         labels = split_labels(self.dataset)
         ids = labelled_ids(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:], labels)
@@ -250,29 +270,53 @@ class BinsStage(Stage):
         joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + int((bin_of_sample < 0).sum())
         classes, groups = class_groups(labels, len(ids))
         classes = np.array([-1]) if classes is None else classes
-        num_bins, kernel = self.config.num_bins, self.config.kernel
-        self.classes_rebinned = []
-        for done, (c, members) in enumerate(zip(classes, groups), 1):
-            if progress:
-                progress(done - 1, len(groups))
-            local = bin_of_sample[members]
-            if (local >= 0).all():
-                continue
-            rows = embedding_rows(self.embeddings, members)
-            if (local < 0).all():  # a class with no binned samples yet: its own exact greedy
-                budgets = bin_budgets([len(members)], num_bins, self.config.budget_rule)[0]
-                bins = generate_class_bins(rows, budgets, kernel=kernel, memory_budget_mb=self.config.memory_budget_mb)
-                for b, picked in enumerate(bins):
-                    local[picked] = b
-            else:
-                local = join_bins(rows, local, num_bins, kernel=kernel)
-            bin_of_sample[members] = local
-            self.classes_rebinned.append(int(c))
-        if progress:
-            progress(len(groups), len(groups))
+        num_bins = self.config.num_bins
+        todo = []
+        for c, members in enumerate(groups):
+            current = bin_of_sample[members]
+            if (current < 0).all():  # a class with no binned samples yet: its own exact greedy
+                todo.append((c, ClassBins(members, budgets=bin_budgets([len(members)], num_bins, self.config.budget_rule)[0])))
+            elif (current < 0).any():
+                todo.append((c, ClassBins(members, current=current)))
+        self.classes_rebinned = [int(classes[c]) for c, _ in todo]
+        for (_, work), local in zip(todo, self._bin_classes([work for _, work in todo], len(groups), progress, client)):
+            bin_of_sample[work.rows] = local
         sizes = [[int((bin_of_sample[members] == b).sum()) for b in range(num_bins)] for members in groups]
         self._write(group, bin_of_sample, labels, classes, sizes, [])
         group.attrs["joined_since_rebuild"] = joined
+
+    def _bin_classes(self, classes: list[ClassBins], total: int, progress: Progress | None,
+                     client: ClientSource) -> list[np.ndarray]:
+        """Each of ``classes``' bins (``progress`` counts classes out of ``total``, the others done
+        from the start). On the cluster in jobs of several classes when one runs or the rows are
+        many; else here, their rows read in one pass and the classes on threads (BLAS releases the
+        GIL; one BLAS thread each, limited once around them all), which beats one by one."""
+        done = [total - len(classes)]
+
+        def classes_finished(count: int) -> None:
+            done[0] += count
+            if progress:
+                progress(done[0], total)
+
+        classes_finished(0)
+        kernel, memory = self.config.kernel, self.config.memory_budget_mb
+        sizes = [len(work.rows) for work in classes]
+        if classes and (is_running(client) or sum(sizes) > BINS_INLINE_ROWS):
+            cluster = resolve_client(client)
+            threads = sum(w["nthreads"] for w in cluster.scheduler_info()["workers"].values()) if cluster else 1
+            per_job = min(CLASS_BATCH_ROWS, -(-sum(sizes) // (JOBS_PER_THREAD * threads)))
+            jobs = [ClassBinsJob(self.store.url, self.store.storage_options, self.embeddings.name, [classes[i] for i in batch],
+                                 self.config.num_bins, kernel, memory) for batch in class_batches(sizes, per_job)]
+            return [local for batch in run_jobs(cluster, _class_bins_worker, jobs, on_done=lambda b: classes_finished(len(b)))
+                    for local in batch]
+        features = dict(enumerate(classes_rows(self.embeddings, [work.rows for work in classes])))
+
+        def bin_class(i: int) -> np.ndarray:
+            return classes[i].bin_of(features[i], self.config.num_bins, kernel, memory)
+
+        with single_threaded_blas():
+            return run_jobs(None, bin_class, list(range(len(classes))), on_done=lambda _: classes_finished(1),
+                            threads=len(os.sched_getaffinity(0)))
 
     def _write(self, group: zarr.Group, bin_of_sample: np.ndarray, labels: np.ndarray | None, classes: np.ndarray,
                sizes: list[list[int]], digests: list[str]) -> None:
@@ -314,39 +358,9 @@ class BinsStage(Stage):
             else:
                 todo.append(c)
         self.classes_rebinned = [int(classes[c]) for c in todo]
-        # progress counts classes: those taken from earlier bins are done from the start
-        done = [len(groups) - len(todo)]
-
-        def classes_finished(finished: list[list[np.ndarray]]) -> None:
-            done[0] += len(finished)
-            if progress:
-                progress(done[0], len(groups))
-
-        if progress:
-            progress(done[0], len(groups))
-        if is_running(client) or sum(len(groups[c]) for c in todo) > BINS_INLINE_ROWS:
-            sizes = [len(groups[c]) for c in todo]
-            per_job = min(CLASS_BATCH_ROWS, -(-sum(sizes) // CLASS_BATCH_JOBS))
-            batches = [[todo[i] for i in batch] for batch in class_batches(sizes, per_job)]
-            jobs = [ClassBinsJob(self.store.url, self.store.storage_options, self.embeddings.name,
-                                 [groups[c] for c in batch], [budgets[c] for c in batch], kernel, self.config.memory_budget_mb)
-                    for batch in batches]
-            class_bins = [bins for batch in run_jobs(client, _class_bins_worker, jobs, on_done=classes_finished) for bins in batch]
-        else:
-            # A refresh's few changed classes: here, their rows read in one pass, their greedies on
-            # threads (BLAS releases the GIL; one BLAS thread each, limited once around them all),
-            # which beats running them one by one.
-            rows = dict(zip(todo, classes_rows(self.embeddings, [groups[c] for c in todo])))
-
-            def bin_class(c: int) -> list[np.ndarray]:
-                return generate_class_bins(rows[c], budgets[c], kernel=kernel, memory_budget_mb=self.config.memory_budget_mb)
-
-            with single_threaded_blas():
-                class_bins = run_jobs(None, bin_class, todo, on_done=lambda bins: classes_finished([bins]),
-                                      threads=len(os.sched_getaffinity(0)))
-        for c, bins in zip(todo, class_bins):
-            for b, local in enumerate(bins):
-                bin_of_sample[groups[c][local]] = b
+        work = [ClassBins(groups[c], budgets=budgets[c]) for c in todo]
+        for c, local in zip(todo, self._bin_classes(work, len(groups), progress, client)):
+            bin_of_sample[groups[c]] = local
         self._write(group, bin_of_sample, labels, classes, budgets.tolist(), digests)
 
 

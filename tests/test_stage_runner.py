@@ -115,31 +115,49 @@ def test_classes_are_batched_in_order_up_to_a_row_budget():
     assert class_batches([], 100) == []
 
 
-def test_bins_on_a_cluster_and_in_this_process_are_the_same_bytes(tmp_path, client, monkeypatch):
-    """BinsStage's class greedies through the runner: on the workers (a running client, classes in
-    jobs of several) and here (no client, in order) they write the same bins; the class counter
-    reaches every class."""
-    monkeypatch.setattr(stages, "CLASS_BATCH_JOBS", 3)  # 7 classes of ~43 rows: jobs of two classes
+def _toy_snapshot(store: Store, features: np.ndarray, classes: int):
+    """A dataset snapshot of ``len(features)`` labelled rows (``s<k>``, class k mod ``classes``) and its embeddings."""
+    n = len(features)
+    with store.write_snapshot("datasets", "toy", {"toy": 1}) as write:
+        split = write.group.create_group(QUANTIZED_SPLIT)
+        write_array(split, "labels", np.arange(n, dtype=np.int64) % classes)
+        write_array(split, "ids", np.array([f"s{k}" for k in range(n)]))
+    dataset = write.artifact
+    with store.write("embeddings", f"toy-{n}", {"toy": 1}, [dataset.fingerprint]) as group:
+        write_array(group, "features", features, chunk_rows=64)
+        write_array(group, "ids", np.array([f"s{k}" for k in range(n)]), chunk_rows=64)
+    return dataset, store.open("embeddings", f"toy-{n}")
+
+
+@pytest.mark.parametrize("refresh", ["exact", "incremental"])
+def test_bins_on_a_cluster_and_in_this_process_are_the_same_bytes(tmp_path, client, monkeypatch, refresh):
+    """BinsStage's classes through the runner, a first run and a refresh whose new rows touch
+    every class (exact: every class re-binned; incremental: the new rows join the first run's
+    bins): on the workers (a running client, classes in jobs of several), here on threads (no
+    client, few rows) and here in class jobs one after the other (no client, rows over the
+    inline limit) they write the same bins; the class counter reaches every class."""
+    monkeypatch.setattr(stages, "JOBS_PER_THREAD", 1)  # 7 classes of ~43 rows on 2 threads: jobs of three classes
     rng = np.random.default_rng(0)
-    n, classes = 300, 7
-    stores = {where: Store(str(tmp_path / where)) for where in ("cluster", "here")}
-    artifacts = {}
-    for where, store in stores.items():
-        with store.write("datasets", "toy", {"toy": 1}) as group:
-            split = group.create_group(QUANTIZED_SPLIT)
-            write_array(split, "labels", np.arange(n, dtype=np.int64) % classes)
-            write_array(split, "ids", np.array([f"s{k}" for k in range(n)]))
-        dataset = store.open("datasets", "toy")
-        with store.write("embeddings", "toy", {"toy": 1}, [dataset.fingerprint]) as group:
-            write_array(group, "features", rng.standard_normal((n, 8)).astype(np.float32) if where == "cluster"
-                        else np.asarray(stores["cluster"].open("embeddings", "toy")["features"][:]))
-            write_array(group, "ids", np.array([f"s{k}" for k in range(n)]))
-        counted = []
-        stage = BinsStage(store, dataset, store.open("embeddings", "toy"), BinsConfig(num_bins=4))
-        artifacts[where] = stage.run(client=client if where == "cluster" else None,
-                                     progress=lambda done, total, seen=counted: seen.append((done, total)))
-        assert counted[-1] == (classes, classes) and sorted(stage.classes_rebinned) == list(range(classes))
-    cluster, here = artifacts["cluster"], artifacts["here"]
-    assert (np.asarray(cluster["bin_of_sample"][:]) == np.asarray(here["bin_of_sample"][:])).all()
-    assert cluster.record["content_digest"] == here.record["content_digest"]  # the record's other fields date the write
-    assert {k: v for k, v in cluster.group.attrs.items() if k != "dq"} == {k: v for k, v in here.group.attrs.items() if k != "dq"}
+    classes, features = 7, rng.standard_normal((330, 8)).astype(np.float32)
+    config = BinsConfig(num_bins=4, refresh=refresh)
+    artifacts: dict[str, list] = {}
+    for where in ("cluster", "threads", "jobs"):
+        monkeypatch.setattr(stages, "BINS_INLINE_ROWS", 100 if where == "jobs" else 32_768)
+        store = Store(str(tmp_path / where))
+        for n in (300, 330):
+            dataset, embeddings = _toy_snapshot(store, features[:n], classes)
+            counted = []
+            stage = BinsStage(store, dataset, embeddings, config)
+            artifacts.setdefault(where, []).append(stage.run(
+                client=client if where == "cluster" else None, progress=lambda done, total, seen=counted: seen.append((done, total))))
+            assert counted[-1] == (classes, classes) and sorted(stage.classes_rebinned) == list(range(classes))
+    if refresh == "incremental":  # the refresh joined: the first run's rows kept their bins
+        first, joined = artifacts["cluster"]
+        assert len(joined.record["inputs"]) == 3 and joined.group.attrs["joined_since_rebuild"] == 30
+        assert (np.asarray(joined["bin_of_sample"][:300]) == np.asarray(first["bin_of_sample"][:])).all()
+    for where in ("threads", "jobs"):
+        for cluster, here in zip(artifacts["cluster"], artifacts[where]):
+            assert (np.asarray(cluster["bin_of_sample"][:]) == np.asarray(here["bin_of_sample"][:])).all()
+            assert cluster.record["content_digest"] == here.record["content_digest"]  # the record's other fields date the write
+            assert ({k: v for k, v in cluster.group.attrs.items() if k != "dq"}
+                    == {k: v for k, v in here.group.attrs.items() if k != "dq"})
