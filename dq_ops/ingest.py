@@ -49,7 +49,16 @@ from dq_ops.readers import Batch, Reader, SkippedItem, open_reader
 from dq_ops.readers.base import ItemErrors, OnError, PartitionedReader
 from dq_ops.readers.shards import Shard, ShardReader
 from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
-from dq_ops.store import DECODE_ERRORS, Artifact, DQStoreError, Store, copy_chunk, open_zarr_store, write_array
+from dq_ops.store import (
+    DECODE_ERRORS,
+    Artifact,
+    DQStoreError,
+    Store,
+    copy_chunk,
+    open_zarr_store,
+    sidecars_unlisted,
+    write_array,
+)
 from dq_ops.urls import filesystem, is_glob
 
 if TYPE_CHECKING:
@@ -147,7 +156,8 @@ def source_signature(url: str | Mapping[str, str]) -> str:
 def snapshot_summary(snapshot: Artifact) -> dict[str, Any]:
     """What a dataset snapshot holds, read from it: ``modality``, per-split ``counts`` (the
     quantized split first) and ``class_names``."""
-    splits = sorted(snapshot.group.group_keys(), key=lambda split: (split != "train", split))
+    with sidecars_unlisted():
+        splits = sorted(snapshot.group.group_keys(), key=lambda split: (split != "train", split))
     return {
         "modality": snapshot.group.attrs["modality"],
         "counts": {split: int(snapshot[f"{split}/labels"].shape[0]) for split in splits},

@@ -201,7 +201,7 @@ def group_digest(group: zarr.Group, *, verify: bool = True) -> str:
     ``verify=False`` skips the chunk checksums: for a commit's read-back of what it just wrote
     (the digest is the same; a chunk damaged since fails its checksum at its first real read)."""
     digest = hashlib.sha256()
-    with _sidecars_unlisted():
+    with sidecars_unlisted():
         arrays, groups = sorted(group.arrays(), key=lambda item: item[0]), sorted(group.groups(), key=lambda item: item[0])
     for path, array in arrays:
         digest.update(f"{path}={array_digest(array if verify else _without_verifying(array))};".encode())
@@ -212,7 +212,7 @@ def group_digest(group: zarr.Group, *, verify: bool = True) -> str:
 
 
 @contextmanager
-def _sidecars_unlisted() -> Iterator[None]:
+def sidecars_unlisted() -> Iterator[None]:
     """Zarr warns about every file in a group that is not a Zarr node: the sidecars
     (:meth:`Store.write_sidecar`) beside an artifact's arrays are meant to be there."""
     with warnings.catch_warnings():
@@ -225,7 +225,7 @@ def decode_problem(group: zarr.Group) -> str | None:
 
     Reads every chunk once; what ``dq verify`` and :meth:`Store.reading` use to find damage."""
     try:
-        with _sidecars_unlisted():
+        with sidecars_unlisted():
             members = sorted(group.members(max_depth=None), key=lambda item: item[0])
     except ValueError as exc:  # an array's zarr.json no longer parses
         return f"an array's zarr.json does not parse ({type(exc).__name__}: {exc})"
@@ -626,7 +626,8 @@ class Store:
         # The chunks' checksums were computed from these very bytes: verifying them here again
         # would double the checksum's cost, and a chunk damaged since fails at its first read.
         content = group_digest(group, verify=False)
-        arrays = [path for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
+        with sidecars_unlisted():
+            arrays = [path for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
         return {
             "kind": kind,
             "params": json.loads(canonical_json(params)),
