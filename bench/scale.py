@@ -2,7 +2,7 @@
 throughput and every process's peak memory, then a refresh.
 
     PYTHONPATH=$PWD .venv/bin/python bench/scale.py [--samples 1280000] [--classes 1000] [--size 32] \\
-        [--json out.json] [--compare-to smaller.json] [--no-refresh] [--refresh-removed 0.005] \\
+        [--json out.json] [--compare-to smaller.json] [--no-refresh] [--append-refresh] \\
         [--bins-refresh incremental] [--keep-work] [--generate-only]
 
 What it builds and starts (all on loopback, all stopped on exit, error and Ctrl-C included):
@@ -44,11 +44,11 @@ What it builds and starts (all on loopback, all stopped on exit, error and Ctrl-
    SUBSET s3://<bucket>/exports/r<ratio> --format parquet`` for each DQ subset; the exported row
    counts are checked against the subset sizes.
 4. **The refresh.** +1% new samples (a new training shard) and −0.5% removed (the first shards
-   rewritten without some rows; ``--refresh-removed`` sets the share, 0 for a refresh that only
-   adds), then the same ``dq run`` and exports again. The new shard gives every class new
-   samples, so exact bins (``bins.refresh: exact``, the default) re-bin every class;
-   ``--bins-refresh incremental`` runs both runs with ``bins.refresh: incremental``, where the
-   refresh joins the new samples to the first run's bins instead.
+   rewritten without some rows), then the same ``dq run`` and exports again. ``--append-refresh``
+   adds a second refresh, ``append``, that only adds a shard (+1%), as a dataset that only grows
+   is refreshed. A new shard gives every class new samples, so exact bins (``bins.refresh:
+   exact``, the default) re-bin every class; ``--bins-refresh incremental`` runs every run with
+   ``bins.refresh: incremental``, where a refresh joins the new samples to the bins before.
 
 **Stage boundaries** come from what ``dq run`` prints on stderr: one line per task run when it
 finishes, ``HH:MM:SS | <task run name> computed|cached <seconds> s``. The line is read as it
@@ -597,12 +597,15 @@ def parquet_rows(fs, path: str) -> int:
     return rows
 
 
-def refresh_source(fs, layout: Layout, source: str, work: Path, removed_share: float) -> tuple[int, int]:
-    """+1% new samples (a new training shard), ``removed_share`` removed (the first shards
-    rewritten without some rows, a random choice), written to the bucket. Returns (added, removed)."""
-    added, removed = max(1, layout.samples // 100), round(layout.samples * removed_share)
-    new_name = layout.train_name(layout.train_shards, of=layout.train_shards + 1)
-    write_shard(work / new_name, "train", layout.samples, layout.samples + added, layout.size, layout.seed, layout.classes)
+def refresh_source(fs, layout: Layout, source: str, work: Path, refresh: int, remove: bool) -> tuple[int, int]:
+    """The ``refresh``-th change (from 0) of the source in the bucket: +1% new samples (a new
+    training shard) and, with ``remove``, −0.5% removed (the first shards rewritten without some
+    rows, a random choice). Returns (added, removed)."""
+    added, removed = max(1, layout.samples // 100), max(1, layout.samples // 200) if remove else 0
+    index = layout.train_shards + refresh
+    new_name = layout.train_name(index, of=index + 1)
+    start = layout.samples + refresh * added
+    write_shard(work / new_name, "train", start, start + added, layout.size, layout.seed, layout.classes)
     fs.put(str(work / new_name), f"{source}/{new_name}")
     rng = np.random.default_rng(layout.seed + 1)
     left, index = removed, 0
@@ -705,19 +708,18 @@ def measure(args: argparse.Namespace, layout: Layout, cached: Path, work: Path) 
         write_config(config, source, store, address, args.bins_refresh)
         sampler = Sampler(processes)
         results: dict[str, Any] = {}
-        labels = ["first"] if args.no_refresh else ["first", "refresh"]
-        for label in labels + (["subset-stages"] if args.subset_stages else []):
-            change = results.get("refresh_change", {"added": 0, "removed": 0})
-            train = layout.samples + change["added"] - change["removed"]
+        refreshes = [] if args.no_refresh else ["refresh"] + (["append"] if args.append_refresh else [])
+        train = layout.samples
+        for label in ["first", *refreshes] + (["subset-stages"] if args.subset_stages else []):
             run_config = config
             if label == "subset-stages":
                 run_config = work / "subset-stages.yaml"
                 write_config(run_config, source, store, address, args.bins_refresh, round(args.subset_stages / train, 6), args.subset_epochs)
-            if label == "refresh":
-                added, removed = refresh_source(fs, layout, f"{BUCKET}/source", work, args.refresh_removed)
-                train = layout.samples + added - removed
-                results["refresh_change"] = {"added": added, "removed": removed}
-                print(f"refresh: +{added:,} new samples (one shard), −{removed:,} removed", flush=True)
+            if label in refreshes:
+                added, removed = refresh_source(fs, layout, f"{BUCKET}/source", work, refreshes.index(label), label == "refresh")
+                train += added - removed
+                results[f"{label}_change"] = {"added": added, "removed": removed}
+                print(f"{label}: +{added:,} new samples (one shard), −{removed:,} removed", flush=True)
             print(f"dq run ({label}) …", flush=True)
             load_before = os.getloadavg()
             run = dq_run(processes, sampler, run_config, work, label, train, layout.test_samples, label == "subset-stages")
@@ -841,8 +843,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
     parser.add_argument("--worker-memory", default="6GiB", help="dask worker --memory-limit (default 6GiB)")
     parser.add_argument("--no-refresh", action="store_true", help="only the first run")
-    parser.add_argument("--refresh-removed", type=float, default=0.005,
-                        help="share of the samples the refresh removes (default 0.005; 0: it only adds a shard)")
+    parser.add_argument("--append-refresh", action="store_true",
+                        help="after the refresh, a second one that only adds a shard (+1%%)")
     parser.add_argument("--bins-refresh", choices=("exact", "incremental"), default="exact",
                         help="the runs' bins.refresh (default exact, dq's default)")
     parser.add_argument("--generate-only", action="store_true",
@@ -869,7 +871,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     try:
         result = {"samples": layout.samples, "test_samples": test_samples, "classes": layout.classes, "size": layout.size,
-                  "shard_rows": layout.shard_rows, "bins_refresh": args.bins_refresh, "refresh_removed": args.refresh_removed, "cpus": os.cpu_count(),
+                  "shard_rows": layout.shard_rows, "bins_refresh": args.bins_refresh, "cpus": os.cpu_count(),
                   "memory_gib": psutil.virtual_memory().total / 2**30} | measure(args, layout, cached, work)
     finally:
         if args.work is None and not args.keep_work:
@@ -877,13 +879,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif args.work is None:
             print(f"work folder kept: {work}")
     print_table(result, "first")
-    if "refresh" in result:
-        print_table(result, "refresh")
-        first, refresh = result["first"], result["refresh"]
-        print(f"\nrefresh (+{result['refresh_change']['added']:,} −{result['refresh_change']['removed']:,}): "
-              f"dq run {refresh['wall_s'] / first['wall_s']:.1%} of the first run's wall "
-              f"({refresh['wall_s']:.0f} s / {first['wall_s']:.0f} s); with exports "
-              f"{refresh['with_exports_s'] / first['with_exports_s']:.1%}")
+    for label in ("refresh", "append"):
+        if label in result:
+            print_table(result, label)
+            first, refresh, change = result["first"], result[label], result[f"{label}_change"]
+            print(f"\n{label} (+{change['added']:,} −{change['removed']:,}): "
+                  f"dq run {refresh['wall_s'] / first['wall_s']:.1%} of the first run's wall "
+                  f"({refresh['wall_s']:.0f} s / {first['wall_s']:.0f} s); with exports "
+                  f"{refresh['with_exports_s'] / first['with_exports_s']:.1%}")
     if "subset-stages" in result:
         print_table(result, "subset-stages")
     services = result["services_peak_rss"]

@@ -96,16 +96,11 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         features = (embeddings, test_embeddings)
 
         subsets: list[SubsetRun] = []
-        # Every ratio's DQ subset and the random draw of the same per-class sizes (whose coverage
-        # the DQ subset's is compared with) side by side: each is mostly a pass over the features
-        # for its coverage, reading and decoding that release the GIL.
-        with timed("sampling"):
-            drawn = {ratio: (sample_subset.submit(store_url, dataset, embeddings, bins, ratio, config.seed, config.sampling),
-                             baseline_subset.submit(store_url, dataset, embeddings, bins, "random", ratio, config.seed))
-                     for ratio in config.sampling.ratios}
         for ratio in config.sampling.ratios:
             with timed("sampling"):
-                subset, random = (future.result() for future in drawn[ratio])
+                subset = sample_subset(store_url, dataset, embeddings, bins, ratio, config.seed, config.sampling)
+                # coverage of a random draw of the same per-class sizes: what the DQ subset's is compared with
+                random = baseline_subset(store_url, dataset, embeddings, bins, "random", ratio, config.seed)
             selection = record_selection(store_url, dataset, embeddings, bins, subset, run_name)
             patches = reconstruction = None
             if pixels:

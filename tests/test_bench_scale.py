@@ -61,25 +61,27 @@ def test_ten_classes_are_taken_from_a_cached_source_with_more(tmp_path, capsys):
         assert ours.equals(theirs) and ours.schema.metadata == theirs.schema.metadata
 
 
-@pytest.mark.parametrize("removed_share", [0.0, 0.05])
-def test_the_refresh_adds_a_shard_and_removes_its_share_from_the_first_shards(tmp_path, removed_share):
+def test_refreshes_add_a_shard_each_and_the_first_removes_rows_from_the_first_shards(tmp_path):
     import fsspec
     import yaml
 
     from dq_ops.config import DQConfig
 
-    layout = scale.Layout(samples=40, test_samples=10, shard_rows=20, size=32, seed=0, classes=10)
+    layout = scale.Layout(samples=400, test_samples=10, shard_rows=200, size=32, seed=0, classes=10)
     source, work = tmp_path / "source", tmp_path / "work"
     source.mkdir(), work.mkdir()
     for index in range(layout.train_shards):
         scale.write_shard(source / layout.train_name(index), "train", *layout.train_rows(index), layout.size, layout.seed,
                           layout.classes)
-    first = pq.read_table(source / layout.train_name(0)).column("id").to_pylist()
-    added, removed = scale.refresh_source(fsspec.filesystem("file"), layout, str(source), work, removed_share)
-    assert (added, removed) == (1, round(40 * removed_share))
-    assert pq.read_table(source / layout.train_name(2, of=3)).num_rows == added
+    ids = {index: pq.read_table(source / layout.train_name(index)).column("id").to_pylist() for index in range(2)}
+    fs = fsspec.filesystem("file")
+    assert scale.refresh_source(fs, layout, str(source), work, 0, remove=True) == (4, 2)
     kept = pq.read_table(source / layout.train_name(0)).column("id").to_pylist()
-    assert set(kept) <= set(first) and len(first) - len(kept) == removed
+    assert set(kept) < set(ids[0]) and len(ids[0]) - len(kept) == 2
+    assert scale.refresh_source(fs, layout, str(source), work, 1, remove=False) == (4, 0)  # the append refresh
+    assert pq.read_table(source / layout.train_name(0)).column("id").to_pylist() == kept
+    added = [pq.read_table(source / layout.train_name(index, of=index + 1)).column("id").to_pylist() for index in (2, 3)]
+    assert len(set(added[0]) | set(added[1])) == 8 and not (set(added[0]) | set(added[1])) & (set(ids[0]) | set(ids[1]))
     config = tmp_path / "scale.yaml"
     scale.write_config(config, str(source), str(tmp_path / "store"), "tcp://127.0.0.1:1", "incremental")
     assert DQConfig.model_validate(yaml.safe_load(config.read_text())).bins.refresh == "incremental"
