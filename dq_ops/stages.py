@@ -303,7 +303,7 @@ class BinsStage(Stage):
         sizes = [len(work.rows) for work in classes]
         if classes and (is_running(client) or sum(sizes) > BINS_INLINE_ROWS):
             cluster = resolve_client(client)
-            threads = sum(w["nthreads"] for w in cluster.scheduler_info()["workers"].values()) if cluster else 1
+            threads = max(1, sum(cluster.nthreads().values())) if cluster else 1  # none yet: as one
             per_job = min(CLASS_BATCH_ROWS, -(-sum(sizes) // (JOBS_PER_THREAD * threads)))
             jobs = [ClassBinsJob(self.store.url, self.store.storage_options, self.embeddings.name, [classes[i] for i in batch],
                                  self.config.num_bins, kernel, memory) for batch in class_batches(sizes, per_job)]
