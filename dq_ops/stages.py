@@ -22,6 +22,7 @@ evaluation already stored must not cost their import.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import threading
@@ -211,7 +212,12 @@ class BinsStage(Stage):
 
     def previous(self) -> Artifact | None:
         """incremental: the bins this lineage published last, when this run joins samples to them
-        (None: exact mode, a first run, or a full rebuild is due)."""
+        (None: exact mode, a first run, or a full rebuild is due). Looked up once per stage: it
+        compares every sample's (id, label) with the previous bins'."""
+        return self._previous
+
+    @functools.cached_property
+    def _previous(self) -> Artifact | None:
         if self.config.refresh != "incremental":
             return None
         ref = self.store.read_ref(self.kind, self._lineage())
