@@ -315,7 +315,7 @@ class BinsStage(Stage):
                                  self.config.num_bins, kernel, memory) for batch in class_batches(sizes, per_job)]
             return [local for batch in run_jobs(cluster, _class_bins_worker, jobs, on_done=lambda b: classes_finished(len(b)))
                     for local in batch]
-        features = dict(enumerate(classes_rows(self.embeddings, [work.rows for work in classes])))
+        features = list(classes_rows(self.embeddings, [work.rows for work in classes]))
 
         def bin_class(i: int) -> np.ndarray:
             return classes[i].bin_of(features[i], self.config.num_bins, kernel, memory)
