@@ -30,6 +30,7 @@ from dq_ops.features import single_threaded_blas
 
 UNCOVERED = 2.0  # the diameter of the unit sphere: samples of a class with nothing selected
 MAX_QUERIES = 5_000
+MEASURE_BYTES = 64 * 2**20  # selected unit rows (float32) measured together
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,14 @@ def coverage_from_blocks(
     the iterable) while the current one is measured. ``labels``: one per row of the split (all
     equal for an unlabelled split).
 
-    Per block and class c, with :math:`Q_c` the class's unit query rows and :math:`S_c` its
-    unit selected rows in the block, ``‖q − s‖² = |q|² + |s|² − 2 q·s`` over
-    :math:`Q_c S_c^T`. The queries are grouped by class once (their rows and squared norms reused
-    by every block) and a block's selected rows by one stable sort of their labels, so the work
-    per block is the products, whatever the number of classes. The products are small (a class's
-    queries by its selected rows in one block) and many: one BLAS thread each (a second one
-    spin-waits between calls, which on shared cores costs more than it saves).
+    The selected unit rows are gathered over blocks into a buffer of ``MEASURE_BYTES``; per full
+    buffer and class c, with :math:`Q_c` the class's unit query rows and :math:`S_c` its unit
+    selected rows in the buffer, ``‖q − s‖² = |q|² + |s|² − 2 q·s`` over :math:`Q_c S_c^T`. The
+    queries are grouped by class once (their rows and squared norms reused by every buffer) and a
+    buffer's rows by one stable sort of their labels, so the work per buffer is the products,
+    whatever the number of classes. The products are small (a class's queries by its selected
+    rows in one buffer) and many: one BLAS thread each (a second one spin-waits between calls,
+    which on shared cores costs more than it saves).
     """
     subset = np.asarray(subset, dtype=np.int64)
     queries = np.asarray(queries, dtype=np.int64)
@@ -103,20 +105,37 @@ def coverage_from_blocks(
         q = units[members]
         query_groups[c] = (members, q, (q * q).sum(1)[:, None])
     best = np.full(len(queries), UNCOVERED ** 2)
+    # Selected unit rows gathered over blocks until the buffer is full, then measured class by
+    # class at once: a few selected rows per class and block would cost a product call each.
+    buffer = np.empty((max(1, MEASURE_BYTES // (4 * max(1, units.shape[1]))), units.shape[1]), dtype=np.float32)
+    buffered: list[np.ndarray] = []  # the rows in the buffer, in order
+
+    def measure() -> None:
+        rows = np.concatenate(buffered)
+        chosen = buffer[:len(rows)]
+        classes, order, starts = _groups(labels[rows])
+        for c, members in zip(classes.tolist(), np.split(order, starts[1:])):
+            if c not in query_groups:
+                continue
+            mine, q, q_squared = query_groups[c]
+            s = chosen[members]
+            squared = q_squared + (s * s).sum(1)[None, :] - 2.0 * (q @ s.T)
+            best[mine] = np.minimum(best[mine], squared.min(axis=1))
+        buffered.clear()
+
     with single_threaded_blas():
         for start, block in _read_ahead(blocks):
             rows = start + np.flatnonzero(selected[start:start + len(block)])
-            if rows.size == 0:
-                continue
-            chosen = _unit(np.asarray(block)[rows - start])
-            classes, order, starts = _groups(labels[rows])
-            for c, members in zip(classes.tolist(), np.split(order, starts[1:])):
-                if c not in query_groups:
-                    continue
-                mine, q, q_squared = query_groups[c]
-                s = chosen[members]
-                squared = q_squared + (s * s).sum(1)[None, :] - 2.0 * (q @ s.T)
-                best[mine] = np.minimum(best[mine], squared.min(axis=1))
+            while rows.size:
+                held = sum(map(len, buffered))
+                take = rows[:len(buffer) - held]
+                buffer[held:held + len(take)] = _unit(np.asarray(block)[take - start])
+                buffered.append(take)
+                rows = rows[len(take):]
+                if held + len(take) == len(buffer):
+                    measure()
+        if buffered:
+            measure()
     distances = np.sqrt(np.clip(best, 0.0, None))
     distances[selected[queries]] = 0.0
     classes, split_counts = np.unique(labels, return_counts=True)

@@ -50,7 +50,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.features import gradient_embedding
 from dq_ops.progress import Progress
 from dq_ops.stage import ChunkedStage, is_running, run_jobs
-from dq_ops.store import Artifact, Store, copy_chunk, feature_compressor, open_zarr_store, write_array
+from dq_ops.store import Artifact, ChunkCopy, Store, copy_chunks, feature_compressor, open_zarr_store, write_array
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -92,8 +92,6 @@ class _ChunkJob:
 def embed_chunk(job: _ChunkJob) -> int:
     """Worker side: fill rows [start, stop) of the staging group; return the rows computed."""
     out = zarr.open_group(open_zarr_store(job.staging_url, job.storage_options), mode="r+")
-    if job.whole_donor_chunk and _copy_stored_chunk(job, out):
-        return 0
     source = zarr.open_group(open_zarr_store(job.dataset_url, job.storage_options, read_only=True), mode="r")
     split = source[job.split]
     features = np.empty((job.stop - job.start, out["features"].shape[1]), dtype=np.float32)
@@ -116,15 +114,6 @@ def embed_chunk(job: _ChunkJob) -> int:
             features, labels, num_classes=job.gradient_classes, seed=job.seed
         ).g
     return len(rows)
-
-
-def _copy_stored_chunk(job: _ChunkJob, out: zarr.Group) -> bool:
-    """Copy the donor's stored chunk of every embedding array into this job's chunk as its bytes
-    (no decoding, no encoding; the checksum verified). False where a layout differs: the job
-    then writes its rows as usual, over anything copied."""
-    donor = zarr.open_group(open_zarr_store(job.donor_url, job.storage_options, read_only=True), mode="r")
-    names = ["features"] + (["gradients"] if job.gradient_classes is not None else [])
-    return all(copy_chunk(donor[name], int(job.donor_rows[0]), out[name], job.start, job.stop - job.start) for name in names)
 
 
 def _gradient_classes(split: zarr.Group, class_names: list[str] | None, where: str) -> int:
@@ -205,6 +194,7 @@ class EmbeddingsStage(ChunkedStage):
         if self._chunk_rows < 1:
             raise DQInputError(f"chunk_rows must be positive, got {self._chunk_rows}")
         self._donor: tuple[Artifact | None, dict[str, int]] | None = None
+        self._split_keys: np.ndarray | None = None  # content keys of the split's rows, read with the donor's
         self.chunks_copied = 0  # chunks of this run copied from the donor as stored bytes
         self._donor_layout: bool | None = None
         self._client: ClientSource = None  # the run's cluster: it, not this process, loads the model
@@ -294,6 +284,21 @@ class EmbeddingsStage(ChunkedStage):
         bounds = np.cumsum([0] + [len(p) for p in to_embed])
         return [dataclasses.replace(job, fresh=fresh[a:b]) for job, a, b in zip(jobs, bounds[:-1], bounds[1:])]
 
+    def copy_ahead(self, jobs: list[_ChunkJob]) -> list[_ChunkJob]:
+        """Chunks that are one whole chunk of the donor in every embedding array, copied as its
+        stored bytes (no decoding, no encoding; the checksum verified), all together. A chunk
+        whose layout differs runs as a job, writing its rows as usual."""
+        whole = [job for job in jobs if job.whole_donor_chunk]
+        if not whole:
+            return []
+        donor = zarr.open_group(open_zarr_store(whole[0].donor_url, self.store.storage_options, read_only=True), mode="r")
+        out = zarr.open_group(open_zarr_store(whole[0].staging_url, self.store.storage_options), mode="r+")
+        names = ["features"] + (["gradients"] if self.gradient_classes is not None else [])
+        arrays = {name: (donor[name], out[name]) for name in names}
+        copied = copy_chunks([ChunkCopy(arrays[name][0], int(job.donor_rows[0]), arrays[name][1], job.start, job.stop - job.start)
+                              for job in whole for name in names])
+        return [job for k, job in enumerate(whole) if all(copied[k * len(names):(k + 1) * len(names)])]
+
     def moves_bytes_only(self, job: _ChunkJob) -> bool:
         """Jobs whose new rows were computed before (``fresh``) or that only copy."""
         return job.fresh is not None or (job.copied is not None and len(job.copied) == job.stop - job.start)
@@ -303,7 +308,8 @@ class EmbeddingsStage(ChunkedStage):
         split, and its row of each shared content key."""
         if self._donor is None:
             gradients = self.gradient_classes is not None
-            wanted = set(content_keys(self.split_group["ids"][:], self.split_group["labels"][:] if gradients else None))
+            self._split_keys = content_keys(self.split_group["ids"][:], self.split_group["labels"][:] if gradients else None)
+            wanted = set(self._split_keys)
             best: tuple[Artifact | None, dict[str, int]] = (None, {})
             for name in self.store.list(self.kind):
                 candidate = self.store.open(self.kind, name)
@@ -320,8 +326,7 @@ class EmbeddingsStage(ChunkedStage):
         donor, rows = self.donor()
         copied = donor_rows = None
         if donor is not None:
-            keys = content_keys(self.split_group["ids"][start:stop], None if self.gradient_classes is None
-                                else self.split_group["labels"][start:stop])
+            keys = self._split_keys[start:stop]
             positions = [p for p, k in enumerate(keys) if k in rows]
             copied = np.array(positions, dtype=np.int64)
             donor_rows = np.array([rows[keys[p]] for p in positions], dtype=np.int64)

@@ -37,6 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,9 +53,10 @@ from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
 from dq_ops.store import (
     DECODE_ERRORS,
     Artifact,
+    ChunkCopy,
     DQStoreError,
     Store,
-    copy_chunk,
+    copy_chunks,
     open_zarr_store,
     sidecars_unlisted,
     write_array,
@@ -429,31 +431,42 @@ def write_part(job: PartJob, reader: PartitionedReader) -> PartWritten:
     return PartWritten(rows, good, errors.skipped)
 
 
+# Output chunks per gather job: the job opens its groups once and copies the chunks it can take
+# as stored bytes together (their requests overlap), instead of paying both per chunk.
+GATHER_CHUNKS = 16
+
+Piece = tuple[str, int, int]  # (URL of a part or of an earlier snapshot's split, first row, end row)
+
+
 @dataclass(frozen=True)
 class GatherJob:
-    """Fill rows ``[start, stop)`` of a split's arrays (whole chunks) from consecutive parts."""
+    """Fill consecutive whole chunks of a split's arrays, each from consecutive pieces."""
 
     url: str
     storage_options: dict[str, Any]
-    start: int
-    stop: int
-    pieces: list[tuple[str, int, int]]  # (URL of a part or of an earlier snapshot's split, first row, end row), in order
+    chunks: list[tuple[int, int, list[Piece]]]  # (first row, end row, its pieces in order)
 
 
-def gather_rows(job: GatherJob) -> bool:
-    """Worker side: copy the pieces' rows into the split's arrays; whether they were copied as
-    stored bytes. A piece that is one whole chunk of an earlier snapshot (an unchanged shard's
-    rows at a chunk boundary, as when shards are only added) or of a part is copied as its
-    stored bytes, not decoded and encoded again."""
+def gather_rows(job: GatherJob) -> int:
+    """Worker side: copy the pieces' rows into the split's arrays; returns the chunks copied as
+    stored bytes in every array. A chunk that is one whole chunk of an earlier snapshot (an
+    unchanged shard's rows at a chunk boundary, as when shards are only added) or of a part is
+    copied as its stored bytes, not decoded and encoded again."""
     split = zarr.open_group(open_zarr_store(job.url, job.storage_options), mode="r+")
-    parts = [(zarr.open_group(open_zarr_store(url, job.storage_options), mode="r"), a, b) for url, a, b in job.pieces]
-    as_stored = True
-    for name in split.array_keys():
-        if len(parts) == 1 and copy_chunk(parts[0][0][name], parts[0][1], split[name], job.start, job.stop - job.start):
-            continue
-        split[name][job.start:job.stop] = np.concatenate([np.asarray(part[name][a:b]) for part, a, b in parts])
-        as_stored = False
-    return as_stored
+    names = list(split.array_keys())
+    targets = {name: split[name] for name in names}
+    urls = dict.fromkeys(url for *_, pieces in job.chunks for url, _, _ in pieces)
+    groups = {url: zarr.open_group(open_zarr_store(url, job.storage_options), mode="r") for url in urls}
+    sources = {(url, name): groups[url][name] for url in urls for name in names}
+    whole = [(start, stop, pieces[0]) for start, stop, pieces in job.chunks if len(pieces) == 1]
+    copies = [(start, name) for start, _, _ in whole for name in names]
+    copied = set(compress(copies, copy_chunks([ChunkCopy(sources[url, name], first, targets[name], start, stop - start)
+                                                for start, stop, (url, first, _) in whole for name in names])))
+    for start, stop, pieces in job.chunks:
+        for name in names:
+            if (start, name) not in copied:
+                targets[name][start:stop] = np.concatenate([np.asarray(sources[url, name][a:b]) for url, a, b in pieces])
+    return sum(all((start, name) in copied for name in names) for start, _, _ in job.chunks)
 
 
 @dataclass
@@ -533,7 +546,7 @@ class _SpreadSplit:
 
     def _gather(self, group: zarr.Group, client: Client, parts: list[tuple[str, int, int]]) -> int:
         """Create the split's arrays as a single writer would (so chunks and bytes match) and fill
-        them from the parts (group URL, first row there, rows), one job per output chunk."""
+        them from the parts (group URL, first row there, rows), :data:`GATHER_CHUNKS` output chunks a job."""
         parts = [part for part in parts if part[2]]
         total = sum(rows for *_, rows in parts)
         if total == 0:
@@ -546,17 +559,18 @@ class _SpreadSplit:
         arrays += [write_array(group, "labels", shape=(self.capacity,), dtype=np.int64, chunk_rows=chunk_rows),
                    write_array(group, "ids", shape=(self.capacity,), dtype=str, chunk_rows=chunk_rows)]
         offsets = np.cumsum([0] + [rows for *_, rows in parts])
-        jobs = []
+        chunks = []
         for start in range(0, total, chunk_rows):
             stop = min(total, start + chunk_rows)
-            pieces: list[tuple[str, int, int]] = []
+            pieces: list[Piece] = []
             for (url, first, _), lo, hi in zip(parts, offsets[:-1].tolist(), offsets[1:].tolist()):
                 if lo < stop and hi > start:
                     piece = (url, first + max(start, lo) - lo, first + min(stop, hi) - lo)
                     if pieces and pieces[-1][0] == url and pieces[-1][2] == piece[1]:  # consecutive rows of one group
                         piece = (url, pieces.pop()[1], piece[2])
                     pieces.append(piece)
-            jobs.append(GatherJob(self.url, self.storage_options, start, stop, pieces))
+            chunks.append((start, stop, pieces))
+        jobs = [GatherJob(self.url, self.storage_options, chunks[k:k + GATHER_CHUNKS]) for k in range(0, len(chunks), GATHER_CHUNKS)]
         self._copied = sum(run_jobs(client, gather_rows, jobs))
         if total < self.capacity:
             for array in arrays:

@@ -350,6 +350,12 @@ class ChunkedStage(Stage):
         the jobs as they are."""
         return jobs
 
+    def copy_ahead(self, jobs: list[ChunkJob]) -> list[ChunkJob]:
+        """Of the jobs kept in this process, those this stage can finish together before any job
+        runs (e.g. chunks taken as stored bytes from an earlier artifact, many requests at once);
+        returns the ones done. Default: none."""
+        return []
+
     def moves_bytes_only(self, job: ChunkJob) -> bool:
         """Whether a job run in this process only copies or writes rows (no model): such jobs run
         on threads, since decoding, encoding and file writes release the GIL; the others run one
@@ -392,8 +398,6 @@ class ChunkedStage(Stage):
         jobs = [self.job(url, k, k * chunk_rows, min(n, (k + 1) * chunk_rows)) for k in np.flatnonzero(~done).tolist()]
         self.work_done = 0
         here, remote = self.inline(jobs, cluster_running=is_running(client))
-        here = self.prepare_inline(here) if here else here
-        cluster = resolve_client(client) if remote else None
 
         def ran(count: int) -> None:
             nonlocal finished
@@ -401,6 +405,15 @@ class ChunkedStage(Stage):
             finished += 1
             if progress is not None:
                 progress(finished, n_chunks)
+
+        if copied := self.copy_ahead(here):
+            group["done"].set_orthogonal_selection((np.array([job.index for job in copied]),), True)
+            for _ in copied:
+                ran(0)
+            done_ahead = {job.index for job in copied}
+            here = [job for job in here if job.index not in done_ahead]
+        here = self.prepare_inline(here) if here else here
+        cluster = resolve_client(client) if remote else None
 
         if cluster is None:  # no cluster: everything runs here
             here, remote = here + remote, []

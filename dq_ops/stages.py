@@ -69,9 +69,22 @@ CLASS_BATCH_ROWS = 131_072
 JOBS_PER_THREAD = 2
 
 
+# The labels of the last split read: a run's bins and each of its subsets read them (a request
+# per chunk of a few thousand rows), and the artifact they come from never changes.
+_LABELS: dict[str, np.ndarray] = {}
+_LABELS_LOCK = threading.Lock()
+
+
 def split_labels(dataset: Artifact, split: str = QUANTIZED_SPLIT) -> np.ndarray | None:
-    """The split's labels, or None when the dataset is unlabelled (all -1)."""
-    labels = np.asarray(dataset[f"{split}/labels"][:])
+    """The split's labels (read-only), or None when the dataset is unlabelled (all -1)."""
+    key = f"{dataset.url}|{dataset.fingerprint}|{split}"
+    with _LABELS_LOCK:
+        if key not in _LABELS:
+            labels = np.asarray(dataset[f"{split}/labels"][:])
+            labels.flags.writeable = False
+            _LABELS.clear()
+            _LABELS[key] = labels
+        labels = _LABELS[key]
     return None if (labels < 0).all() else labels
 
 

@@ -46,6 +46,7 @@ workers) keeps a stable staging name so that a restarted run finds the chunks al
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -175,8 +176,12 @@ def array_digest(array: zarr.Array) -> str:
     digest = hashlib.sha256(f"{array.dtype}|{array.shape}".encode())
     if array.size == 0:
         return digest.hexdigest()
-    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * max(array.dtype.itemsize, 8))
-    step = max(1, _DIGEST_BLOCK_BYTES // row_bytes)
+    # Strings count at least 8 bytes a cell: their itemsize does not bound what a row holds.
+    itemsize = array.dtype.itemsize if array.dtype.kind in "biufc" else max(array.dtype.itemsize, 8)
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * itemsize)
+    # Whole chunks a block (each decoded once; a block's chunks are fetched together).
+    chunk_rows = array.chunks[0]
+    step = max(chunk_rows, _DIGEST_BLOCK_BYTES // row_bytes // chunk_rows * chunk_rows)
 
     def read(start: int) -> np.ndarray:
         return np.asarray(array[start:start + step])
@@ -264,26 +269,57 @@ def checksummed(compressor: zarr.abc.codec.BytesBytesCodec | None) -> list[zarr.
     return [*([compressor] if compressor is not None else []), Crc32cCodec()]
 
 
-def copy_chunk(source: zarr.Array, row: int, target: zarr.Array, start: int, count: int) -> bool:
-    """Copy ``count`` rows of ``source`` from ``row`` into ``target`` at ``start`` as stored bytes,
-    when they are one whole chunk of each, of one shape and codec pipeline ending in CRC32C (what
-    :func:`write_array` makes); returns False, copying nothing, otherwise. The checksum is
-    verified first: a damaged chunk raises ``ValueError`` as its decoding would."""
-    rows = target.chunks[0]
-    if (count != rows or source.chunks != target.chunks or source.dtype != target.dtype or source.fill_value != target.fill_value
-            or source.metadata.codecs != target.metadata.codecs or not isinstance(target.metadata.codecs[-1], Crc32cCodec)
-            or row % rows or start % rows or row + rows > source.shape[0] or start + rows > target.shape[0]):
-        return False
-    rest = (0,) * (target.ndim - 1)
-    stored = source._async_array.store_path / source.metadata.encode_chunk_key((row // rows, *rest))
-    data = sync(stored.get(prototype=default_buffer_prototype()))
-    if data is None:  # never written: all fill value, as the target's chunk is until written
-        return True
-    raw = data.as_numpy_array()
-    if np.uint32(google_crc32c.value(raw[:-4].tobytes())).tobytes() != raw[-4:].tobytes():
-        raise ValueError(f"{source.store_path}: stored and computed checksum do not match in the chunk at row {row}")
-    sync((target._async_array.store_path / target.metadata.encode_chunk_key((start // rows, *rest))).set(data))
-    return True
+@dataclass(frozen=True)
+class ChunkCopy:
+    """``count`` rows of ``source`` from ``row``, to go into ``target`` at ``start`` as stored bytes."""
+
+    source: zarr.Array
+    row: int
+    target: zarr.Array
+    start: int
+    count: int
+
+    def as_stored(self) -> bool:
+        """Whether the rows are one whole chunk of each array, of one shape and codec pipeline
+        ending in CRC32C (what :func:`write_array` makes), so the stored bytes can be taken as they are."""
+        source, target, rows = self.source, self.target, self.target.chunks[0]
+        return (self.count == rows and source.chunks == target.chunks and source.dtype == target.dtype
+                and source.fill_value == target.fill_value and source.metadata.codecs == target.metadata.codecs
+                and isinstance(target.metadata.codecs[-1], Crc32cCodec) and not self.row % rows and not self.start % rows
+                and self.row + rows <= source.shape[0] and self.start + rows <= target.shape[0])
+
+    def _paths(self) -> tuple[Any, Any]:
+        rows, rest = self.target.chunks[0], (0,) * (self.target.ndim - 1)
+        return (self.source._async_array.store_path / self.source.metadata.encode_chunk_key((self.row // rows, *rest)),
+                self.target._async_array.store_path / self.target.metadata.encode_chunk_key((self.start // rows, *rest)))
+
+
+# Chunks copied at once by copy_chunks: bounds the bytes held (a few MB a chunk).
+_COPIES_AT_ONCE = 16
+
+
+def copy_chunks(copies: Sequence[ChunkCopy]) -> list[bool]:
+    """Copy each of ``copies`` that :meth:`ChunkCopy.as_stored` allows as its stored bytes, without
+    decoding or encoding, several at a time (an object store's requests overlap); the others are
+    left to the caller (False). Each checksum is verified before its chunk is written: a damaged
+    chunk raises ``ValueError`` as its decoding would."""
+    allowed = [copy.as_stored() for copy in copies]
+    todo = [copy for copy, ok in zip(copies, allowed) if ok]
+
+    async def copy_batch(batch: Sequence[ChunkCopy]) -> None:
+        paths = [copy._paths() for copy in batch]
+        stored = await asyncio.gather(*(source.get(prototype=default_buffer_prototype()) for source, _ in paths))
+        for copy, data in zip(batch, stored):
+            if data is not None:
+                raw = data.as_numpy_array()
+                if np.uint32(google_crc32c.value(raw[:-4].tobytes())).tobytes() != raw[-4:].tobytes():
+                    raise ValueError(f"{copy.source.store_path}: stored and computed checksum do not match in the chunk at row {copy.row}")
+        # A chunk never written is all fill value, as the target's chunk is until written.
+        await asyncio.gather(*(target.set(data) for (_, target), data in zip(paths, stored) if data is not None))
+
+    for first in range(0, len(todo), _COPIES_AT_ONCE):
+        sync(copy_batch(todo[first:first + _COPIES_AT_ONCE]))
+    return allowed
 
 
 def write_array(
@@ -850,8 +886,9 @@ class Store:
             os.rename(src, dst)
             return
         marker = f"{src}/zarr.json"
-        for path in sorted(p for p in self.fs.find(src) if p != marker):
-            self.fs.copy(path, dst + path[len(src):])
+        paths = sorted(p for p in self.fs.find(src) if p != marker)
+        # One call: an object store copies them server-side, many at a time (s3fs batches them).
+        self.fs.copy(paths, [dst + path[len(src):] for path in paths])
         self.fs.copy(marker, f"{dst}/zarr.json")
         self.fs.rm(src, recursive=True)
 

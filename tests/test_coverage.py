@@ -29,7 +29,13 @@ def test_hand_computed_distances():
     assert cov.queries == 5
 
 
-def test_matches_brute_force_and_is_independent_of_blocks():
+@pytest.mark.parametrize("buffered_rows", [1, 7, 1000])
+def test_matches_brute_force_and_is_independent_of_blocks(buffered_rows, monkeypatch):
+    """Whatever the blocks, and whether the selected rows are measured one at a time, a few at a
+    time across block boundaries, or all at once."""
+    import dq_ops.coverage
+
+    monkeypatch.setattr(dq_ops.coverage, "MEASURE_BYTES", buffered_rows * 4 * 16)
     rng = np.random.default_rng(0)
     features = np.abs(rng.normal(size=(300, 16))).astype(np.float32)
     features[7] = 0.0  # an all-zero row stays a zero vector
@@ -44,6 +50,7 @@ def test_matches_brute_force_and_is_independent_of_blocks():
         blocks = [(start, features[start:start + step]) for start in range(0, 300, step)]
         blocked = coverage_from_blocks(blocks, labels, subset, queries, features[queries])
         assert blocked.mean == pytest.approx(whole.mean, abs=1e-6)
+        assert blocked.p95 == pytest.approx(whole.p95, abs=1e-6)
 
 
 def test_a_class_without_selected_samples_is_uncovered_and_shares_are_compared():

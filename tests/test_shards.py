@@ -618,13 +618,18 @@ def test_a_refresh_decodes_only_the_shards_that_changed(tmp_path, fm, fmt, caplo
         assert _artifact_files(store.open("datasets", again.name)) == _artifact_files(fresh_store.open("datasets", fresh.name))
 
 
-def test_shards_only_added_copy_the_unchanged_chunks_as_stored(tmp_path, fm, caplog):
+def test_shards_only_added_copy_the_unchanged_chunks_as_stored(tmp_path, fm, caplog, monkeypatch):
     """Four shards of 400 images at 128 px (chunks of 512 rows: most straddle two shards), then a
     fifth added: the refresh copies the three chunks that the unchanged shards fill as their
     stored bytes, instead of decoding and encoding them, and writes, file for file, what a fresh
-    ingest of the five shards writes. A damaged chunk is not copied: its checksum fails, and
-    every shard is read again."""
+    ingest of the five shards writes. Gather jobs of two chunks each: copies and rewrites mix
+    within a job and across jobs. A damaged chunk is not copied: its checksum fails, and every
+    shard is read again."""
     from distributed import LocalCluster
+
+    import dq_ops.ingest
+
+    monkeypatch.setattr(dq_ops.ingest, "GATHER_CHUNKS", 2)
 
     images, labels = fm
     rows = np.arange(1800) % len(images)  # the 60 test images over and over
