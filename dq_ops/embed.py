@@ -297,7 +297,9 @@ class EmbeddingsStage(ChunkedStage):
         arrays = {name: (donor[name], out[name]) for name in names}
         copied = copy_chunks([ChunkCopy(arrays[name][0], int(job.donor_rows[0]), arrays[name][1], job.start, job.stop - job.start)
                               for job in whole for name in names])
-        return [job for k, job in enumerate(whole) if all(copied[k * len(names):(k + 1) * len(names)])]
+        done = [job for k, job in enumerate(whole) if all(copied[k * len(names):(k + 1) * len(names)])]
+        self.chunks_copied += len(done)
+        return done
 
     def moves_bytes_only(self, job: _ChunkJob) -> bool:
         """Jobs whose new rows were computed before (``fresh``) or that only copy."""
@@ -340,12 +342,10 @@ class EmbeddingsStage(ChunkedStage):
     def _is_whole_donor_chunk(self, staging_url: str, donor_rows: np.ndarray | None, rows: int) -> bool:
         """Whether ``donor_rows`` are, in order, one whole stored chunk of the donor's features
         whose bytes this layout can take as they are (a refresh that only added samples after
-        them, say). Counted in ``chunks_copied``."""
+        them, say): :meth:`copy_ahead` copies them."""
         if donor_rows is None or len(donor_rows) != rows or rows != self._chunk_rows or not self._donor_layout_matches(staging_url):
             return False
-        whole = donor_rows[0] % rows == 0 and bool(np.all(np.diff(donor_rows) == 1))
-        self.chunks_copied += whole
-        return whole
+        return donor_rows[0] % rows == 0 and bool(np.all(np.diff(donor_rows) == 1))
 
     def _donor_layout_matches(self, staging_url: str) -> bool:
         """Same chunk rows, dtype and codecs in the donor's features as in this staging layout

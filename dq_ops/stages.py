@@ -463,7 +463,7 @@ class _SubsetStage(Stage):
         write_array(group, "indices", indices)
         split = self.dataset[QUANTIZED_SPLIT]
         write_array(group, "ids", np.asarray(split["ids"].get_orthogonal_selection((indices,))))
-        write_array(group, "labels", np.asarray(split["labels"].get_orthogonal_selection((indices,))))
+        write_array(group, "labels", np.asarray(split["labels"].get_orthogonal_selection((indices,))) if labels is None else labels[indices])
         group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name,
                                             "coverage": subset_coverage(self.embeddings, labels, indices, bins, progress)})
 
