@@ -465,22 +465,26 @@ def join_bins(
         const, half = 0.5, 0.5  # sim = const + half·u·u
     else:
         const, half = 0.0, 1.0
-    pending = new
+    existing = bin_of.copy()  # the bins' members and rivals: joined rows never count
     with single_threaded_blas():
-        for b in range(num_bins - 1):
-            members = np.flatnonzero(bin_of == b)
-            passed_over = np.flatnonzero(bin_of > b)
-            if len(members) == 0 or len(passed_over) == 0 or len(pending) == 0:
-                continue
-            remaining = (bin_of >= b).astype(np.float64)
-            in_bin = (bin_of == b).astype(np.float64)
-            scores = rows.dot(half * rows.weighted_sum(remaining) - 2 * half * rows.weighted_sum(in_bin))
-            # Constant terms common to every y drop out. Members are not their own rivals: add back
-            # 2·sim(y, y) for y ∈ S_b; a new row is itself among the remaining rows: sim(y, y) once.
-            weakest_member = float((scores[members] + 2 * (const + half * sq[members])).min())
-            threshold = 0.5 * (weakest_member + float(scores[passed_over].max()))
-            joins = scores[pending] + const + half * sq[pending] >= threshold
-            bin_of[pending[joins]] = b
-            pending = pending[~joins]
+        # Every bin's Σ_{S_b} and Σ_{R_b} (a suffix sum over bins) in one pass over the rows, then
+        # every row's score for every bin in a second one.
+        in_bin = rows.weighted_sum((existing[None, :] == np.arange(num_bins)[:, None]).astype(np.float64))
+        remaining = np.cumsum(in_bin[::-1], axis=0)[::-1]
+        scores = rows.dot((half * remaining[:-1] - 2 * half * in_bin[:-1]).T)
+    itself = const + half * sq  # sim(y, y)
+    pending = new
+    for b in range(num_bins - 1):
+        members = np.flatnonzero(existing == b)
+        passed_over = np.flatnonzero(existing > b)
+        if len(members) == 0 or len(passed_over) == 0 or len(pending) == 0:
+            continue
+        # Constant terms common to every y drop out. Members are not their own rivals: add back
+        # 2·sim(y, y) for y ∈ S_b; a new row is itself among the remaining rows: sim(y, y) once.
+        weakest_member = float((scores[members, b] + 2 * itself[members]).min())
+        threshold = 0.5 * (weakest_member + float(scores[passed_over, b].max()))
+        joins = scores[pending, b] + itself[pending] >= threshold
+        bin_of[pending[joins]] = b
+        pending = pending[~joins]
     bin_of[pending] = num_bins - 1
     return bin_of

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -284,21 +286,36 @@ class EmbeddingsStage(ChunkedStage):
         bounds = np.cumsum([0] + [len(p) for p in to_embed])
         return [dataclasses.replace(job, fresh=fresh[a:b]) for job, a, b in zip(jobs, bounds[:-1], bounds[1:])]
 
-    def copy_ahead(self, jobs: list[_ChunkJob]) -> list[_ChunkJob]:
-        """Chunks that are one whole chunk of the donor in every embedding array, copied as its
-        stored bytes (no decoding, no encoding; the checksum verified), all together. A chunk
-        whose layout differs runs as a job, writing its rows as usual."""
-        whole = [job for job in jobs if job.whole_donor_chunk]
-        if not whole:
+    def copy_ahead(self, jobs: list[_ChunkJob], on_done: Callable[[int], None]) -> list[_ChunkJob]:
+        """The chunks whose every row the donor holds, with the donor and staging groups opened
+        once: those that are one whole chunk of the donor in every embedding array copied as its
+        stored bytes (no decoding, no encoding; the checksum verified), all together; the others
+        (rows moved by a removal, say) read from the donor's rows and written, on threads.
+        Gradient mode leaves the latter to their jobs, which compute the gradients."""
+        from_donor = [job for job in jobs if job.copied is not None and len(job.copied) == job.stop - job.start]
+        if not from_donor:
             return []
-        donor = zarr.open_group(open_zarr_store(whole[0].donor_url, self.store.storage_options, read_only=True), mode="r")
-        out = zarr.open_group(open_zarr_store(whole[0].staging_url, self.store.storage_options), mode="r+")
+        donor = zarr.open_group(open_zarr_store(from_donor[0].donor_url, self.store.storage_options, read_only=True), mode="r")
+        out = zarr.open_group(open_zarr_store(from_donor[0].staging_url, self.store.storage_options), mode="r+")
         names = ["features"] + (["gradients"] if self.gradient_classes is not None else [])
         arrays = {name: (donor[name], out[name]) for name in names}
+        whole = [job for job in from_donor if job.whole_donor_chunk]
         copied = copy_chunks([ChunkCopy(arrays[name][0], int(job.donor_rows[0]), arrays[name][1], job.start, job.stop - job.start)
                               for job in whole for name in names])
         done = [job for k, job in enumerate(whole) if all(copied[k * len(names):(k + 1) * len(names)])]
         self.chunks_copied += len(done)
+        for _ in done:
+            on_done(0)
+        if self.gradient_classes is None:
+            features, out_features = arrays["features"]
+            taken = {job.index for job in done}
+
+            def copy_rows(job: _ChunkJob) -> None:
+                out_features[job.start:job.stop] = features.get_orthogonal_selection((job.donor_rows, slice(None)))
+
+            rows = [job for job in from_donor if job.index not in taken]
+            run_jobs(None, copy_rows, rows, on_done=lambda _: on_done(0), threads=len(os.sched_getaffinity(0)))
+            done += rows
         return done
 
     def moves_bytes_only(self, job: _ChunkJob) -> bool:

@@ -76,11 +76,13 @@ class FeatureRows(Protocol):
         ...
 
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
-        """``Σ_i w_i f_i`` as a flat vector of length ``dim``."""
+        """``Σ_i w_i f_i`` as a flat vector of length ``dim``; for ``w`` of shape (k, n), the k
+        sums in one pass over the rows, shape (k, dim)."""
         ...
 
     def dot(self, v: np.ndarray) -> np.ndarray:
-        """``f_i · v`` for every row, shape (n,)."""
+        """``f_i · v`` for every row, shape (n,); for ``v`` of shape (dim, k), every row with each
+        of the k columns in one pass, shape (n, k)."""
         ...
 
     def approx_dot(self, v: np.ndarray) -> tuple[np.ndarray, float]:
@@ -170,15 +172,15 @@ class DenseRows:
         return x @ x.T, 1.01 * (2 * _U32 + gamma * (1.0 + _U32) ** 2)
 
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
-        out = np.zeros(self.dim)
+        out = np.zeros((*w.shape[:-1], self.dim))
         for s, x in self._chunks():
-            out += w[s : s + len(x)] @ x
+            out += w[..., s : s + len(x)] @ x
         return out
 
     def dot(self, v: np.ndarray) -> np.ndarray:
         if self.x.dtype == np.float64:
             return self.x @ v
-        out = np.empty(len(self))
+        out = np.empty((len(self), *v.shape[1:]))
         for s, x in self._chunks():
             out[s : s + len(x)] = x @ v
         return out
@@ -274,6 +276,8 @@ class GradientEmbedding:
         return out, 1.01 * (_U32 + terms * 2.0**-53 / (1.0 - terms * 2.0**-53))
 
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
+        if w.ndim == 2:
+            return np.stack([self.weighted_sum(row) for row in w])
         c = self.g.shape[1]
         out = np.zeros(self.dim)
         for s, g, e in self._chunks():
@@ -283,6 +287,8 @@ class GradientEmbedding:
         return out
 
     def dot(self, v: np.ndarray) -> np.ndarray:
+        if v.ndim == 2:
+            return np.stack([self.dot(column) for column in v.T], axis=1)
         c = self.g.shape[1]
         vg, vm = v[:c], v[c:].reshape(c, self.e.shape[1])
         out = np.empty(len(self))

@@ -350,10 +350,11 @@ class ChunkedStage(Stage):
         the jobs as they are."""
         return jobs
 
-    def copy_ahead(self, jobs: list[ChunkJob]) -> list[ChunkJob]:
+    def copy_ahead(self, jobs: list[ChunkJob], on_done: Callable[[int], None]) -> list[ChunkJob]:
         """Of the jobs kept in this process, those this stage can finish together before any job
-        runs (e.g. chunks taken as stored bytes from an earlier artifact, many requests at once);
-        returns the ones done. Default: none."""
+        runs, sharing what each job would open or request on its own (e.g. chunks taken as stored
+        bytes from an earlier artifact); calls ``on_done`` with each one's count and returns the
+        ones done, which are then marked done at once. Default: none."""
         return []
 
     def moves_bytes_only(self, job: ChunkJob) -> bool:
@@ -406,10 +407,8 @@ class ChunkedStage(Stage):
             if progress is not None:
                 progress(finished, n_chunks)
 
-        if copied := self.copy_ahead(here):
+        if copied := self.copy_ahead(here, ran):
             group["done"].set_orthogonal_selection((np.array([job.index for job in copied]),), True)
-            for _ in copied:
-                ran(0)
             done_ahead = {job.index for job in copied}
             here = [job for job in here if job.index not in done_ahead]
         here = self.prepare_inline(here) if here else here
