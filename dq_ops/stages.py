@@ -209,6 +209,7 @@ class BinsStage(Stage):
         super().__init__(store)
         self.dataset, self.embeddings, self.config = dataset, embeddings, config
         self.classes_rebinned: list[int] = []
+        self._carried: tuple[str, np.ndarray] | None = None  # (previous bins' name, _carried_bins)
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -237,10 +238,18 @@ class BinsStage(Stage):
         if not ref or not self.store.exists(self.kind, ref["latest"]):
             return None
         previous = self.store.open(self.kind, ref["latest"])
-        samples = set(labelled_ids(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:], split_labels(self.dataset)))
-        binned = set(labelled_ids(previous["ids"][:], np.asarray(previous["labels"][:])))
-        joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + len(samples - binned)
-        return previous if joined <= self.config.rebuild_fraction * len(samples) else None
+        joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + int((self._carried_bins(previous) < 0).sum())
+        return previous if joined <= self.config.rebuild_fraction * len(self._carried_bins(previous)) else None
+
+    def _carried_bins(self, previous: Artifact) -> np.ndarray:
+        """Each sample's bin in ``previous``, matched by (id, label); -1 for a sample it lacks (new,
+        or relabelled). Computed once per stage: it goes through every sample of both."""
+        if self._carried is None or self._carried[0] != previous.name:
+            earlier = dict(zip(labelled_ids(previous["ids"][:], np.asarray(previous["labels"][:])),
+                               np.asarray(previous["bin_of_sample"][:]).tolist()))
+            ids = labelled_ids(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:], split_labels(self.dataset))
+            self._carried = (previous.name, np.array([earlier.get(i, -1) for i in ids], dtype=np.int32))
+        return self._carried[1]
 
     def _continues(self, previous: Artifact | None) -> bool:
         """Whether ``previous`` was made from this very dataset and embeddings (nothing to join)."""
@@ -282,12 +291,9 @@ class BinsStage(Stage):
     def _join(self, group: zarr.Group, previous: Artifact, progress: Progress | None, client: ClientSource) -> None:
         """Join the new (and relabelled) samples to ``previous``' bins; ``progress`` counts classes."""
         labels = split_labels(self.dataset)
-        ids = labelled_ids(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:], labels)
-        earlier = dict(zip(labelled_ids(previous["ids"][:], np.asarray(previous["labels"][:])),
-                           np.asarray(previous["bin_of_sample"][:]).tolist()))
-        bin_of_sample = np.array([earlier.get(i, -1) for i in ids], dtype=np.int32)
+        bin_of_sample = self._carried_bins(previous).copy()
         joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + int((bin_of_sample < 0).sum())
-        classes, groups = class_groups(labels, len(ids))
+        classes, groups = class_groups(labels, len(bin_of_sample))
         classes = np.array([-1]) if classes is None else classes
         num_bins = self.config.num_bins
         todo = []
