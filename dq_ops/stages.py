@@ -27,7 +27,9 @@ import hashlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -410,17 +412,37 @@ def subset_coverage(embeddings: Artifact, labels: np.ndarray | None, subset: np.
     n = features.shape[0]
     labels = np.zeros(n, dtype=np.int64) if labels is None else labels
     queries = query_rows(n)
-    step = features.chunks[0]
 
     def blocks() -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, n, step):
+        for start, block in stored_chunks(features):
             if progress:
                 progress(start, n)
-            yield start, np.asarray(features[start:start + step])
+            yield start, block
         if progress:
             progress(n, n)
 
     return coverage_from_blocks(blocks(), labels, subset, queries, _query_features(embeddings, queries), bins).metrics()
+
+
+# Stored chunks requested ahead of the one being used: a chunk's request and decoding wait on
+# the store, so several in flight keep a pass over an array from waiting on each in turn.
+CHUNKS_AHEAD = 3
+
+
+def stored_chunks(array: zarr.Array) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, rows)`` of each stored chunk of rows of ``array``, in order, with up to
+    :data:`CHUNKS_AHEAD` chunks read ahead on threads (memory: that many decoded chunks)."""
+    step, n = array.chunks[0], array.shape[0]
+    with ThreadPoolExecutor(CHUNKS_AHEAD) as readers:
+        pending: deque[tuple[int, Future[np.ndarray]]] = deque()
+        for start in range(0, n, step):
+            pending.append((start, readers.submit(lambda s: np.asarray(array[s:s + step]), start)))
+            if len(pending) > CHUNKS_AHEAD:
+                first, block = pending.popleft()
+                yield first, block.result()
+        while pending:
+            first, block = pending.popleft()
+            yield first, block.result()
 
 
 # The coverage queries' feature rows of the last embeddings artifact measured: a run's subsets
@@ -435,11 +457,10 @@ def _query_features(embeddings: Artifact, queries: np.ndarray) -> np.ndarray:
     key = f"{embeddings.url}|{embeddings.fingerprint}|{len(queries)}"
     with _QUERIES_LOCK:  # subset tasks may run side by side
         if key not in _QUERIES:
-            features, step = embeddings["features"], embeddings["features"].chunks[0]
+            features = embeddings["features"]
             rows = np.concatenate(
-                [np.asarray(features[start:start + step])[picked - start]
-                 for start in range(0, features.shape[0], step)
-                 if (picked := queries[(queries >= start) & (queries < start + step)]).size]
+                [block[picked - start] for start, block in stored_chunks(features)
+                 if (picked := queries[(queries >= start) & (queries < start + len(block))]).size]
                 or [np.zeros((0, *features.shape[1:]), dtype=features.dtype)]
             )
             _QUERIES.clear()
