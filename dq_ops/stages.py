@@ -71,22 +71,29 @@ CLASS_BATCH_ROWS = 131_072
 JOBS_PER_THREAD = 2
 
 
-# The labels of the last split read: a run's bins and each of its subsets read them (a request
-# per chunk of a few thousand rows), and the artifact they come from never changes.
-_LABELS: dict[str, np.ndarray] = {}
-_LABELS_LOCK = threading.Lock()
+# Columns of the last split read whole: a run's bins and each of its subsets read the labels, its
+# subsets the ids (a request per chunk of a few thousand rows, every string decoded), from an
+# artifact that never changes.
+_SPLIT_COLUMNS: dict[tuple[str, str], np.ndarray] = {}
+_SPLIT_COLUMNS_LOCK = threading.Lock()
+
+
+def split_column(dataset: Artifact, name: str, split: str = QUANTIZED_SPLIT) -> np.ndarray:
+    """The split's ``name`` array (``ids``, ``labels``), read once per dataset and process (read-only)."""
+    key = f"{dataset.url}|{dataset.fingerprint}|{split}"
+    with _SPLIT_COLUMNS_LOCK:
+        if any(held != key for held, _ in _SPLIT_COLUMNS):
+            _SPLIT_COLUMNS.clear()
+        if (key, name) not in _SPLIT_COLUMNS:
+            column = np.asarray(dataset[f"{split}/{name}"][:])
+            column.flags.writeable = False
+            _SPLIT_COLUMNS[key, name] = column
+        return _SPLIT_COLUMNS[key, name]
 
 
 def split_labels(dataset: Artifact, split: str = QUANTIZED_SPLIT) -> np.ndarray | None:
     """The split's labels (read-only), or None when the dataset is unlabelled (all -1)."""
-    key = f"{dataset.url}|{dataset.fingerprint}|{split}"
-    with _LABELS_LOCK:
-        if key not in _LABELS:
-            labels = np.asarray(dataset[f"{split}/labels"][:])
-            labels.flags.writeable = False
-            _LABELS.clear()
-            _LABELS[key] = labels
-        labels = _LABELS[key]
+    labels = split_column(dataset, "labels", split)
     return None if (labels < 0).all() else labels
 
 
@@ -488,9 +495,8 @@ class _SubsetStage(Stage):
         bins, labels = bins_as_lists(self.bins), split_labels(self.dataset)
         indices = np.sort(np.asarray(self.select(bins, labels), dtype=np.int64))
         write_array(group, "indices", indices)
-        split = self.dataset[QUANTIZED_SPLIT]
-        write_array(group, "ids", np.asarray(split["ids"].get_orthogonal_selection((indices,))))
-        write_array(group, "labels", np.asarray(split["labels"].get_orthogonal_selection((indices,))) if labels is None else labels[indices])
+        write_array(group, "ids", split_column(self.dataset, "ids")[indices])
+        write_array(group, "labels", split_column(self.dataset, "labels")[indices])
         group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name,
                                             "coverage": subset_coverage(self.embeddings, labels, indices, bins, progress)})
 
