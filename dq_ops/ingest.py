@@ -431,11 +431,19 @@ def write_part(job: PartJob, reader: PartitionedReader) -> PartWritten:
     return PartWritten(rows, good, errors.skipped)
 
 
-# Output chunks per gather job: the job opens its groups once and copies the chunks it can take
-# as stored bytes together (their requests overlap), instead of paying both per chunk.
+# Output chunks per gather job: the job opens its groups once, copies the chunks it can take as
+# stored bytes together, and reads and writes the others a run of consecutive chunks at a time
+# (one call each, whose chunk requests overlap), instead of paying requests one by one per chunk.
 GATHER_CHUNKS = 16
 
 Piece = tuple[str, int, int]  # (URL of a part or of an earlier snapshot's split, first row, end row)
+
+
+def _append_piece(pieces: list[Piece], piece: Piece) -> None:
+    """Append ``piece``, merged into the last one when it continues its rows in the same group."""
+    if pieces and pieces[-1][0] == piece[0] and pieces[-1][2] == piece[1]:
+        piece = (piece[0], pieces.pop()[1], piece[2])
+    pieces.append(piece)
 
 
 @dataclass(frozen=True)
@@ -447,11 +455,26 @@ class GatherJob:
     chunks: list[tuple[int, int, list[Piece]]]  # (first row, end row, its pieces in order)
 
 
+def _runs(chunks: list[tuple[int, int, list[Piece]]]) -> list[tuple[int, int, list[Piece]]]:
+    """Consecutive chunks joined into one (first row, end row, merged pieces) each."""
+    runs: list[tuple[int, int, list[Piece]]] = []
+    for start, stop, pieces in chunks:
+        if runs and runs[-1][1] == start:
+            start, merged = runs[-1][0], runs.pop()[2]
+        else:
+            merged = []
+        for piece in pieces:
+            _append_piece(merged, piece)
+        runs.append((start, stop, merged))
+    return runs
+
+
 def gather_rows(job: GatherJob) -> int:
     """Worker side: copy the pieces' rows into the split's arrays; returns the chunks copied as
     stored bytes in every array. A chunk that is one whole chunk of an earlier snapshot (an
     unchanged shard's rows at a chunk boundary, as when shards are only added) or of a part is
-    copied as its stored bytes, not decoded and encoded again."""
+    copied as its stored bytes, not decoded and encoded again; the others (rows shifted by a
+    removal, or from several pieces) are read and written a run of consecutive chunks at a time."""
     split = zarr.open_group(open_zarr_store(job.url, job.storage_options), mode="r+")
     names = list(split.array_keys())
     targets = {name: split[name] for name in names}
@@ -462,10 +485,9 @@ def gather_rows(job: GatherJob) -> int:
     copies = [(start, name) for start, _, _ in whole for name in names]
     copied = set(compress(copies, copy_chunks([ChunkCopy(sources[url, name], first, targets[name], start, stop - start)
                                                 for start, stop, (url, first, _) in whole for name in names])))
-    for start, stop, pieces in job.chunks:
-        for name in names:
-            if (start, name) not in copied:
-                targets[name][start:stop] = np.concatenate([np.asarray(sources[url, name][a:b]) for url, a, b in pieces])
+    for name in names:
+        for start, stop, pieces in _runs([chunk for chunk in job.chunks if (chunk[0], name) not in copied]):
+            targets[name][start:stop] = np.concatenate([np.asarray(sources[url, name][a:b]) for url, a, b in pieces])
     return sum(all((start, name) in copied for name in names) for start, _, _ in job.chunks)
 
 
@@ -565,10 +587,7 @@ class _SpreadSplit:
             pieces: list[Piece] = []
             for (url, first, _), lo, hi in zip(parts, offsets[:-1].tolist(), offsets[1:].tolist()):
                 if lo < stop and hi > start:
-                    piece = (url, first + max(start, lo) - lo, first + min(stop, hi) - lo)
-                    if pieces and pieces[-1][0] == url and pieces[-1][2] == piece[1]:  # consecutive rows of one group
-                        piece = (url, pieces.pop()[1], piece[2])
-                    pieces.append(piece)
+                    _append_piece(pieces, (url, first + max(start, lo) - lo, first + min(stop, hi) - lo))
             chunks.append((start, stop, pieces))
         jobs = [GatherJob(self.url, self.storage_options, chunks[k:k + GATHER_CHUNKS]) for k in range(0, len(chunks), GATHER_CHUNKS)]
         self._copied = sum(run_jobs(client, gather_rows, jobs))

@@ -48,6 +48,8 @@ from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
 from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from dq_ops.stage import ClientSource
     from dq_ops.train import TrainConfig
 
@@ -64,11 +66,22 @@ BINS_INLINE_ROWS = 32_768
 # Classes are binned in jobs of several classes whose rows are read in one pass: each job decodes
 # about every chunk of the features (classes interleave), so every job costs a pass over the
 # whole array and the jobs are as few as memory and the cluster allow. A job holds at most
-# CLASS_BATCH_ROWS rows (131,072 × 1,280 float32 is 640 MiB, within a worker's memory beside its
-# greedy) and, where the classes allow, the split is cut into JOBS_PER_THREAD jobs per worker
-# thread, so that every thread gets work and an uneven job does not leave the others idle.
-CLASS_BATCH_ROWS = 131_072
+# JOB_MEMORY_SHARE of the smallest worker's memory limit in feature rows (CLASS_JOB_BYTES where
+# workers have none; the greedy beside them needs little: ``memory_budget_mb``) and, where the
+# classes allow, the split is cut into JOBS_PER_THREAD jobs per worker thread, so that every
+# thread gets work and an uneven job does not leave the others idle.
+JOB_MEMORY_SHARE = 0.3
+CLASS_JOB_BYTES = 640 * 2**20
 JOBS_PER_THREAD = 2
+
+
+def class_job_rows(cluster: Client | None, row_bytes: int, rows: int) -> int:
+    """Rows per class job, for ``rows`` rows of ``row_bytes`` bytes in all (see above)."""
+    workers = list(cluster.scheduler_info(n_workers=-1)["workers"].values()) if cluster else []
+    threads = max(1, sum(worker["nthreads"] for worker in workers))  # none yet: as one
+    limits = [worker["memory_limit"] for worker in workers if worker.get("memory_limit")]
+    budget = JOB_MEMORY_SHARE * min(limits) if limits else CLASS_JOB_BYTES
+    return max(1, min(int(budget // row_bytes), -(-rows // (JOBS_PER_THREAD * threads))))
 
 
 # Columns of the last split read whole: a run's bins and each of its subsets read the labels, its
@@ -113,6 +126,12 @@ def embedding_rows(embeddings: Artifact, rows: np.ndarray | None = None) -> Feat
     if "gradients" in embeddings.group:
         return GradientEmbedding(read("gradients"), read("features"))
     return DenseRows(read("features"))
+
+
+def embedding_row_bytes(embeddings: Artifact) -> int:
+    """Bytes of one row as :func:`embedding_rows` holds it (features, and gradients if any)."""
+    return sum(int(np.prod(embeddings[name].shape[1:])) * embeddings[name].dtype.itemsize
+               for name in ("features", "gradients") if name in embeddings.group)
 
 
 def _class_digest(embeddings: Artifact, content: np.ndarray, budgets: np.ndarray, kernel: str) -> str:
@@ -337,8 +356,7 @@ class BinsStage(Stage):
         sizes = [len(work.rows) for work in classes]
         if classes and (is_running(client) or sum(sizes) > BINS_INLINE_ROWS):
             cluster = resolve_client(client)
-            threads = max(1, sum(cluster.nthreads().values())) if cluster else 1  # none yet: as one
-            per_job = min(CLASS_BATCH_ROWS, -(-sum(sizes) // (JOBS_PER_THREAD * threads)))
+            per_job = class_job_rows(cluster, embedding_row_bytes(self.embeddings), sum(sizes))
             jobs = [ClassBinsJob(self.store.url, self.store.storage_options, self.embeddings.name, [classes[i] for i in batch],
                                  self.config.num_bins, kernel, memory) for batch in class_batches(sizes, per_job)]
             return [local for batch in run_jobs(cluster, _class_bins_worker, jobs, on_done=lambda b: classes_finished(len(b)))

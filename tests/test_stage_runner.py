@@ -13,7 +13,7 @@ from distributed import Client, get_worker
 from dq_ops import stages
 from dq_ops.config import BinsConfig
 from dq_ops.stage import run_jobs
-from dq_ops.stages import BinsStage, class_batches
+from dq_ops.stages import BinsStage, class_batches, class_job_rows
 from dq_ops.store import QUANTIZED_SPLIT, Store, write_array
 
 STARTED: set[int] = set()
@@ -161,3 +161,16 @@ def test_bins_on_a_cluster_and_in_this_process_are_the_same_bytes(tmp_path, clie
             assert cluster.record["content_digest"] == here.record["content_digest"]  # the record's other fields date the write
             assert ({k: v for k, v in cluster.group.attrs.items() if k != "dq"}
                     == {k: v for k, v in here.group.attrs.items() if k != "dq"})
+
+
+def test_class_jobs_hold_a_share_of_the_smallest_workers_memory():
+    """Class jobs are two per worker thread unless their features would exceed JOB_MEMORY_SHARE of
+    the smallest worker's memory limit; without limits (or workers) CLASS_JOB_BYTES bounds them."""
+    row_bytes = 1280 * 4
+    with Client(processes=False, n_workers=2, threads_per_worker=1, memory_limit="1GiB", dashboard_address=":0") as limited:
+        assert class_job_rows(limited, row_bytes, 1_000) == 250  # 4 jobs on 2 threads
+        assert class_job_rows(limited, row_bytes, 10**6) == int(stages.JOB_MEMORY_SHARE * 2**30 // row_bytes)
+    with Client(processes=False, n_workers=1, threads_per_worker=2, memory_limit=0, dashboard_address=":0") as unlimited:
+        assert class_job_rows(unlimited, row_bytes, 10**6) == stages.CLASS_JOB_BYTES // row_bytes
+    assert class_job_rows(None, row_bytes, 1_000) == 500  # no cluster yet: as one thread
+
