@@ -50,7 +50,8 @@ class Coverage:
                 **({"bins_touched_min": min(touched), "bins_touched_mean": float(np.mean(touched))} if touched else {})}
 
 
-def _unit(rows: np.ndarray) -> np.ndarray:
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """``rows / |rows|`` in float32 (an all-zero row stays 0)."""
     rows = np.asarray(rows, dtype=np.float32)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms > 0, norms, 1.0)
@@ -71,12 +72,40 @@ def coverage_from_blocks(
     query_features: np.ndarray,
     bins: Sequence[np.ndarray] | None = None,
 ) -> Coverage:
-    """Coverage of ``queries`` (rows of the split, with their ``query_features``) by ``subset``.
+    """Coverage of ``queries`` (rows of the split, with their ``query_features``) by ``subset``:
+    :func:`nearest_selected` over ``blocks`` (``(first_row, features)`` blocks that together cover
+    the split's rows in order), then :func:`coverage_of`. ``labels``: one per row of the split
+    (all equal for an unlabelled split)."""
+    subset, queries, labels = _checked(labels, subset, queries, query_features)
+    selected = np.zeros(len(labels), dtype=bool)
+    selected[subset] = True
+    return coverage_of(nearest_selected(blocks, labels, selected, labels[queries], unit_rows(query_features)),
+                       labels, subset, queries, bins)
 
-    ``blocks`` yields ``(first_row, features)`` blocks that together cover the split's rows in
-    order; only their selected rows are used. The next block is fetched (read and decoded by
-    the iterable) while the current one is measured. ``labels``: one per row of the split (all
-    equal for an unlabelled split).
+
+def _checked(labels: np.ndarray, subset: np.ndarray, queries: np.ndarray,
+             query_features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    subset = np.asarray(subset, dtype=np.int64)
+    queries = np.asarray(queries, dtype=np.int64)
+    labels = np.asarray(labels)
+    if subset.size and (subset.min() < 0 or subset.max() >= len(labels)):
+        raise DQInputError(f"coverage: subset indices must lie in [0, {len(labels)}), got {subset.min()}..{subset.max()}")
+    if len(query_features) != len(queries):
+        raise DQInputError(f"coverage: {len(queries)} queries but {len(query_features)} query feature rows")
+    return subset, queries, labels
+
+
+def nearest_selected(
+    blocks: Iterable[tuple[int, np.ndarray]],
+    labels: np.ndarray,
+    selected: np.ndarray,
+    query_labels: np.ndarray,
+    query_units: np.ndarray,
+) -> np.ndarray:
+    """Per query, the squared distance from its unit row to the nearest selected unit row of its
+    class among the blocks' rows (``UNCOVERED²`` where there is none). Rows are numbered from
+    the first block's: ``labels`` and ``selected`` (a boolean mask) have one entry per row, so a
+    split's row ranges can be measured apart and their results combined by ``np.minimum``.
 
     The selected unit rows are gathered over blocks into a buffer of ``MEASURE_BYTES``; per full
     buffer and class c, with :math:`Q_c` the class's unit query rows and :math:`S_c` its unit
@@ -85,29 +114,20 @@ def coverage_from_blocks(
     buffer's rows by one stable sort of their labels, so the work per buffer is the products,
     whatever the number of classes. The products are small (a class's queries by its selected
     rows in one buffer) and many: one BLAS thread each (a second one spin-waits between calls,
-    which on shared cores costs more than it saves).
+    which on shared cores costs more than it saves). The next block is fetched (read and decoded
+    by the iterable) while the current one is measured.
     """
-    subset = np.asarray(subset, dtype=np.int64)
-    queries = np.asarray(queries, dtype=np.int64)
-    labels = np.asarray(labels)
-    if subset.size and (subset.min() < 0 or subset.max() >= len(labels)):
-        raise DQInputError(f"coverage: subset indices must lie in [0, {len(labels)}), got {subset.min()}..{subset.max()}")
-    if len(query_features) != len(queries):
-        raise DQInputError(f"coverage: {len(queries)} queries but {len(query_features)} query feature rows")
-    selected = np.zeros(len(labels), dtype=bool)
-    selected[subset] = True
-    units = _unit(query_features)
     # Per class: the positions of its queries (ascending, as a boolean mask would give them),
     # their unit rows and squared norms.
-    query_classes, query_order, query_starts = _groups(labels[queries])
+    query_classes, query_order, query_starts = _groups(np.asarray(query_labels))
     query_groups = {}
     for c, members in zip(query_classes.tolist(), np.split(query_order, query_starts[1:])):
-        q = units[members]
+        q = query_units[members]
         query_groups[c] = (members, q, (q * q).sum(1)[:, None])
-    best = np.full(len(queries), UNCOVERED ** 2)
+    best = np.full(len(query_labels), UNCOVERED ** 2)
     # Selected unit rows gathered over blocks until the buffer is full, then measured class by
     # class at once: a few selected rows per class and block would cost a product call each.
-    buffer = np.empty((max(1, MEASURE_BYTES // (4 * max(1, units.shape[1]))), units.shape[1]), dtype=np.float32)
+    buffer = np.empty((max(1, MEASURE_BYTES // (4 * max(1, query_units.shape[1]))), query_units.shape[1]), dtype=np.float32)
     buffered: list[np.ndarray] = []  # the rows in the buffer, in order
 
     def measure() -> None:
@@ -129,15 +149,23 @@ def coverage_from_blocks(
             while rows.size:
                 held = sum(map(len, buffered))
                 take = rows[:len(buffer) - held]
-                buffer[held:held + len(take)] = _unit(np.asarray(block)[take - start])
+                buffer[held:held + len(take)] = unit_rows(np.asarray(block)[take - start])
                 buffered.append(take)
                 rows = rows[len(take):]
                 if held + len(take) == len(buffer):
                     measure()
         if buffered:
             measure()
+    return best
+
+
+def coverage_of(best: np.ndarray, labels: np.ndarray, subset: np.ndarray, queries: np.ndarray,
+                bins: Sequence[np.ndarray] | None = None) -> Coverage:
+    """The coverage metrics from the queries' squared distances ``best`` (:func:`nearest_selected`
+    over the whole split); a selected query is at distance 0."""
+    selected_queries = np.isin(queries, subset)
     distances = np.sqrt(np.clip(best, 0.0, None))
-    distances[selected[queries]] = 0.0
+    distances[selected_queries] = 0.0
     classes, split_counts = np.unique(labels, return_counts=True)
     subset_class = np.searchsorted(classes, labels[subset])  # each selected sample's class, as a position in classes
     subset_share = np.bincount(subset_class, minlength=len(classes)) / len(subset) if subset.size else np.zeros(len(classes))

@@ -38,7 +38,7 @@ import zarr
 from dq_ops.baselines import select_herding, select_kcenter, select_random
 from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
 from dq_ops.config import BinsConfig, EvaluationConfig, SamplingConfig
-from dq_ops.coverage import coverage_from_blocks, query_rows
+from dq_ops.coverage import coverage_of, nearest_selected, query_rows, unit_rows
 from dq_ops.embed import content_keys
 from dq_ops.errors import DQInputError
 from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_groups, single_threaded_blas
@@ -428,25 +428,71 @@ def rounding_of(bins: Artifact) -> str:
     return "per-bin" if bins.params.get("budget_rule") == "reference" else "per-class"
 
 
-def subset_coverage(embeddings: Artifact, labels: np.ndarray | None, subset: np.ndarray,
-                    bins: list[np.ndarray], progress: Progress | None = None) -> dict[str, float]:
+# Coverage passes over more rows than this run on the cluster, when one is configured (one is
+# running: always), cut into JOBS_PER_THREAD ranges of whole chunks per worker thread: each
+# reads and decodes every chunk of its range, which here would be the subset stage's longest part.
+COVERAGE_INLINE_ROWS = 131_072
+
+
+@dataclasses.dataclass(frozen=True)
+class CoverageJob:
+    """The nearest selected rows of the coverage queries among one range of the features' rows;
+    ``labels`` and ``selected`` (a mask) are the range's."""
+
+    store_url: str
+    storage_options: dict[str, Any]
+    embeddings: str
+    start: int
+    stop: int
+    labels: np.ndarray
+    selected: np.ndarray
+
+
+def _coverage_worker(job: CoverageJob, query_labels: np.ndarray, query_units: np.ndarray) -> np.ndarray:
+    features = Store(job.store_url, job.storage_options).open("embeddings", job.embeddings)["features"]
+    blocks = ((first - job.start, block) for first, block in stored_chunks(features, job.start, job.stop))
+    return nearest_selected(blocks, job.labels, job.selected, query_labels, query_units)
+
+
+def subset_coverage(store: Store, embeddings: Artifact, labels: np.ndarray | None, subset: np.ndarray,
+                    bins: list[np.ndarray], progress: Progress | None = None, client: ClientSource = None) -> dict[str, float]:
     """:func:`dq_ops.coverage.coverage_from_blocks` over the embeddings' ``features`` (the
-    penultimate embedding, also in gradient mode), read one stored chunk of rows at a time
-    (``progress`` counts the rows gone through: the part of a subset stage that grows with the split)."""
+    penultimate embedding, also in gradient mode), read one stored chunk of rows at a time: here,
+    or in ranges of rows on the cluster (``COVERAGE_INLINE_ROWS``), whose nearest distances
+    combine by their minimum. ``progress`` counts the rows gone through: the part of a subset
+    stage that grows with the split."""
     features = embeddings["features"]
     n = features.shape[0]
     labels = np.zeros(n, dtype=np.int64) if labels is None else labels
     queries = query_rows(n)
+    query_labels, query_units = labels[queries], unit_rows(_query_features(embeddings, queries))
+    selected = np.zeros(n, dtype=bool)
+    selected[subset] = True
+    done = [0]
 
-    def blocks() -> Iterator[tuple[int, np.ndarray]]:
-        for start, block in stored_chunks(features):
-            if progress:
-                progress(start, n)
-            yield start, block
+    def rows_done(rows: int) -> None:
+        done[0] = min(n, done[0] + rows)
         if progress:
-            progress(n, n)
+            progress(done[0], n)
 
-    return coverage_from_blocks(blocks(), labels, subset, queries, _query_features(embeddings, queries), bins).metrics()
+    rows_done(0)
+    if is_running(client) or (client is not None and n > COVERAGE_INLINE_ROWS):
+        cluster = resolve_client(client)
+        threads = max(1, sum(cluster.nthreads().values()))
+        step = features.chunks[0] * max(1, -(-n // (features.chunks[0] * JOBS_PER_THREAD * threads)))
+        jobs = [CoverageJob(store.url, store.storage_options, embeddings.name, start, min(n, start + step),
+                            labels[start:start + step], selected[start:start + step]) for start in range(0, n, step)]
+        shared = tuple(cluster.scatter([query_labels, query_units], broadcast=True))
+        best = np.minimum.reduce(run_jobs(cluster, _coverage_worker, jobs, shared=shared,
+                                          on_done=lambda _: rows_done(step), key=lambda job: f"coverage-{job.start}"))
+    else:
+        def blocks() -> Iterator[tuple[int, np.ndarray]]:
+            for start, block in stored_chunks(features):
+                yield start, block
+                rows_done(len(block))
+
+        best = nearest_selected(blocks(), labels, selected, query_labels, query_units)
+    return coverage_of(best, labels, np.asarray(subset, dtype=np.int64), queries, bins).metrics()
 
 
 # Stored chunks requested ahead of the one being used: a chunk's request and decoding wait on
@@ -454,20 +500,21 @@ def subset_coverage(embeddings: Artifact, labels: np.ndarray | None, subset: np.
 CHUNKS_AHEAD = 3
 
 
-def stored_chunks(array: zarr.Array) -> Iterator[tuple[int, np.ndarray]]:
-    """``(first row, rows)`` of each stored chunk of rows of ``array``, in order, with up to
-    :data:`CHUNKS_AHEAD` chunks read ahead on threads (memory: that many decoded chunks)."""
-    step, n = array.chunks[0], array.shape[0]
+def stored_chunks(array: zarr.Array, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, rows)`` of each stored chunk of rows of ``array`` from row ``start`` (a chunk
+    boundary) to ``stop``, in order, with up to :data:`CHUNKS_AHEAD` chunks read ahead on threads
+    (memory: that many decoded chunks)."""
+    step, n = array.chunks[0], array.shape[0] if stop is None else stop
     with ThreadPoolExecutor(CHUNKS_AHEAD) as readers:
         pending: deque[tuple[int, Future[np.ndarray]]] = deque()
-        for start in range(0, n, step):
-            pending.append((start, readers.submit(lambda s: np.asarray(array[s:s + step]), start)))
+        for first in range(start, n, step):
+            pending.append((first, readers.submit(lambda s: np.asarray(array[s:min(n, s + step)]), first)))
             if len(pending) > CHUNKS_AHEAD:
-                first, block = pending.popleft()
-                yield first, block.result()
+                ready, block = pending.popleft()
+                yield ready, block.result()
         while pending:
-            first, block = pending.popleft()
-            yield first, block.result()
+            ready, block = pending.popleft()
+            yield ready, block.result()
 
 
 # The coverage queries' feature rows of the last embeddings artifact measured: a run's subsets
@@ -516,7 +563,7 @@ class _SubsetStage(Stage):
         write_array(group, "ids", split_column(self.dataset, "ids")[indices])
         write_array(group, "labels", split_column(self.dataset, "labels")[indices])
         group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name,
-                                            "coverage": subset_coverage(self.embeddings, labels, indices, bins, progress)})
+                                            "coverage": subset_coverage(self.store, self.embeddings, labels, indices, bins, progress, client)})
 
 
 class SampleStage(_SubsetStage):

@@ -98,9 +98,9 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         subsets: list[SubsetRun] = []
         for ratio in config.sampling.ratios:
             with timed("sampling"):
-                subset = sample_subset(store_url, dataset, embeddings, bins, ratio, config.seed, config.sampling)
+                subset = sample_subset(store_url, dataset, embeddings, bins, ratio, config.seed, config.sampling, config.cluster)
                 # coverage of a random draw of the same per-class sizes: what the DQ subset's is compared with
-                random = baseline_subset(store_url, dataset, embeddings, bins, "random", ratio, config.seed)
+                random = baseline_subset(store_url, dataset, embeddings, bins, "random", ratio, config.seed, config.cluster)
             selection = record_selection(store_url, dataset, embeddings, bins, subset, run_name)
             patches = reconstruction = None
             if pixels:

@@ -174,3 +174,25 @@ def test_class_jobs_hold_a_share_of_the_smallest_workers_memory():
         assert class_job_rows(unlimited, row_bytes, 10**6) == stages.CLASS_JOB_BYTES // row_bytes
     assert class_job_rows(None, row_bytes, 1_000) == 500  # no cluster yet: as one thread
 
+
+
+def test_coverage_on_the_cluster_is_the_coverage_measured_here(tmp_path, client):
+    """A subset's coverage measured in row ranges on the workers (their nearest distances combined
+    by their minimum) is the one measured here in one pass, and both count every row once."""
+    rng = np.random.default_rng(1)
+    features = np.abs(rng.standard_normal((1_000, 8))).astype(np.float32)
+    features[::97] = 0  # all-zero rows stay at distance sqrt(2) or 0
+    store = Store(str(tmp_path))
+    dataset, embeddings = _toy_snapshot(store, features, 7)
+    labels = np.arange(1_000) % 7
+    subset = np.sort(rng.choice(1_000, 150, replace=False))
+    bins = [np.arange(b, 1_000, 4) for b in range(4)]
+    measured = {}
+    for where in ("here", "cluster"):
+        seen = []
+        measured[where] = stages.subset_coverage(store, embeddings, labels, subset, bins,
+                                                 lambda done, total, seen=seen: seen.append((done, total)),
+                                                 client if where == "cluster" else None)
+        assert seen[0] == (0, 1_000) and seen[-1] == (1_000, 1_000) and seen == sorted(seen)
+    assert measured["here"] == pytest.approx(measured["cluster"], rel=1e-6)
+    assert measured["here"]["coverage_mean"] > 0 and measured["here"]["bins_touched_min"] >= 1
