@@ -45,7 +45,7 @@ from dq_ops.features import DenseRows, FeatureRows, GradientEmbedding, class_gro
 from dq_ops.progress import Progress
 from dq_ops.sampling import bin_intensities, sample_bins, sample_sizes
 from dq_ops.stage import Stage, is_running, resolve_client, run_jobs
-from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, write_array
+from dq_ops.store import QUANTIZED_SPLIT, Artifact, Store, canonical_json, derive_key, open_zarr_store, write_array
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -437,11 +437,11 @@ COVERAGE_INLINE_ROWS = 131_072
 @dataclasses.dataclass(frozen=True)
 class CoverageJob:
     """The nearest selected rows of the coverage queries among one range of the features' rows;
-    ``labels`` and ``selected`` (a mask) are the range's."""
+    ``labels`` and ``selected`` (a mask) are the range's. The embeddings group by URL: the flow
+    opened it as an artifact (its chunks counted), so a job opens only its ``features``."""
 
-    store_url: str
+    url: str
     storage_options: dict[str, Any]
-    embeddings: str
     start: int
     stop: int
     labels: np.ndarray
@@ -449,7 +449,7 @@ class CoverageJob:
 
 
 def _coverage_worker(job: CoverageJob, query_labels: np.ndarray, query_units: np.ndarray) -> np.ndarray:
-    features = Store(job.store_url, job.storage_options).open("embeddings", job.embeddings)["features"]
+    features = zarr.open_group(open_zarr_store(job.url, job.storage_options), mode="r")["features"]
     blocks = ((first - job.start, block) for first, block in stored_chunks(features, job.start, job.stop))
     return nearest_selected(blocks, job.labels, job.selected, query_labels, query_units)
 
@@ -480,7 +480,7 @@ def subset_coverage(store: Store, embeddings: Artifact, labels: np.ndarray | Non
         cluster = resolve_client(client)
         threads = max(1, sum(cluster.nthreads().values()))
         step = features.chunks[0] * max(1, -(-n // (features.chunks[0] * JOBS_PER_THREAD * threads)))
-        jobs = [CoverageJob(store.url, store.storage_options, embeddings.name, start, min(n, start + step),
+        jobs = [CoverageJob(embeddings.url, store.storage_options, start, min(n, start + step),
                             labels[start:start + step], selected[start:start + step]) for start in range(0, n, step)]
         shared = tuple(cluster.scatter([query_labels, query_units], broadcast=True))
         best = np.minimum.reduce(run_jobs(cluster, _coverage_worker, jobs, shared=shared,
