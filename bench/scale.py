@@ -545,7 +545,7 @@ def dq_run(processes: Processes, sampler: Sampler, config: Path, work: Path, lab
         stage.peaks = sampler.peaks(stage.start, stage.stop)
         stage.samples = (train_samples + test_samples if stage.name == "ingest" else
                          embedded if stage.name == "embeddings" else
-                         train_samples if subset_samples is None or stage.name == "bins" or stage.name.startswith("sample-")
+                         train_samples if subset_samples is None or stage.name in ("bins", "coverage") or stage.name.startswith("sample-")
                          else subset_samples)
     # What no stage line covers: Prefect's flow start, the tracking process, the report and publishing.
     covered, end = 0.0, started

@@ -77,9 +77,9 @@ def coverage_from_blocks(
     the split's rows in order), then :func:`coverage_of`. ``labels``: one per row of the split
     (all equal for an unlabelled split)."""
     subset, queries, labels = _checked(labels, subset, queries, query_features)
-    selected = np.zeros(len(labels), dtype=bool)
-    selected[subset] = True
-    return coverage_of(nearest_selected(blocks, labels, selected, labels[queries], unit_rows(query_features)),
+    selected = np.zeros((1, len(labels)), dtype=bool)
+    selected[0, subset] = True
+    return coverage_of(nearest_selected(blocks, labels, selected, labels[queries], unit_rows(query_features))[0],
                        labels, subset, queries, bins)
 
 
@@ -102,20 +102,22 @@ def nearest_selected(
     query_labels: np.ndarray,
     query_units: np.ndarray,
 ) -> np.ndarray:
-    """Per query, the squared distance from its unit row to the nearest selected unit row of its
-    class among the blocks' rows (``UNCOVERED²`` where there is none). Rows are numbered from
-    the first block's: ``labels`` and ``selected`` (a boolean mask) have one entry per row, so a
-    split's row ranges can be measured apart and their results combined by ``np.minimum``.
+    """Per subset and query, the squared distance from the query's unit row to the nearest
+    selected unit row of its class among the blocks' rows (``UNCOVERED²`` where there is none):
+    shape ``(subsets, queries)``. ``selected`` holds one boolean mask per subset, ``(subsets,
+    rows)``; rows are numbered from the first block's, and ``labels`` has one entry per row, so a
+    split's row ranges can be measured apart and their results combined by ``np.minimum``. One
+    pass over the blocks serves every subset: reading the blocks is what a pass costs.
 
-    The selected unit rows are gathered over blocks into a buffer of ``MEASURE_BYTES``; per full
-    buffer and class c, with :math:`Q_c` the class's unit query rows and :math:`S_c` its unit
-    selected rows in the buffer, ``‖q − s‖² = |q|² + |s|² − 2 q·s`` over :math:`Q_c S_c^T`. The
-    queries are grouped by class once (their rows and squared norms reused by every buffer) and a
-    buffer's rows by one stable sort of their labels, so the work per buffer is the products,
-    whatever the number of classes. The products are small (a class's queries by its selected
-    rows in one buffer) and many: one BLAS thread each (a second one spin-waits between calls,
-    which on shared cores costs more than it saves). The next block is fetched (read and decoded
-    by the iterable) while the current one is measured.
+    Each subset's selected unit rows are gathered over blocks into a buffer (``MEASURE_BYTES``
+    shared by the subsets); per full buffer and class c, with :math:`Q_c` the class's unit query
+    rows and :math:`S_c` its unit selected rows in the buffer, ``‖q − s‖² = |q|² + |s|² − 2 q·s``
+    over :math:`Q_c S_c^T`. The queries are grouped by class once (their rows and squared norms
+    reused by every buffer) and a buffer's rows by one stable sort of their labels, so the work per
+    buffer is the products, whatever the number of classes. The products are small (a class's
+    queries by its selected rows in one buffer) and many: one BLAS thread each (a second one
+    spin-waits between calls, which on shared cores costs more than it saves). The next block is
+    fetched (read and decoded by the iterable) while the current one is measured.
     """
     # Per class: the positions of its queries (ascending, as a boolean mask would give them),
     # their unit rows and squared norms.
@@ -124,39 +126,58 @@ def nearest_selected(
     for c, members in zip(query_classes.tolist(), np.split(query_order, query_starts[1:])):
         q = query_units[members]
         query_groups[c] = (members, q, (q * q).sum(1)[:, None])
-    best = np.full(len(query_labels), UNCOVERED ** 2)
-    # Selected unit rows gathered over blocks until the buffer is full, then measured class by
-    # class at once: a few selected rows per class and block would cost a product call each.
-    buffer = np.empty((max(1, MEASURE_BYTES // (4 * max(1, query_units.shape[1]))), query_units.shape[1]), dtype=np.float32)
-    buffered: list[np.ndarray] = []  # the rows in the buffer, in order
-
-    def measure() -> None:
-        rows = np.concatenate(buffered)
-        chosen = buffer[:len(rows)]
-        classes, order, starts = _groups(labels[rows])
-        for c, members in zip(classes.tolist(), np.split(order, starts[1:])):
-            if c not in query_groups:
-                continue
-            mine, q, q_squared = query_groups[c]
-            s = chosen[members]
-            squared = q_squared + (s * s).sum(1)[None, :] - 2.0 * (q @ s.T)
-            best[mine] = np.minimum(best[mine], squared.min(axis=1))
-        buffered.clear()
-
+    capacity = max(1, MEASURE_BYTES // len(selected) // (4 * max(1, query_units.shape[1])))
+    nearest = [_Nearest(labels, query_groups, len(query_labels), capacity, query_units.shape[1]) for _ in selected]
     with single_threaded_blas():
         for start, block in _read_ahead(blocks):
-            rows = start + np.flatnonzero(selected[start:start + len(block)])
-            while rows.size:
-                held = sum(map(len, buffered))
-                take = rows[:len(buffer) - held]
-                buffer[held:held + len(take)] = unit_rows(np.asarray(block)[take - start])
-                buffered.append(take)
-                rows = rows[len(take):]
-                if held + len(take) == len(buffer):
-                    measure()
-        if buffered:
-            measure()
-    return best
+            chosen = selected[:, start:start + len(block)]
+            anywhere = np.flatnonzero(chosen.any(axis=0))
+            units = unit_rows(np.asarray(block)[anywhere])  # each row normalised once for every subset
+            for subset, mask in zip(nearest, chosen):
+                mine = mask[anywhere]
+                subset.add(start + anywhere[mine], units[mine])
+    return np.stack([subset.finish() for subset in nearest])
+
+
+class _Nearest:
+    """One subset's running nearest distances in :func:`nearest_selected`: its selected unit rows
+    buffered until ``capacity``, then measured class by class at once (a few selected rows per
+    class and block would cost a product call each)."""
+
+    def __init__(self, labels: np.ndarray, query_groups: dict, queries: int, capacity: int, dims: int):
+        self.labels, self.query_groups = labels, query_groups
+        self.best = np.full(queries, UNCOVERED ** 2)
+        self.buffer = np.empty((capacity, dims), dtype=np.float32)
+        self.buffered: list[np.ndarray] = []  # the rows in the buffer, in order
+        self.held = 0
+
+    def add(self, rows: np.ndarray, units: np.ndarray) -> None:
+        while rows.size:
+            take = min(len(rows), len(self.buffer) - self.held)
+            self.buffer[self.held:self.held + take] = units[:take]
+            self.buffered.append(rows[:take])
+            self.held += take
+            rows, units = rows[take:], units[take:]
+            if self.held == len(self.buffer):
+                self._measure()
+
+    def finish(self) -> np.ndarray:
+        if self.held:
+            self._measure()
+        return self.best
+
+    def _measure(self) -> None:
+        chosen = self.buffer[:self.held]
+        classes, order, starts = _groups(self.labels[np.concatenate(self.buffered)])
+        for c, members in zip(classes.tolist(), np.split(order, starts[1:])):
+            if c not in self.query_groups:
+                continue
+            mine, q, q_squared = self.query_groups[c]
+            s = chosen[members]
+            squared = q_squared + (s * s).sum(1)[None, :] - 2.0 * (q @ s.T)
+            self.best[mine] = np.minimum(self.best[mine], squared.min(axis=1))
+        self.buffered.clear()
+        self.held = 0
 
 
 def coverage_of(best: np.ndarray, labels: np.ndarray, subset: np.ndarray, queries: np.ndarray,

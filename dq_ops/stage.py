@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -298,6 +299,10 @@ def run_chunk(job: ChunkJob, worker: str) -> int:
     return count
 
 
+class _CopiesStopped(Exception):
+    """Raised in the copies running beside a cluster's jobs once those failed (ChunkedStage)."""
+
+
 class ChunkedStage(Stage):
     """A stage computed as independent row chunks on dask workers, resumable chunk by chunk.
 
@@ -308,7 +313,8 @@ class ChunkedStage(Stage):
     import its model libraries: finding an artifact done never loads torch. Every job runs
     through :func:`run_jobs`; those a stage keeps in the calling process (:meth:`inline`, which
     only plans; :meth:`prepare_inline` does their shared work) run there, on threads when they
-    only move bytes (:meth:`moves_bytes_only`). After a run, ``chunks_resumed`` / ``chunks_total`` say how much
+    only move bytes (:meth:`moves_bytes_only`); those it copies together (:meth:`copy_ahead`) run
+    while the cluster runs the others. After a run, ``chunks_resumed`` / ``chunks_total`` say how much
     an earlier run had done and ``work_done`` sums what the workers returned.
     """
 
@@ -351,10 +357,11 @@ class ChunkedStage(Stage):
         return jobs
 
     def copy_ahead(self, jobs: list[ChunkJob], on_done: Callable[[int], None]) -> list[ChunkJob]:
-        """Of the jobs kept in this process, those this stage can finish together before any job
-        runs, sharing what each job would open or request on its own (e.g. chunks taken as stored
-        bytes from an earlier artifact); calls ``on_done`` with each one's count and returns the
-        ones done, which are then marked done at once. Default: none."""
+        """Of the jobs kept in this process, those this stage can finish together, sharing what
+        each job would open or request on its own (e.g. chunks taken as stored bytes from an
+        earlier artifact), on a thread of its own while the cluster runs the other jobs (before
+        the rest without one); calls ``on_done`` with each one's count and returns the ones done,
+        which are then marked done at once. Default: none."""
         return []
 
     def moves_bytes_only(self, job: ChunkJob) -> bool:
@@ -399,27 +406,39 @@ class ChunkedStage(Stage):
         jobs = [self.job(url, k, k * chunk_rows, min(n, (k + 1) * chunk_rows)) for k in np.flatnonzero(~done).tolist()]
         self.work_done = 0
         here, remote = self.inline(jobs, cluster_running=is_running(client))
+        counting, stopped = threading.Lock(), threading.Event()
 
         def ran(count: int) -> None:
             nonlocal finished
-            self.work_done += count
-            finished += 1
-            if progress is not None:
-                progress(finished, n_chunks)
+            if stopped.is_set():  # the cluster's jobs failed or were interrupted: the copies stop too
+                raise _CopiesStopped
+            with counting:
+                self.work_done += count
+                finished += 1
+                if progress is not None:
+                    progress(finished, n_chunks)
 
-        if copied := self.copy_ahead(here, ran):
+        cluster = resolve_client(client) if remote else None
+        # The copies only move bytes in this process: with a cluster, beside its jobs.
+        with ThreadPoolExecutor(1) as beside:
+            copying = beside.submit(self.copy_ahead, here, ran) if cluster is not None else None
+            try:
+                run_jobs(cluster, run_chunk, remote if cluster is not None else [], shared=(self.worker,), on_done=ran,
+                         key=lambda job: f"dq-{self.kind}-{name}-{job.index}")
+            except BaseException:
+                stopped.set()
+                raise
+            copied = copying.result() if copying is not None else self.copy_ahead(here, ran)
+        if copied:
             group["done"].set_orthogonal_selection((np.array([job.index for job in copied]),), True)
             done_ahead = {job.index for job in copied}
             here = [job for job in here if job.index not in done_ahead]
         here = self.prepare_inline(here) if here else here
-        cluster = resolve_client(client) if remote else None
-
         if cluster is None:  # no cluster: everything runs here
-            here, remote = here + remote, []
+            here = here + remote
         threaded = [job for job in here if self.moves_bytes_only(job)]
         run_jobs(None, run_chunk, threaded, shared=(self.worker,), on_done=ran, threads=len(os.sched_getaffinity(0)))
         run_jobs(None, run_chunk, [job for job in here if not self.moves_bytes_only(job)], shared=(self.worker,), on_done=ran)
-        run_jobs(cluster, run_chunk, remote, shared=(self.worker,), on_done=ran, key=lambda job: f"dq-{self.kind}-{name}-{job.index}")
         group = self.store.resumable(self.kind, name)[0]
         self.finalize(group)
         del group["done"]

@@ -12,8 +12,9 @@ Artifacts written here (see :mod:`dq_ops.store` for the layout):
   attributes ``num_bins``, ``classes``, ``bin_sizes`` (classes × bins table) and
   ``class_digests`` (what each class's greedy depended on; lets a refresh reuse unchanged classes).
 * ``subsets/<key>``: ``indices`` (k,) int64 into the split (sorted), ``ids``, ``labels``; attributes
-  ``method``, ``ratio``, ``seed``, ``size``, ``dataset`` (the snapshot drawn from) and
-  ``coverage`` (:meth:`dq_ops.coverage.Coverage.metrics` in the embedding the bins were built on).
+  ``method``, ``ratio``, ``seed``, ``size``, ``dataset`` (the snapshot drawn from); beside it,
+  once measured, ``coverage.json`` (:meth:`dq_ops.coverage.Coverage.metrics` in the embedding the
+  bins were built on; :func:`measure_coverage`).
 
 Training (torch) and the text classifiers (scipy) are imported where they run: finding an
 evaluation already stored must not cost their import.
@@ -24,11 +25,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -75,10 +77,18 @@ CLASS_JOB_BYTES = 640 * 2**20
 JOBS_PER_THREAD = 2
 
 
+def _workers(cluster: Client | None) -> list[dict[str, Any]]:
+    return list(cluster.scheduler_info(n_workers=-1)["workers"].values()) if cluster else []
+
+
+def worker_threads(cluster: Client | None) -> int:
+    """The cluster's worker threads (none yet, or no cluster: as one)."""
+    return max(1, sum(worker["nthreads"] for worker in _workers(cluster)))
+
+
 def class_job_rows(cluster: Client | None, row_bytes: int, rows: int) -> int:
     """Rows per class job, for ``rows`` rows of ``row_bytes`` bytes in all (see above)."""
-    workers = list(cluster.scheduler_info(n_workers=-1)["workers"].values()) if cluster else []
-    threads = max(1, sum(worker["nthreads"] for worker in workers))  # none yet: as one
+    workers, threads = _workers(cluster), worker_threads(cluster)
     limits = [worker["memory_limit"] for worker in workers if worker.get("memory_limit")]
     budget = JOB_MEMORY_SHARE * min(limits) if limits else CLASS_JOB_BYTES
     return max(1, min(int(budget // row_bytes), -(-rows // (JOBS_PER_THREAD * threads))))
@@ -437,8 +447,8 @@ COVERAGE_INLINE_ROWS = 131_072
 @dataclasses.dataclass(frozen=True)
 class CoverageJob:
     """The nearest selected rows of the coverage queries among one range of the features' rows;
-    ``labels`` and ``selected`` (a mask) are the range's. The embeddings group by URL: the flow
-    opened it as an artifact (its chunks counted), so a job opens only its ``features``."""
+    ``labels`` and ``selected`` (a mask per subset) are the range's. The embeddings group by URL:
+    the flow opened it as an artifact (its chunks counted), so a job opens only its ``features``."""
 
     url: str
     storage_options: dict[str, Any]
@@ -454,20 +464,22 @@ def _coverage_worker(job: CoverageJob, query_labels: np.ndarray, query_units: np
     return nearest_selected(blocks, job.labels, job.selected, query_labels, query_units)
 
 
-def subset_coverage(store: Store, embeddings: Artifact, labels: np.ndarray | None, subset: np.ndarray,
-                    bins: list[np.ndarray], progress: Progress | None = None, client: ClientSource = None) -> dict[str, float]:
-    """:func:`dq_ops.coverage.coverage_from_blocks` over the embeddings' ``features`` (the
-    penultimate embedding, also in gradient mode), read one stored chunk of rows at a time: here,
-    or in ranges of rows on the cluster (``COVERAGE_INLINE_ROWS``), whose nearest distances
-    combine by their minimum. ``progress`` counts the rows gone through: the part of a subset
-    stage that grows with the split."""
+def subsets_coverage(store: Store, embeddings: Artifact, labels: np.ndarray | None, subsets: Sequence[np.ndarray],
+                     bins: list[np.ndarray], progress: Progress | None = None, client: ClientSource = None) -> list[dict[str, float]]:
+    """:func:`dq_ops.coverage.coverage_of` for each of ``subsets`` (row indices), in one pass over
+    the embeddings' ``features`` (the penultimate embedding, also in gradient mode) for all of
+    them, read one stored chunk of rows at a time: here, or in ranges of rows on the cluster
+    (``COVERAGE_INLINE_ROWS``), whose nearest distances combine by their minimum. ``progress``
+    counts the rows gone through."""
     features = embeddings["features"]
     n = features.shape[0]
     labels = np.zeros(n, dtype=np.int64) if labels is None else labels
     queries = query_rows(n)
     query_labels, query_units = labels[queries], unit_rows(_query_features(embeddings, queries))
-    selected = np.zeros(n, dtype=bool)
-    selected[subset] = True
+    subsets = [np.asarray(subset, dtype=np.int64) for subset in subsets]
+    selected = np.zeros((len(subsets), n), dtype=bool)
+    for mask, subset in zip(selected, subsets):
+        mask[subset] = True
     done = [0]
 
     def rows_done(rows: int) -> None:
@@ -478,10 +490,9 @@ def subset_coverage(store: Store, embeddings: Artifact, labels: np.ndarray | Non
     rows_done(0)
     if is_running(client) or (client is not None and n > COVERAGE_INLINE_ROWS):
         cluster = resolve_client(client)
-        threads = max(1, sum(cluster.nthreads().values()))
-        step = features.chunks[0] * max(1, -(-n // (features.chunks[0] * JOBS_PER_THREAD * threads)))
+        step = features.chunks[0] * max(1, -(-n // (features.chunks[0] * JOBS_PER_THREAD * worker_threads(cluster))))
         jobs = [CoverageJob(embeddings.url, store.storage_options, start, min(n, start + step),
-                            labels[start:start + step], selected[start:start + step]) for start in range(0, n, step)]
+                            labels[start:start + step], selected[:, start:start + step]) for start in range(0, n, step)]
         shared = tuple(cluster.scatter([query_labels, query_units], broadcast=True))
         best = np.minimum.reduce(run_jobs(cluster, _coverage_worker, jobs, shared=shared,
                                           on_done=lambda _: rows_done(step), key=lambda job: f"coverage-{job.start}"))
@@ -492,7 +503,33 @@ def subset_coverage(store: Store, embeddings: Artifact, labels: np.ndarray | Non
                 rows_done(len(block))
 
         best = nearest_selected(blocks(), labels, selected, query_labels, query_units)
-    return coverage_of(best, labels, np.asarray(subset, dtype=np.int64), queries, bins).metrics()
+    return [coverage_of(nearest, labels, subset, queries, bins).metrics() for nearest, subset in zip(best, subsets)]
+
+
+# Beside each subset (Store.write_sidecar): its coverage, a measure of the subset rather than part
+# of it, so measuring it never changes the subset's fingerprint.
+COVERAGE_SIDECAR = "coverage.json"
+
+
+def measure_coverage(store: Store, dataset: Artifact, embeddings: Artifact, bins: Artifact, subsets: Sequence[Artifact],
+                     progress: Progress | None = None, client: ClientSource = None) -> list[dict[str, float]]:
+    """The coverage of each of ``subsets`` (drawn from ``bins`` of ``embeddings``), measured in
+    the embedding the bins were built on: kept in the subset's ``coverage.json``, and for the
+    subsets without one measured together, in one pass over the features (:func:`subsets_coverage`)."""
+    for subset in subsets:
+        if not {embeddings.fingerprint, bins.fingerprint} <= set(subset.record["inputs"]):
+            raise DQInputError(f"{subset.url} was not drawn from {bins.url} of {embeddings.url}: its coverage is not measured there")
+    kept = [store.read_sidecar("subsets", subset.name, COVERAGE_SIDECAR) for subset in subsets]
+    missing = [subset for subset, payload in zip(subsets, kept) if payload is None]
+    measured = iter(subsets_coverage(store, embeddings, split_labels(dataset), [np.asarray(s["indices"][:]) for s in missing],
+                                     bins_as_lists(bins), progress, client) if missing else [])
+    coverage = []
+    for subset, payload in zip(subsets, kept):
+        if payload is None:
+            payload = canonical_json(next(measured)).encode()
+            store.write_sidecar("subsets", subset.name, COVERAGE_SIDECAR, payload)
+        coverage.append(json.loads(payload))
+    return coverage
 
 
 # Stored chunks requested ahead of the one being used: a chunk's request and decoding wait on
@@ -544,7 +581,7 @@ class _SubsetStage(Stage):
     """A subset of the quantized split: ``indices`` (sorted) and ``ids``; subclasses pick the rows."""
 
     kind = "subsets"
-    version = 3
+    version = 4  # 4: coverage moved beside the subset (coverage.json)
 
     def __init__(self, store: Store, dataset: Artifact, embeddings: Artifact, bins: Artifact, ratio: float, seed: int):
         super().__init__(store)
@@ -562,8 +599,7 @@ class _SubsetStage(Stage):
         write_array(group, "indices", indices)
         write_array(group, "ids", split_column(self.dataset, "ids")[indices])
         write_array(group, "labels", split_column(self.dataset, "labels")[indices])
-        group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name,
-                                            "coverage": subset_coverage(self.store, self.embeddings, labels, indices, bins, progress, client)})
+        group.attrs.update(self.params() | {"size": int(len(indices)), "dataset": self.dataset.name})
 
 
 class SampleStage(_SubsetStage):

@@ -27,13 +27,13 @@ from dq_ops.store import QUANTIZED_SPLIT, Store
 from flows.evaluation import Draw, draw_arms, evaluate_arms
 from tasks.bins import generate_bins_task
 from tasks.cluster import close_dask_clients
-from tasks.common import set_offline_env
+from tasks.common import StageResult, set_offline_env
 from tasks.crashes import close_crashed_runs
 from tasks.embeddings import compute_embeddings
 from tasks.ingest import ingest_dataset
 from tasks.patches import drop_patches, prepare_mae, reconstruct_patches
 from tasks.publish import publish_run
-from tasks.sampling import baseline_subset, sample_subset
+from tasks.sampling import baseline_subset, sample_subset, subset_coverage
 from tasks.selection import record_selection
 from tasks.summary import RunSummary, SubsetRun, paired_gaps
 from tasks.tracking import Tracker
@@ -95,12 +95,15 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
                 mae = prepare_mae(store_url, dataset, config.patches, config.seed, config.cluster)
         features = (embeddings, test_embeddings)
 
+        drawn: list[StageResult] = []
+        with timed("sampling"):
+            for ratio in config.sampling.ratios:
+                drawn.append(sample_subset(store_url, dataset, embeddings, bins, ratio, config.seed, config.sampling, config.cluster))
+                # a random draw of the same per-class sizes: the coverage the DQ subset's is compared with
+                drawn.append(baseline_subset(store_url, dataset, embeddings, bins, "random", ratio, config.seed, config.cluster))
+            drawn = subset_coverage(store_url, dataset, embeddings, bins, drawn, config.cluster)  # one pass for all
         subsets: list[SubsetRun] = []
-        for ratio in config.sampling.ratios:
-            with timed("sampling"):
-                subset = sample_subset(store_url, dataset, embeddings, bins, ratio, config.seed, config.sampling, config.cluster)
-                # coverage of a random draw of the same per-class sizes: what the DQ subset's is compared with
-                random = baseline_subset(store_url, dataset, embeddings, bins, "random", ratio, config.seed, config.cluster)
+        for ratio, subset, random in zip(config.sampling.ratios, drawn[::2], drawn[1::2]):
             selection = record_selection(store_url, dataset, embeddings, bins, subset, run_name)
             patches = reconstruction = None
             if pixels:

@@ -88,20 +88,18 @@ def store_tag(url: str) -> str:
     return hashlib.sha256(store_identity(url).encode()).hexdigest()[:8]
 
 
-def _served_only_if_done(context: TaskRunContext, key: str, stage: Stage, name: str) -> str:
-    """``key``, unless the result cached under it is not what the stage finds done (its artifact
-    deleted, damaged or replaced; for ingest, the dataset's latest snapshot read from another
-    source state): then a one-off key, so the task runs again. The stage decides, the cache follows."""
+def served_only_if(context: TaskRunContext, key: str, still_done: Callable[[Any], bool]) -> str:
+    """``key``, unless the result cached under it is not what the store finds done
+    (``still_done(cached result)`` is false: its artifact deleted, damaged or replaced; for
+    ingest, the dataset's latest snapshot read from another source state): then a one-off key,
+    so the task runs again. The store decides, the cache follows."""
     result_store = getattr(context, "result_store", None)
-    if result_store is not None and result_store.exists(key):
-        cached = result_store.read(key).result
-        done = stage.stored(name)
-        if isinstance(cached, StageResult) and (done is None or done.fingerprint != cached.fingerprint):
-            return f"{key}-rebuild-{uuid.uuid4().hex[:8]}"
+    if result_store is not None and result_store.exists(key) and not still_done(result_store.read(key).result):
+        return f"{key}-rebuild-{uuid.uuid4().hex[:8]}"
     return key
 
 
-def _started(context: TaskRunContext) -> None:
+def started(context: TaskRunContext) -> None:
     """Every task run computes its cache key first, cached or not: the moment a stage starts."""
     stage_started(str(context.task_run.id), context.task_run.name)
 
@@ -115,10 +113,15 @@ def stage_cache_key(build: Callable[..., Stage]) -> Callable[[TaskRunContext, di
     """
 
     def key_fn(context: TaskRunContext, arguments: dict[str, Any]) -> str:
-        _started(context)
+        started(context)
         stage = build(**arguments)
         name = stage.name()
-        return _served_only_if_done(context, f"{stage.kind}-{name}-{store_tag(stage.store.url)}", stage, name)
+
+        def still_done(cached: Any) -> bool:
+            done = stage.stored(name)
+            return not isinstance(cached, StageResult) or (done is not None and done.fingerprint == cached.fingerprint)
+
+        return served_only_if(context, f"{stage.kind}-{name}-{store_tag(stage.store.url)}", still_done)
 
     return key_fn
 

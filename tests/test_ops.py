@@ -8,6 +8,7 @@ The stack and the run are session fixtures in tests/ops_fixtures.py, shared with
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -88,7 +89,8 @@ def test_mlflow_run_on_the_server_has_metrics_and_artifacts_on_s3(ops_stack, ops
     subsets = {store.open("subsets", name).group.attrs["method"]: store.open("subsets", name) for name in store.list("subsets")}
     assert set(subsets) == {"dq", "random"}
     assert metrics["subset_size_r0.1"] == subsets["dq"]["ids"].shape[0] == subsets["random"]["ids"].shape[0]
-    assert metrics["coverage_mean_dq_r0.1"] == pytest.approx(subsets["dq"].group.attrs["coverage"]["coverage_mean"])
+    kept = json.loads(store.read_sidecar("subsets", subsets["dq"].name, "coverage.json"))
+    assert metrics["coverage_mean_dq_r0.1"] == pytest.approx(kept["coverage_mean"])
     run_artifacts = ops_stack.mlflow("GET", "artifacts/list", params={"run_id": run["info"]["run_id"]})
     assert "report.md" in {f["path"] for f in run_artifacts["files"]}
     bucket_files = s3fs.S3FileSystem(**storage_options).find(f"{settings['DQ_S3_BUCKET']}/mlflow")

@@ -3,6 +3,7 @@ dask cluster, with the same results, progress and error rule everywhere."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -12,8 +13,10 @@ from distributed import Client, get_worker
 
 from dq_ops import stages
 from dq_ops.config import BinsConfig
+from dq_ops.coverage import subset_coverage
+from dq_ops.errors import DQInputError
 from dq_ops.stage import run_jobs
-from dq_ops.stages import BinsStage, class_batches, class_job_rows
+from dq_ops.stages import BaselineStage, BinsStage, class_batches, class_job_rows
 from dq_ops.store import QUANTIZED_SPLIT, Store, write_array
 
 STARTED: set[int] = set()
@@ -176,23 +179,53 @@ def test_class_jobs_hold_a_share_of_the_smallest_workers_memory():
 
 
 
-def test_coverage_on_the_cluster_is_the_coverage_measured_here(tmp_path, client):
-    """A subset's coverage measured in row ranges on the workers (their nearest distances combined
-    by their minimum) is the one measured here in one pass, and both count every row once."""
+def test_coverage_of_several_subsets_in_one_pass_on_the_cluster_is_each_ones_measured_alone(tmp_path, client):
+    """Three subsets' coverage measured in one pass, here or in row ranges on the workers (their
+    nearest distances combined by their minimum), is each subset's coverage measured alone in
+    memory (dq_ops.coverage), and the pass counts every row once."""
     rng = np.random.default_rng(1)
     features = np.abs(rng.standard_normal((1_000, 8))).astype(np.float32)
     features[::97] = 0  # all-zero rows stay at distance sqrt(2) or 0
     store = Store(str(tmp_path))
     dataset, embeddings = _toy_snapshot(store, features, 7)
     labels = np.arange(1_000) % 7
-    subset = np.sort(rng.choice(1_000, 150, replace=False))
+    subsets = [np.sort(rng.choice(1_000, size, replace=False)) for size in (150, 40, 600)]
     bins = [np.arange(b, 1_000, 4) for b in range(4)]
-    measured = {}
+    alone = [subset_coverage(features, labels, subset, bins).metrics() for subset in subsets]
     for where in ("here", "cluster"):
         seen = []
-        measured[where] = stages.subset_coverage(store, embeddings, labels, subset, bins,
-                                                 lambda done, total, seen=seen: seen.append((done, total)),
-                                                 client if where == "cluster" else None)
+        measured = stages.subsets_coverage(store, embeddings, labels, subsets, bins,
+                                           lambda done, total, seen=seen: seen.append((done, total)),
+                                           client if where == "cluster" else None)
         assert seen[0] == (0, 1_000) and seen[-1] == (1_000, 1_000) and seen == sorted(seen)
-    assert measured["here"] == pytest.approx(measured["cluster"], rel=1e-6)
-    assert measured["here"]["coverage_mean"] > 0 and measured["here"]["bins_touched_min"] >= 1
+        for one, reference in zip(measured, alone):
+            assert one == pytest.approx(reference, rel=1e-5)
+    assert len({one["coverage_mean"] for one in alone}) == 3 and min(one["bins_touched_min"] for one in alone) >= 1
+
+
+def test_coverage_is_kept_beside_each_subset_and_measured_once(tmp_path):
+    """measure_coverage measures the subsets without a coverage.json in one pass and keeps it
+    there, outside the subset's fingerprint; asked again (another subset added), it measures only
+    the new one. A subset drawn from other bins is refused by name."""
+    rng = np.random.default_rng(2)
+    features = rng.standard_normal((400, 8)).astype(np.float32)
+    store = Store(str(tmp_path))
+    dataset, embeddings = _toy_snapshot(store, features, 5)
+    bins = BinsStage(store, dataset, embeddings, BinsConfig(num_bins=3)).run()
+    drawn = [BaselineStage(store, dataset, embeddings, bins, "random", ratio, 0).run() for ratio in (0.1, 0.3)]
+    passes = []
+
+    def measure(subsets):
+        return stages.measure_coverage(store, dataset, embeddings, bins, subsets, lambda done, total: passes.append(done))
+
+    first = measure(drawn[:1])
+    both = measure(drawn)
+    assert passes.count(0) == 2 and both[0] == first[0]  # the second pass measured only the 30% subset
+    assert store.open("subsets", drawn[0].name).fingerprint == drawn[0].fingerprint
+    assert json.loads(store.read_sidecar("subsets", drawn[1].name, stages.COVERAGE_SIDECAR)) == both[1]
+    assert measure(drawn) == both and passes.count(0) == 2  # nothing left to measure: no pass
+    alone = subset_coverage(features, np.arange(400) % 5, np.asarray(drawn[1]["indices"][:]), stages.bins_as_lists(bins))
+    assert both[1] == pytest.approx(alone.metrics(), rel=1e-5)
+    other = BinsStage(store, dataset, embeddings, BinsConfig(num_bins=2)).run()
+    with pytest.raises(DQInputError, match=f"{drawn[0].url} was not drawn from {other.url}"):
+        stages.measure_coverage(store, dataset, embeddings, other, drawn[:1])

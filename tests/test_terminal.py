@@ -25,7 +25,7 @@ from tests.cli_helpers import cli_env, dq, free_port, run_in_terminal
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STAGES = ("ingest-fashion-mnist", "embed-fashion-mnist-", "bins-4-cosine", "sample-dq-0.", "sample-random-0.",
-          "train-dq@")
+          "coverage", "train-dq@")
 
 
 def _stage_lines(text: str, status: str) -> dict[str, str]:
@@ -69,8 +69,8 @@ def test_a_terminal_shows_a_line_per_stage_and_live_bars_with_counts_and_eta(on_
     # the embeddings' bar: its name, the chunk counts, elapsed and ETA columns, drawn in place
     bars = [line for line in text.splitlines() if line.startswith("embed-fashion-mnist-") and "━" in line]
     assert any(re.search(r" [1-5]/6 .*ETA", line) for line in bars), bars
-    # the bins' bar counts classes, the subsets' the embedding rows their coverage went through
-    for stage, counts in (("bins-4-cosine", r" \d+/10 "), ("sample-dq-0.1", r" \d+/600 "), ("sample-random-0.1", r" \d+/600 ")):
+    # the bins' bar counts classes, the coverage's the embedding rows its one pass went through
+    for stage, counts in (("bins-4-cosine", r" \d+/10 "), ("coverage", r" \d+/600 ")):
         assert any(line.startswith(stage) and "━" in line and re.search(counts, line) for line in text.splitlines()), stage
     assert "\x1b[2K" in on_a_terminal  # rich redraws the bar line in place
     assert "Finished in state Completed()" not in re.sub(r"dq-fashion-mnist-\S+: Finished", "", text)  # no anonymous lines
@@ -86,11 +86,11 @@ def test_plain_output_has_stage_lines_progress_lines_and_no_control_characters(w
         assert "\r" not in stream and "\x1b" not in stream
     assert {"ingest-fashion-mnist", "embed-fashion-mnist-", "bins-4-cosine"} <= set(_stage_lines(run.stderr, "cached"))
     computed = _stage_lines(run.stderr, "computed")
-    assert {"sample-dq-0.", "train-dq@"} <= set(computed) and "train-dq@20%-seed0" in computed["train-dq@"], run.stderr
+    assert {"sample-dq-0.", "coverage", "train-dq@"} <= set(computed) and "train-dq@20%-seed0" in computed["train-dq@"], run.stderr
     # the worker's training steps, as plain lines: name, counts, share, elapsed and ETA
     progress = [line for line in run.stderr.splitlines() if re.search(r"\| train-dq@20%-seed0 +\d+/30 \(\d+%\), .* elapsed, ETA ", line)]
     assert progress, run.stderr
-    assert re.search(r"\| sample-dq-0\.2 +\d+/600 \(\d+%\), .* elapsed, ETA ", run.stderr), run.stderr  # the subset's rows
+    assert re.search(r"\| coverage +\d+/600 \(\d+%\), .* elapsed, ETA ", run.stderr), run.stderr  # the subsets' rows
     assert "subset 20.0%" in run.stdout
 
 
