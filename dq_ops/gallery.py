@@ -24,10 +24,16 @@ from dq_ops.patches import pixel_mask
 
 
 def gallery_picks(
-    bin_of_sample: np.ndarray, labels: np.ndarray | None, classes: Sequence[int], per_bin: int, seed: int = 0
+    bin_of_sample: np.ndarray, labels: np.ndarray | None, classes: Sequence[int], per_bin: int, seed: int = 0,
+    chunk_rows: int | None = None,
 ) -> dict[tuple[int, int], np.ndarray]:
     """``{(class, bin): sample indices}``: up to ``per_bin`` samples of each (class, bin) group,
     drawn uniformly without replacement (``np.random.default_rng([seed, class, bin])``), sorted.
+
+    With ``chunk_rows`` (the rows of a stored chunk) the draw goes chunk by chunk instead: the
+    chunks in one seeded random order shared by every group, each group's members taken in that
+    order (in random order within a chunk). Every group then draws from the same few chunks, so
+    showing the picks of a large split decodes a few chunks rather than one per image.
 
     ``labels=None`` (unlabelled data) has the single class ``-1``.
     """
@@ -37,12 +43,19 @@ def gallery_picks(
         raise DQInputError(f"gallery: {len(bin_of_sample)} bin assignments but {len(labels)} labels")
     if per_bin < 1:
         raise DQInputError(f"gallery: per_bin must be >= 1, got {per_bin}")
+    chunk_order = None
+    if chunk_rows is not None:
+        chunk_order = np.random.default_rng([seed, 0]).permutation(-(-len(bin_of_sample) // chunk_rows))
     picks = {}
     for cls in classes:
         for b in range(int(bin_of_sample.max()) + 1):
             members = np.flatnonzero((labels == cls) & (bin_of_sample == b))
             rng = np.random.default_rng([seed, int(cls) + 1, b])  # +1: class -1 must stay non-negative
-            picks[(int(cls), b)] = np.sort(rng.choice(members, size=min(per_bin, len(members)), replace=False))
+            if chunk_order is None:
+                chosen = rng.choice(members, size=min(per_bin, len(members)), replace=False)
+            else:
+                chosen = members[np.lexsort((rng.random(len(members)), chunk_order[members // chunk_rows]))[:per_bin]]
+            picks[(int(cls), b)] = np.sort(chosen)
     return picks
 
 

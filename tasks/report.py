@@ -206,19 +206,20 @@ def bin_gallery(dataset: Artifact, bins: Artifact, class_names: list[str] | None
     import numpy as np
 
     from dq_ops.gallery import gallery_picks, image_gallery, text_gallery
+    from dq_ops.stages import split_labels
 
     split = dataset[QUANTIZED_SPLIT]
     bin_of_sample = np.asarray(bins["bin_of_sample"][:])
-    labels = np.asarray(split["labels"][:])
-    labels = None if (labels < 0).all() else labels
+    labels = split_labels(dataset)  # read once per run by the stages before
     shown = [-1] if labels is None else np.unique(labels)[:classes].tolist()
-    images = "images" in split
-    per_bin = 6 if images else 2
-    rows = np.unique(np.concatenate(list(gallery_picks(bin_of_sample, labels, shown, per_bin).values())))
+    shown_from = split["images" if "images" in split else "texts"]
+    per_bin = 6 if "images" in split else 2
+    picks = gallery_picks(bin_of_sample, labels, shown, per_bin, chunk_rows=shown_from.chunks[0])
+    rows = np.unique(np.concatenate(list(picks.values())))
     # Each (class, bin) group among the rows read has at most per_bin members: the gallery shows them all.
     shown_labels = None if labels is None else labels[rows]
-    if images:
-        pixels = np.asarray(split["images"].get_orthogonal_selection((rows,)))
+    if "images" in split:
+        pixels = np.asarray(shown_from.get_orthogonal_selection((rows,)))
         return image_gallery(pixels, bin_of_sample[rows], shown_labels, shown, class_names, per_bin=per_bin)
-    texts = np.asarray(split["texts"].get_orthogonal_selection((rows,))).tolist()
+    texts = np.asarray(shown_from.get_orthogonal_selection((rows,))).tolist()
     return text_gallery(texts, bin_of_sample[rows], shown_labels, shown, class_names, per_bin=per_bin)

@@ -44,6 +44,23 @@ def test_picks_come_from_their_class_and_bin_and_follow_the_seed(fashion):
     assert any(not np.array_equal(picks[k], other[k]) for k in picks)
 
 
+def test_picks_by_chunk_come_from_few_chunks(fashion):
+    """Drawn chunk by chunk (chunks of 50 rows), every group's picks still come from their class
+    and bin, follow the seed, and lie in far fewer chunks than a uniform draw's."""
+    _, labels, bin_of_sample = fashion
+    classes = list(range(10))
+    uniform = gallery_picks(bin_of_sample, labels, classes, per_bin=3, seed=1)
+    by_chunk = gallery_picks(bin_of_sample, labels, classes, per_bin=3, seed=1, chunk_rows=50)
+    assert by_chunk.keys() == uniform.keys()
+    for (cls, b), members in by_chunk.items():
+        assert len(members) == len(uniform[(cls, b)]) and len(set(members)) == len(members)
+        assert (labels[members] == cls).all() and (bin_of_sample[members] == b).all()
+    chunks = {name: len(np.unique(np.concatenate(list(p.values())) // 50)) for name, p in (("uniform", uniform), ("by chunk", by_chunk))}
+    assert chunks["by chunk"] <= chunks["uniform"] // 2, chunks
+    again = gallery_picks(bin_of_sample, labels, classes, per_bin=3, seed=1, chunk_rows=50)
+    assert all(np.array_equal(by_chunk[k], again[k]) for k in by_chunk)
+
+
 def test_image_gallery_shows_each_bin_as_a_row_of_its_own_samples(fashion):
     images, labels, bin_of_sample = fashion
     png = image_gallery(images, bin_of_sample, labels, [1, 8], ["t-shirt", "trouser"] + [str(i) for i in range(2, 10)],
