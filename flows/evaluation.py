@@ -45,8 +45,7 @@ def draw_arms(
     if "dq_pixels" in arms and mae is None:
         get_run_logger().warning("evaluation arm 'dq_pixels' skipped: it needs an image dataset with patches enabled")
     for seed in config.evaluation.seeds:
-        dq = published if seed == config.seed else sample_subset(
-            store_url, dataset, embeddings, bins, ratio, seed, config.sampling, config.cluster)
+        dq = published if seed == config.seed else sample_subset(store_url, dataset, embeddings, bins, ratio, seed, config.sampling)
         for arm in draws:
             if arm == "dq":
                 draws[arm].append(Draw(seed, dq))
@@ -55,8 +54,7 @@ def draw_arms(
                 draws[arm].append(Draw(seed, dq, reconstruct_patches(store_url, dataset, patches, mae, config.cluster)))
             else:
                 draw_seed = seed if arm == "random" else config.seed
-                draws[arm].append(Draw(seed, baseline_subset(store_url, dataset, embeddings, bins, arm, ratio, draw_seed,
-                                                                      config.cluster)))
+                draws[arm].append(Draw(seed, baseline_subset(store_url, dataset, embeddings, bins, arm, ratio, draw_seed)))
     return draws
 
 

@@ -98,9 +98,9 @@ def quantize(config: DQConfig = DQConfig()) -> dict[str, Any]:
         drawn: list[StageResult] = []
         with timed("sampling"):
             for ratio in config.sampling.ratios:
-                drawn.append(sample_subset(store_url, dataset, embeddings, bins, ratio, config.seed, config.sampling, config.cluster))
+                drawn.append(sample_subset(store_url, dataset, embeddings, bins, ratio, config.seed, config.sampling))
                 # a random draw of the same per-class sizes: the coverage the DQ subset's is compared with
-                drawn.append(baseline_subset(store_url, dataset, embeddings, bins, "random", ratio, config.seed, config.cluster))
+                drawn.append(baseline_subset(store_url, dataset, embeddings, bins, "random", ratio, config.seed))
             drawn = subset_coverage(store_url, dataset, embeddings, bins, drawn, config.cluster)  # one pass for all
         subsets: list[SubsetRun] = []
         for ratio, subset, random in zip(config.sampling.ratios, drawn[::2], drawn[1::2]):

@@ -18,38 +18,35 @@ from tasks.common import ProgressArtifact, StageResult, retry_unless_bad_input, 
 
 
 def _dq(store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, ratio: float, seed: int,
-        config: SamplingConfig, **_: object) -> SampleStage:
+        config: SamplingConfig) -> SampleStage:
     return SampleStage(Store(store_url), dataset.open(), embeddings.open(), bins.open(), ratio, seed, config)
 
 
 def _baseline(
     store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, method: str, ratio: float, seed: int,
-    **_: object,
 ) -> BaselineStage:
     return BaselineStage(Store(store_url), dataset.open(), embeddings.open(), bins.open(), method, ratio, seed)
 
 
-def _result(stage: SampleStage | BaselineStage, method: str, cluster: ClusterConfig | None) -> StageResult:
-    artifact = stage.run(client=cluster_client(cluster))
+def _result(stage: SampleStage | BaselineStage, method: str) -> StageResult:
+    artifact = stage.run()
     return StageResult.from_artifact(stage.store, artifact, method=method, ratio=stage.ratio, size=artifact.group.attrs["size"])
 
 
 @stage_task("sample", "sample-dq-{ratio}", _dq)
 def sample_subset(store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, ratio: float,
-                  seed: int, config: SamplingConfig, cluster: ClusterConfig | None = None) -> StageResult:
+                  seed: int, config: SamplingConfig) -> StageResult:
     """Draw ``ratio`` of every bin and class by the sampling section's rule; bins are reused for
     every ratio."""
-    return _result(_dq(store_url, dataset, embeddings, bins, ratio, seed, config), "dq", cluster)
+    return _result(_dq(store_url, dataset, embeddings, bins, ratio, seed, config), "dq")
 
 
 @stage_task("baseline", "sample-{method}-{ratio}", _baseline)
 def baseline_subset(
     store_url: str, dataset: StageResult, embeddings: StageResult, bins: StageResult, method: str, ratio: float, seed: int,
-    cluster: ClusterConfig | None = None,
 ) -> StageResult:
     """A random / k-center / herding subset with DQ's per-class sizes, for comparison."""
-    stage = _baseline(store_url, dataset, embeddings, bins, method, ratio, seed)
-    return _result(stage, method, cluster)
+    return _result(_baseline(store_url, dataset, embeddings, bins, method, ratio, seed), method)
 
 
 def _coverage_key(context: TaskRunContext, arguments: dict[str, Any]) -> str:
