@@ -87,6 +87,7 @@ the class sizes alone, so classes are independent: :func:`generate_bins` is
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -427,64 +428,103 @@ def _check_num_bins(num_bins: int) -> None:
         raise DQInputError(f"num_bins must be an integer >= 1, got {num_bins!r}")
 
 
-def join_bins(
-    features: np.ndarray | FeatureRows, bin_of: np.ndarray, num_bins: int, *, kernel: str = "cosine"
-) -> np.ndarray:
-    """Incremental refresh of one class's bins: rows with ``bin_of == -1`` join the existing bins.
+@dataclass(frozen=True)
+class JoinBoundaries:
+    """What :func:`join_rows` scores one class's new rows against: per bin b < K−1 the direction
+    ``v_b = ½·(U_{R_b} − 2·U_{S_b})`` (cosine, ``U`` sums of unit rows; for "dot" the raw rows and
+    no ½) and the threshold ``t_b`` (NaN: the bin takes no joins, it had no members or no rivals).
+    Small (``(K−1)·(d+1)`` floats a class), so a bins artifact keeps every class's, and a refresh
+    joins new rows reading only their own features (``dq_ops.stages.BinsStage``)."""
 
-    Existing rows keep their bins. For bin b, with ``R_b`` the existing rows of bins b..K-1 (what
-    remained when the greedy filled bin b) and ``S_b`` its members, a row y scores
+    directions: np.ndarray  # (K−1, dim) float64
+    thresholds: np.ndarray  # (K−1,) float64
+
+
+def _kernel_rows(rows: FeatureRows, kernel: str) -> tuple[FeatureRows, np.ndarray, float]:
+    """The rows the kernel's products take (unit rows for cosine) and each row's ``sim(y, y)``
+    up to the constant that drops out of every comparison (``½`` for cosine), and that ½."""
+    sq = rows.sq_norms()
+    if kernel == "cosine":
+        unit = rows.scaled(np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0))
+        return unit, 0.5 + 0.5 * (sq > 0), 0.5  # sim = ½ + ½·u·u
+    return rows, sq, 1.0
+
+
+def join_boundaries(
+    features: np.ndarray | FeatureRows, bin_of: np.ndarray, num_bins: int, *, kernel: str = "cosine"
+) -> JoinBoundaries:
+    r"""The boundaries a class's bins ``bin_of`` (one per row; -1: a row in no bin, ignored) leave
+    for rows joining them.
+
+    For bin b, with ``R_b`` the rows of bins b..K-1 (what remained when the greedy filled bin b)
+    and ``S_b`` its members, a row y scores
 
         g_b(y) = Σ_{i∈R_b} sim(i, y) − 2 Σ_{s∈S_b∖{y}} sim(s, y)
 
-    (the greedy's gain, λ = 1, up to terms equal for all y). The greedy left bin b with every
-    member scoring about as high as the best row it passed over, so the boundary between them is
-    ``t_b = ½ (min_{s∈S_b} g_b(s) + max_{z∈R_b∖S_b} g_b(z))``. Bins are visited in order; a new row
-    joins the first bin b < K-1 with ``g_b ≥ t_b``, else the last bin (the remainder). On real
-    features, rows taken out of early bins and joined again mostly land in their own bin
-    (``tests/test_bins.py``); the plain minimum over members as threshold sends them late far
-    more often. Scores are taken
-    against the existing bins, not updated as rows join: a batch approximation of the greedy
-    that never moves an existing sample, so the selection stays stable; a full rebuild restores
-    exactness. With cosine similarity ``sim = ½ + ½·u_i·u_y`` (``u`` unit rows); with "dot" the
-    raw dot product. Returns the completed ``bin_of`` (int32).
+    (the greedy's gain, λ = 1, up to terms equal for all y), i.e. ``u_y·v_b`` plus a term in
+    ``sim(y, y)``. The greedy left bin b with every member scoring about as high as the best row
+    it passed over, so the boundary between them is
+    ``t_b = ½ (min_{s∈S_b} g_b(s) + max_{z∈R_b∖S_b} g_b(z))``; the plain minimum over members as
+    threshold sends rows taken out of early bins late far more often (``tests/test_bins.py``).
+    Two passes over the rows: every bin's sums, then every row's score for every bin.
     """
     _check_kernel(kernel)
     _check_num_bins(num_bins)
     rows = checked_rows(features)
-    bin_of = np.asarray(bin_of, dtype=np.int32).copy()
+    bin_of = np.asarray(bin_of, dtype=np.int32)
     if len(bin_of) != len(rows):
         raise DQInputError(f"bin_of has {len(bin_of)} entries for {len(rows)} rows")
-    new = np.flatnonzero(bin_of < 0)
-    if len(new) == 0:
-        return bin_of
-    sq = rows.sq_norms()
-    if kernel == "cosine":
-        rows = rows.scaled(np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0))
-        sq = (sq > 0).astype(np.float64)
-        const, half = 0.5, 0.5  # sim = const + half·u·u
-    else:
-        const, half = 0.0, 1.0
-    existing = bin_of.copy()  # the bins' members and rivals: joined rows never count
     with single_threaded_blas():
-        # Every bin's Σ_{S_b} and Σ_{R_b} (a suffix sum over bins) in one pass over the rows, then
-        # every row's score for every bin in a second one.
-        in_bin = rows.weighted_sum((existing[None, :] == np.arange(num_bins)[:, None]).astype(np.float64))
+        rows, itself, half = _kernel_rows(rows, kernel)
+        in_bin = rows.weighted_sum((bin_of[None, :] == np.arange(num_bins)[:, None]).astype(np.float64))
         remaining = np.cumsum(in_bin[::-1], axis=0)[::-1]
-        scores = rows.dot((half * remaining[:-1] - 2 * half * in_bin[:-1]).T)
-    itself = const + half * sq  # sim(y, y)
-    pending = new
+        directions = half * remaining[:-1] - 2 * half * in_bin[:-1]
+        scores = rows.dot(directions.T)
+    thresholds = np.full(num_bins - 1, np.nan)
     for b in range(num_bins - 1):
-        members = np.flatnonzero(existing == b)
-        passed_over = np.flatnonzero(existing > b)
-        if len(members) == 0 or len(passed_over) == 0 or len(pending) == 0:
-            continue
-        # Constant terms common to every y drop out. Members are not their own rivals: add back
-        # 2·sim(y, y) for y ∈ S_b; a new row is itself among the remaining rows: sim(y, y) once.
-        weakest_member = float((scores[members, b] + 2 * itself[members]).min())
-        threshold = 0.5 * (weakest_member + float(scores[passed_over, b].max()))
-        joins = scores[pending, b] + itself[pending] >= threshold
+        members, passed_over = np.flatnonzero(bin_of == b), np.flatnonzero(bin_of > b)
+        if len(members) and len(passed_over):
+            # Members are not their own rivals: add back 2·sim(y, y) for y ∈ S_b.
+            weakest_member = float((scores[members, b] + 2 * itself[members]).min())
+            thresholds[b] = 0.5 * (weakest_member + float(scores[passed_over, b].max()))
+    return JoinBoundaries(directions, thresholds)
+
+
+def join_rows(features: np.ndarray | FeatureRows, boundaries: JoinBoundaries, *, kernel: str = "cosine") -> np.ndarray:
+    """The bin each of ``features``' rows joins: bins are visited in order, a row joins the first
+    bin b < K-1 with ``g_b ≥ t_b`` (:func:`join_boundaries`; a new row is itself among the
+    remaining rows, so its score counts ``sim(y, y)`` once), else the last bin (the remainder).
+    Scores are taken against the boundaries, not updated as rows join: a batch approximation of
+    the greedy that never moves an existing row, so the selection stays stable. Returns int32."""
+    _check_kernel(kernel)
+    rows = checked_rows(features)
+    directions, thresholds = boundaries.directions, boundaries.thresholds
+    if directions.shape != (len(thresholds), rows.dim):
+        raise DQInputError(f"join boundaries of shape {directions.shape} for rows of {rows.dim} columns")
+    with single_threaded_blas():
+        rows, itself, _ = _kernel_rows(rows, kernel)
+        scores = rows.dot(directions.T) + itself[:, None]
+    bin_of = np.full(len(rows), len(thresholds), dtype=np.int32)
+    pending = np.arange(len(rows))
+    for b, threshold in enumerate(thresholds):
+        joins = scores[pending, b] >= threshold  # False for NaN: the bin takes none
         bin_of[pending[joins]] = b
         pending = pending[~joins]
-    bin_of[pending] = num_bins - 1
+    return bin_of
+
+
+def join_bins(
+    features: np.ndarray | FeatureRows, bin_of: np.ndarray, num_bins: int, *, kernel: str = "cosine"
+) -> np.ndarray:
+    """Incremental refresh of one class's bins: rows with ``bin_of == -1`` join the bins of the
+    others (:func:`join_boundaries`, then :func:`join_rows`); existing rows keep their bins. With
+    cosine similarity ``sim = ½ + ½·u_i·u_y`` (``u`` unit rows); with "dot" the raw dot product.
+    On real features, rows taken out of early bins and joined again mostly land in their own bin.
+    Returns the completed ``bin_of`` (int32)."""
+    rows = checked_rows(features)
+    bin_of = np.asarray(bin_of, dtype=np.int32).copy()
+    boundaries = join_boundaries(rows, bin_of, num_bins, kernel=kernel)
+    new = np.flatnonzero(bin_of < 0)
+    if len(new):
+        bin_of[new] = join_rows(rows.take(new), boundaries, kernel=kernel)
     return bin_of

@@ -95,7 +95,7 @@ class BinsConfig(_Section):
     )
     rebuild_fraction: float = Field(
         0.2, gt=0, le=1,
-        description="incremental: rebuild exactly once the samples joined since the last rebuild exceed this share of the data.",
+        description="incremental: rebuild exactly once the samples joined or removed since the last rebuild exceed this share of the data.",
     )
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import zarr
 
 from dq_ops.baselines import select_herding, select_kcenter, select_random
-from dq_ops.bins import bin_budgets, generate_class_bins, join_bins
+from dq_ops.bins import JoinBoundaries, bin_budgets, generate_class_bins, join_boundaries, join_rows
 from dq_ops.config import BinsConfig, EvaluationConfig, SamplingConfig
 from dq_ops.coverage import coverage_of, nearest_selected, query_rows, unit_rows
 from dq_ops.embed import content_keys
@@ -162,21 +162,25 @@ def _class_digest(embeddings: Artifact, content: np.ndarray, budgets: np.ndarray
 @dataclasses.dataclass(frozen=True)
 class ClassBins:
     """What one class's bins are made from: its rows (positions in the split) and either its bin
-    budgets (the exact greedy, :func:`dq_ops.bins.generate_class_bins`) or, to join new rows to
-    bins made before, each row's current bin, -1 for rows to join (:func:`dq_ops.bins.join_bins`)."""
+    budgets (the exact greedy, :func:`dq_ops.bins.generate_class_bins`; ``keep_boundaries`` also
+    returns the :class:`~dq_ops.bins.JoinBoundaries` the bins leave) or, to join new rows to bins
+    made before, those bins' boundaries (:func:`dq_ops.bins.join_rows`; ``rows`` are the new rows)."""
 
     rows: np.ndarray
     budgets: np.ndarray | None = None
-    current: np.ndarray | None = None
+    boundaries: JoinBoundaries | None = None
+    keep_boundaries: bool = False
 
-    def bin_of(self, features: FeatureRows, num_bins: int, kernel: str, memory_budget_mb: int) -> np.ndarray:
-        """The bin of each of the class's rows (int32, in the order of ``rows``)."""
-        if self.current is not None:
-            return join_bins(features, self.current, num_bins, kernel=kernel)
+    def bin_of(self, features: FeatureRows, num_bins: int, kernel: str,
+               memory_budget_mb: int) -> tuple[np.ndarray, JoinBoundaries | None]:
+        """The bin of each of ``rows`` (int32, in their order) and, for an exact greedy asked to
+        keep them, the boundaries its bins leave."""
+        if self.boundaries is not None:
+            return join_rows(features, self.boundaries, kernel=kernel), None
         local = np.empty(len(self.rows), dtype=np.int32)
         for b, picked in enumerate(generate_class_bins(features, self.budgets, kernel=kernel, memory_budget_mb=memory_budget_mb)):
             local[picked] = b
-        return local
+        return local, join_boundaries(features, local, num_bins, kernel=kernel) if self.keep_boundaries else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +205,7 @@ def classes_rows(embeddings: Artifact, groups: list[np.ndarray]) -> Iterator[Fea
         yield rows.take(np.searchsorted(wanted, members))
 
 
-def _class_bins_worker(job: ClassBinsJob) -> list[np.ndarray]:
+def _class_bins_worker(job: ClassBinsJob) -> list[tuple[np.ndarray, JoinBoundaries | None]]:
     """The job's classes' bins, run on a dask worker: their rows read in one pass, then class by class."""
     embeddings = Store(job.store_url, job.storage_options).open("embeddings", job.embeddings)
     return [work.bin_of(features, job.num_bins, job.kernel, job.memory_budget_mb)
@@ -234,14 +238,18 @@ class BinsStage(Stage):
 
     With ``refresh="incremental"`` the stage instead continues the bins its lineage (same
     dataset name and settings) published last: samples already binned keep their bins, new
-    ones join by their GraphCut gain (:func:`dq_ops.bins.join_bins`), and a full exact rebuild
-    happens once the samples joined since the last one exceed ``rebuild_fraction`` of the data.
-    The previous bins are an input of a joining run's key (not of a rebuild's, so ``dq gc`` can
-    drop what came before the last rebuild).
+    ones join by their GraphCut gain against the boundaries the last exact greedy left
+    (:func:`dq_ops.bins.join_rows`; every class's are kept in the artifact as
+    ``join_directions`` and ``join_thresholds``, so a join reads only the new samples'
+    features), and a full exact rebuild happens once the samples joined or removed since the
+    last one exceed ``rebuild_fraction`` of the data. Until then the boundaries stay those of
+    the last rebuild (joined and removed samples do not move them). The previous bins are an
+    input of a joining run's key (not of a rebuild's, so ``dq gc`` can drop what came before the
+    last rebuild).
     """
 
     kind = "bins"
-    version = 2
+    version = 3
 
     def __init__(self, store: Store, dataset: Artifact, embeddings: Artifact, config: BinsConfig):
         super().__init__(store)
@@ -249,11 +257,15 @@ class BinsStage(Stage):
         self.classes_rebinned: list[int] = []
         self._carried: tuple[str, np.ndarray] | None = None  # (previous bins' name, _carried_bins)
 
+    @property
+    def incremental(self) -> bool:
+        return self.config.refresh == "incremental"
+
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
             "num_bins": self.config.num_bins, "kernel": self.config.kernel, "budget_rule": self.config.budget_rule,
         }
-        if self.config.refresh == "incremental":
+        if self.incremental:
             params |= {"refresh": "incremental", "rebuild_fraction": self.config.rebuild_fraction}
         return params
 
@@ -270,14 +282,23 @@ class BinsStage(Stage):
 
     @functools.cached_property
     def _previous(self) -> Artifact | None:
-        if self.config.refresh != "incremental":
+        if not self.incremental:
             return None
         ref = self.store.read_ref(self.kind, self._lineage())
         if not ref or not self.store.exists(self.kind, ref["latest"]):
             return None
         previous = self.store.open(self.kind, ref["latest"])
-        joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + int((self._carried_bins(previous) < 0).sum())
-        return previous if joined <= self.config.rebuild_fraction * len(self._carried_bins(previous)) else None
+        if "join_directions" not in previous.group:  # made before boundaries were kept
+            return None
+        joined, removed = self._changes(previous)
+        return previous if joined + removed <= self.config.rebuild_fraction * len(self._carried_bins(previous)) else None
+
+    def _changes(self, previous: Artifact) -> tuple[int, int]:
+        """Samples joined and removed since the last rebuild, counting this run's."""
+        carried = self._carried_bins(previous)
+        kept = int((carried >= 0).sum())
+        return (int(previous.group.attrs.get("joined_since_rebuild", 0)) + len(carried) - kept,
+                int(previous.group.attrs.get("removed_since_rebuild", 0)) + previous["ids"].shape[0] - kept)
 
     def _carried_bins(self, previous: Artifact) -> np.ndarray:
         """Each sample's bin in ``previous``, matched by (id, label); -1 for a sample it lacks (new,
@@ -304,16 +325,17 @@ class BinsStage(Stage):
 
     def run(self, *, progress: Progress | None = None, client: ClientSource = None) -> Artifact:
         artifact = super().run(progress=progress, client=client)
-        if self.config.refresh == "incremental":
+        if self.incremental:
             self.store.write_ref(self.kind, self._lineage(), {"latest": artifact.name})
         return artifact
 
     def _earlier_classes(self) -> dict[str, tuple[Artifact, int]]:
-        """Class digest → (earlier bins artifact with this stage's parameters, its class label)."""
+        """Class digest → (earlier bins artifact with this stage's parameters, its class label);
+        incremental: only artifacts that keep their boundaries."""
         found: dict[str, tuple[Artifact, int]] = {}
         for name in self.store.list(self.kind):
             earlier = self.store.open(self.kind, name)
-            if earlier.params == self.key_params():
+            if earlier.params == self.key_params() and (not self.incremental or "join_directions" in earlier.group):
                 for label, digest in zip(earlier.group.attrs["classes"], earlier.group.attrs["class_digests"]):
                     found.setdefault(digest, (earlier, label))
         return found
@@ -324,36 +346,44 @@ class BinsStage(Stage):
             self._join(group, previous, progress, client)
         else:
             self._compute_exact(group, progress, client)
-            group.attrs["joined_since_rebuild"] = 0
+            group.attrs.update({"joined_since_rebuild": 0, "removed_since_rebuild": 0} if self.incremental else {})
 
     def _join(self, group: zarr.Group, previous: Artifact, progress: Progress | None, client: ClientSource) -> None:
-        """Join the new (and relabelled) samples to ``previous``' bins; ``progress`` counts classes."""
+        """Join the new (and relabelled) samples to ``previous``' bins by its boundaries; a class it
+        lacks gets its own exact greedy; ``progress`` counts classes."""
         labels = split_labels(self.dataset)
         bin_of_sample = self._carried_bins(previous).copy()
-        joined = int(previous.group.attrs.get("joined_since_rebuild", 0)) + int((bin_of_sample < 0).sum())
+        joined, removed = self._changes(previous)
         classes, groups = class_groups(labels, len(bin_of_sample))
         classes = np.array([-1]) if classes is None else classes
         num_bins = self.config.num_bins
+        kept, boundaries = _Boundaries.read(previous), _Boundaries(num_bins)
         todo = []
         for c, members in enumerate(groups):
             current = bin_of_sample[members]
             if (current < 0).all():  # a class with no binned samples yet: its own exact greedy
-                todo.append((c, ClassBins(members, budgets=bin_budgets([len(members)], num_bins, self.config.budget_rule)[0])))
-            elif (current < 0).any():
-                todo.append((c, ClassBins(members, current=current)))
+                todo.append((c, ClassBins(members, budgets=bin_budgets([len(members)], num_bins, self.config.budget_rule)[0],
+                                          keep_boundaries=True)))
+                continue
+            boundaries.add(int(classes[c]), kept.of(int(classes[c])))
+            if (current < 0).any():
+                todo.append((c, ClassBins(members[current < 0], boundaries=kept.of(int(classes[c])))))
         self.classes_rebinned = [int(classes[c]) for c, _ in todo]
-        for (_, work), local in zip(todo, self._bin_classes([work for _, work in todo], len(groups), progress, client)):
+        for (c, work), (local, made) in zip(todo, self._bin_classes([work for _, work in todo], len(groups), progress, client)):
             bin_of_sample[work.rows] = local
+            if made is not None:
+                boundaries.add(int(classes[c]), made)
         sizes = [[int((bin_of_sample[members] == b).sum()) for b in range(num_bins)] for members in groups]
-        self._write(group, bin_of_sample, labels, classes, sizes, [])
-        group.attrs["joined_since_rebuild"] = joined
+        self._write(group, bin_of_sample, labels, classes, sizes, [], boundaries)
+        group.attrs.update({"joined_since_rebuild": joined, "removed_since_rebuild": removed})
 
     def _bin_classes(self, classes: list[ClassBins], total: int, progress: Progress | None,
-                     client: ClientSource) -> list[np.ndarray]:
-        """Each of ``classes``' bins (``progress`` counts classes out of ``total``, the others done
-        from the start). On the cluster in jobs of several classes when one runs or the rows are
-        many; else here, their rows read in one pass and the classes on threads (BLAS releases the
-        GIL; one BLAS thread each, limited once around them all), which beats one by one."""
+                     client: ClientSource) -> list[tuple[np.ndarray, JoinBoundaries | None]]:
+        """Each of ``classes``' :meth:`ClassBins.bin_of` (``progress`` counts classes out of
+        ``total``, the others done from the start). On the cluster in jobs of several classes
+        when one runs or the rows are many; else here, their rows read in one pass and the classes
+        on threads (BLAS releases the GIL; one BLAS thread each, limited once around them all),
+        which beats one by one."""
         done = [total - len(classes)]
 
         def classes_finished(count: int) -> None:
@@ -373,7 +403,7 @@ class BinsStage(Stage):
                     for local in batch]
         features = list(classes_rows(self.embeddings, [work.rows for work in classes]))
 
-        def bin_class(i: int) -> np.ndarray:
+        def bin_class(i: int) -> tuple[np.ndarray, JoinBoundaries | None]:
             return classes[i].bin_of(features[i], self.config.num_bins, kernel, memory)
 
         with single_threaded_blas():
@@ -381,11 +411,13 @@ class BinsStage(Stage):
                             threads=len(os.sched_getaffinity(0)))
 
     def _write(self, group: zarr.Group, bin_of_sample: np.ndarray, labels: np.ndarray | None, classes: np.ndarray,
-               sizes: list[list[int]], digests: list[str]) -> None:
+               sizes: list[list[int]], digests: list[str], boundaries: _Boundaries | None) -> None:
         n = len(bin_of_sample)
         write_array(group, "bin_of_sample", bin_of_sample)
         write_array(group, "ids", np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]))
         write_array(group, "labels", np.full(n, -1, dtype=np.int64) if labels is None else labels)
+        if boundaries is not None:
+            boundaries.write(group, [int(c) for c in classes])
         group.attrs.update({
             "num_bins": self.config.num_bins,
             "classes": [int(c) for c in classes],
@@ -407,23 +439,61 @@ class BinsStage(Stage):
         digests = [_class_digest(self.embeddings, content[members], budgets[c], kernel) for c, members in enumerate(groups)]
 
         bin_of_sample = np.empty(n, dtype=np.int32)
+        boundaries = _Boundaries(self.config.num_bins) if self.incremental else None
         earlier = self._earlier_classes()
         todo = []
-        read: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # an earlier artifact's labels and bins, read once
+        read: dict[str, tuple[np.ndarray, np.ndarray, _Boundaries | None]] = {}  # an earlier artifact's, read once
         for c, members in enumerate(groups):
             if digests[c] in earlier:
                 artifact, label = earlier[digests[c]]
                 if artifact.name not in read:
-                    read[artifact.name] = np.asarray(artifact["labels"][:]), np.asarray(artifact["bin_of_sample"][:])
-                old_labels, old_bins = read[artifact.name]
+                    read[artifact.name] = (np.asarray(artifact["labels"][:]), np.asarray(artifact["bin_of_sample"][:]),
+                                           _Boundaries.read(artifact) if boundaries is not None else None)
+                old_labels, old_bins, old_boundaries = read[artifact.name]
                 bin_of_sample[members] = old_bins if label == -1 else old_bins[old_labels == label]
+                if boundaries is not None and old_boundaries is not None:  # _earlier_classes kept them
+                    boundaries.add(int(classes[c]), old_boundaries.of(label))
             else:
                 todo.append(c)
         self.classes_rebinned = [int(classes[c]) for c in todo]
-        work = [ClassBins(groups[c], budgets=budgets[c]) for c in todo]
-        for c, local in zip(todo, self._bin_classes(work, len(groups), progress, client)):
+        work = [ClassBins(groups[c], budgets=budgets[c], keep_boundaries=boundaries is not None) for c in todo]
+        for c, (local, made) in zip(todo, self._bin_classes(work, len(groups), progress, client)):
             bin_of_sample[groups[c]] = local
-        self._write(group, bin_of_sample, labels, classes, budgets.tolist(), digests)
+            if boundaries is not None and made is not None:
+                boundaries.add(int(classes[c]), made)
+        self._write(group, bin_of_sample, labels, classes, budgets.tolist(), digests, boundaries)
+
+
+class _Boundaries:
+    """Every class's :class:`~dq_ops.bins.JoinBoundaries`, as a bins artifact keeps them: arrays
+    ``join_directions`` (classes, K−1, dim) and ``join_thresholds`` (classes, K−1), in the order
+    of its ``classes`` attribute."""
+
+    def __init__(self, num_bins: int) -> None:
+        self.num_bins = num_bins
+        self._of: dict[int, JoinBoundaries] = {}
+
+    @classmethod
+    def read(cls, bins: Artifact) -> _Boundaries:
+        directions, thresholds = np.asarray(bins["join_directions"][:]), np.asarray(bins["join_thresholds"][:])
+        kept = cls(directions.shape[1] + 1)
+        for i, label in enumerate(bins.group.attrs["classes"]):
+            kept.add(int(label), JoinBoundaries(directions[i], thresholds[i]))
+        return kept
+
+    def of(self, label: int) -> JoinBoundaries:
+        return self._of[label]
+
+    def add(self, label: int, boundaries: JoinBoundaries) -> None:
+        self._of[label] = boundaries
+
+    def write(self, group: zarr.Group, classes: list[int]) -> None:
+        kept = [self._of[label] for label in classes]
+        write_array(group, "join_thresholds", np.stack([b.thresholds for b in kept]))
+        directions = write_array(group, "join_directions", shape=(len(kept), *kept[0].directions.shape), dtype=np.float64)
+        step = directions.chunks[0]
+        for start in range(0, len(kept), step):  # a chunk at a time: never a second copy of them all
+            directions[start:start + step] = np.stack([b.directions for b in kept[start:start + step]])
 
 
 def bins_as_lists(bins: Artifact) -> list[np.ndarray]:

@@ -338,7 +338,7 @@ def test_per_class_budgets_depend_on_the_class_alone():
 
 
 def test_join_bins_keeps_existing_rows_and_puts_rows_back_where_the_greedy_had_them():
-    from dq_ops.bins import generate_class_bins, join_bins
+    from dq_ops.bins import generate_class_bins, join_bins, join_boundaries, join_rows
 
     features = np.load(GOLDEN)["fmnist_pooled_classwise__features"][:400]
     bins = generate_class_bins(features, [100, 100, 100, 100])
@@ -355,6 +355,11 @@ def test_join_bins_keeps_existing_rows_and_puts_rows_back_where_the_greedy_had_t
     assert (joined[kept] == bin_of[kept]).all() and (joined >= 0).all()
     assert (joined[taken] == bin_of[taken]).mean() >= 0.8
     assert (join_bins(features, joined, 4) == joined).all()  # nothing new: unchanged
+    # What a refresh keeps of the bins (their boundaries) is all a join needs of the existing rows.
+    boundaries = join_boundaries(features[kept], bin_of[kept], 4)
+    assert boundaries.directions.shape == (3, features.shape[1]) and np.isfinite(boundaries.thresholds).all()
+    assert (join_rows(features[taken], boundaries) == joined[taken]).all()
+    assert np.isnan(join_boundaries(features, np.minimum(bin_of, 1), 4).thresholds[1:]).all()  # bins 2, 3 empty: no joins
 
 
 @pytest.mark.parametrize("memory_budget_mb", [256.0, LAZY_MB], ids=["gram", "lazy"])

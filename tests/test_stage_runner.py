@@ -12,6 +12,7 @@ import pytest
 from distributed import Client, get_worker
 
 from dq_ops import stages
+from dq_ops.bins import JoinBoundaries, join_boundaries, join_rows
 from dq_ops.config import BinsConfig
 from dq_ops.coverage import subset_coverage
 from dq_ops.errors import DQInputError
@@ -141,23 +142,36 @@ def test_bins_on_a_cluster_and_in_this_process_are_the_same_bytes(tmp_path, clie
     inline limit) they write the same bins; the class counter reaches every class."""
     monkeypatch.setattr(stages, "JOBS_PER_THREAD", 1)  # 7 classes of ~43 rows on 2 threads: jobs of three classes
     rng = np.random.default_rng(0)
-    classes, features = 7, rng.standard_normal((330, 8)).astype(np.float32)
+    classes, features = 7, rng.standard_normal((360, 8)).astype(np.float32)
     config = BinsConfig(num_bins=4, refresh=refresh)
     artifacts: dict[str, list] = {}
     for where in ("cluster", "threads", "jobs"):
         monkeypatch.setattr(stages, "BINS_INLINE_ROWS", 100 if where == "jobs" else 32_768)
         store = Store(str(tmp_path / where))
-        for n in (300, 330):
+        for n in (300, 330, 360):
             dataset, embeddings = _toy_snapshot(store, features[:n], classes)
             counted = []
             stage = BinsStage(store, dataset, embeddings, config)
             artifacts.setdefault(where, []).append(stage.run(
                 client=client if where == "cluster" else None, progress=lambda done, total, seen=counted: seen.append((done, total))))
             assert counted[-1] == (classes, classes) and sorted(stage.classes_rebinned) == list(range(classes))
-    if refresh == "incremental":  # the refresh joined: the first run's rows kept their bins
-        first, joined = artifacts["cluster"]
+    if refresh == "incremental":  # the refreshes joined: the first run's rows kept their bins
+        first, joined, again = artifacts["cluster"]
         assert len(joined.record["inputs"]) == 3 and joined.group.attrs["joined_since_rebuild"] == 30
+        assert again.group.attrs["joined_since_rebuild"] == 60
+        assert (np.asarray(again["bin_of_sample"][:330]) == np.asarray(joined["bin_of_sample"][:])).all()
         assert (np.asarray(joined["bin_of_sample"][:300]) == np.asarray(first["bin_of_sample"][:])).all()
+        # The first run kept each class's boundaries; both joins scored their new rows against
+        # them alone (the rows joined before do not move them).
+        directions, thresholds = np.asarray(first["join_directions"][:]), np.asarray(first["join_thresholds"][:])
+        assert np.array_equal(np.asarray(again["join_directions"][:]), directions)
+        assert np.array_equal(np.asarray(again["join_thresholds"][:]), thresholds, equal_nan=True)
+        labels, bins = np.arange(360) % classes, np.asarray(again["bin_of_sample"][:])
+        for i, c in enumerate(first.group.attrs["classes"]):
+            old, new = np.flatnonzero(labels[:300] == c), 300 + np.flatnonzero(labels[300:] == c)
+            made = join_boundaries(features[old], bins[old], 4)
+            assert np.allclose(made.directions, directions[i]) and np.allclose(made.thresholds, thresholds[i], equal_nan=True)
+            assert (bins[new] == join_rows(features[new], JoinBoundaries(directions[i], thresholds[i]))).all()
     for where in ("threads", "jobs"):
         for cluster, here in zip(artifacts["cluster"], artifacts[where]):
             assert (np.asarray(cluster["bin_of_sample"][:]) == np.asarray(here["bin_of_sample"][:])).all()
