@@ -109,15 +109,17 @@ def nearest_selected(
     split's row ranges can be measured apart and their results combined by ``np.minimum``. One
     pass over the blocks serves every subset: reading the blocks is what a pass costs.
 
-    Each subset's selected unit rows are gathered over blocks into a buffer (``MEASURE_BYTES``
-    shared by the subsets); per full buffer and class c, with :math:`Q_c` the class's unit query
-    rows and :math:`S_c` its unit selected rows in the buffer, ``‖q − s‖² = |q|² + |s|² − 2 q·s``
-    over :math:`Q_c S_c^T`. The queries are grouped by class once (their rows and squared norms
-    reused by every buffer) and a buffer's rows by one stable sort of their labels, so the work per
-    buffer is the products, whatever the number of classes. The products are small (a class's
-    queries by its selected rows in one buffer) and many: one BLAS thread each (a second one
-    spin-waits between calls, which on shared cores costs more than it saves). The next block is
-    fetched (read and decoded by the iterable) while the current one is measured.
+    The unit rows selected by any subset are gathered over blocks into one buffer
+    (``MEASURE_BYTES``) with each subset's mask; per full buffer and class c, with :math:`Q_c`
+    the class's unit query rows and :math:`S_c` its buffered unit rows,
+    ``‖q − s‖² = |q|² + |s|² − 2 q·s`` over :math:`Q_c S_c^T`, one product that every subset
+    then takes its masked minimum of (a row in several subsets is multiplied once). The queries
+    are grouped by class once (their rows and squared norms reused by every buffer) and a
+    buffer's rows by one stable sort of their labels, so the work per buffer is the products,
+    whatever the number of classes. The products are small (a class's queries by its rows in one
+    buffer) and many: one BLAS thread each (a second one spin-waits between calls, which on
+    shared cores costs more than it saves). The next block is fetched (read and decoded by the
+    iterable) while the current one is measured.
     """
     # Per class: the positions of its queries (ascending, as a boolean mask would give them),
     # their unit rows and squared norms.
@@ -126,38 +128,37 @@ def nearest_selected(
     for c, members in zip(query_classes.tolist(), np.split(query_order, query_starts[1:])):
         q = query_units[members]
         query_groups[c] = (members, q, (q * q).sum(1)[:, None])
-    capacity = max(1, MEASURE_BYTES // len(selected) // (4 * max(1, query_units.shape[1])))
-    nearest = [_Nearest(labels, query_groups, len(query_labels), capacity, query_units.shape[1]) for _ in selected]
+    capacity = max(1, MEASURE_BYTES // (4 * max(1, query_units.shape[1])))
+    nearest = _Nearest(labels, query_groups, (len(selected), len(query_labels)), capacity, query_units.shape[1])
     with single_threaded_blas():
         for start, block in _read_ahead(blocks):
             chosen = selected[:, start:start + len(block)]
             anywhere = np.flatnonzero(chosen.any(axis=0))
-            units = unit_rows(np.asarray(block)[anywhere])  # each row normalised once for every subset
-            for subset, mask in zip(nearest, chosen):
-                mine = mask[anywhere]
-                subset.add(start + anywhere[mine], units[mine])
-    return np.stack([subset.finish() for subset in nearest])
+            nearest.add(start + anywhere, unit_rows(np.asarray(block)[anywhere]), chosen[:, anywhere])
+    return nearest.finish()
 
 
 class _Nearest:
-    """One subset's running nearest distances in :func:`nearest_selected`: its selected unit rows
-    buffered until ``capacity``, then measured class by class at once (a few selected rows per
-    class and block would cost a product call each)."""
+    """The running nearest distances of :func:`nearest_selected`: the selected unit rows (and
+    which subsets selected each) buffered until ``capacity``, then measured class by class at
+    once (a few selected rows per class and block would cost a product call each)."""
 
-    def __init__(self, labels: np.ndarray, query_groups: dict, queries: int, capacity: int, dims: int):
+    def __init__(self, labels: np.ndarray, query_groups: dict, shape: tuple[int, int], capacity: int, dims: int):
         self.labels, self.query_groups = labels, query_groups
-        self.best = np.full(queries, UNCOVERED ** 2)
+        self.best = np.full(shape, UNCOVERED ** 2)
         self.buffer = np.empty((capacity, dims), dtype=np.float32)
+        self.masks = np.empty((shape[0], capacity), dtype=bool)
         self.buffered: list[np.ndarray] = []  # the rows in the buffer, in order
         self.held = 0
 
-    def add(self, rows: np.ndarray, units: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, units: np.ndarray, masks: np.ndarray) -> None:
         while rows.size:
             take = min(len(rows), len(self.buffer) - self.held)
             self.buffer[self.held:self.held + take] = units[:take]
+            self.masks[:, self.held:self.held + take] = masks[:, :take]
             self.buffered.append(rows[:take])
             self.held += take
-            rows, units = rows[take:], units[take:]
+            rows, units, masks = rows[take:], units[take:], masks[:, take:]
             if self.held == len(self.buffer):
                 self._measure()
 
@@ -167,15 +168,17 @@ class _Nearest:
         return self.best
 
     def _measure(self) -> None:
-        chosen = self.buffer[:self.held]
+        chosen, masks = self.buffer[:self.held], self.masks[:, :self.held]
         classes, order, starts = _groups(self.labels[np.concatenate(self.buffered)])
         for c, members in zip(classes.tolist(), np.split(order, starts[1:])):
             if c not in self.query_groups:
                 continue
             mine, q, q_squared = self.query_groups[c]
             s = chosen[members]
-            squared = q_squared + (s * s).sum(1)[None, :] - 2.0 * (q @ s.T)
-            self.best[mine] = np.minimum(self.best[mine], squared.min(axis=1))
+            squared = q_squared + (s * s).sum(1)[None, :] - 2.0 * (q @ s.T)  # (queries of c, its rows)
+            # Each subset's minimum over the rows it selected (UNCOVERED² where it has none here).
+            theirs = np.where(masks[:, None, members], squared[None], UNCOVERED ** 2).min(axis=2)
+            self.best[:, mine] = np.minimum(self.best[:, mine], theirs)
         self.buffered.clear()
         self.held = 0
 

@@ -120,6 +120,11 @@ def split_labels(dataset: Artifact, split: str = QUANTIZED_SPLIT) -> np.ndarray 
     return None if (labels < 0).all() else labels
 
 
+# Incremental bins' carried bins (BinsStage._carried_bins) of the last (previous bins, dataset) pair.
+_CARRIED: dict[tuple[str, str, str, str], np.ndarray] = {}
+_CARRIED_LOCK = threading.Lock()
+
+
 def labelled_ids(ids: np.ndarray, labels: np.ndarray | None) -> list[tuple[str, int]]:
     """(sample id, label) pairs: what incremental bins match on, so that a relabelled sample (same
     id, new label) leaves its old class's bin and joins its new class like a new sample."""
@@ -255,7 +260,6 @@ class BinsStage(Stage):
         super().__init__(store)
         self.dataset, self.embeddings, self.config = dataset, embeddings, config
         self.classes_rebinned: list[int] = []
-        self._carried: tuple[str, np.ndarray] | None = None  # (previous bins' name, _carried_bins)
 
     @property
     def incremental(self) -> bool:
@@ -302,13 +306,19 @@ class BinsStage(Stage):
 
     def _carried_bins(self, previous: Artifact) -> np.ndarray:
         """Each sample's bin in ``previous``, matched by (id, label); -1 for a sample it lacks (new,
-        or relabelled). Computed once per stage: it goes through every sample of both."""
-        if self._carried is None or self._carried[0] != previous.name:
-            earlier = dict(zip(labelled_ids(previous["ids"][:], np.asarray(previous["labels"][:])),
-                               np.asarray(previous["bin_of_sample"][:]).tolist()))
-            ids = labelled_ids(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:], split_labels(self.dataset))
-            self._carried = (previous.name, np.array([earlier.get(i, -1) for i in ids], dtype=np.int32))
-        return self._carried[1]
+        or relabelled). Computed once per process for the last (previous, dataset) pair, which a
+        run's cache key and its task both ask for: it goes through every sample of both (read-only)."""
+        key = (previous.url, previous.fingerprint, self.dataset.url, self.dataset.fingerprint)
+        with _CARRIED_LOCK:
+            if key not in _CARRIED:
+                earlier = dict(zip(labelled_ids(previous["ids"][:], np.asarray(previous["labels"][:])),
+                                   np.asarray(previous["bin_of_sample"][:]).tolist()))
+                ids = labelled_ids(split_column(self.dataset, "ids"), split_labels(self.dataset))
+                carried = np.array([earlier.get(i, -1) for i in ids], dtype=np.int32)
+                carried.flags.writeable = False
+                _CARRIED.clear()
+                _CARRIED[key] = carried
+            return _CARRIED[key]
 
     def _continues(self, previous: Artifact | None) -> bool:
         """Whether ``previous`` was made from this very dataset and embeddings (nothing to join)."""
@@ -414,7 +424,7 @@ class BinsStage(Stage):
                sizes: list[list[int]], digests: list[str], boundaries: _Boundaries | None) -> None:
         n = len(bin_of_sample)
         write_array(group, "bin_of_sample", bin_of_sample)
-        write_array(group, "ids", np.asarray(self.dataset[f"{QUANTIZED_SPLIT}/ids"][:]))
+        write_array(group, "ids", split_column(self.dataset, "ids"))
         write_array(group, "labels", np.full(n, -1, dtype=np.int64) if labels is None else labels)
         if boundaries is not None:
             boundaries.write(group, [int(c) for c in classes])
