@@ -109,11 +109,14 @@ def nearest_selected(
     split's row ranges can be measured apart and their results combined by ``np.minimum``. One
     pass over the blocks serves every subset: reading the blocks is what a pass costs.
 
-    The unit rows selected by any subset are gathered over blocks into one buffer
-    (``MEASURE_BYTES``) with each subset's mask; per full buffer and class c, with :math:`Q_c`
-    the class's unit query rows and :math:`S_c` its buffered unit rows,
-    ``‖q − s‖² = |q|² + |s|² − 2 q·s`` over :math:`Q_c S_c^T`, one product that every subset
-    then takes its masked minimum of (a row in several subsets is multiplied once). The queries
+    The blocks' unit rows are gathered into one buffer (``MEASURE_BYTES``) with each subset's
+    mask; per full buffer and class c, with :math:`Q_c` the class's unit query rows and
+    :math:`S_c` its buffered unit rows, ``‖q − s‖² = |q|² + |s|² − 2 q·s`` over
+    :math:`Q_c S_c^T`, one product that every subset then takes its masked minimum of (a row in
+    several subsets is multiplied once). Every row is buffered, selected or not: what each
+    product multiplies then depends on the rows alone, never on which subsets share the pass,
+    so a subset's figures are the same bytes however it is measured (BLAS rounds a product
+    differently with its shape). The queries
     are grouped by class once (their rows and squared norms reused by every buffer) and a
     buffer's rows by one stable sort of their labels, so the work per buffer is the products,
     whatever the number of classes. The products are small (a class's queries by its rows in one
@@ -132,16 +135,14 @@ def nearest_selected(
     nearest = _Nearest(labels, query_groups, (len(selected), len(query_labels)), capacity, query_units.shape[1])
     with single_threaded_blas():
         for start, block in _read_ahead(blocks):
-            chosen = selected[:, start:start + len(block)]
-            anywhere = np.flatnonzero(chosen.any(axis=0))
-            nearest.add(start + anywhere, unit_rows(np.asarray(block)[anywhere]), chosen[:, anywhere])
+            nearest.add(np.arange(start, start + len(block)), unit_rows(block), selected[:, start:start + len(block)])
     return nearest.finish()
 
 
 class _Nearest:
-    """The running nearest distances of :func:`nearest_selected`: the selected unit rows (and
-    which subsets selected each) buffered until ``capacity``, then measured class by class at
-    once (a few selected rows per class and block would cost a product call each)."""
+    """The running nearest distances of :func:`nearest_selected`: unit rows (and which subsets
+    selected each) buffered until ``capacity``, then measured class by class at once (a few rows
+    per class and block would cost a product call each)."""
 
     def __init__(self, labels: np.ndarray, query_groups: dict, shape: tuple[int, int], capacity: int, dims: int):
         self.labels, self.query_groups = labels, query_groups

@@ -10,6 +10,7 @@ Layout under one store root (a plain path, ``file://``, ``memory://``, ``s3://``
           <split>/ids           (n,) str, stable sample ids ("<source position or path>:<content hash>")
       embeddings/<key>/features (n, d) float32            + ids, the row order of the dataset split
       bins/<key>/bin_of_sample  (n,) int32                 + per-bin/per-class sizes in attrs
+          join_directions, join_thresholds                   incremental: each class's join boundaries
       subsets/<key>/indices     (k,) int64 into the split  + ids
       patches/<key>/...         kept patches + masks + grid geometry (``dq_ops.patch_store``)
       models/<key>/...          checkpoints (the MAE)

@@ -375,6 +375,7 @@ def test_incremental_bins_keep_existing_samples_in_their_bins(prefect_harness, t
     after = dict(zip((str(i) for i in new["ids"][:]), new["bin_of_sample"][:].tolist()))
     assert all(after[i] == b for i, b in before.items() if i in after)
     assert new.group.attrs["joined_since_rebuild"] == len(ADDED)
+    assert new.group.attrs["removed_since_rebuild"] == len(REMOVED)  # they count toward the rebuild too
     assert 0 < second["subsets"][0]["selection"]["churn"] <= 2 * (len(ADDED) + len(REMOVED)) / FIRST
     _, states = _run(config)
     assert set(states.values()) == {"Cached"}, states

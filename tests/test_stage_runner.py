@@ -217,6 +217,23 @@ def test_coverage_of_several_subsets_in_one_pass_on_the_cluster_is_each_ones_mea
     assert len({one["coverage_mean"] for one in alone}) == 3 and min(one["bins_touched_min"] for one in alone) >= 1
 
 
+def test_a_subsets_coverage_is_the_same_bytes_whichever_subsets_share_its_pass(tmp_path):
+    """What a pass multiplies depends on the rows alone, so a subset measured with others or
+    alone gets the same figures to the last bit: a subset recomputed alone (say after damage)
+    writes the same coverage.json."""
+    rng = np.random.default_rng(3)
+    # Many classes of many columns: small products, whose rounding BLAS varies with their shape.
+    features = np.maximum(rng.standard_normal((2_000, 1_280)), 0).astype(np.float32)
+    store = Store(str(tmp_path))
+    _, embeddings = _toy_snapshot(store, features, 50)
+    labels = np.arange(2_000) % 50
+    subsets = [np.sort(rng.choice(2_000, size, replace=False)) for size in (200, 1_200)]
+    bins = [np.arange(b, 2_000, 2) for b in range(2)]
+    together = stages.subsets_coverage(store, embeddings, labels, subsets, bins)
+    for subset, measured in zip(subsets, together):
+        assert stages.subsets_coverage(store, embeddings, labels, [subset], bins) == [measured]
+
+
 def test_coverage_is_kept_beside_each_subset_and_measured_once(tmp_path):
     """measure_coverage measures the subsets without a coverage.json in one pass and keeps it
     there, outside the subset's fingerprint; asked again (another subset added), it measures only
