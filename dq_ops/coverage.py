@@ -115,11 +115,11 @@ def nearest_selected(
     :math:`Q_c S_c^T`, one product that every subset then takes its masked minimum of (a row in
     several subsets is multiplied once). Every row is buffered, selected or not: what each
     product multiplies then depends on the rows alone, never on which subsets share the pass,
-    so a subset's figures are the same bytes however it is measured (BLAS rounds a product
-    differently with its shape). The queries
-    are grouped by class once (their rows and squared norms reused by every buffer) and a
-    buffer's rows by one stable sort of their labels, so the work per buffer is the products,
-    whatever the number of classes. The products are small (a class's queries by its rows in one
+    so over the same row ranges a subset's figures are the same bytes whichever subsets it is
+    measured with (BLAS rounds a product differently with its shape). The queries are grouped
+    by class once (their rows and squared norms reused by every buffer) and a buffer's rows by
+    one stable sort of their labels, so the work per buffer is the products, whatever the
+    number of classes. The products are small (a class's queries by its rows in one
     buffer) and many: one BLAS thread each (a second one spin-waits between calls, which on
     shared cores costs more than it saves). The next block is fetched (read and decoded by the
     iterable) while the current one is measured.
