@@ -28,6 +28,8 @@ without decoding or encoding it.
 
 The key's parameters say what was computed, not how: the batch size, chunk size and cluster are
 left out; the numeric precision is in (float32 on CPU, bf16/fp16 autocast on CUDA workers). The
+chunk size does reach the artifact's fingerprint, whose content digest combines chunk digests
+(:func:`dq_ops.store.array_digest`): features rewritten in other chunks fingerprint anew. The
 key comes from :mod:`dq_ops.backbone_spec`; :mod:`dq_ops.backbones` (torch) is imported only
 where rows are computed, so finding the artifact done costs no model library.
 """
@@ -52,7 +54,7 @@ from dq_ops.errors import DQInputError
 from dq_ops.features import gradient_embedding
 from dq_ops.progress import Progress
 from dq_ops.stage import ChunkedStage, is_running, run_jobs
-from dq_ops.store import Artifact, ChunkCopy, Store, copy_chunks, feature_compressor, open_zarr_store, write_array
+from dq_ops.store import Artifact, ChunkCopy, Store, copy_chunks, feature_compressor, open_zarr_store, write_array, write_rows
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -109,12 +111,11 @@ def embed_chunk(job: _ChunkJob) -> int:
         from dq_ops.backbones import get_extractor
 
         features[computed] = get_extractor(job.spec)(split[job.samples].get_orthogonal_selection((rows,)), job.batch_size)
-    out["features"][job.start:job.stop] = features
+    write_rows(out["features"], job.start, features)
     if job.gradient_classes is not None:
         labels = split["labels"][job.start:job.stop]
-        out["gradients"][job.start:job.stop] = gradient_embedding(
-            features, labels, num_classes=job.gradient_classes, seed=job.seed
-        ).g
+        write_rows(out["gradients"], job.start,
+                   gradient_embedding(features, labels, num_classes=job.gradient_classes, seed=job.seed).g)
     return len(rows)
 
 
@@ -300,7 +301,14 @@ class EmbeddingsStage(ChunkedStage):
         names = ["features"] + (["gradients"] if self.gradient_classes is not None else [])
         arrays = {name: (donor[name], out[name]) for name in names}
         whole = [job for job in from_donor if job.whole_donor_chunk]
-        copied = copy_chunks([ChunkCopy(arrays[name][0], int(job.donor_rows[0]), arrays[name][1], job.start, job.stop - job.start)
+        donor_digests = {name: self.donor()[0].chunk_digests(name) for name in names}
+
+        def digest(name: str, row: int) -> bytes | None:
+            known = donor_digests[name]
+            return known[row // self._chunk_rows] if row // self._chunk_rows < len(known) else None
+
+        copied = copy_chunks([ChunkCopy(arrays[name][0], int(job.donor_rows[0]), arrays[name][1], job.start, job.stop - job.start,
+                                        digest(name, int(job.donor_rows[0])))
                               for job in whole for name in names])
         done = [job for k, job in enumerate(whole) if all(copied[k * len(names):(k + 1) * len(names)])]
         self.chunks_copied += len(done)
@@ -311,7 +319,7 @@ class EmbeddingsStage(ChunkedStage):
             taken = {job.index for job in done}
 
             def copy_rows(job: _ChunkJob) -> None:
-                out_features[job.start:job.stop] = features.get_orthogonal_selection((job.donor_rows, slice(None)))
+                write_rows(out_features, job.start, features.get_orthogonal_selection((job.donor_rows, slice(None))))
 
             rows = [job for job in from_donor if job.index not in taken]
             run_jobs(None, copy_rows, rows, on_done=lambda _: on_done(0), threads=len(os.sched_getaffinity(0)))

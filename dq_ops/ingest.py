@@ -60,6 +60,7 @@ from dq_ops.store import (
     open_zarr_store,
     sidecars_unlisted,
     write_array,
+    write_rows,
 )
 from dq_ops.urls import filesystem, is_glob
 
@@ -330,8 +331,9 @@ class IngestStage(Stage):
         for split, layout in record["splits"].items():
             if split not in snapshot.group or tuple(snapshot[f"{split}/images"].shape[1:]) != reader.sample_shape():
                 continue
+            digests = {name: snapshot.chunk_digests(f"{split}/{name}") for name in snapshot[split].array_keys()}
             found[split] = {entry["key"]: PartRows(f"{snapshot.url}/{split}", entry["start"], entry["stop"], entry["good"],
-                                                   [SkippedItem(*item) for item in entry["skipped"]])
+                                                   [SkippedItem(*item) for item in entry["skipped"]], digests)
                             for entry in layout}
         return found
 
@@ -368,6 +370,7 @@ class PartRows:
     stop: int
     good: int
     skipped: list[SkippedItem]
+    chunk_digests: Mapping[str, list[bytes]]  # the split's, by array name (Artifact.chunk_digests)
 
 
 def held_out(ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -453,6 +456,7 @@ class GatherJob:
     url: str
     storage_options: dict[str, Any]
     chunks: list[tuple[int, int, list[Piece]]]  # (first row, end row, its pieces in order)
+    digests: dict[tuple[int, str], bytes]  # (first row, array name): a whole chunk's digest, its earlier snapshot's record's
 
 
 def _runs(chunks: list[tuple[int, int, list[Piece]]]) -> list[tuple[int, int, list[Piece]]]:
@@ -483,11 +487,12 @@ def gather_rows(job: GatherJob) -> int:
     sources = {(url, name): groups[url][name] for url in urls for name in names}
     whole = [(start, stop, pieces[0]) for start, stop, pieces in job.chunks if len(pieces) == 1]
     copies = [(start, name) for start, _, _ in whole for name in names]
-    copied = set(compress(copies, copy_chunks([ChunkCopy(sources[url, name], first, targets[name], start, stop - start)
+    copied = set(compress(copies, copy_chunks([ChunkCopy(sources[url, name], first, targets[name], start, stop - start,
+                                                          job.digests.get((start, name)))
                                                 for start, stop, (url, first, _) in whole for name in names])))
     for name in names:
-        for start, stop, pieces in _runs([chunk for chunk in job.chunks if (chunk[0], name) not in copied]):
-            targets[name][start:stop] = np.concatenate([np.asarray(sources[url, name][a:b]) for url, a, b in pieces])
+        for start, _, pieces in _runs([chunk for chunk in job.chunks if (chunk[0], name) not in copied]):
+            write_rows(targets[name], start, np.concatenate([np.asarray(sources[url, name][a:b]) for url, a, b in pieces]))
     return sum(all((start, name) in copied for name in names) for start, _, _ in job.chunks)
 
 
@@ -589,7 +594,17 @@ class _SpreadSplit:
                 if lo < stop and hi > start:
                     _append_piece(pieces, (url, first + max(start, lo) - lo, first + min(stop, hi) - lo))
             chunks.append((start, stop, pieces))
-        jobs = [GatherJob(self.url, self.storage_options, chunks[k:k + GATHER_CHUNKS]) for k in range(0, len(chunks), GATHER_CHUNKS)]
+        recorded = {rows.url: rows.chunk_digests for rows in self.earlier.values()}
+        digests = {}
+        for start, _, pieces in chunks:  # a chunk that is one whole chunk of an earlier snapshot: its digest is known
+            url, first, _ = pieces[0]
+            if len(pieces) == 1 and url in recorded and not first % chunk_rows:
+                for name, known in recorded[url].items():
+                    if first // chunk_rows < len(known):
+                        digests[start, name] = known[first // chunk_rows]
+        jobs = [GatherJob(self.url, self.storage_options, chunks[k:k + GATHER_CHUNKS],
+                          {key: d for key, d in digests.items() if chunks[k][0] <= key[0] < chunks[k:k + GATHER_CHUNKS][-1][1]})
+                for k in range(0, len(chunks), GATHER_CHUNKS)]
         self._copied = sum(run_jobs(client, gather_rows, jobs))
         if total < self.capacity:
             for array in arrays:
@@ -615,7 +630,7 @@ def _write_split(
         nonlocal pending, written
         merged = {key: np.concatenate([getattr(b, key) for b in pending]) for key in ("samples", "labels", "ids")}
         for key, name in (("samples", sample_name), ("labels", "labels"), ("ids", "ids")):
-            arrays[name][written:written + rows] = merged[key][:rows]
+            write_rows(arrays[name], written, merged[key][:rows])
         rest = len(merged["labels"]) - rows
         pending = [Batch(merged["samples"][rows:], merged["labels"][rows:], merged["ids"][rows:])] if rest else []
         written += rows

@@ -14,14 +14,18 @@ import zarr
 from dq_ops.errors import DQInputError
 from dq_ops.store import (
     STAGING,
+    ChunkCopy,
     DQDamagedError,
     DQStoreError,
     Store,
+    chunk_digest,
+    copy_chunks,
     default_compressor,
     derive_key,
     group_digest,
     open_zarr_store,
     write_array,
+    write_rows,
 )
 
 
@@ -111,11 +115,11 @@ def test_rewrite_replaces_artifact_without_leftovers(store: Store):
 
 def test_fingerprint_changes_exactly_with_content_or_parameters(store: Store):
     base = _write(store, name="a").fingerprint
-    # Same content and parameters: same fingerprint, whatever the name, chunking or write time.
+    # Same content and parameters: same fingerprint, whatever the name or write time.
     assert _write(store, name="a").fingerprint == base
     assert _write(store, name="b").fingerprint == base
-    assert _write(store, name="c", chunk_rows=1).fingerprint == base
-    # Any change of values, dtype, shape, parameters, inputs or attributes: a new fingerprint.
+    # Any change of values, dtype, shape, chunk grid (the digest combines chunk digests), parameters,
+    # inputs or attributes: a new fingerprint.
     values = np.arange(12, dtype=np.float32).reshape(6, 2)
     changed = values.copy()
     changed[5, 1] += 1
@@ -126,6 +130,7 @@ def test_fingerprint_changes_exactly_with_content_or_parameters(store: Store):
         _write(store, name="g", params={"k": 2}),
         _write(store, name="h", inputs=["upstream"]),
         _write(store, name="i", attrs={"note": "x"}),
+        _write(store, name="c", chunk_rows=1),
     ]
     fingerprints = [artifact.fingerprint for artifact in variants]
     assert base not in fingerprints and len(set(fingerprints)) == len(fingerprints)
@@ -264,9 +269,12 @@ def test_artifacts_written_before_checksums_still_open_and_verify_says_so(store:
                            compressors=default_compressor())[...] = values
     record = store.open("embeddings", "old").record
     group = zarr.open_group(open_zarr_store(f"{store.url}/embeddings/old"), mode="r+")
-    group.attrs["dq"] = {k: v for k, v in record.items() if k != "chunks"}
+    # Nor did records count chunks or keep a digest version: their content digest streamed every value.
+    old = {k: v for k, v in record.items() if k not in ("chunks", "digest_version")}
+    group.attrs["dq"] = old | {"content_digest": group_digest(group, version=1)}
+    assert group_digest(group, version=1) != record["content_digest"]
     np.testing.assert_array_equal(store.open("embeddings", "old")["features"][:], values)
-    result = store.verify()
+    result = store.verify(deep=True)
     assert result.damaged == [] and result.without_checksums == ["embeddings/old"]
     store.fs.rm(_chunk_path(store, "old", "1/0"))  # unseen without a chunk record, but not by --deep
     assert store.verify().damaged == []
@@ -304,6 +312,50 @@ def test_a_lost_snapshot_record_still_names_the_ingest_of_its_dataset(store: Sto
     store.fs.rm(f"{store._root}/datasets/{write.artifact.name}/zarr.json")
     (damage,) = store.verify().damaged
     assert f"dq ingest --url <source> --name fm --store {store.url}" in damage.repair
+
+
+def test_the_commit_takes_the_chunk_digests_their_writers_recorded_and_reads_back_the_rest(store: Store):
+    """Rows written whole chunks at a time leave each chunk's digest beside it; a chunk written in
+    part has none (and loses the one it had), so the commit reads it back. Either way the recorded
+    content digest is the one computed from every value read back."""
+    values = np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32)
+    with store.write("embeddings", "toy", {"k": 1}) as group:
+        features = write_array(group, "features", shape=values.shape, dtype=np.float32, chunk_rows=8)
+        write_rows(features, 0, values[:24])  # chunks 0-2 whole
+        write_rows(features, 24, values[24:30])  # chunk 3 in part
+        write_rows(features, 30, values[30:])  # chunk 3's rest, chunks 4-5 whole, chunk 6 (the last, 2 rows) in part
+        write_rows(features, 8, values[8:12])  # chunk 1 again, in part: its digest goes
+        write_array(group, "ids", np.array([f"s{i}" for i in range(len(values))]), chunk_rows=8)
+        left = store.fs.find(f"{store._root}/embeddings/{STAGING}")
+        assert sorted(int(f.rsplit("/", 1)[-1]) for f in left if "/features/digests/" in f) == [0, 2, 4, 5]
+    artifact = store.open("embeddings", "toy")
+    np.testing.assert_array_equal(artifact["features"][:], values)
+    assert artifact.record["content_digest"] == group_digest(artifact.group)
+    assert artifact.record["digest_version"] == 2 and store.check("embeddings", "toy", deep=True) is None
+    # The record keeps every row chunk's digest (what a copy of the chunk carries); the files go.
+    assert artifact.chunk_digests("features") == [chunk_digest(values[k:k + 8]) for k in range(0, 50, 8)]
+    assert not any("/digests" in f for f in store.fs.find(f"{store._root}/embeddings/toy"))
+
+
+def test_chunks_copied_as_stored_carry_their_digests(store: Store):
+    """A chunk copied as its stored bytes takes the digest its source's record holds, or the file
+    its writer left beside it in a staging group; one without either is read back at commit."""
+    values = np.arange(96, dtype=np.int64).reshape(48, 2)
+    source = _write(store, name="source", values=values, chunk_rows=8)
+    with store.write("embeddings", "copy", {"k": 1}) as group:
+        staged = write_array(group, "staged", values[:16], chunk_rows=8)  # digests left as files
+        features = write_array(group, "features", shape=(48, 2), dtype=np.int64, chunk_rows=8)
+        known = source.chunk_digests("features")
+        copies = [ChunkCopy(source["features"], 0, features, 0, 8, known[0]),  # from the source's record
+                  ChunkCopy(staged, 8, features, 8, 8),  # from the staging file beside the chunk
+                  ChunkCopy(source["features"], 16, features, 16, 8)]  # none given: the source's own file, here none
+        assert copy_chunks(copies) == [True, True, True]
+        write_rows(features, 24, values[24:])
+        left = store.fs.find(f"{store._root}/embeddings/{STAGING}")
+        assert sorted(int(f.rsplit("/", 1)[-1]) for f in left if "/features/digests/" in f) == [0, 1, 3, 4, 5]
+    copied = store.open("embeddings", "copy")
+    assert copied.chunk_digests("features") == known
+    assert copied.record["content_digest"] == group_digest(copied.group)
 
 
 def test_the_commit_reads_back_without_verifying_and_records_the_verified_digest(store: Store):
