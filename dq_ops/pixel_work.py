@@ -22,7 +22,7 @@ from dq_ops.pixels import MAEJob, PixelChunkJob, ScorerSpec, subset_images
 from dq_ops.progress import Progress
 from dq_ops.reconstruction_quality import baseline_fill, dropped_squared_error
 from dq_ops.store import QUANTIZED_SPLIT as SPLIT
-from dq_ops.store import Artifact, Store
+from dq_ops.store import Artifact, Store, write_rows
 
 # -- models, once per worker process ---------------------------------------------------------------
 _MODELS: dict[Any, Classifier | MaskedAutoencoder] = {}
@@ -100,9 +100,9 @@ def reconstruct_chunk(job: PixelChunkJob) -> int:
     errors = [dropped_squared_error(original, filled, keep)
               for filled in (restored, baseline_fill(zero_filled, keep, "mean"), baseline_fill(zero_filled, keep, "zero"))]
     staging = job.staging()
-    staging["images"][job.start:job.stop] = restored
-    staging["labels"][job.start:job.stop] = patches.labels[job.start:job.stop]
-    staging["ids"][job.start:job.stop] = patches.ids[job.start:job.stop]
+    write_rows(staging["images"], job.start, restored)
+    write_rows(staging["labels"], job.start, patches.labels[job.start:job.stop])
+    write_rows(staging["ids"], job.start, patches.ids[job.start:job.stop])
     staging["chunk_stats"][job.index] = [errors[0][1], *(sse for sse, _ in errors)]
     return job.stop - job.start
 

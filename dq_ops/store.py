@@ -426,7 +426,8 @@ def copy_chunks(copies: Sequence[ChunkCopy]) -> list[bool]:
     """Copy each of ``copies`` that :meth:`ChunkCopy.as_stored` allows as its stored bytes, without
     decoding or encoding, several at a time (an object store's requests overlap); the others are
     left to the caller (False). Each checksum is verified before its chunk is written: a damaged
-    chunk raises ``ValueError`` as its decoding would."""
+    chunk raises ``ValueError`` as its decoding would. Each copy carries its chunk's digest
+    (:meth:`ChunkCopy.carry_digest`)."""
     allowed = [copy.as_stored() for copy in copies]
     todo = [copy for copy, ok in zip(copies, allowed) if ok]
 
@@ -710,9 +711,11 @@ class Store:
             return str(exc).removeprefix(f"{self.artifact_url(kind, name)}: ")
         problem = decode_problem(artifact.group)
         if problem is None and deep and "content_digest" in artifact.record:
-            version = artifact.record.get("digest_version", 1)  # (the chunk digests recorded beside are not trusted here)
-            if group_digest(artifact.group, version=version) != artifact.record["content_digest"]:
-                problem = "its content no longer matches the digest recorded at commit"
+            content, chunks = _group_digests(artifact.group, version=artifact.record.get("digest_version", 1))
+            if content != artifact.record["content_digest"]:
+                changed = [f"{path}: row chunk {k}" for path, digests in sorted(chunks.items())
+                           for k, (now, then) in enumerate(zip(digests, artifact.chunk_digests(path))) if now != then]
+                problem = "its content no longer matches the digest recorded at commit" + (f" (first: {changed[0]})" if changed else "")
         return problem
 
     @contextmanager

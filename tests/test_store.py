@@ -337,6 +337,17 @@ def test_the_commit_takes_the_chunk_digests_their_writers_recorded_and_reads_bac
     assert not any("/digests" in f for f in store.fs.find(f"{store._root}/embeddings/toy"))
 
 
+def test_a_deep_check_names_the_chunk_whose_values_changed(store: Store):
+    """Values rewritten through Zarr keep valid checksums: only the content digest sees them,
+    and the recorded chunk digests say where."""
+    artifact = _write(store, chunk_rows=2)
+    group = zarr.open_group(open_zarr_store(artifact.url), mode="r+")
+    group["features"][3] = [-1.0, -1.0]  # row 3: row chunk 1
+    assert store.check("embeddings", "toy") is None
+    assert store.check("embeddings", "toy", deep=True) == (
+        "its content no longer matches the digest recorded at commit (first: features: row chunk 1)")
+
+
 def test_chunks_copied_as_stored_carry_their_digests(store: Store):
     """A chunk copied as its stored bytes takes the digest its source's record holds, or the file
     its writer left beside it in a staging group; one without either is read back at commit."""
