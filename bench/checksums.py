@@ -7,7 +7,7 @@ workloads, each run with the checksum codec in place and with it left out
 either way):
 
 * ingest: the real ``dq_ops.ingest.ingest`` of Fashion-MNIST (``--limit`` images per split) into a
-  fresh store, source decoding and the commit's digest read-back included, as ``dq ingest`` does;
+  fresh store, source decoding and the commit included, as ``dq ingest`` does;
 * features write: ``--rows`` × 1280 float32 ReLU-like features (about half exact zeros, so they
   compress poorly: the worst case for a checksum over compressed bytes) written in the embeddings
   stage's chunks (4096 rows, Blosc-LZ4) and committed: the store side of the embeddings stage;
@@ -17,9 +17,10 @@ either way):
 After one uncounted warm-up round, the sides alternate for ``--repeats`` rounds. Reported: the
 medians of wall-clock throughput on both sides and their ratio, and, measured inside the "with"
 runs, the share of the process's CPU time spent in the checksum codec (encode and verify, timed
-per call with the calling thread's CPU clock). A commit's read-back (the content digest) strips
-the checksums it has just computed without verifying them again (``dq_ops.store._WrittenCrc32c``,
-which costs nothing); every later read verifies them. On a shared machine the A/B ratios carry the
+per call with the calling thread's CPU clock). A commit reads back only the chunks whose digests
+their writers did not record (``dq_ops.store.write_rows``), stripping the checksums it has just
+computed without verifying them again (``dq_ops.store._WrittenCrc32c``, which costs nothing);
+every later read verifies them. On a shared machine the A/B ratios carry the
 machine's noise; the share does not, since the codec and the rest are timed in the same run.
 Also printed: what ``Store.open`` of the snapshot costs, and the chunk listing within it that
 finds lost chunks.
