@@ -22,7 +22,7 @@ from dq_ops.embed import EmbeddingsStage, embed_dataset
 from dq_ops.errors import DQInputError
 from dq_ops.features import GradientEmbedding, gradient_embedding
 from dq_ops.readers.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
-from dq_ops.store import Store, write_array
+from dq_ops.store import Store, group_digest, write_array
 from tests.dask_helpers import Interrupted, wait_until_idle
 
 N_IMAGES = 384
@@ -246,3 +246,5 @@ def test_chunks_that_line_up_with_the_earlier_embeddings_are_copied_as_stored(im
     np.testing.assert_array_equal(refreshed["features"][:kept], image_run[0].artifact["features"][CHUNK_ROWS:])
     local = load_image_extractor(image_size=32)(images[N_IMAGES:N_IMAGES + 40, ..., None], batch_size=16)
     np.testing.assert_allclose(refreshed["features"][kept:], local, rtol=1e-4, atol=1e-5)
+    # The copies carried the committed chunks' digests: the commit's digest is that of every value read back.
+    assert refreshed.record["content_digest"] == group_digest(refreshed.group)
